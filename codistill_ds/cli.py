@@ -1,0 +1,106 @@
+"""The `codistill-ds` command: train, plan, plot.
+
+    codistill-ds train --config examples/tiny_cpu.yaml --nproc 4            # laptop: spawns 4 ranks
+    torchrun --nproc_per_node 4 -m codistill_ds.cli train --config ...      # any launcher works:
+    deepspeed --num_gpus 4 --module codistill_ds.cli train --config ...     #   each rank runs `train`
+    codistill-ds plan --params 1B --world 16 --groups 2                     # bytes per step
+    codistill-ds plot runs/demo                                             # PNG curves
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train K codistilling replicas (one process per rank)")
+    p.add_argument("--config", help="YAML config file (defaults apply when omitted)")
+    p.add_argument("--run-dir", help="overrides run_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set codistill.alpha=0.5 (repeatable)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="start this many local ranks with torchrun instead of running as one rank")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="PNG curves (loss, val loss, agreement) from a run dir")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .plan import add_plan_arguments
+
+    parser = argparse.ArgumentParser(prog="codistill-ds", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    add_plan_arguments(sub.add_parser("plan", help="topology and per-step cross-group bytes"))
+    _plot_parser(sub)
+    return parser
+
+
+def spawn_local(nproc: int, argv: list[str]) -> int:
+    """`--nproc N`: re-run this command under torchrun with N local ranks."""
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", os.environ.get("MASTER_PORT", str(_free_port())),
+           "-m", "codistill_ds.cli", *rest]
+    return subprocess.call(cmd)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    from .config import ConfigError, load_config
+
+    if args.nproc:
+        return spawn_local(args.nproc, argv)
+    overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    from .train import main_guarded
+
+    return main_guarded(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return cmd_train(args, argv)
+    if args.command == "plan":
+        from .plan import run_plan
+
+        return run_plan(args)
+    from .plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

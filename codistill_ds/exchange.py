@@ -1,0 +1,85 @@
+"""Swap compressed predictions between codistillation groups: the only cross-group traffic.
+
+Each rank holds the compressed logits of its 1/S slice of the exchange batch and needs, for that
+same slice, the logits of every peer group. Two routes deliver exactly the same tensors:
+
+- `leaders` (the sketch of Anil et al. 2018): gather the S slices onto the group leader, swap
+  whole-group payloads between the K leaders, scatter each rank its slice of every peer. One
+  cross-group link per group; the leader's link carries the group's whole payload.
+- `rails`: rank r all-gathers its slice with rank r of every other group. No intra-group
+  gather; cross-group traffic is spread over every rank's (every node's) link.
+
+Payloads travel as one flat uint8 tensor per slice (see `compression.pack`), so one collective
+moves values and indices together, bit-exactly, in any wire dtype. `bytes_sent` counts what
+this rank hands to other groups: the formula `plan.py` states, checked by the tests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .compression import CompressedLogits, pack, unpack
+from .topology import Topology
+
+
+@dataclass
+class ExchangeResult:
+    """Peers' predictions for my slice, in group order (my own group left out)."""
+
+    peers: list[CompressedLogits]
+    peer_groups: list[int]
+    seconds: float
+
+
+class LogitExchange:
+    """Route-specific collectives over the process groups that `Topology` built."""
+
+    def __init__(self, topology: Topology, route: str) -> None:
+        if route not in ("leaders", "rails"):
+            raise ValueError(f"codistill.route must be 'leaders' or 'rails', got {route!r}")
+        self.t, self.route = topology, route
+        self.bytes_sent = 0
+
+    def exchange(self, local: CompressedLogits) -> ExchangeResult:
+        """Blocking swap; every rank of every group must call it for the same exchange batch."""
+        start = time.perf_counter()
+        buf = pack(local)
+        slices = self._rails(buf) if self.route == "rails" else self._leaders(buf)
+        k = local.values.shape[1]
+        full = local.indices is None
+        peer_groups = [g for g in range(self.t.groups) if g != self.t.group_id]
+        peers = [
+            unpack(slices[g], local.num_tokens(), k, local.values.dtype, full, local.kind)
+            for g in peer_groups
+        ]
+        return ExchangeResult(peers, peer_groups, time.perf_counter() - start)
+
+    def _rails(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """All-gather over my rail: entry g is group g's copy of my slice."""
+        out = [torch.empty_like(buf) for _ in range(self.t.groups)]
+        dist.all_gather(out, buf, group=self.t.rail)
+        self.bytes_sent += buf.numel() * (self.t.groups - 1)
+        return out
+
+    def _leaders(self, buf: torch.Tensor) -> list[torch.Tensor]:
+        """Gather to the leader, swap between leaders, scatter back; entry g is group g's slice."""
+        t = self.t
+        S, K, n = t.group_size, t.groups, buf.numel()
+        leader = t.layout.leader_of(t.group_id)
+        gathered = [torch.empty_like(buf) for _ in range(S)] if t.layout.is_leader else None
+        dist.gather(buf, gathered, dst=leader, group=t.group)
+        scatter_list = None
+        if t.layout.is_leader:
+            payload = torch.cat(gathered)  # my group's whole exchange batch, rank order
+            everyone = [torch.empty_like(payload) for _ in range(K)]
+            dist.all_gather(everyone, payload, group=t.leaders)
+            self.bytes_sent += payload.numel() * (K - 1)
+            # Rank r receives, for each group g, the r-th slice of g's payload.
+            scatter_list = [torch.cat([everyone[g][r * n : (r + 1) * n] for g in range(K)]) for r in range(S)]
+        mine = torch.empty(K * n, dtype=buf.dtype, device=buf.device)
+        dist.scatter(mine, scatter_list, src=leader, group=t.group)
+        return list(mine.split(n))

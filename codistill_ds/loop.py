@@ -1,0 +1,180 @@
+"""The codistillation training loop, written once for every backend.
+
+Per optimizer step t of group i (Anil et al. 2018, eq. 1; DESIGN.md):
+
+    loss_i = CE(y, f_i(x)) + alpha(t) * 1/(K-1) * sum_{j != i} D(f_j(x_e) || f_i(x_e))
+
+where x is group i's own training batch and x_e the exchange batch shared by all groups. Every
+`interval` steps the groups run x_e in eval mode, compress and swap their predictions
+(`exchange.py`); the peers' predictions for exchange e are consumed `staleness` steps later by a
+train-mode forward on the same tokens x_e, so the distillation gradient always comes from the
+current weights and the (possibly stale) peers only provide targets.
+
+The distillation forward is batched with the first micro-batch of the step (one forward, one
+backward), and scaled by the accumulation count because the backend averages micro-steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .backends.base import Backend, evaluating
+from .compression import CompressedLogits, compress, wire_dtype
+from .config import Config
+from .data import Corpus, ExchangeStream, TrainStream, val_micro_batches
+from .exchange import LogitExchange
+from .losses import peer_distill_loss, top1_agreement
+from .metrics import MetricsWriter
+from .model import set_dropout
+from .schedules import alpha_at, lr_at, piecewise_constant
+from .topology import Topology
+
+
+@dataclass
+class PendingTargets:
+    """Peer predictions for exchange batch e, waiting for their consumption step."""
+
+    exchange: int
+    tokens: torch.Tensor
+    peers: list[CompressedLogits]
+
+
+@dataclass
+class GroupState:
+    """Running figures of this group that the end-of-run table reports."""
+
+    last: dict = field(default_factory=dict)
+    best_val: float = float("inf")
+    val_history: list = field(default_factory=list)
+
+
+class CodistillLoop:
+    """Owns the streams, the exchange and the schedules; the backend owns the sharded replica."""
+
+    def __init__(self, cfg: Config, topology: Topology, backend: Backend, corpus: Corpus,
+                 writer: MetricsWriter, device: torch.device) -> None:
+        self.cfg, self.t, self.backend, self.writer, self.device = cfg, topology, backend, writer, device
+        d, cd = cfg.data, cfg.codistill
+        self.train_stream = TrainStream(corpus, cfg.seed, topology.group_id, topology.groups,
+                                        topology.group_rank, topology.group_size,
+                                        d.micro_batch_size, cfg.train.grad_accum)
+        self.codistill = cd.enabled and topology.groups > 1
+        ex_batch = d.exchange_batch_size or d.micro_batch_size * topology.group_size
+        self.exchange_stream = ExchangeStream(corpus, cfg.seed, ex_batch, topology.group_rank, topology.group_size)
+        self.exchange = LogitExchange(topology, cd.route) if self.codistill else None
+        self.kind = "logits" if cd.loss == "mse" else "logprobs"
+        self.val_batches = val_micro_batches(corpus, topology.group_rank, topology.group_size,
+                                             d.micro_batch_size, d.val_batches)
+        self.pending: dict[int, PendingTargets] = {}
+        self.state = GroupState()
+        self.tokens_per_step = self.train_stream.sequences_per_step() * d.seq_len
+        self._dropout = None
+
+    # ---- one optimizer step -------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        start = time.perf_counter()
+        alpha = self._apply_schedules(step)
+        ex_stats = self._post_exchange(step) if self._is_exchange_step(step) else {}
+        target = self.pending.pop(step, None)
+        A = self.cfg.train.grad_accum
+        ce_total, distill_value = 0.0, ex_stats.get("distill_eval")
+        for m in range(A):
+            batch = self.train_stream.micro_batch(step, m).to(self.device)
+            with_distill = m == 0 and target is not None and alpha > 0
+            ids = torch.cat([batch, target.tokens.to(self.device)]) if with_distill else batch
+            logits = self.backend.forward(ids[:, :-1])
+            n = batch.shape[0]
+            ce = F.cross_entropy(logits[:n].flatten(0, 1).float(), batch[:, 1:].flatten())
+            loss = ce
+            if with_distill:
+                d = peer_distill_loss(logits[n:].flatten(0, 1), target.peers, self.cfg.codistill.loss,
+                                      self.cfg.codistill.temperature)
+                loss = ce + A * alpha * d
+                distill_value = d.item()
+            self.backend.backward(loss)
+            self.backend.step()
+            ce_total += ce.item()
+        return {
+            "step": step + 1, "loss": ce_total / A, "distill_loss": distill_value, "alpha": alpha,
+            "agreement": ex_stats.get("agreement"), "exchange_ms": ex_stats.get("exchange_ms", 0.0),
+            "step_ms": (time.perf_counter() - start) * 1e3,
+        }
+
+    def _apply_schedules(self, step: int) -> float:
+        o, cd = self.cfg.optim, self.cfg.codistill
+        lr = lr_at(step, o.lr, o.warmup_steps, self.cfg.train.steps, o.schedule, o.min_lr)
+        self.backend.set_hyperparameters(lr, piecewise_constant(step, o.weight_decay, o.weight_decay_milestones))
+        p = piecewise_constant(step, o.dropout, o.dropout_milestones)
+        if p != self._dropout:
+            set_dropout(self.backend.module, p)
+            self._dropout = p
+        return alpha_at(step, cd.alpha, cd.burn_in, cd.ramp) if self.codistill else 0.0
+
+    # ---- exchange -----------------------------------------------------------------------
+    def _is_exchange_step(self, step: int) -> bool:
+        return self.codistill and step % self.cfg.codistill.interval == 0
+
+    def _post_exchange(self, step: int) -> dict:
+        """Predict on exchange batch e in eval mode, swap with the peers, queue the targets."""
+        cd = self.cfg.codistill
+        e = step // cd.interval
+        tokens = self.exchange_stream.batch_slice(e)
+        with evaluating(self.backend):
+            logits = self.backend.forward(tokens[:, :-1].to(self.device)).flatten(0, 1)
+        mine = compress(logits, cd.topk, wire_dtype(cd.dtype), self.kind, cd.temperature)
+        result = self.exchange.exchange(mine)
+        self.pending[step + cd.staleness] = PendingTargets(e, tokens, result.peers)
+        agree = sum(int((mine.top1() == p.top1()).sum()) for p in result.peers)
+        stats = torch.tensor([agree, mine.num_tokens() * len(result.peers)], dtype=torch.float64)
+        dist.all_reduce(stats, group=self.t.group)
+        with torch.no_grad():
+            distill_eval = peer_distill_loss(logits, result.peers, cd.loss, cd.temperature).item()
+        return {"agreement": (stats[0] / stats[1]).item(), "exchange_ms": result.seconds * 1e3,
+                "distill_eval": distill_eval}
+
+    # ---- evaluation ---------------------------------------------------------------------
+    def evaluate(self) -> float:
+        """Mean next-token loss on the validation windows, identical for every group."""
+        total = torch.zeros(2, dtype=torch.float64)
+        with evaluating(self.backend):
+            for batch in self.val_batches:
+                batch = batch.to(self.device)
+                logits = self.backend.forward(batch[:, :-1])
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+                total += torch.tensor([ce.item(), batch[:, 1:].numel()], dtype=torch.float64)
+        dist.all_reduce(total, group=self.t.group)
+        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+    # ---- the run --------------------------------------------------------------------------
+    def run(self, start_step: int = 0, progress=None) -> GroupState:
+        tc = self.cfg.train
+        for step in range(start_step, tc.steps):
+            record = self.train_step(step)
+            record.update(group=self.t.group_id, tokens=(step + 1) * self.tokens_per_step)
+            last = step + 1 == tc.steps
+            if (tc.eval_interval and (step + 1) % tc.eval_interval == 0) or last:
+                record["val_loss"] = self.evaluate()
+                self.state.best_val = min(self.state.best_val, record["val_loss"])
+                self.state.val_history.append((step + 1, record["val_loss"]))
+            if (step + 1) % tc.log_interval == 0 or "val_loss" in record or last:
+                self._log(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        return self.state
+
+    def _log(self, record: dict) -> None:
+        """Group means of loss/distill_loss, then one line from the leader."""
+        vals = torch.tensor([record["loss"], record["distill_loss"] or 0.0], dtype=torch.float64)
+        dist.all_reduce(vals, group=self.t.group)
+        record["loss"] = (vals[0] / self.t.group_size).item()
+        if record["distill_loss"] is not None:
+            record["distill_loss"] = (vals[1] / self.t.group_size).item()
+        record["cross_group_bytes"] = self.exchange.bytes_sent if self.exchange else 0
+        self.state.last = dict(record)
+        self.writer.write(record)

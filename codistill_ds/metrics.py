@@ -1,0 +1,57 @@
+"""`RUN_DIR/metrics.jsonl` and `RUN_DIR/summary.json`: the run's record, one writer per group.
+
+Each group's leader appends its group's records; every line is written with a single `write`
+on a file opened with O_APPEND, so lines from different groups never interleave mid-record.
+Record fields (DESIGN.md): step, group, loss, distill_loss, alpha, val_loss (when evaluated),
+agreement, cross_group_bytes (cumulative, sent by the writing rank), exchange_ms, step_ms, tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null so every reader can parse the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends records for one group; inert on ranks that are not their group's leader."""
+
+    def __init__(self, run_dir: str, enabled: bool) -> None:
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line = json.dumps({k: _clean(v) for k, v in record.items()}) + "\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """All records of a run, in file order."""
+    with open(os.path.join(run_dir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_summary(run_dir: str, summary: dict[str, Any]) -> None:
+    """Written once by global rank 0 after the last step, atomically (rename)."""
+    path = os.path.join(run_dir, SUMMARY_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, default=_clean)
+    os.replace(tmp, path)

@@ -1,0 +1,167 @@
+"""Codistillation topology: which ranks form a group, and the process groups built from that.
+
+    world = K codistillation groups x S shard ranks        (group-major, contiguous)
+
+Group g owns global ranks [g*S, (g+1)*S), so a group can be laid onto whole nodes and its
+ZeRO/FSDP traffic stays on intra-node links. Three kinds of process group are built once:
+
+| name    | members                      | carries                                          |
+|---------|------------------------------|--------------------------------------------------|
+| group   | all S ranks of my group      | ZeRO/FSDP sharding, gradient reduction, gathers  |
+| leaders | local rank 0 of every group  | logit exchange, route `leaders`                  |
+| rail r  | local rank r of every group  | logit exchange, route `rails`; weight exchange   |
+
+`torch.distributed.new_group` is itself a collective over the whole world: every rank must
+create every group, in the same order, even the ones it is not a member of.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+class TopologyError(ValueError):
+    """A world size and group count that cannot be laid out."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Pure arithmetic of the layout; no process groups, so it is testable anywhere."""
+
+    world_size: int
+    groups: int
+    rank: int
+
+    def __post_init__(self) -> None:
+        if self.groups < 1:
+            raise TopologyError(f"codistill.groups must be >= 1, got {self.groups}")
+        if self.world_size % self.groups:
+            raise TopologyError(
+                f"world size {self.world_size} is not divisible by codistill.groups={self.groups}"
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise TopologyError(f"rank {self.rank} outside world of {self.world_size}")
+
+    @property
+    def group_size(self) -> int:
+        """S: ranks that shard one replica."""
+        return self.world_size // self.groups
+
+    @property
+    def group_id(self) -> int:
+        return self.rank // self.group_size
+
+    @property
+    def group_rank(self) -> int:
+        """Rank inside my group; also the index of my rail."""
+        return self.rank % self.group_size
+
+    @property
+    def is_leader(self) -> bool:
+        return self.group_rank == 0
+
+    def group_ranks(self, g: int) -> list[int]:
+        return list(range(g * self.group_size, (g + 1) * self.group_size))
+
+    def rail_ranks(self, r: int) -> list[int]:
+        return [g * self.group_size + r for g in range(self.groups)]
+
+    def leader_ranks(self) -> list[int]:
+        return self.rail_ranks(0)
+
+    def leader_of(self, g: int) -> int:
+        return g * self.group_size
+
+
+@dataclass
+class Topology:
+    """The layout plus the live process groups for this rank."""
+
+    layout: Layout
+    group: dist.ProcessGroup
+    leaders: dist.ProcessGroup | None
+    """None on non-leaders: they never talk across groups on the leaders route."""
+    rail: dist.ProcessGroup
+    model_parallel: dist.ProcessGroup
+    """A real one-rank group: DeepSpeed all-reduces gradient norms over it."""
+
+    @property
+    def groups(self) -> int:
+        return self.layout.groups
+
+    @property
+    def group_id(self) -> int:
+        return self.layout.group_id
+
+    @property
+    def group_rank(self) -> int:
+        return self.layout.group_rank
+
+    @property
+    def group_size(self) -> int:
+        return self.layout.group_size
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+
+def build_topology(groups: int) -> Topology:
+    """Create every process group of the layout; collective over the whole world."""
+    layout = Layout(dist.get_world_size(), groups, dist.get_rank())
+    mine: dict[str, dist.ProcessGroup | None] = {"group": None, "leaders": None, "rail": None, "mp": None}
+    for g in range(layout.groups):
+        pg = dist.new_group(layout.group_ranks(g))
+        if g == layout.group_id:
+            mine["group"] = pg
+    leaders = dist.new_group(layout.leader_ranks())
+    if layout.is_leader:
+        mine["leaders"] = leaders
+    for r in range(layout.group_size):
+        pg = dist.new_group(layout.rail_ranks(r))
+        if r == layout.group_rank:
+            mine["rail"] = pg
+    for rank in range(layout.world_size):
+        pg = dist.new_group([rank])
+        if rank == layout.rank:
+            mine["mp"] = pg
+    return Topology(layout, mine["group"], mine["leaders"], mine["rail"], mine["mp"])
+
+
+class GroupMPU:
+    """The `mpu` object DeepSpeed asks for: it makes ZeRO shard and reduce inside my group only.
+
+    DeepSpeed reads the data-parallel group for ZeRO partitioning and gradient reduction, and
+    the model-parallel group for gradient-norm all-reduces. It must not have an
+    `initialize_sequence_parallel` attribute: DeepSpeed then takes a different path and returns
+    no data-parallel group. Setting `deepspeed.utils.groups.mpu` globally instead is a trap: ZeRO-3
+    then partitions over the whole world and the groups silently share one model.
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self._t = topology
+
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self._t.group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._t.group_size
+
+    def get_data_parallel_rank(self) -> int:
+        return self._t.group_rank
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self._t.model_parallel
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    # Newer DeepSpeed code paths ask for the tensor-parallel names.
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank

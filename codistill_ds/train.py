@@ -1,0 +1,147 @@
+"""`codistill-ds train`: set up one rank of a codistillation job and run the loop.
+
+Order matters for failing fast: the config is validated and the corpus tokenized *before* the
+process group exists, so a bad field or a bad data file stops every rank with the same message
+instead of leaving some ranks blocked in a collective the others never reach.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from . import dist as rankinfo
+from .config import Config, ConfigError, save_config, validate
+from .data import DataError, build_corpus, load_tokenizer
+from .metrics import MetricsWriter, write_summary
+from .model import build_model, count_parameters
+from .topology import Layout, TopologyError, build_topology
+
+
+def prepare(cfg: Config):
+    """Everything that can fail without talking to other ranks: config, topology, data."""
+    world = rankinfo.env_world_size()
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    validate(cfg, world, tokenizer.vocab_size)
+    groups = cfg.codistill.groups if cfg.codistill.enabled else 1
+    layout = Layout(world, groups, rankinfo.env_rank())
+    corpus = build_corpus(cfg.data, tokenizer)
+    return layout, corpus
+
+
+def build_backend(cfg: Config, model: torch.nn.Module, topology, bf16: bool):
+    """The one place the backend name turns into an object (imports stay lazy)."""
+    if cfg.backend.name == "deepspeed":
+        from .backends.deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(model, cfg, topology, bf16)
+    from .backends.fsdp_backend import FSDPBackend
+
+    return FSDPBackend(model, cfg, topology, bf16)
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.backend.precision == "bf16":
+        return True
+    if cfg.backend.precision == "fp32":
+        return False
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def run(cfg: Config) -> dict:
+    """Train this rank's share of the job; returns the summary (on every rank)."""
+    rankinfo.prepare_accelerator_env()
+    layout, corpus = prepare(cfg)
+    rankinfo.init_distributed(cfg.backend.timeout_s)
+    from .loop import CodistillLoop
+
+    topology = build_topology(layout.groups)
+    seed = cfg.seed + (0 if cfg.codistill.same_init else topology.group_id)
+    torch.manual_seed(seed)
+    dropout = cfg.optim.dropout
+    model = build_model(cfg.model, corpus.vocab_size, dropout, seed)
+    n_params = count_parameters(model)
+    backend = build_backend(cfg, model, topology, use_bf16(cfg))
+    if topology.rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    torch.distributed.barrier()
+    writer = MetricsWriter(cfg.run_dir, enabled=topology.layout.is_leader)
+    loop = CodistillLoop(cfg, topology, backend, corpus, writer, rankinfo.device())
+    progress = _progress_bar(cfg) if topology.rank == 0 else None
+    start = time.perf_counter()
+    state = loop.run(progress=progress)
+    if progress is not None:
+        progress.close()
+    summary = _summarize(cfg, topology, loop, state, n_params, time.perf_counter() - start)
+    if topology.rank == 0:
+        write_summary(cfg.run_dir, summary)
+        print(format_table(summary), flush=True)
+    return summary
+
+
+def _progress_bar(cfg: Config):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.steps, desc="codistill", dynamic_ncols=True, file=sys.stderr,
+                mininterval=1.0)
+
+
+def _summarize(cfg: Config, topology, loop, state, n_params: int, wall_s: float) -> dict:
+    """Per-group results gathered from every rank (the table needs all groups on rank 0)."""
+    mine = {
+        "rank": topology.rank, "group": topology.group_id,
+        "cross_group_bytes": loop.exchange.bytes_sent if loop.exchange else 0,
+        "last": state.last, "best_val_loss": state.best_val, "val_history": state.val_history,
+    }
+    everyone = [None] * topology.layout.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    groups = []
+    for g in range(topology.groups):
+        ranks = [r for r in everyone if r["group"] == g]
+        lead = ranks[0]
+        groups.append({
+            "group": g,
+            "final_loss": lead["last"].get("loss"),
+            "final_val_loss": lead["last"].get("val_loss"),
+            "best_val_loss": lead["best_val_loss"],
+            "agreement": lead["last"].get("agreement"),
+            "cross_group_bytes": sum(r["cross_group_bytes"] for r in ranks),
+            "cross_group_bytes_per_rank": [r["cross_group_bytes"] for r in ranks],
+            "tokens": lead["last"].get("tokens"),
+            "val_history": lead["val_history"],
+        })
+    return {
+        "world_size": topology.layout.world_size, "groups": topology.groups,
+        "ranks_per_group": topology.group_size, "params": n_params, "steps": cfg.train.steps,
+        "wall_s": wall_s, "backend": cfg.backend.name, "route": cfg.codistill.route,
+        "codistill": loop.codistill, "per_group": groups,
+    }
+
+
+def format_table(summary: dict) -> str:
+    """The end-of-run table: one row per group."""
+    head = f"{'group':>5} {'train loss':>10} {'val loss':>9} {'best val':>9} {'agree':>6} {'x-group bytes':>14}"
+    rows = [head, "-" * len(head)]
+    for g in summary["per_group"]:
+        agree = "-" if g["agreement"] is None else f"{g['agreement']:.3f}"
+        rows.append(f"{g['group']:>5} {g['final_loss']:>10.4f} {g['final_val_loss']:>9.4f} "
+                    f"{g['best_val_loss']:>9.4f} {agree:>6} {g['cross_group_bytes']:>14,}")
+    rows.append(f"{summary['groups']} groups x {summary['ranks_per_group']} ranks, "
+                f"{summary['params']:,} params, {summary['steps']} steps, {summary['wall_s']:.1f}s")
+    return "\n".join(rows)
+
+
+def main_guarded(cfg: Config) -> int:
+    """Turn input errors into one line on stderr and exit code 2, on every rank."""
+    try:
+        run(cfg)
+    except (ConfigError, DataError, TopologyError) as err:
+        print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        rankinfo.destroy()
+    return 0
