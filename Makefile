@@ -1,0 +1,34 @@
+# `make demo` and `make test` are all a new machine needs: each creates .venv if missing and
+# installs the pinned versions (constraints.txt) before running.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import shutil; print('' if shutil.which('nvidia-smi') else 'cpu')")
+export PYTHONWARNINGS ?= ignore::FutureWarning
+
+.PHONY: demo test venv lint clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/codistill-ds train --config examples/tiny_cpu.yaml --nproc 4 --run-dir runs/demo
+	$(VENV)/bin/codistill-ds plot runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check codistill_ds tests benchmarks examples
+
+clean:
+	rm -rf runs build *.egg-info .pytest_cache
