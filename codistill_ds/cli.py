@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="codistill-ds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK is used instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     add_plan_arguments(sub.add_parser("plan", help="topology and per-step cross-group bytes"))

@@ -1,0 +1,548 @@
+"""The one typed configuration of a codistillation run.
+
+Merge rule, the only one: ``--set`` overrides > YAML file > dataclass defaults. The YAML file
+is a nested mapping that mirrors the sections below (``model:``, ``data:``, ``codistill:``,
+``optim:``, ``train:``, ``backend:``, plus top-level ``seed`` and ``run_dir``). An override is
+``section.field=value``; the value is read with ``yaml.safe_load`` (so ``3``, ``0.5``,
+``true``, ``[1, 2]`` and ``null`` work) and then checked against the field's type. Unknown
+keys, at any level, are errors that name the dotted key and list the valid ones.
+
+Loading only checks types; ``validate`` checks values against the world size (and vocabulary)
+so that a bad config fails at start, on every rank, with one line naming the field, before any
+collective call can hang. It raises the first problem found, as a ``ConfigError`` whose
+``field`` is the dotted name and whose message names the values involved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+"""Where relative paths fall back to: the repo (or install) root that holds ``ds_configs/``."""
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; ``field`` is the dotted name of the culprit."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"config field '{field}': {reason}")
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.field, self.reason))
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"
+    """Architecture built from the sizes below ("llama" | "gpt2") when name_or_path is None."""
+    name_or_path: str | None = None
+    """Local HF config dir or JSON file; weights are always randomly initialised from it."""
+    hidden_size: int = 64
+    """Width; the tiny default trains on one CPU core in minutes."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads; must divide hidden_size."""
+    num_kv_heads: int | None = None
+    """Grouped-query KV heads (llama); None means one per attention head."""
+    intermediate_size: int = 256
+    """MLP width."""
+    max_seq_len: int = 256
+    """Position table size; data.seq_len may not exceed it."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Text or JSONL files; empty uses the built-in corpus so a run needs no download."""
+    builtin: str = "stdlib"
+    """The only built-in corpus: the installed Python standard library's .py source."""
+    format: str = "auto"
+    """How to read train_files: "auto" (by file extension) | "text" | "jsonl"."""
+    text_field: str = "text"
+    """The JSONL key that holds the document text."""
+    tokenizer: str = "byte"
+    """Either "byte" (vocab 256, nothing to download) or a local HF tokenizer directory."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    max_bytes: int | None = 2_000_000
+    """Corpus cap, so the tiny default stays in the paper's many-passes regime; None = all."""
+    val_fraction: float = 0.05
+    """Tail of the corpus held out for validation, identical for every group."""
+    micro_batch_size: int = 4
+    """Sequences per rank per micro-step."""
+    exchange_batch_size: int | None = None
+    """Sequences per group per exchange, split over its ranks; None = micro_batch_size x ranks."""
+    val_batches: int = 8
+    """Micro-batches per rank per evaluation; bounds evaluation time."""
+
+
+@dataclass
+class CodistillConfig:
+    enabled: bool = True
+    """False trains one ordinary data-parallel model over the whole world (the baseline)."""
+    groups: int = 2
+    """K replicas; the world is split into K contiguous groups of equal size."""
+    mode: str = "logits"
+    """What crosses groups: "logits" (predictions on a shared batch) | "weights" (not yet)."""
+    route: str = "leaders"
+    """Exchange path: "leaders" (one cross-group link per group) | "rails" (rank r to rank r)."""
+    interval: int = 1
+    """Optimizer steps between exchanges; the paper tolerates 50 to 2,500."""
+    staleness: int = 0
+    """Steps after an exchange before its peer logits are used, to overlap communication."""
+    topk: int = 32
+    """Logit entries kept per token (rest mass as one tail bucket); 0 sends the full vocabulary."""
+    dtype: str = "bf16"
+    """Wire dtype of exchanged values ("bf16" | "fp16" | "fp32"); indices are always int32."""
+    loss: str = "kl"
+    """Distillation divergence: "kl" (forward) | "reverse_kl" | "jsd" | "mse" (on logits)."""
+    temperature: float = 1.0
+    """Softens both distributions before the divergence."""
+    alpha: float = 1.0
+    """Weight of the distillation term once ramped in."""
+    burn_in: int = 0
+    """Steps with alpha = 0: peers' early predictions are noise."""
+    ramp: int = 0
+    """Steps over which alpha rises linearly from 0 after burn-in."""
+    same_init: bool = False
+    """All groups start from identical weights; off, each group draws its own initialisation."""
+    ignore_index: int = -100
+    """Label value whose tokens get neither CE nor distillation loss."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak AdamW learning rate."""
+    min_lr: float = 3e-4
+    """Floor the cosine/linear decay ends at."""
+    schedule: str = "cosine"
+    """Decay after warmup: "constant" | "cosine" | "linear"."""
+    warmup_steps: int = 20
+    """Linear warmup from 0 to lr."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    weight_decay: float = 0.1
+    """Codistillation regularises by itself, so it matches sync training only with less of this."""
+    weight_decay_milestones: list[tuple[int, float]] = field(default_factory=list)
+    """Piecewise-constant schedule: sorted (step, value) pairs, each holding from its step on."""
+    dropout: float = 0.0
+    """Model dropout; another regulariser to reduce under codistillation."""
+    dropout_milestones: list[tuple[int, float]] = field(default_factory=list)
+    """Piecewise-constant dropout schedule, like weight_decay_milestones."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps, the unit of every interval in this config."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    eval_interval: int = 50
+    """Steps between validations; 0 = only at the end."""
+    log_interval: int = 10
+    """Steps between metrics.jsonl records."""
+    save_interval: int = 0
+    """Steps between checkpoints; 0 = none (ZeRO checkpoints are world-wide barriers)."""
+
+
+@dataclass
+class BackendConfig:
+    name: str = "deepspeed"
+    """Sharding engine: "deepspeed" (ZeRO over the group via mpu) | "fsdp" (FSDP2 shard mesh)."""
+    ds_config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON; relative paths try the current directory, then the repo/package root."""
+    precision: str = "auto"
+    """Compute dtype: "auto" (bf16 on CUDA with bf16 support, else fp32) | "fp32" | "bf16"."""
+    timeout_s: float = 600.0
+    """Process-group timeout: long enough for ZeRO-3 startup, short enough to surface a hang."""
+
+
+@dataclass
+class Config:
+    seed: int = 1234
+    """Base seed of every random choice; per-group seeds derive from it."""
+    run_dir: str = "runs/default"
+    """Where config.yaml, metrics.jsonl, summary.json and checkpoints go."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The replica every group trains (all groups share one architecture)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, tokenizer and batch shapes."""
+    codistill: CodistillConfig = field(default_factory=CodistillConfig)
+    """Groups, exchange and distillation loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW, learning-rate schedule and the regularisation schedules."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop lengths and intervals."""
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    """Sharding engine inside each group."""
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _bad(name: str, value: Any, want: str) -> ConfigError:
+    return ConfigError(name, f"expected {want}, got {value!r} ({type(value).__name__})")
+
+
+def _number(text: str) -> int | float | None:
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return None
+
+
+_WANT = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce_scalar(name: str, value: Any, tp: type) -> Any:
+    if tp in (int, float) and isinstance(value, str):  # PyYAML reads "3e-4" (no dot) as text
+        parsed = _number(value)
+        value = value if parsed is None else parsed
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and (isinstance(value, str) or number):
+        return str(value)
+    if tp is float and number:
+        return float(value)
+    if tp is int and number and (isinstance(value, int) or value.is_integer()):
+        return int(value)
+    if tp not in _WANT:
+        raise TypeError(f"unsupported config type {tp!r} for {name}")
+    raise _bad(name, value, _WANT[tp])
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner)
+    if origin is list:
+        if isinstance(value, str) and args[0] is str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise _bad(name, value, "a list")
+        return [_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise _bad(name, value, f"a list of {len(args)} items")
+        return tuple(_coerce(f"{name}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    return _coerce_scalar(name, value, tp)
+
+
+def _unknown(prefix: str, key: Any, valid: Sequence[str]) -> ConfigError:
+    name = f"{prefix}{key}"
+    return ConfigError(name, f"unknown key '{name}'; valid keys: {', '.join(valid)}")
+
+
+def _apply(obj: Any, mapping: Any, prefix: str) -> None:
+    """Merge a (YAML) mapping into the dataclass ``obj`` in place."""
+    if not isinstance(mapping, dict):
+        raise _bad(prefix.rstrip(".") or "config", mapping, "a mapping of keys to values")
+    hints = _fields(obj)
+    for key, value in mapping.items():
+        if key not in hints:
+            raise _unknown(prefix, key, list(hints))
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, {} if value is None else value, f"{prefix}{key}.")  # empty section
+        else:
+            setattr(obj, key, _coerce(f"{prefix}{key}", value, hints[key]))
+
+
+def _is_text(tp: Any) -> bool:
+    return tp is str or str in typing.get_args(tp)
+
+
+def _override(cfg: Config, item: str) -> None:
+    """Apply one ``a.b=value`` override."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError("--set", f"expected key=value, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {exc}") from None
+    *parents, leaf = key.split(".")
+    obj, prefix = cfg, ""
+    for part in parents:
+        hints = _fields(obj)
+        if part not in hints or not dataclasses.is_dataclass(getattr(obj, part)):
+            sections = [k for k in hints if dataclasses.is_dataclass(getattr(obj, k))]
+            raise ConfigError(
+                f"{prefix}{part}",
+                f"unknown section '{prefix}{part}' in '{key}'; valid sections: "
+                + ", ".join(sections),
+            )
+        obj, prefix = getattr(obj, part), f"{prefix}{part}."
+    hints = _fields(obj)
+    if leaf not in hints:
+        raise _unknown(prefix, leaf, list(hints))
+    if _is_text(hints[leaf]) and isinstance(value, (bool, int, float)):
+        value = raw.strip()  # a run_dir of "2024" or a path "1.0" stays the text typed
+    _apply(obj, {leaf: value}, prefix)
+
+
+def load_config(path: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then each ``a.b=value`` override."""
+    cfg = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError("config", f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh)
+        except yaml.YAMLError as exc:
+            raise ConfigError("config", f"cannot parse YAML {path}: {exc}") from None
+        if data is not None:
+            _apply(cfg, data, "")
+    for item in overrides:
+        _override(cfg, item)
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """A JSON/YAML-safe nested dict (tuples become lists); load_config reads it back equal."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config as YAML (normally RUN_DIR/config.yaml)."""
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False, default_flow_style=None)
+
+
+# ----------------------------------------------------------------------------- validation
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("llama", "gpt2"),
+    "data.builtin": ("stdlib",),
+    "data.format": ("auto", "text", "jsonl"),
+    "codistill.mode": ("logits", "weights"),
+    "codistill.route": ("leaders", "rails"),
+    "codistill.dtype": ("bf16", "fp16", "fp32"),
+    "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "backend.name": ("deepspeed", "fsdp"),
+    "backend.precision": ("auto", "fp32", "bf16"),
+}
+"""Valid values of every enum-like field."""
+
+_POSITIVE = (
+    "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
+    "model.intermediate_size", "model.max_seq_len", "data.seq_len", "data.max_bytes",
+    "data.micro_batch_size", "data.exchange_batch_size", "data.val_batches",
+    "codistill.interval", "codistill.temperature", "optim.lr", "optim.eps",
+    "train.steps", "train.grad_accum", "backend.timeout_s",
+)  # fmt: skip
+"""Fields that must be > 0 (None, where allowed, is skipped)."""
+
+_NON_NEGATIVE = (
+    "codistill.staleness", "codistill.burn_in", "codistill.ramp", "codistill.topk",
+    "codistill.alpha", "optim.min_lr", "optim.warmup_steps", "optim.grad_clip",
+    "optim.weight_decay", "train.eval_interval", "train.log_interval", "train.save_interval",
+)  # fmt: skip
+"""Fields that must be >= 0 (0 means off, or "only at the end", where that makes sense)."""
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _require(ok: bool, name: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(name, reason)
+
+
+def _check_topology(cfg: Config, world_size: int) -> None:
+    g = cfg.codistill.groups
+    _require(world_size >= 1, "world_size", f"world size must be >= 1, got {world_size}")
+    _require(g >= 1, "codistill.groups", f"must be >= 1, got {g}")
+    if cfg.codistill.enabled:
+        _require(
+            g >= 2,
+            "codistill.groups",
+            f"codistillation needs at least 2 groups, got {g}; "
+            "set codistill.enabled=false to train one group",
+        )
+        _require(
+            world_size % g == 0,
+            "codistill.groups",
+            f"world size {world_size} is not divisible by codistill.groups={g}",
+        )
+
+
+def _check_choices(cfg: Config) -> None:
+    for name, valid in CHOICES.items():
+        value = _get(cfg, name)
+        _require(value in valid, name, f"got {value!r}; valid values: {', '.join(valid)}")
+    _require(
+        cfg.codistill.mode != "weights",
+        "codistill.mode",
+        "mode 'weights' is not implemented yet; use 'logits'",
+    )
+
+
+def _check_fraction(name: str, value: float, what: str = "") -> None:
+    _require(0.0 <= value < 1.0, name, f"{what}must be in [0, 1), got {value}")
+
+
+def _check_milestones(name: str, pairs: list[tuple[int, float]], fraction: bool) -> None:
+    steps = [step for step, _ in pairs]
+    ordered = all(a < b for a, b in itertools.pairwise(steps)) and all(s >= 0 for s in steps)
+    _require(ordered, name, f"steps must be >= 0 and strictly increasing, got {steps}")
+    for step, value in pairs:
+        if fraction:
+            _check_fraction(name, value, f"value at step {step} ")
+        _require(value >= 0, name, f"value at step {step} must be >= 0, got {value}")
+
+
+def _check_numbers(cfg: Config) -> None:
+    for name in _POSITIVE:
+        value = _get(cfg, name)
+        _require(value is None or value > 0, name, f"must be > 0, got {value}")
+    for name in _NON_NEGATIVE:
+        value = _get(cfg, name)
+        _require(value >= 0, name, f"must be >= 0, got {value}")
+    opt = cfg.optim
+    _check_fraction("data.val_fraction", cfg.data.val_fraction)
+    _check_fraction("optim.dropout", opt.dropout)
+    for i, beta in enumerate(opt.betas):
+        _check_fraction("optim.betas", beta, f"beta{i + 1} ")
+    _require(opt.min_lr <= opt.lr, "optim.min_lr", f"min_lr {opt.min_lr} exceeds lr {opt.lr}")
+    _check_milestones("optim.weight_decay_milestones", opt.weight_decay_milestones, False)
+    _check_milestones("optim.dropout_milestones", opt.dropout_milestones, True)
+
+
+def _check_model(cfg: Config) -> None:
+    m, seq = cfg.model, cfg.data.seq_len
+    if m.name_or_path is None:
+        _require(
+            m.hidden_size % m.num_heads == 0,
+            "model.hidden_size",
+            f"hidden_size {m.hidden_size} is not divisible by num_heads {m.num_heads}",
+        )
+        kv = m.num_kv_heads or m.num_heads
+        _require(
+            m.num_heads % kv == 0,
+            "model.num_kv_heads",
+            f"num_heads {m.num_heads} is not divisible by num_kv_heads {kv}",
+        )
+    else:
+        _require(
+            os.path.exists(m.name_or_path),
+            "model.name_or_path",
+            f"no such config dir or file: {m.name_or_path}",
+        )
+    _require(
+        seq <= m.max_seq_len,
+        "data.seq_len",
+        f"seq_len {seq} exceeds model.max_seq_len {m.max_seq_len}",
+    )
+
+
+def _check_exchange(cfg: Config, world_size: int, vocab_size: int | None) -> None:
+    topk, batch = cfg.codistill.topk, cfg.data.exchange_batch_size
+    if vocab_size is not None:
+        _require(
+            topk <= vocab_size,
+            "codistill.topk",
+            f"topk {topk} exceeds the vocabulary size {vocab_size}",
+        )
+    if cfg.codistill.enabled and batch is not None:
+        per_group = ranks_per_group(cfg, world_size)
+        _require(
+            batch % per_group == 0,
+            "data.exchange_batch_size",
+            f"exchange_batch_size {batch} is not divisible by the {per_group} ranks per "
+            f"group (world size {world_size} / {cfg.codistill.groups} groups)",
+        )
+
+
+def _check_paths(cfg: Config) -> None:
+    for path in cfg.data.train_files:
+        _require(os.path.isfile(path), "data.train_files", f"no such file: {path}")
+    tok = cfg.data.tokenizer
+    _require(
+        tok == "byte" or os.path.isdir(tok),
+        "data.tokenizer",
+        f"expected 'byte' or a local tokenizer directory, got {tok}",
+    )
+    if cfg.backend.name == "deepspeed":
+        path = cfg.backend.ds_config
+        _require(
+            os.path.isfile(resolve_path(path)),
+            "backend.ds_config",
+            f"DeepSpeed config not found: {path} (looked in the current directory "
+            f"and in {PACKAGE_ROOT})",
+        )
+
+
+def validate(cfg: Config, world_size: int, vocab_size: int | None = None) -> None:
+    """Raise the first ``ConfigError`` that would make this config fail on ``world_size`` ranks."""
+    _check_topology(cfg, world_size)
+    _check_choices(cfg)
+    _check_numbers(cfg)
+    _check_model(cfg)
+    _check_exchange(cfg, world_size, vocab_size)
+    _check_paths(cfg)
+
+
+def resolve_path(p: str) -> str:
+    """Absolute path of ``p``: as given / from the cwd first, then under the package root."""
+    expanded = os.path.expanduser(p)
+    if os.path.exists(expanded):
+        return os.path.abspath(expanded)
+    if not os.path.isabs(expanded):
+        candidate = PACKAGE_ROOT / expanded
+        if candidate.exists():
+            return str(candidate)
+    return p
+
+
+def ranks_per_group(cfg: Config, world_size: int) -> int:
+    """S: ranks that shard one replica (the whole world when codistillation is off)."""
+    return world_size // cfg.codistill.groups if cfg.codistill.enabled else world_size
