@@ -103,6 +103,11 @@ class CodistillConfig:
     """Optimizer steps between exchanges; the paper tolerates 50 to 2,500."""
     staleness: int = 0
     """Steps after an exchange before its peer logits are used, to overlap communication."""
+    exchange_batch: str = "shared"
+    """Which tokens the groups predict on: "shared" (a common exchange stream, DESIGN.md's
+    default: only logits cross groups) | "train" (each group's own current training batch, as in
+    Anil et al.: peers predict on my batch and I distill on the logits I train on, no extra
+    student forward; needs staleness 0)."""
     topk: int = 32
     """Logit entries kept per token (rest mass as one tail bucket); 0 sends the full vocabulary."""
     dtype: str = "bf16"
@@ -360,6 +365,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "text", "jsonl"),
     "codistill.mode": ("logits", "weights"),
     "codistill.route": ("leaders", "rails"),
+    "codistill.exchange_batch": ("shared", "train"),
     "codistill.dtype": ("bf16", "fp16", "fp32"),
     "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
     "optim.schedule": ("constant", "cosine", "linear"),
@@ -423,6 +429,12 @@ def _check_choices(cfg: Config) -> None:
         cfg.codistill.mode != "weights",
         "codistill.mode",
         "mode 'weights' is not implemented yet; use 'logits'",
+    )
+    _require(
+        cfg.codistill.exchange_batch != "train" or cfg.codistill.staleness == 0,
+        "codistill.exchange_batch",
+        f"exchange_batch 'train' predicts on the current training batch, so it needs "
+        f"codistill.staleness=0 (got {cfg.codistill.staleness})",
     )
 
 

@@ -40,7 +40,8 @@ class PendingTargets:
     """Peer predictions for exchange batch e, waiting for their consumption step."""
 
     exchange: int
-    tokens: torch.Tensor
+    tokens: torch.Tensor | None
+    """Tokens to run the student on; None: the targets cover my first training micro-batch."""
     peers: list[CompressedLogits]
 
 
@@ -67,6 +68,11 @@ class CodistillLoop:
         ex_batch = d.exchange_batch_size or d.micro_batch_size * topology.group_size
         self.exchange_stream = ExchangeStream(corpus, cfg.seed, ex_batch, topology.group_rank, topology.group_size)
         self.exchange = LogitExchange(topology, cd.route) if self.codistill else None
+        self.rail_streams = [
+            TrainStream(corpus, cfg.seed, g, topology.groups, topology.group_rank, topology.group_size,
+                        d.micro_batch_size, cfg.train.grad_accum)
+            for g in range(topology.groups)
+        ] if cd.exchange_batch == "train" else []
         self.kind = "logits" if cd.loss == "mse" else "logprobs"
         self.val_batches = val_micro_batches(corpus, topology.group_rank, topology.group_size,
                                              d.micro_batch_size, d.val_batches)
@@ -86,13 +92,15 @@ class CodistillLoop:
         for m in range(A):
             batch = self.train_stream.micro_batch(step, m).to(self.device)
             with_distill = m == 0 and target is not None and alpha > 0
-            ids = torch.cat([batch, target.tokens.to(self.device)]) if with_distill else batch
+            extra = with_distill and target.tokens is not None
+            ids = torch.cat([batch, target.tokens.to(self.device)]) if extra else batch
             logits = self.backend.forward(ids[:, :-1])
             n = batch.shape[0]
             ce = F.cross_entropy(logits[:n].flatten(0, 1).float(), batch[:, 1:].flatten())
             loss = ce
             if with_distill:
-                d = peer_distill_loss(logits[n:].flatten(0, 1), target.peers, self.cfg.codistill.loss,
+                student = logits[n:] if extra else logits
+                d = peer_distill_loss(student.flatten(0, 1), target.peers, self.cfg.codistill.loss,
                                       self.cfg.codistill.temperature)
                 loss = ce + A * alpha * d
                 distill_value = d.item()
@@ -123,12 +131,12 @@ class CodistillLoop:
         """Predict on exchange batch e in eval mode, swap with the peers, queue the targets."""
         cd = self.cfg.codistill
         e = step // cd.interval
-        tokens = self.exchange_stream.batch_slice(e)
+        tokens = self._exchange_tokens(step, e)
         with evaluating(self.backend):
             logits = self.backend.forward(tokens[:, :-1].to(self.device)).flatten(0, 1)
         mine = compress(logits, cd.topk, wire_dtype(cd.dtype), self.kind, cd.temperature)
         result = self.exchange.exchange(mine)
-        self.pending[step + cd.staleness] = PendingTargets(e, tokens, result.peers)
+        self.pending[step + cd.staleness] = self._targets(e, tokens, result.peers)
         agree = sum(int((mine.top1() == p.top1()).sum()) for p in result.peers)
         stats = torch.tensor([agree, mine.num_tokens() * len(result.peers)], dtype=torch.float64)
         dist.all_reduce(stats, group=self.t.group)
@@ -136,6 +144,27 @@ class CodistillLoop:
             distill_eval = peer_distill_loss(logits, result.peers, cd.loss, cd.temperature).item()
         return {"agreement": (stats[0] / stats[1]).item(), "exchange_ms": result.seconds * 1e3,
                 "distill_eval": distill_eval}
+
+    def _exchange_tokens(self, step: int, e: int) -> torch.Tensor:
+        """The exchange slice this rank predicts on, identical across its rail.
+
+        "train": every group's current first micro-batch for my rank slot. Training streams
+        are pure functions of (group, step), so each group derives its peers' batches locally
+        and still only logits cross groups."""
+        if self.cfg.codistill.exchange_batch == "shared":
+            return self.exchange_stream.batch_slice(e)
+        return torch.cat([s.micro_batch(step, 0) for s in self.rail_streams])
+
+    def _targets(self, e: int, tokens: torch.Tensor, peers: list[CompressedLogits]) -> PendingTargets:
+        """For "train" exchanges keep only the rows of the peers' predictions on my own batch."""
+        if self.cfg.codistill.exchange_batch == "shared":
+            return PendingTargets(e, tokens, peers)
+        rows = tokens.shape[0] // self.t.groups * (tokens.shape[1] - 1)
+        lo = self.t.group_id * rows
+        own = [CompressedLogits(p.values[lo:lo + rows].clone(),
+                                None if p.indices is None else p.indices[lo:lo + rows].clone(), p.kind)
+               for p in peers]
+        return PendingTargets(e, None, own)
 
     # ---- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> float:

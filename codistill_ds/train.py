@@ -26,6 +26,11 @@ def prepare(cfg: Config):
     world = rankinfo.env_world_size()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     validate(cfg, world, tokenizer.vocab_size)
+    if cfg.backend.name == "fsdp":
+        from importlib.util import find_spec
+
+        if find_spec("codistill_ds.backends.fsdp_backend") is None:
+            raise ConfigError("backend.name", "backend 'fsdp' is not available in this version")
     groups = cfg.codistill.groups if cfg.codistill.enabled else 1
     layout = Layout(world, groups, rankinfo.env_rank())
     corpus = build_corpus(cfg.data, tokenizer)
