@@ -10,15 +10,18 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 
 import torch
 
 from . import dist as rankinfo
 from .config import Config, ConfigError, save_config, validate
 from .data import DataError, build_corpus, load_tokenizer
+from .loop import CodistillLoop
 from .metrics import MetricsWriter, write_summary
 from .model import build_model, count_parameters
-from .topology import Layout, TopologyError, build_topology
+from .topology import Layout, Topology, TopologyError, build_topology
 
 
 def prepare(cfg: Config):
@@ -56,18 +59,27 @@ def use_bf16(cfg: Config) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def run(cfg: Config) -> dict:
-    """Train this rank's share of the job; returns the summary (on every rank)."""
+@dataclass
+class Job:
+    """One rank's live pieces; tests reach into them (engine partitions, exchanged logits)."""
+
+    cfg: Config
+    topology: Topology
+    backend: object
+    loop: CodistillLoop
+    n_params: int
+
+
+def build_job(cfg: Config) -> Job:
+    """Validate, load data, then create process groups, the replica and its sharded backend."""
     rankinfo.prepare_accelerator_env()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     layout, corpus = prepare(cfg)
     rankinfo.init_distributed(cfg.backend.timeout_s)
-    from .loop import CodistillLoop
-
     topology = build_topology(layout.groups)
     seed = cfg.seed + (0 if cfg.codistill.same_init else topology.group_id)
     torch.manual_seed(seed)
-    dropout = cfg.optim.dropout
-    model = build_model(cfg.model, corpus.vocab_size, dropout, seed)
+    model = build_model(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed)
     n_params = count_parameters(model)
     backend = build_backend(cfg, model, topology, use_bf16(cfg))
     if topology.rank == 0:
@@ -76,13 +88,19 @@ def run(cfg: Config) -> dict:
     torch.distributed.barrier()
     writer = MetricsWriter(cfg.run_dir, enabled=topology.layout.is_leader)
     loop = CodistillLoop(cfg, topology, backend, corpus, writer, rankinfo.device())
-    progress = _progress_bar(cfg) if topology.rank == 0 else None
+    return Job(cfg, topology, backend, loop, n_params)
+
+
+def run(cfg: Config) -> dict:
+    """Train this rank's share of the job; returns the summary (on every rank)."""
+    job = build_job(cfg)
+    progress = _progress_bar(cfg) if job.topology.rank == 0 else None
     start = time.perf_counter()
-    state = loop.run(progress=progress)
+    state = job.loop.run(progress=progress)
     if progress is not None:
         progress.close()
-    summary = _summarize(cfg, topology, loop, state, n_params, time.perf_counter() - start)
-    if topology.rank == 0:
+    summary = _summarize(cfg, job.topology, job.loop, state, job.n_params, time.perf_counter() - start)
+    if job.topology.rank == 0:
         write_summary(cfg.run_dir, summary)
         print(format_table(summary), flush=True)
     return summary
