@@ -73,6 +73,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def report_input_error(err: Exception) -> int:
+    """One line on stderr, then exit code 2 — after a short grace period under a launcher.
+
+    torchrun and the deepspeed launcher kill the remaining ranks as soon as one exits; the
+    grace lets every rank reach its own validation and print the same message, so the user
+    sees the cause from every rank rather than a wall of SIGTERMs."""
+    import time
+
+    from .dist import env_world_size
+
+    print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
+    if env_world_size() > 1:
+        time.sleep(INPUT_ERROR_GRACE_S)
+    return 2
+
+
+INPUT_ERROR_GRACE_S = 3.0
+
+
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .config import ConfigError, load_config
 
@@ -82,8 +101,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
-        print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return report_input_error(err)
     from .train import main_guarded
 
     return main_guarded(cfg)

@@ -163,8 +163,9 @@ def main_guarded(cfg: Config) -> int:
     try:
         run(cfg)
     except (ConfigError, DataError, TopologyError) as err:
-        print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        from .cli import report_input_error
+
+        return report_input_error(err)
     finally:
         rankinfo.destroy()
     return 0

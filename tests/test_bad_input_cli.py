@@ -1,0 +1,39 @@
+"""A bad config stops every rank fast with one message naming the field (no hang, exit != 0).
+
+Each case launches 4 real ranks under torchrun; validation runs before the process group is
+created, so no rank can be left waiting in a collective."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from launch import REPO, cli
+
+pytestmark = pytest.mark.timeout(300)
+
+CONFIG = str(REPO / "tests" / "tiny_test.yaml")
+
+CASES = {
+    "non-dividing world": (["codistill.groups=3"], "codistill.groups", "not divisible"),
+    "unknown loss": (["codistill.loss=hellinger"], "codistill.loss", "hellinger"),
+    "topk over vocab": (["codistill.topk=300"], "codistill.topk", "300"),
+    "missing data file": (["data.train_files=[/no/such/corpus.txt]"], "data.train_files", "/no/such/corpus.txt"),
+    "one group with codistillation": (["codistill.groups=1"], "codistill.groups", "at least 2"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_bad_config_fails_fast_on_every_rank(case, tmp_path):
+    overrides, field, detail = CASES[case]
+    sets = [a for o in overrides for a in ("--set", o)]
+    start = time.monotonic()
+    proc = cli(4, "train", "--config", CONFIG, "--run-dir", str(tmp_path), *sets, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("codistill-ds: error:")]
+    assert len(lines) == 4, proc.stderr[-3000:]  # one line from each rank
+    assert all(f"'{field}'" in ln and detail in ln for ln in lines), lines
+    assert "codistill_ds/" not in proc.stderr  # no traceback from our code, only the message
+    assert elapsed < 60, f"took {elapsed:.0f}s"
