@@ -178,6 +178,10 @@ class BackendConfig:
     """Compute dtype: "auto" (bf16 on CUDA with bf16 support, else fp32) | "fp32" | "bf16"."""
     timeout_s: float = 600.0
     """Process-group timeout: long enough for ZeRO-3 startup, short enough to surface a hang."""
+    fsdp_cpu_offload: bool = False
+    """FSDP2: keep sharded parameters, gradients and optimizer state in host memory."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after forward (ZeRO-3-like); False keeps them (ZeRO-2-like)."""
 
 
 @dataclass

@@ -31,10 +31,6 @@ class Backend(Protocol):
 
     def train(self, mode: bool = True) -> None: ...
 
-    def save(self, directory: str, tag: str) -> None: ...
-
-    def load(self, directory: str, tag: str) -> None: ...
-
 
 @contextmanager
 def evaluating(backend: Backend) -> Iterator[None]:

@@ -1,6 +1,7 @@
-"""Rank program: a plain single-group DeepSpeed run (no mpu, no codistillation code) that trains
-what group g of a codistillation job trains: same seed, same data shard, same schedules.
-Args: OUT CONFIG GROUPS [--set ...]. Writes per-step losses for each group g in turn."""
+"""Rank program: a plain single-group run (no mpu, no mesh slicing, no codistillation code) that
+trains what group g of a codistillation job trains: same seed, same data shard, same schedules.
+DeepSpeed or FSDP2 over the whole (2-rank) world, as the config's backend.name says.
+Args: OUT CONFIG GROUPS [overrides...]. Writes per-step losses for each group g in turn."""
 
 from __future__ import annotations
 
@@ -25,13 +26,45 @@ from codistill_ds.model import build_model  # noqa: E402
 from codistill_ds.schedules import lr_at  # noqa: E402
 
 
+class PlainFSDP:
+    """fully_shard over the default 1-D world mesh, manual accumulation and clipping."""
+
+    def __init__(self, model, opt, cfg):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for block in [m for m in model.modules() if type(m).__name__ in model._no_split_modules]:
+            fully_shard(block, mesh=mesh)
+        self.model, self.opt, self.cfg, self.micro = fully_shard(model, mesh=mesh), opt, cfg, 0
+
+    def __call__(self, **kw):
+        return self.model(**kw)
+
+    def backward(self, loss):
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.cfg.train.grad_accum == 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad()
+
+
 def train_group(cfg, corpus, g: int, groups: int) -> list[float]:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(cfg.model, corpus.vocab_size, cfg.optim.dropout, cfg.seed + g)
+    if cfg.backend.name == "fsdp":
+        engine = PlainFSDP(model, None, cfg)
+        model = engine.model
     opt = torch.optim.AdamW(decay_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                             config=build_ds_config(cfg, world, False))
+    if cfg.backend.name == "fsdp":
+        engine.opt = opt
+    else:
+        engine, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                                 config=build_ds_config(cfg, world, False))
     stream = TrainStream(corpus, cfg.seed, g, groups, rank, world, cfg.data.micro_batch_size,
                          cfg.train.grad_accum)
     o, losses = cfg.optim, []

@@ -1,0 +1,91 @@
+"""FSDP2 backend: `fully_shard` per transformer block and on the root, over my group's shard mesh.
+
+The job is a 2-D DeviceMesh ("codistill", "shard") = (K, S), built from the topology's own rail
+and group process groups, so FSDP never creates a group that spans two codistillation groups:
+sharding, all-gathers and reduce-scatters run on mesh["shard"], i.e. inside my group only.
+Gradient accumulation, clipping and the optimizer are handled here because FSDP2, unlike the
+DeepSpeed engine, leaves them to the training loop.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from ..config import Config
+from ..topology import Topology
+from .base import decay_param_groups, set_optimizer_hyperparameters
+
+
+def codistill_mesh(topology: Topology, device_type: str) -> DeviceMesh:
+    """(K, S) mesh over the existing groups: dim 0 = my rail, dim 1 = my group."""
+    K, S = topology.groups, topology.group_size
+    return DeviceMesh.from_group(
+        [topology.rail, topology.group], device_type,
+        mesh=torch.arange(K * S).view(K, S), mesh_dim_names=("codistill", "shard"),
+    )
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks Transformers marks as unsplittable (e.g. LlamaDecoderLayer)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def apply_fsdp(model: torch.nn.Module, shard_mesh: DeviceMesh, bf16: bool, cpu_offload: bool,
+               reshard_after_forward: bool) -> torch.nn.Module:
+    """torchtitan's recipe: shard each block, then the root (embeddings, norm, head)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": shard_mesh, "reshard_after_forward": reshard_after_forward}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+class FSDPBackend:
+    """`Backend` over an FSDP2-sharded module, a torch AdamW and manual accumulation."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, topology: Topology, bf16: bool) -> None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        if device_type == "cuda" and not cfg.backend.fsdp_cpu_offload:
+            model.to(torch.device("cuda", torch.cuda.current_device()))
+        self.mesh = codistill_mesh(topology, device_type)
+        self.module = apply_fsdp(model, self.mesh["shard"], bf16, cfg.backend.fsdp_cpu_offload,
+                                 cfg.backend.fsdp_reshard_after_forward)
+        self.optimizer = torch.optim.AdamW(
+            decay_param_groups(self.module, cfg.optim.weight_decay),
+            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        )
+        self.accum, self.grad_clip = cfg.train.grad_accum, cfg.optim.grad_clip
+        self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        self._micro = 0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Same convention as DeepSpeed's engine: the loop passes the micro-step loss and the
+        # backend averages over the accumulation steps.
+        (loss / self.accum).backward()
+
+    def step(self) -> None:
+        """Count micro-steps; at the boundary clip (global norm over DTensor shards) and step."""
+        self._micro += 1
+        if self._micro % self.accum:
+            return
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_hyperparameters(self, lr: float, weight_decay: float) -> None:
+        set_optimizer_hyperparameters(self.optimizer.param_groups, lr, weight_decay)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)

@@ -1,0 +1,51 @@
+"""Rank program: the library's ZeRO-3 (through mpu) or FSDP2 (through the shard mesh) shards
+each parameter over my group only. Args: OUT CONFIG [overrides...]. Records partition sizes,
+trains the configured steps, then records per-group weight checksums gathered inside the group."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from codistill_ds.config import load_config
+from codistill_ds.train import build_job
+
+
+def deepspeed_view(job):
+    import deepspeed
+
+    params = list(job.backend.engine.module.parameters())
+    parts = [{"full": int(p.ds_numel), "local": int(p.ds_tensor.numel()), "rows": int(p.ds_shape[0]),
+              "shard_size": job.backend.engine.dp_world_size} for p in params]
+    return parts, lambda: deepspeed.zero.GatheredParameters(params), lambda: params
+
+
+def fsdp_view(job):
+    params = list(job.backend.module.parameters())
+    parts = [{"full": int(p.numel()), "local": int(p.to_local().numel()), "rows": int(p.shape[0]),
+              "shard_size": p.device_mesh.size(), "mesh": list(p.device_mesh.mesh_dim_names)}
+             for p in params]
+    return parts, nullcontext, lambda: [p.full_tensor() for p in params]
+
+
+def main() -> None:
+    out, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
+    job = build_job(cfg)
+    parts, gathered, full = (fsdp_view if cfg.backend.name == "fsdp" else deepspeed_view)(job)
+    job.loop.run()
+    with gathered():
+        tensors = full()
+        checksum = float(sum(t.detach().double().sum() for t in tensors))
+    result = {"rank": job.topology.rank, "group": job.topology.group_id,
+              "group_rank": job.topology.group_rank, "S": job.topology.group_size,
+              "parts": parts, "checksum": checksum}
+    (out / f"rank{job.topology.rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
