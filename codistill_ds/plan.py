@@ -260,17 +260,20 @@ def parse_count(text: str) -> int:
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `codistill-ds plan`."""
+    """Flags of `codistill-ds plan`; exchange defaults are the training config's defaults."""
+    from .config import CodistillConfig
+
+    defaults = CodistillConfig()
     add = parser.add_argument
     add("--params", type=parse_count, default=10**9, help="parameters: 1e9, 1B, 350M, 1100000")
     add("--vocab", type=parse_count, default=32000, help="vocabulary size")
     add("--seq-len", type=int, default=2048, help="tokens per exchange sequence")
     add("--batch", type=int, default=16, help="exchange sequences per group per exchange")
-    add("--topk", type=int, default=32, help="logit entries kept per token; 0 = full vocab")
-    add("--interval", type=int, default=10, help="optimizer steps per exchange")
+    add("--topk", type=int, default=defaults.topk, help="logit entries kept per token; 0 = full vocab")
+    add("--interval", type=int, default=defaults.interval, help="optimizer steps per exchange")
     add("--groups", type=int, default=2, help="codistillation groups K")
     add("--world", type=int, default=16, help="total ranks W")
-    add("--dtype", choices=sorted(DTYPE_BYTES), default="bf16", help="exchanged value dtype")
+    add("--dtype", choices=sorted(DTYPE_BYTES), default=defaults.dtype, help="exchanged value dtype")
     add(
         "--grad-dtype",
         choices=sorted(DTYPE_BYTES),

@@ -112,7 +112,7 @@ def test_defaults():
     args = parse([])
     assert (args.vocab, args.seq_len, args.batch, args.topk) == (32000, 2048, 16, 32)
     assert (args.interval, args.groups, args.world, args.dtype, args.json) == (
-        10,
+        1,
         2,
         16,
         "bf16",
@@ -124,8 +124,8 @@ def test_one_billion_params_default_flags_ratio(capsys):
     assert run_plan(parse(["--params", "1B", "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ratio"] >= 1000
-    # 16 x 2048 x 32 x 6 B = 6.29 MB per group, x2 groups, /10 steps; 2 x 15 x 1e9 x 2 B.
-    assert out["exchange_bytes_per_step"] == 2 * 16 * 2048 * 32 * 6 / 10
+    # 16 x 2048 x 32 x 6 B = 6.29 MB per group, x2 groups, every step (the config default interval 1); 2 x 15 x 1e9 x 2 B.
+    assert out["exchange_bytes_per_step"] == 2 * 16 * 2048 * 32 * 6
     assert out["allreduce_bytes_per_step"] == 2 * 15 * 10**9 * 2
 
 
@@ -147,7 +147,7 @@ def test_text_output(capsys):
     assert "leaders group: [0, 8, 16, 24]" in out
     assert "rail 1: [1, 9, 17, 25]" in out
     assert "ratio" in out and "GB" in out and "MB" in out
-    assert out == format_plan(make_plan(10**9, 32000, 2048, 16, 32, 10, 4, 32)) + "\n"
+    assert out == format_plan(make_plan(10**9, 32000, 2048, 16, 32, 1, 4, 32)) + "\n"
 
 
 @pytest.mark.parametrize(
