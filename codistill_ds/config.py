@@ -103,6 +103,10 @@ class CodistillConfig:
     """Optimizer steps between exchanges; the paper tolerates 50 to 2,500."""
     staleness: int = 0
     """Steps after an exchange before its peer logits are used, to overlap communication."""
+    async_exchange: bool = True
+    """With staleness > 0, post each exchange without blocking so communication overlaps the
+    next `staleness` steps; false blocks at posting time (the synchronous reference: same
+    targets, same losses, no overlap)."""
     exchange_batch: str = "shared"
     """Which tokens the groups predict on: "shared" (a common exchange stream, DESIGN.md's
     default: only logits cross groups) | "train" (each group's own current training batch, as in

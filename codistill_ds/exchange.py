@@ -12,11 +12,17 @@ same slice, the logits of every peer group. Two routes deliver exactly the same 
 Payloads travel as one flat uint8 tensor per slice (see `compression.pack`), so one collective
 moves values and indices together, bit-exactly, in any wire dtype. `bytes_sent` counts what
 this rank hands to other groups: the formula `plan.py` states, checked by the tests.
+
+`start` posts an exchange without blocking: one background thread per rank runs exchanges in
+submission order over process groups that only the exchange uses (the rail, the leaders group
+and a private copy of my group), so training collectives and exchange collectives never share a
+group and every rank pairs its exchange collectives in the same order.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -43,11 +49,28 @@ class LogitExchange:
             raise ValueError(f"codistill.route must be 'leaders' or 'rails', got {route!r}")
         self.t, self.route = topology, route
         self.bytes_sent = 0
+        self._worker: ThreadPoolExecutor | None = None
 
     def exchange(self, local: CompressedLogits) -> ExchangeResult:
         """Blocking swap; every rank of every group must call it for the same exchange batch."""
+        return self._swap(pack(local), local)
+
+    def start(self, local: CompressedLogits) -> Future:
+        """Post the swap and return at once; `.result()` gives the `ExchangeResult`.
+
+        `bytes_sent` grows when the worker hands the payload to the collective, so a reading
+        taken while exchanges are in flight lags by those exchanges."""
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-exchange")
+        return self._worker.submit(self._swap, pack(local), local)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+
+    def _swap(self, buf: torch.Tensor, local: CompressedLogits) -> ExchangeResult:
         start = time.perf_counter()
-        buf = pack(local)
         slices = self._rails(buf) if self.route == "rails" else self._leaders(buf)
         k = local.values.shape[1]
         full = local.indices is None
@@ -71,7 +94,7 @@ class LogitExchange:
         S, K, n = t.group_size, t.groups, buf.numel()
         leader = t.layout.leader_of(t.group_id)
         gathered = [torch.empty_like(buf) for _ in range(S)] if t.layout.is_leader else None
-        dist.gather(buf, gathered, dst=leader, group=t.group)
+        dist.gather(buf, gathered, dst=leader, group=t.exchange_group)
         scatter_list = None
         if t.layout.is_leader:
             payload = torch.cat(gathered)  # my group's whole exchange batch, rank order
@@ -81,5 +104,5 @@ class LogitExchange:
             # Rank r receives, for each group g, the r-th slice of g's payload.
             scatter_list = [torch.cat([everyone[g][r * n : (r + 1) * n] for g in range(K)]) for r in range(S)]
         mine = torch.empty(K * n, dtype=buf.dtype, device=buf.device)
-        dist.scatter(mine, scatter_list, src=leader, group=t.group)
+        dist.scatter(mine, scatter_list, src=leader, group=t.exchange_group)
         return list(mine.split(n))

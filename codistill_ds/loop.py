@@ -17,6 +17,7 @@ backward), and scaled by the accumulation count because the backend averages mic
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +43,11 @@ class PendingTargets:
     exchange: int
     tokens: torch.Tensor | None
     """Tokens to run the student on; None: the targets cover my first training micro-batch."""
-    peers: list[CompressedLogits]
+    peers: list[CompressedLogits] | None
+    """None while an asynchronous exchange is still in flight (see `future`)."""
+    future: Future | None = None
+    mine: CompressedLogits | None = None
+    """My own sent predictions, kept for the agreement metric of an asynchronous exchange."""
 
 
 @dataclass
@@ -87,6 +92,8 @@ class CodistillLoop:
         alpha = self._apply_schedules(step)
         ex_stats = self._post_exchange(step) if self._is_exchange_step(step) else {}
         target = self.pending.pop(step, None)
+        if target is not None and target.future is not None:
+            target, ex_stats = self._complete(target, ex_stats)
         A = self.cfg.train.grad_accum
         ce_total, distill_value = 0.0, ex_stats.get("distill_eval")
         for m in range(A):
@@ -135,15 +142,33 @@ class CodistillLoop:
         with evaluating(self.backend):
             logits = self.backend.forward(tokens[:, :-1].to(self.device)).flatten(0, 1)
         mine = compress(logits, cd.topk, wire_dtype(cd.dtype), self.kind, cd.temperature)
+        if cd.staleness > 0 and cd.async_exchange:
+            self.pending[step + cd.staleness] = PendingTargets(e, tokens, None, self.exchange.start(mine), mine)
+            return {}
         result = self.exchange.exchange(mine)
         self.pending[step + cd.staleness] = self._targets(e, tokens, result.peers)
-        agree = sum(int((mine.top1() == p.top1()).sum()) for p in result.peers)
-        stats = torch.tensor([agree, mine.num_tokens() * len(result.peers)], dtype=torch.float64)
+        stats = {"agreement": self._agreement(mine, result.peers), "exchange_ms": result.seconds * 1e3}
+        if cd.staleness == 0:  # fresh targets: the eval-mode divergence is meaningful to log
+            with torch.no_grad():
+                stats["distill_eval"] = peer_distill_loss(logits, result.peers, cd.loss, cd.temperature).item()
+        return stats
+
+    def _complete(self, target: PendingTargets, ex_stats: dict) -> tuple[PendingTargets, dict]:
+        """Wait for an asynchronous exchange at its consumption step; only the wait is charged
+        to `exchange_ms`, the part that communication failed to hide behind training."""
+        start = time.perf_counter()
+        result = target.future.result()
+        waited_ms = (time.perf_counter() - start) * 1e3
+        stats = dict(ex_stats, agreement=self._agreement(target.mine, result.peers),
+                     exchange_ms=ex_stats.get("exchange_ms", 0.0) + waited_ms)
+        return self._targets(target.exchange, target.tokens, result.peers), stats
+
+    def _agreement(self, mine: CompressedLogits, peers: list[CompressedLogits]) -> float:
+        """Top-1 agreement of my sent predictions with the peers', over my whole group."""
+        agree = sum(int((mine.top1() == p.top1()).sum()) for p in peers)
+        stats = torch.tensor([agree, mine.num_tokens() * len(peers)], dtype=torch.float64)
         dist.all_reduce(stats, group=self.t.group)
-        with torch.no_grad():
-            distill_eval = peer_distill_loss(logits, result.peers, cd.loss, cd.temperature).item()
-        return {"agreement": (stats[0] / stats[1]).item(), "exchange_ms": result.seconds * 1e3,
-                "distill_eval": distill_eval}
+        return (stats[0] / stats[1]).item()
 
     def _exchange_tokens(self, step: int, e: int) -> torch.Tensor:
         """The exchange slice this rank predicts on, identical across its rail.
@@ -195,7 +220,16 @@ class CodistillLoop:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        self.drain()
         return self.state
+
+    def drain(self) -> None:
+        """Finish exchanges posted for steps past the end, so no collective outlives the run."""
+        for target in self.pending.values():
+            if target.future is not None:
+                target.future.result()
+        if self.exchange is not None:
+            self.exchange.close()
 
     def _log(self, record: dict) -> None:
         """Group means of loss/distill_loss, then one line from the leader."""

@@ -86,6 +86,10 @@ class Topology:
     rail: dist.ProcessGroup
     model_parallel: dist.ProcessGroup
     """A real one-rank group: DeepSpeed all-reduces gradient norms over it."""
+    exchange_group: dist.ProcessGroup
+    """Same members as `group`, used only by the exchange: an asynchronous exchange runs its
+    gathers on a background thread, and a process group must never carry collectives from two
+    threads at once (ranks could pair them in different orders)."""
 
     @property
     def groups(self) -> int:
@@ -111,11 +115,13 @@ class Topology:
 def build_topology(groups: int) -> Topology:
     """Create every process group of the layout; collective over the whole world."""
     layout = Layout(dist.get_world_size(), groups, dist.get_rank())
-    mine: dict[str, dist.ProcessGroup | None] = {"group": None, "leaders": None, "rail": None, "mp": None}
-    for g in range(layout.groups):
-        pg = dist.new_group(layout.group_ranks(g))
-        if g == layout.group_id:
-            mine["group"] = pg
+    mine: dict[str, dist.ProcessGroup | None] = {
+        "group": None, "leaders": None, "rail": None, "mp": None, "exchange": None}
+    for key in ("group", "exchange"):
+        for g in range(layout.groups):
+            pg = dist.new_group(layout.group_ranks(g))
+            if g == layout.group_id:
+                mine[key] = pg
     leaders = dist.new_group(layout.leader_ranks())
     if layout.is_leader:
         mine["leaders"] = leaders
@@ -127,7 +133,7 @@ def build_topology(groups: int) -> Topology:
         pg = dist.new_group([rank])
         if rank == layout.rank:
             mine["mp"] = pg
-    return Topology(layout, mine["group"], mine["leaders"], mine["rail"], mine["mp"])
+    return Topology(layout, mine["group"], mine["leaders"], mine["rail"], mine["mp"], mine["exchange"])
 
 
 class GroupMPU:
