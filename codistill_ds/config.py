@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 import types
 import typing
@@ -96,7 +97,8 @@ class CodistillConfig:
     groups: int = 2
     """K replicas; the world is split into K contiguous groups of equal size."""
     mode: str = "logits"
-    """What crosses groups: "logits" (predictions on a shared batch) | "weights" (not yet)."""
+    """What crosses groups: "logits" (predictions on a shared batch) | "weights" (parameter
+    shards to frozen sharded teachers; needs ZeRO-3 or FSDP2)."""
     route: str = "leaders"
     """Exchange path: "leaders" (one cross-group link per group) | "rails" (rank r to rank r)."""
     interval: int = 1
@@ -170,6 +172,12 @@ class TrainConfig:
     """Steps between metrics.jsonl records."""
     save_interval: int = 0
     """Steps between checkpoints; 0 = none (ZeRO checkpoints are world-wide barriers)."""
+    resume: str = "none"
+    """"auto" (newest complete checkpoint under run_dir/checkpoints, or a fresh start) | "none" |
+    a checkpoint dir (run_dir/checkpoints/step_N) or a run dir. Restarts under torchrun
+    (TORCHELASTIC_RESTART_COUNT > 0) always resume "auto"; see checkpoint.py."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept under run_dir/checkpoints (oldest deleted first); 0 keeps all."""
 
 
 @dataclass
@@ -182,6 +190,10 @@ class BackendConfig:
     """Compute dtype: "auto" (bf16 on CUDA with bf16 support, else fp32) | "fp32" | "bf16"."""
     timeout_s: float = 600.0
     """Process-group timeout: long enough for ZeRO-3 startup, short enough to surface a hang."""
+    peer_timeout_s: float = 180.0
+    """Longest a training step (its exchange included) may take before this rank declares a peer
+    rank or group dead and exits with a message naming it; startup, checkpoint save and load get
+    timeout_s instead. See health.py."""
     fsdp_cpu_offload: bool = False
     """FSDP2: keep sharded parameters, gradients and optimizer state in host memory."""
     fsdp_reshard_after_forward: bool = True
@@ -387,7 +399,7 @@ _POSITIVE = (
     "model.intermediate_size", "model.max_seq_len", "data.seq_len", "data.max_bytes",
     "data.micro_batch_size", "data.exchange_batch_size", "data.val_batches",
     "codistill.interval", "codistill.temperature", "optim.lr", "optim.eps",
-    "train.steps", "train.grad_accum", "backend.timeout_s",
+    "train.steps", "train.grad_accum", "backend.timeout_s", "backend.peer_timeout_s",
 )  # fmt: skip
 """Fields that must be > 0 (None, where allowed, is skipped)."""
 
@@ -395,6 +407,7 @@ _NON_NEGATIVE = (
     "codistill.staleness", "codistill.burn_in", "codistill.ramp", "codistill.topk",
     "codistill.alpha", "optim.min_lr", "optim.warmup_steps", "optim.grad_clip",
     "optim.weight_decay", "train.eval_interval", "train.log_interval", "train.save_interval",
+    "train.keep_checkpoints",
 )  # fmt: skip
 """Fields that must be >= 0 (0 means off, or "only at the end", where that makes sense)."""
 
@@ -434,9 +447,10 @@ def _check_choices(cfg: Config) -> None:
         value = _get(cfg, name)
         _require(value in valid, name, f"got {value!r}; valid values: {', '.join(valid)}")
     _require(
-        cfg.codistill.mode != "weights",
-        "codistill.mode",
-        "mode 'weights' is not implemented yet; use 'logits'",
+        cfg.codistill.mode != "weights" or cfg.codistill.exchange_batch == "shared",
+        "codistill.exchange_batch",
+        "mode 'weights' distills on each group's own batch; exchange_batch does not apply "
+        "(leave it 'shared')",
     )
     _require(
         cfg.codistill.exchange_batch != "train" or cfg.codistill.staleness == 0,
@@ -539,6 +553,17 @@ def _check_paths(cfg: Config) -> None:
             f"DeepSpeed config not found: {path} (looked in the current directory "
             f"and in {PACKAGE_ROOT})",
         )
+        if cfg.codistill.enabled and cfg.codistill.mode == "weights":
+            _require(_zero_stage(resolve_path(path)) == 3, "codistill.mode",
+                     f"mode 'weights' sends ZeRO-3 parameter shards; {path} is not ZeRO stage 3")
+
+
+def _zero_stage(ds_config_path: str) -> int | None:
+    try:
+        with open(ds_config_path) as f:
+            return json.load(f).get("zero_optimization", {}).get("stage")
+    except (OSError, ValueError):
+        return None
 
 
 def validate(cfg: Config, world_size: int, vocab_size: int | None = None) -> None:
@@ -549,6 +574,12 @@ def validate(cfg: Config, world_size: int, vocab_size: int | None = None) -> Non
     _check_model(cfg)
     _check_exchange(cfg, world_size, vocab_size)
     _check_paths(cfg)
+    _require(
+        cfg.train.resume in ("auto", "none") or os.path.isdir(cfg.train.resume),
+        "train.resume",
+        f"expected 'auto', 'none' or a checkpoint or run directory, got {cfg.train.resume!r} "
+        "(no such directory)",
+    )
 
 
 def resolve_path(p: str) -> str:

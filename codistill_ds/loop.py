@@ -72,7 +72,12 @@ class CodistillLoop:
         self.codistill = cd.enabled and topology.groups > 1
         ex_batch = d.exchange_batch_size or d.micro_batch_size * topology.group_size
         self.exchange_stream = ExchangeStream(corpus, cfg.seed, ex_batch, topology.group_rank, topology.group_size)
-        self.exchange = LogitExchange(topology, cd.route) if self.codistill else None
+        self.weights = None
+        if self.codistill and cd.mode == "weights":
+            from .weights import WeightExchange
+
+            self.weights = WeightExchange(topology, backend)
+        self.exchange = LogitExchange(topology, cd.route) if self.codistill and not self.weights else None
         self.rail_streams = [
             TrainStream(corpus, cfg.seed, g, topology.groups, topology.group_rank, topology.group_size,
                         d.micro_batch_size, cfg.train.grad_accum)
@@ -90,8 +95,11 @@ class CodistillLoop:
     def train_step(self, step: int) -> dict:
         start = time.perf_counter()
         alpha = self._apply_schedules(step)
-        ex_stats = self._post_exchange(step) if self._is_exchange_step(step) else {}
-        target = self.pending.pop(step, None)
+        if self.weights is not None:
+            ex_stats, target = self._weight_step(step)
+        else:
+            ex_stats = self._post_exchange(step) if self._is_exchange_step(step) else {}
+            target = self.pending.pop(step, None)
         if target is not None and target.future is not None:
             target, ex_stats = self._complete(target, ex_stats)
         A = self.cfg.train.grad_accum
@@ -111,6 +119,8 @@ class CodistillLoop:
                                       self.cfg.codistill.temperature)
                 loss = ce + A * alpha * d
                 distill_value = d.item()
+                if self.weights is not None:
+                    ex_stats["agreement"] = self._student_agreement(student.flatten(0, 1), target.peers)
             self.backend.backward(loss)
             self.backend.step()
             ce_total += ce.item()
@@ -152,6 +162,23 @@ class CodistillLoop:
             with torch.no_grad():
                 stats["distill_eval"] = peer_distill_loss(logits, result.peers, cd.loss, cd.temperature).item()
         return stats
+
+    def _weight_step(self, step: int) -> tuple[dict, PendingTargets | None]:
+        """Refresh the teachers every `interval` steps; every step, their predictions on my
+        first micro-batch become the targets (full vocabulary: the teachers are local)."""
+        cd, stats = self.cfg.codistill, {}
+        if step % cd.interval == 0:
+            stats["exchange_ms"] = self.weights.exchange() * 1e3
+        batch = self.train_stream.micro_batch(step, 0).to(self.device)
+        preds = self.weights.predictions(batch[:, :-1])
+        peers = [compress(p.flatten(0, 1), 0, torch.float32, self.kind, cd.temperature) for p in preds]
+        return stats, PendingTargets(step // cd.interval, None, peers)
+
+    def _student_agreement(self, student: torch.Tensor, peers: list[CompressedLogits]) -> float:
+        counts = [top1_agreement(student.detach(), p) for p in peers]
+        stats = torch.tensor([sum(a for a, _ in counts), sum(c for _, c in counts)], dtype=torch.float64)
+        dist.all_reduce(stats, group=self.t.group)
+        return (stats[0] / stats[1]).item()
 
     def _complete(self, target: PendingTargets, ex_stats: dict) -> tuple[PendingTargets, dict]:
         """Wait for an asynchronous exchange at its consumption step; only the wait is charged
@@ -223,6 +250,11 @@ class CodistillLoop:
         self.drain()
         return self.state
 
+    def cross_group_bytes(self) -> int:
+        """Bytes this rank has handed to other groups (logits or weight shards)."""
+        sender = self.exchange or self.weights
+        return sender.bytes_sent if sender is not None else 0
+
     def drain(self) -> None:
         """Finish exchanges posted for steps past the end, so no collective outlives the run."""
         for target in self.pending.values():
@@ -238,6 +270,6 @@ class CodistillLoop:
         record["loss"] = (vals[0] / self.t.group_size).item()
         if record["distill_loss"] is not None:
             record["distill_loss"] = (vals[1] / self.t.group_size).item()
-        record["cross_group_bytes"] = self.exchange.bytes_sent if self.exchange else 0
+        record["cross_group_bytes"] = self.cross_group_bytes()
         self.state.last = dict(record)
         self.writer.write(record)

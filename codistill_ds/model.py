@@ -62,6 +62,15 @@ def build_model(cfg: ModelConfig, vocab_size: int, dropout: float, seed: int) ->
     return model
 
 
+def build_model_like(model: torch.nn.Module) -> torch.nn.Module:
+    """A fresh, unsharded replica of the same architecture (weights are overwritten later):
+    the frozen teacher of weight-exchange codistillation."""
+    from transformers import AutoModelForCausalLM
+
+    hf = model.config
+    return AutoModelForCausalLM.from_config(hf)
+
+
 def set_dropout(model: torch.nn.Module, p: float) -> None:
     """Apply the dropout schedule in place: both `nn.Dropout` modules and Llama's attention rate.
 

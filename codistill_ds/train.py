@@ -117,7 +117,7 @@ def _summarize(cfg: Config, topology, loop, state, n_params: int, wall_s: float)
     """Per-group results gathered from every rank (the table needs all groups on rank 0)."""
     mine = {
         "rank": topology.rank, "group": topology.group_id,
-        "cross_group_bytes": loop.exchange.bytes_sent if loop.exchange else 0,
+        "cross_group_bytes": loop.cross_group_bytes(),
         "last": state.last, "best_val_loss": state.best_val, "val_history": state.val_history,
     }
     everyone = [None] * topology.layout.world_size

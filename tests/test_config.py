@@ -240,7 +240,7 @@ RULES = [
     (["data.builtin=wiki"], 4, None, "data.builtin", ["wiki", "stdlib"]),
     (["data.format=xml"], 4, None, "data.format", ["xml", "auto", "text", "jsonl"]),
     (["codistill.mode=grads"], 4, None, "codistill.mode", ["grads", "logits", "weights"]),
-    (["codistill.mode=weights"], 4, None, "codistill.mode", ["not implemented yet"]),
+    (["codistill.mode=weights", "codistill.exchange_batch=train"], 4, None, "codistill.exchange_batch", ["own batch"]),
     (["codistill.route=ring"], 4, None, "codistill.route", ["ring", "leaders", "rails"]),
     (["codistill.dtype=int8"], 4, None, "codistill.dtype", ["int8", "bf16", "fp16", "fp32"]),
     (["codistill.loss=ce"], 4, None, "codistill.loss", ["ce", "reverse_kl", "jsd", "mse"]),

@@ -31,6 +31,13 @@ class Backend(Protocol):
 
     def train(self, mode: bool = True) -> None: ...
 
+    def save(self, directory: str, tag: str) -> None:
+        """Sharded engine state (weights, optimizer) into directory/tag; collective over my
+        group (DeepSpeed: over the world, see deepspeed_backend). Called at step boundaries."""
+
+    def load(self, directory: str, tag: str) -> None:
+        """Restore what `save` wrote, on the same group size."""
+
 
 @contextmanager
 def evaluating(backend: Backend) -> Iterator[None]:

@@ -41,6 +41,7 @@ class DeepSpeedBackend:
     def __init__(self, model: torch.nn.Module, cfg: Config, topology: Topology, bf16: bool) -> None:
         import deepspeed
 
+        self._cfg, self._topology, self._bf16 = cfg, topology, bf16
         ds_config = build_ds_config(cfg, topology.group_size, bf16)
         optimizer = torch.optim.AdamW(
             decay_param_groups(model, cfg.optim.weight_decay),
@@ -70,9 +71,58 @@ class DeepSpeedBackend:
         self.engine.train(mode)
 
     def save(self, directory: str, tag: str) -> None:
-        self.engine.save_checkpoint(directory, tag=tag)
+        """ZeRO partitions, fp32 master weights, optimizer moments and engine counters under
+        directory/tag, the layout `zero_to_fp32` consolidates for `export`.
+
+        Collective over the whole world: DeepSpeed barriers (and validates the tag) on the
+        default group, so every group saves at the same step, each into its own directory."""
+        if self.zero_stage == 3:
+            # ZeRO-3 makes every rank a writer of the same model-states file; several ranks of
+            # a group writing one path at once can interleave it. One writer per group.
+            self.engine.save_non_zero_checkpoint = self._topology.group_rank == 0
+        self.engine.save_checkpoint(directory, tag=tag, save_latest=False)
 
     def load(self, directory: str, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(directory, tag=tag)
+        path, _ = self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {os.path.abspath(directory)}")
+
+    # ---- weight exchange ------------------------------------------------------------------
+    def shards(self) -> list[torch.Tensor]:
+        """This rank's ZeRO-3 partition of every parameter (what rank r of a peer group holds too)."""
+        if self.zero_stage != 3:
+            raise RuntimeError("weight exchange needs ZeRO-3 (stage 1/2 replicate parameters)")
+        return [p.ds_tensor for p in self.engine.module.parameters()]
+
+    def make_teacher(self) -> "DeepSpeedTeacher":
+        return DeepSpeedTeacher(self._cfg, self._topology, self._bf16, self.engine.module)
+
+
+class DeepSpeedTeacher:
+    """A frozen ZeRO-3 replica partitioned over my group exactly like the student (no optimizer)."""
+
+    def __init__(self, cfg: Config, topology: Topology, bf16: bool, like: torch.nn.Module) -> None:
+        import copy
+
+        import deepspeed
+
+        from ..model import build_model_like
+
+        model = build_model_like(like)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        ds_config = copy.deepcopy(build_ds_config(cfg, topology.group_size, bf16))
+        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=GroupMPU(topology),
+                                               dist_init_required=False)
+        self.engine.eval()
+
+    def load_shards(self, shards: list[torch.Tensor]) -> None:
+        for p, src in zip(self.engine.module.parameters(), shards):
+            p.ds_tensor.data.copy_(src.view_as(p.ds_tensor))
+
+    def shards(self) -> list[torch.Tensor]:
+        return [p.ds_tensor for p in self.engine.module.parameters()]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.engine(input_ids=input_ids.to(self.engine.device), use_cache=False).logits

@@ -9,6 +9,8 @@ DeepSpeed engine, leaves them to the training loop.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -55,6 +57,7 @@ class FSDPBackend:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         if device_type == "cuda" and not cfg.backend.fsdp_cpu_offload:
             model.to(torch.device("cuda", torch.cuda.current_device()))
+        self._cfg, self._bf16 = cfg, bf16
         self.mesh = codistill_mesh(topology, device_type)
         self.module = apply_fsdp(model, self.mesh["shard"], bf16, cfg.backend.fsdp_cpu_offload,
                                  cfg.backend.fsdp_reshard_after_forward)
@@ -89,3 +92,63 @@ class FSDPBackend:
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
+
+    def save(self, directory: str, tag: str) -> None:
+        """Sharded model and optimizer state through `torch.distributed.checkpoint`, over my
+        group's process group only: each rank writes its own shards into directory/tag, and
+        `export` (or a different group size) reads them back as full tensors."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, tag),
+                 process_group=self.mesh["shard"].get_group())
+
+    def load(self, directory: str, tag: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        path = os.path.join(directory, tag)
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise FileNotFoundError(f"no FSDP checkpoint '{tag}' under {os.path.abspath(directory)}")
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path, process_group=self.mesh["shard"].get_group())
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self._micro = 0  # checkpoints are taken at optimizer-step boundaries
+
+    # ---- weight exchange ------------------------------------------------------------------
+    def shards(self) -> list[torch.Tensor]:
+        """This rank's local DTensor shards, in parameter order."""
+        return [p.to_local() for p in self.module.parameters()]
+
+    def make_teacher(self) -> "FSDPTeacher":
+        return FSDPTeacher(self)
+
+
+class FSDPTeacher:
+    """A frozen replica sharded on the same shard mesh, so shard r of a peer fits my rank r."""
+
+    def __init__(self, student: FSDPBackend) -> None:
+        from ..model import build_model_like
+
+        model = build_model_like(student.module)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        b = student._cfg.backend
+        self.module = apply_fsdp(model, student.mesh["shard"], student._bf16, b.fsdp_cpu_offload,
+                                 b.fsdp_reshard_after_forward)
+        self.module.eval()
+        self.device = student.device
+
+    @torch.no_grad()
+    def load_shards(self, shards: list[torch.Tensor]) -> None:
+        for p, src in zip(self.module.parameters(), shards):
+            p.to_local().copy_(src.view_as(p.to_local()))
+
+    def shards(self) -> list[torch.Tensor]:
+        return [p.to_local() for p in self.module.parameters()]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids=input_ids.to(self.device), use_cache=False).logits
