@@ -80,6 +80,18 @@ class Plan:
     """Route rails: bytes each rank sends across groups per exchange."""
     allreduce_bytes_per_rank_per_step: float
     """What one rank sends in the baseline all-reduce per step."""
+    weight_bytes_per_exchange: int = 0
+    """Weights mode: every group's parameters to every other group, K (K-1) P w bytes, spread
+    over the S rails (each rank sends its 1/S shard)."""
+    weight_bytes_per_step: float = 0.0
+    """weight_bytes_per_exchange / interval."""
+    weight_ratio: float = 0.0
+    """allreduce_bytes_per_step / weight_bytes_per_step."""
+    teacher_bytes_per_rank: float = 0.0
+    """Weights mode memory: one sharded frozen copy per peer, (K-1) P w / S bytes per rank."""
+    teacher_forward_flops_per_rank_per_step: float = 0.0
+    """Weights mode compute: each peer's teacher runs forward on my batch, ~2 P FLOPs per token:
+    (K-1) * 2 P * B L / S per rank (B L = the group's tokens per step)."""
     dtype: str = "bf16"
     """Exchange dtype name."""
     grad_dtype: str = "bf16"
@@ -135,6 +147,7 @@ def make_plan(
     world: int,
     dtype: str = "bf16",
     grad_dtype: str = "bf16",
+    weight_dtype: str = "bf16",
 ) -> Plan:
     """The byte budget of one codistillation layout; ValueError names any impossible input."""
     _check(params, vocab, seq_len, batch, topk, interval, groups, world, dtype, grad_dtype)
@@ -146,6 +159,8 @@ def make_plan(
     per_exchange = groups * (groups - 1) * payload
     per_step = per_exchange / interval
     allreduce = 2 * (world - 1) * params * grad_bytes
+    w = DTYPE_BYTES[weight_dtype]
+    weights = groups * (groups - 1) * params * w
     layout = [
         {"group": g, "ranks": list(range(g * s, (g + 1) * s)), "leader": g * s}
         for g in range(groups)
@@ -172,6 +187,11 @@ def make_plan(
         leader_bytes_per_exchange=(groups - 1) * payload,
         rail_bytes_per_exchange=(groups - 1) * payload / s,
         allreduce_bytes_per_rank_per_step=allreduce / world,
+        weight_bytes_per_exchange=weights,
+        weight_bytes_per_step=weights / interval,
+        weight_ratio=allreduce / (weights / interval),
+        teacher_bytes_per_rank=(groups - 1) * params * w / s,
+        teacher_forward_flops_per_rank_per_step=(groups - 1) * 2 * params * batch * seq_len / s,
         dtype=dtype,
         grad_dtype=grad_dtype,
         layout=layout,
@@ -243,6 +263,12 @@ def format_plan(plan: Plan) -> str:
         *(f"{name:<{width}}  {human_bytes(value):>12}" for name, value in rows),
         "",
         f"ratio (all-reduce / codistill per step): {plan.ratio:,.0f}x",
+        "",
+        f"mode weights (shards of {plan.params:,} params to frozen teachers, every {plan.interval} steps):",
+        f"  {'cross-group bytes per step':<{width - 2}}  {human_bytes(plan.weight_bytes_per_step):>12}",
+        f"  {'teacher memory per rank':<{width - 2}}  {human_bytes(plan.teacher_bytes_per_rank):>12}",
+        f"  teacher forward per rank per step: {plan.teacher_forward_flops_per_rank_per_step:.3g} FLOPs",
+        f"  ratio (all-reduce / weights per step): {plan.weight_ratio:,.1f}x",
     ]
     return "\n".join(lines)
 

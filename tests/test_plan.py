@@ -187,3 +187,13 @@ def test_human_bytes():
     assert human_bytes(6_291_456) == "6.29 MB"
     assert human_bytes(60e9) == "60.00 GB"
     assert human_bytes(2.5e12) == "2.50 TB"
+
+
+def test_weights_mode_figures_by_hand():
+    # K=2, W=8 (S=4), P=1000 bf16 weights, interval 10, batch 2 x seq 8 tokens per group.
+    p = make_plan(1000, 50, 8, 2, 4, 10, 2, 8)
+    assert p.weight_bytes_per_exchange == 2 * 1 * 1000 * 2
+    assert p.weight_bytes_per_step == 400.0
+    assert p.teacher_bytes_per_rank == 1 * 1000 * 2 / 4
+    assert p.teacher_forward_flops_per_rank_per_step == 1 * 2 * 1000 * 16 / 4
+    assert p.weight_ratio == p.allreduce_bytes_per_step / 400.0
