@@ -18,6 +18,7 @@ import torch
 from . import dist as rankinfo
 from .config import Config, ConfigError, save_config, validate
 from .data import DataError, build_corpus, load_tokenizer
+from .integrations.accelerate import apply_launch_env
 from .loop import CodistillLoop
 from .metrics import MetricsWriter, write_summary
 from .model import build_model, count_parameters
@@ -27,6 +28,9 @@ from .topology import Layout, Topology, TopologyError, build_topology
 def prepare(cfg: Config):
     """Everything that can fail without talking to other ranks: config, topology, data."""
     world = rankinfo.env_world_size()
+    applied = apply_launch_env(cfg)  # under `accelerate launch`, its YAML picks the engine
+    if applied and rankinfo.env_rank() == 0:
+        print(f"codistill-ds: from accelerate launch: {', '.join(applied)}", file=sys.stderr, flush=True)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     validate(cfg, world, tokenizer.vocab_size)
     if cfg.backend.name == "fsdp":

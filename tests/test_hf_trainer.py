@@ -1,0 +1,151 @@
+"""Hugging Face Trainer integration, end to end under the real `deepspeed` launcher (CPU, gloo).
+
+One module-scoped set of launches, run side by side to keep the suite short:
+  C      examples/hf_trainer_clm.py on 4 ranks = 2 groups x 2, ZeRO-3, alpha = 1 after a 3-step
+         burn-in, exchange every 2 steps (at steps 1, 3, 5, so step 5 is the first to distill);
+         every rank writes its ZeRO partition sizes, a weight checksum, the Trainer's batch
+         bookkeeping and every log dict (--results-json)
+  P0, P1 the same script with codistillation not installed (--groups 0): a plain 2-rank ZeRO-3
+         Trainer on group g's data shard, the reference for group g
+  H      tests/workers/group_sharding_check.py: the hooks themselves (FSDP2 mesh injection, the
+         DeepSpeed mpu, the global-mpu trap) on 4 ranks
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from launch import REPO, child_env, free_port, run_worker
+
+STEPS, BURN_IN, INTERVAL, S = 6, 3, 2, 2
+FIRST_DISTILL = 5
+"""Logged steps are 1-based; exchanges run at step indices 0, 2, 4 and alpha > 0 from index 3."""
+TOL = 1e-5
+COMMON = ["--deepspeed", "ds_configs/zero3.json", "--max-steps", str(STEPS), "--burn-in", str(BURN_IN), "--max-bytes", "100000",
+          "--interval", str(INTERVAL)]
+
+
+def example(nproc: int, out: Path, *args: str) -> list[dict]:
+    """`deepspeed --num_gpus nproc examples/hf_trainer_clm.py ...`; returns each rank's facts."""
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+           str(free_port()), "examples/hf_trainer_clm.py", *COMMON, "--output-dir", str(out / "out"),
+           "--results-json", str(out / "res"), *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=420, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return [json.loads((out / "res" / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hf")
+    with ThreadPoolExecutor(4) as pool:
+        jobs = {
+            "C": pool.submit(example, 4, tmp / "C", "--groups", "2"),
+            "P0": pool.submit(example, 2, tmp / "P0", "--groups", "0", "--data-shard", "0", "--num-shards", "2"),
+            "P1": pool.submit(example, 2, tmp / "P1", "--groups", "0", "--data-shard", "1", "--num-shards", "2"),
+            "H": pool.submit(run_worker, "group_sharding_check", 4, tmp / "H", timeout=420),
+        }
+        return {name: job.result() for name, job in jobs.items()}
+
+
+def train_logs(rank_facts: dict) -> dict[int, dict]:
+    return {log["step"]: log for log in rank_facts["logs"] if "loss" in log}
+
+
+def eval_logs(rank_facts: dict) -> dict[int, float]:
+    return {log["step"]: log["eval_loss"] for log in rank_facts["logs"] if "eval_loss" in log}
+
+
+@pytest.mark.timeout(480)
+def test_zero3_partitions_are_half_of_each_parameter(runs):
+    """1/S of every parameter per rank (ZeRO-3 pads to S equal parts), not 1/world: the trap gives 1/4."""
+    for facts in runs["C"]:
+        for local, full in facts["parts"]:
+            assert local == math.ceil(full / S), (facts["rank"], local, full)
+    embed_local, embed_full = runs["C"][0]["parts"][0]
+    print(f"\nembedding partition per rank: {embed_local} of {embed_full}")
+
+
+@pytest.mark.timeout(480)
+def test_groups_train_different_models(runs):
+    c = runs["C"]
+    assert c[0]["checksum"] == c[1]["checksum"] and c[2]["checksum"] == c[3]["checksum"]
+    assert c[0]["checksum"] != c[2]["checksum"]
+    assert [f["output_dir"].rsplit(os.sep, 1)[-1] for f in c] == ["group0", "group0", "group1", "group1"]
+    assert [f["reports"] for f in c] == [True, False, True, False]  # each group's leader reports
+
+
+@pytest.mark.timeout(480)
+def test_batch_bookkeeping_is_group_sized(runs):
+    """micro 2 x accumulation 1 x S 2, in the Trainer and in the DeepSpeed engine; group g trains on
+    exactly the rows the plain run of shard g trains on."""
+    for facts in runs["C"]:
+        assert facts["total_train_batch_size"] == 4 and facts["engine_train_batch_size"] == 4
+    assert runs["C"][0]["train_rows"] == runs["P0"][0]["train_rows"]
+    assert runs["C"][2]["train_rows"] == runs["P1"][0]["train_rows"]
+
+
+@pytest.mark.timeout(480)
+def test_alpha_zero_reproduces_plain_trainer(runs):
+    """While alpha(t) = 0 (burn-in; exchanges still run) each group's logged loss and eval loss equal
+    a plain 2-rank Trainer's on that group's data, to 1e-5."""
+    worst = 0.0
+    for g, ref in ((0, runs["P0"][0]), (1, runs["P1"][0])):
+        ours, plain = train_logs(runs["C"][2 * g]), train_logs(ref)
+        for step in range(1, BURN_IN + 1):
+            assert ours[step]["alpha"] == 0.0
+            diff = abs(ours[step]["loss"] - plain[step]["loss"])
+            worst = max(worst, diff)
+            assert diff <= TOL, (g, step, ours[step]["loss"], plain[step]["loss"])
+        eval_diff = abs(eval_logs(runs["C"][2 * g])[BURN_IN] - eval_logs(ref)[BURN_IN])
+        assert eval_diff <= TOL, (g, eval_diff)
+        worst = max(worst, eval_diff)
+    print(f"\nmax |codistill(alpha=0) - plain| over {BURN_IN} steps x 2 groups + eval: {worst:.2e}")
+
+
+@pytest.mark.timeout(480)
+def test_distillation_after_burn_in_at_interval(runs):
+    """Exchanges run every INTERVAL steps (bytes grow only then). After burn-in alpha = 1 and the
+    logged distillation loss is non-zero; the loss stays the plain run's until the first step that
+    has peer targets (step 4 has none: interval 2), then departs from it."""
+    for g, ref in ((0, runs["P0"][0]), (1, runs["P1"][0])):
+        ours, plain = train_logs(runs["C"][2 * g]), train_logs(ref)
+        per_exchange = ours[1]["cross_group_bytes"]
+        assert per_exchange > 0
+        for step, log in ours.items():
+            assert log["group"] == g
+            assert log["cross_group_bytes"] == math.ceil(step / INTERVAL) * per_exchange, step
+        for step in range(BURN_IN + 1, STEPS + 1):
+            assert ours[step]["alpha"] == 1.0 and ours[step]["distill_loss"] > 0
+        for step in range(1, FIRST_DISTILL):
+            assert abs(ours[step]["loss"] - plain[step]["loss"]) <= TOL, (g, step)
+        for step in range(FIRST_DISTILL, STEPS + 1):
+            assert abs(ours[step]["loss"] - plain[step]["loss"]) > 1e-4, (g, step)
+        assert 0.0 <= ours[STEPS]["agreement"] <= 1.0
+
+
+@pytest.mark.timeout(480)
+def test_engine_hooks_shard_inside_the_group(runs):
+    """FSDP2 and DeepSpeed built the way Accelerate builds them (no mesh, no mpu) shard over S = 2;
+    DeepSpeed's global `groups.mpu` shortcut partitions over the world and is refused. (The Trainer
+    cannot run FSDP on CPU: Accelerate 1.15 enables FSDP only for accelerator processes.)"""
+    for r in runs["H"]:
+        assert r["fsdp_mesh_size"] == S and r["fsdp_local_rows"] * S == r["fsdp_rows"] and r["fsdp_restored"]
+        assert r["ds_dp_size"] == S and r["ds_local"] * S == r["ds_full"]
+        assert r["ds_train_batch_size"] == r["ds_config_batch"] == 2 * 1 * S
+        assert r["trap_dp_size"] == S and r["trap_local"] * 4 == r["ds_full"] and r["trap_caught"]
+        # codistill.zero3_init(): zero.Init as Transformers calls it partitions in-group; without it,
+        # a world-partitioned model is refused at engine creation.
+        assert r["zinit_group_size"] == S and r["zinit_local"] * S == r["ds_full"] and r["zinit_restored"]
+        assert r["zinit_world_caught"]
+        assert r["gathered"] == [2.0 * r["group"], 2.0 * r["group"] + 1]
+        assert r["shard_rows"] == r["list_rows"] == list(range(r["group"], 10, 2))
+        assert r["loader"] == [[4 * i + 2 * r["group_rank"], 4 * i + 2 * r["group_rank"] + 1] for i in range(3)]
