@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed
 
 export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import shutil; print('' if shutil.which('nvidia-smi') else 'cpu')")
 export PYTHONWARNINGS ?= ignore::FutureWarning
+# DeepSpeed JIT-builds its CPU comm op at start; a per-checkout cache keeps a stale lock left by
+# another environment's interrupted build from stalling every DeepSpeed start-up here.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 .PHONY: demo test venv lint clean
 
