@@ -5,6 +5,8 @@
     deepspeed --num_gpus 4 --module codistill_ds.cli train --config ...     #   each rank runs `train`
     codistill-ds plan --params 1B --world 16 --groups 2                     # bytes per step
     codistill-ds plot runs/demo                                             # PNG curves
+    codistill-ds train --config ... --resume                                # newest checkpoint
+    codistill-ds export runs/demo --group 0 out/model                       # HF save_pretrained
 """
 
 from __future__ import annotations
@@ -23,7 +25,31 @@ def _train_parser(sub) -> None:
                    help="override a config field, e.g. --set codistill.alpha=0.5 (repeatable)")
     p.add_argument("--nproc", type=int, default=0,
                    help="start this many local ranks with torchrun instead of running as one rank")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|none|PATH",
+                   help="continue from the newest complete checkpoint in the run dir (bare flag), "
+                        "or from PATH; sets train.resume")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="one group's model as a Hugging Face save_pretrained folder")
+    p.add_argument("run_dir")
+    p.add_argument("out", help="output folder for AutoModelForCausalLM.from_pretrained")
+    p.add_argument("--group", type=int, required=True, help="which codistillation group's replica")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .export import ExportError, export
+
+    try:
+        path = export(args.run_dir, args.group, args.out, args.step)
+    except (ExportError, ConfigError) as err:
+        print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    print(f"exported group {args.group} from {path} to {args.out}")
+    return 0
 
 
 def _plot_parser(sub) -> None:
@@ -43,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     add_plan_arguments(sub.add_parser("plan", help="topology and per-step cross-group bytes"))
     _plot_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -98,13 +125,17 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc:
         return spawn_local(args.nproc, argv)
     overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
+    overrides += [f"train.resume={args.resume}"] if args.resume else []
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
         return report_input_error(err)
+    from .dist import exit_process
     from .train import main_guarded
 
-    return main_guarded(cfg)
+    code = main_guarded(cfg)
+    exit_process(code)  # skip finalization: see dist.exit_process
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         from .plan import run_plan
 
         return run_plan(args)
+    if args.command == "export":
+        return cmd_export(args)
     from .plot import plot_run
 
     print(plot_run(args.run_dir, args.out))

@@ -9,6 +9,7 @@ across a restart but the step number, and an asynchronous exchange can re-read b
 
 from __future__ import annotations
 
+import codecs
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -89,16 +90,54 @@ def read_documents(cfg: DataConfig) -> list[str]:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from datasets import load_dataset
 
+    for path in cfg.train_files:
+        check_text_file(path)
     fmt = cfg.format
     if fmt == "auto":
         fmt = "jsonl" if all(f.endswith((".jsonl", ".json")) for f in cfg.train_files) else "text"
-    if fmt == "text":
-        ds = load_dataset("text", data_files=list(cfg.train_files), sample_by="document", split="train")
-        return list(ds["text"])
-    ds = load_dataset("json", data_files=list(cfg.train_files), split="train")
+    try:
+        if fmt == "text":
+            ds = load_dataset("text", data_files=list(cfg.train_files), sample_by="document", split="train")
+            return list(ds["text"])
+        ds = load_dataset("json", data_files=list(cfg.train_files), split="train")
+    except Exception as err:  # noqa: BLE001 -- datasets wraps parse errors in varying types
+        cause = err.__cause__ or err
+        raise DataError(f"data.train_files: cannot read {list(cfg.train_files)} as {fmt}: "
+                        f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}") from None
     if cfg.text_field not in ds.column_names:
         raise DataError(f"data.text_field: '{cfg.text_field}' not in the jsonl columns {ds.column_names}")
-    return list(ds[cfg.text_field])
+    texts = list(ds[cfg.text_field])
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DataError(f"data.text_field: '{cfg.text_field}' of row {bad} is {texts[bad]!r}, not text")
+    return texts
+
+
+def check_text_file(path: str, chunk: int = 1 << 20) -> None:
+    """Fail on files that would train on garbage or break deep inside `datasets`: an empty file,
+    a binary one (text never holds a NUL byte), or bytes that are not UTF-8."""
+    if os.path.getsize(path) == 0:
+        raise DataError(f"data.train_files: {path} is empty")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise DataError(f"data.train_files: {path} looks binary (NUL byte at offset "
+                                f"{offset + nul}); expected UTF-8 text or JSONL")
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                at = offset + err.start - (len(err.object) - len(block))
+                raise DataError(f"data.train_files: {path} is not UTF-8 (byte 0x{err.object[err.start]:02x} "
+                                f"at offset {at}); re-encode it, e.g. iconv -f latin1 -t utf-8") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"data.train_files: {path} is not UTF-8 (it ends inside a multi-byte "
+                        "character)") from None
 
 
 @dataclass
@@ -116,6 +155,8 @@ def build_corpus(cfg: DataConfig, tokenizer=None) -> Corpus:
     text = "\n".join(read_documents(cfg))
     if cfg.max_bytes:
         text = text[: cfg.max_bytes]
+    if not text.strip():
+        raise DataError(f"data.train_files: {list(cfg.train_files)} hold no text (only empty documents)")
     ids = tokenizer.encode(text)
     n_val = int(len(ids) * cfg.val_fraction)
     train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
@@ -124,6 +165,12 @@ def build_corpus(cfg: DataConfig, tokenizer=None) -> Corpus:
         raise DataError(
             f"data.seq_len: the training split has {len(train_ids)} tokens, fewer than one sequence "
             f"of seq_len+1={cfg.seq_len + 1}"
+        )
+    if cfg.val_fraction > 0 and len(val) < cfg.micro_batch_size:
+        raise DataError(
+            f"data.seq_len: the validation split ({cfg.val_fraction:g} of the corpus) has "
+            f"{len(val_ids)} tokens: {len(val)} sequences of seq_len+1={cfg.seq_len + 1}, fewer than "
+            f"one micro-batch of {cfg.micro_batch_size}; lower seq_len or raise data.val_fraction"
         )
     return Corpus(train=train, val=val, vocab_size=tokenizer.vocab_size)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,13 @@ def env_world_size() -> int:
 def env_local_rank() -> int:
     """Rank on this node; selects the GPU when there is one."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def restart_count() -> int:
+    """Times torchrun's elastic agent restarted the job (`--max-restarts`); 0 on the first attempt.
+
+    A restarted job must continue from its last checkpoint, never start over (checkpoint.py)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def use_cuda() -> bool:
@@ -65,12 +73,23 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     backend = "nccl" if use_cuda() else "gloo"
     if use_cuda():
         torch.cuda.set_device(env_local_rank())
-    dist.init_process_group(
-        backend=backend,
-        rank=env_rank(),
-        world_size=env_world_size(),
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=backend, rank=env_rank(), world_size=env_world_size(),
+                            timeout=timeout, store=_restart_store(timeout))
+
+
+def _restart_store(timeout: datetime.timedelta):
+    """After a torchrun restart, a fresh key space in the agent's store; None otherwise (env://).
+
+    With static rendezvous the agent keeps one TCPStore across restarts and torch adds no
+    per-attempt prefix, so restarted ranks would read the dead attempt's gloo addresses and
+    fail with "Connection refused" (cf. pytorch/pytorch#135712)."""
+    restarts = restart_count()
+    if restarts == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env_world_size(),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"codistill/attempt_{restarts}", store)
 
 
 def rank() -> int:
@@ -89,9 +108,39 @@ def is_main() -> bool:
 
 
 def destroy() -> None:
-    """Tear down the default group so the process can exit without gloo warnings."""
+    """Tear down every process group; for error paths, where a peer may be gone (no barrier)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shutdown() -> None:
+    """End a successful run: finish every collective still in flight, then tear down.
+
+    A collective posted asynchronously and never waited for (a ZeRO-3 prefetch all-gather, an
+    exchange on a background thread) can still be running on a gloo worker thread when the
+    interpreter finalizes; that thread then frees tensors owned by Python objects, cannot take
+    the GIL and aborts the process ("terminate called without an active exception", SIGABRT)
+    after the run had succeeded. A barrier on a gloo group waits for all work queued on it
+    before; groups are visited in creation order, the same on every rank, so no two ranks wait
+    on each other in opposite orders."""
+    if not dist.is_initialized():
+        return
+    from torch.distributed.distributed_c10d import _world
+
+    for group in list(_world.pg_map):
+        dist.barrier(group=group)
+    dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """Leave without interpreter finalization, after flushing what the user sees.
+
+    Process groups that Python objects (DeepSpeed's engine, the topology) still reference are
+    destroyed during finalization otherwise, and a library thread still alive then can abort a
+    process whose run succeeded; nothing of ours is left to finalize (files are closed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ backward), and scaled by the accumulation count because the backend averages mic
 
 from __future__ import annotations
 
+import sys
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ class CodistillLoop:
         self.state = GroupState()
         self.tokens_per_step = self.train_stream.sequences_per_step() * d.seq_len
         self._dropout = None
+        self.skipped_peers = 0
+        """Peer predictions dropped for being NaN/Inf (health.finite_peers), cumulative."""
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -207,8 +210,12 @@ class CodistillLoop:
             return self.exchange_stream.batch_slice(e)
         return torch.cat([s.micro_batch(step, 0) for s in self.rail_streams])
 
-    def _targets(self, e: int, tokens: torch.Tensor, peers: list[CompressedLogits]) -> PendingTargets:
-        """For "train" exchanges keep only the rows of the peers' predictions on my own batch."""
+    def _targets(self, e: int, tokens: torch.Tensor, peers: list[CompressedLogits]) -> PendingTargets | None:
+        """For "train" exchanges keep only the rows of the peers' predictions on my own batch.
+        None when no peer sent finite predictions: that exchange teaches nothing."""
+        peers = self._finite_peers(e, peers)
+        if not peers:
+            return None
         if self.cfg.codistill.exchange_batch == "shared":
             return PendingTargets(e, tokens, peers)
         rows = tokens.shape[0] // self.t.groups * (tokens.shape[1] - 1)
@@ -217,6 +224,22 @@ class CodistillLoop:
                                 None if p.indices is None else p.indices[lo:lo + rows].clone(), p.kind)
                for p in peers]
         return PendingTargets(e, None, own)
+
+    def _finite_peers(self, e: int, peers: list[CompressedLogits]) -> list[CompressedLogits]:
+        """Drop a peer whose predictions hold NaN/Inf anywhere in my group, for this exchange only."""
+        from .health import finite_peers
+
+        keep = finite_peers(peers, self.t.group)
+        skipped = len(peers) - sum(keep)
+        if skipped:
+            self.skipped_peers += skipped
+            if self.t.layout.is_leader:
+                others = [g for g in range(self.t.groups) if g != self.t.group_id]
+                bad = [g for g, ok in zip(others, keep) if not ok]
+                print(f"codistill-ds: warning: group {self.t.group_id} skipped the predictions of "
+                      f"peer group(s) {bad} for exchange {e}: they contain NaN/Inf "
+                      f"(skipped_peers={self.skipped_peers})", file=sys.stderr, flush=True)
+        return [p for p, ok in zip(peers, keep) if ok]
 
     # ---- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -232,12 +255,17 @@ class CodistillLoop:
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
     # ---- the run --------------------------------------------------------------------------
-    def run(self, start_step: int = 0, progress=None) -> GroupState:
+    def run(self, start_step: int = 0, progress=None, after_step=None) -> GroupState:
+        """Steps start_step..train.steps-1; `after_step(steps_done, record)` runs after each
+        step's logging (train.py: loss check, watchdog, checkpoints)."""
         tc = self.cfg.train
         for step in range(start_step, tc.steps):
             record = self.train_step(step)
-            record.update(group=self.t.group_id, tokens=(step + 1) * self.tokens_per_step)
+            record.update(group=self.t.group_id, tokens=(step + 1) * self.tokens_per_step,
+                          skipped_peers=self.skipped_peers)
             last = step + 1 == tc.steps
+            if last:  # exchanges posted past the end complete first: the last record's bytes are final
+                self.drain()
             if (tc.eval_interval and (step + 1) % tc.eval_interval == 0) or last:
                 record["val_loss"] = self.evaluate()
                 self.state.best_val = min(self.state.best_val, record["val_loss"])
@@ -247,6 +275,8 @@ class CodistillLoop:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            if after_step is not None:
+                after_step(step + 1, record)
         self.drain()
         return self.state
 
@@ -256,9 +286,10 @@ class CodistillLoop:
         return sender.bytes_sent if sender is not None else 0
 
     def drain(self) -> None:
-        """Finish exchanges posted for steps past the end, so no collective outlives the run."""
+        """Finish exchanges posted for steps past the end, so no collective outlives the run.
+        Idempotent: the last step drains before logging and `run` drains again on the way out."""
         for target in self.pending.values():
-            if target.future is not None:
+            if target is not None and target.future is not None:
                 target.future.result()
         if self.exchange is not None:
             self.exchange.close()
@@ -273,3 +304,69 @@ class CodistillLoop:
         record["cross_group_bytes"] = self.cross_group_bytes()
         self.state.last = dict(record)
         self.writer.write(record)
+
+    # ---- checkpoint state (checkpoint.py) ------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the step, the engine and the RNG: peer targets
+        waiting for their consumption step (in-flight exchanges are waited for), counters and
+        the best validation loss. Plain tensors and numbers only."""
+        if self.weights is not None and not hasattr(self.weights, "state_dict"):
+            raise NotImplementedError("checkpoints of codistill.mode='weights' need "
+                                      "WeightExchange.state_dict (frozen peer copies)")
+        pending = {step: _pending_state(target) for step, target in self.pending.items()}
+        sender = self.exchange or self.weights
+        return {"pending": pending, "bytes_sent": sender.bytes_sent if sender is not None else 0,
+                "skipped_peers": self.skipped_peers, "best_val": self.state.best_val,
+                "val_history": list(self.state.val_history), "last": dict(self.state.last),
+                "weights": self.weights.state_dict() if self.weights is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pending = {step: _pending_from_state(item) for step, item in state["pending"].items()}
+        sender = self.exchange or self.weights
+        if sender is not None:
+            sender.bytes_sent = state["bytes_sent"]
+        if self.weights is not None and state.get("weights") is not None:
+            self.weights.load_state_dict(state["weights"])
+        self.skipped_peers = state["skipped_peers"]
+        self.state = GroupState(dict(state["last"]), state["best_val"], list(state["val_history"]))
+
+
+def _logits_state(c: CompressedLogits | None) -> dict | None:
+    """Own copies: received values and indices are views of one packed uint8 wire buffer."""
+    if c is None:
+        return None
+    return {"values": c.values.clone(), "kind": c.kind,
+            "indices": None if c.indices is None else c.indices.clone()}
+
+
+def _logits_from_state(d: dict | None) -> CompressedLogits | None:
+    return None if d is None else CompressedLogits(d["values"], d["indices"], d["kind"])
+
+
+def _pending_state(target: PendingTargets | None) -> dict | None:
+    """An asynchronous exchange is completed here and kept as what its future returned, so the
+    resumed run takes the same `_complete` path (same agreement metric) at the same step."""
+    if target is None:
+        return None
+    item = {"exchange": target.exchange, "tokens": target.tokens, "mine": _logits_state(target.mine),
+            "peers": None, "peer_groups": None}
+    if target.future is not None:
+        result = target.future.result()
+        item["peers"], item["peer_groups"] = result.peers, result.peer_groups
+    else:
+        item["peers"] = target.peers
+    item["peers"] = [_logits_state(p) for p in item["peers"]]
+    return item
+
+
+def _pending_from_state(item: dict | None) -> PendingTargets | None:
+    from .exchange import ExchangeResult
+
+    if item is None:
+        return None
+    peers = [_logits_from_state(p) for p in item["peers"]]
+    if item["peer_groups"] is None:
+        return PendingTargets(item["exchange"], item["tokens"], peers)
+    future: Future = Future()
+    future.set_result(ExchangeResult(peers, item["peer_groups"], 0.0))
+    return PendingTargets(item["exchange"], item["tokens"], None, future, _logits_from_state(item["mine"]))

@@ -3,7 +3,8 @@
 Each group's leader appends its group's records; every line is written with a single `write`
 on a file opened with O_APPEND, so lines from different groups never interleave mid-record.
 Record fields (DESIGN.md): step, group, loss, distill_loss, alpha, val_loss (when evaluated),
-agreement, cross_group_bytes (cumulative, sent by the writing rank), exchange_ms, step_ms, tokens.
+agreement, cross_group_bytes (cumulative, sent by the writing rank), exchange_ms, step_ms, tokens,
+skipped_peers (cumulative count of peer predictions dropped for holding NaN/Inf, see health.py).
 """
 
 from __future__ import annotations

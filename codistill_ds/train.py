@@ -16,8 +16,23 @@ from dataclasses import dataclass
 import torch
 
 from . import dist as rankinfo
+from .checkpoint import (
+    Resume,
+    Saver,
+    latest_checkpoint,
+    resolve_resume,
+    restore,
+    set_rng_state,
+)
 from .config import Config, ConfigError, save_config, validate
 from .data import DataError, build_corpus, load_tokenizer
+from .health import (
+    NonFiniteLoss,
+    Watchdog,
+    check_finite_loss,
+    check_peers_compatible,
+    fingerprint,
+)
 from .integrations.accelerate import apply_launch_env
 from .loop import CodistillLoop
 from .metrics import MetricsWriter, write_summary
@@ -85,6 +100,8 @@ def build_job(cfg: Config) -> Job:
     torch.manual_seed(seed)
     model = build_model(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed)
     n_params = count_parameters(model)
+    # Before the backend: ZeRO-3's world-wide startup would otherwise fail obscurely first.
+    check_peers_compatible(topology.layout, fingerprint(cfg, corpus.vocab_size, n_params, corpus.train))
     backend = build_backend(cfg, model, topology, use_bf16(cfg))
     if topology.rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
@@ -96,25 +113,66 @@ def build_job(cfg: Config) -> Job:
 
 
 def run(cfg: Config) -> dict:
-    """Train this rank's share of the job; returns the summary (on every rank)."""
+    """Train this rank's share of the job; returns the summary (on every rank).
+
+    Resumes when asked (`train.resume`, always after a torchrun restart), checkpoints every
+    `train.save_interval` steps, and turns a lost peer or a diverged group into one message and
+    a non-zero exit instead of a hang (health.py)."""
+    resume = resolve_resume(cfg, rankinfo.env_world_size(), rankinfo.restart_count())
     job = build_job(cfg)
-    progress = _progress_bar(cfg) if job.topology.rank == 0 else None
+    watchdog = Watchdog(cfg.run_dir, job.topology.layout, cfg.backend.peer_timeout_s,
+                        cfg.backend.timeout_s, lambda: latest_checkpoint(cfg.run_dir)).start()
+    try:
+        return _train(job, resume, watchdog)
+    except NonFiniteLoss as err:
+        watchdog.stop_group(err)
+        raise
+    except (ConfigError, DataError, TopologyError):
+        raise
+    except Exception as err:
+        watchdog.fail(err)  # exits when a peer rank or group is gone; else a bug: traceback
+        raise
+    finally:
+        watchdog.stop()
+
+
+def _train(job: Job, resume: Resume, watchdog: Watchdog) -> dict:
+    cfg = job.cfg
+    with watchdog.slow("loading the checkpoint"):
+        start_step, rng = restore(job, resume)
+    watchdog.resumed(start_step)
+    saver = Saver(job)
+    if saver.every and job.loop.weights is not None and not hasattr(job.loop.weights, "state_dict"):
+        raise ConfigError("train.save_interval", "checkpoints of codistill.mode='weights' are not "
+                          "supported yet (the frozen peer copies are not saved); set it to 0")
+    progress = _progress_bar(cfg, start_step) if job.topology.rank == 0 else None
+    if rng is not None:
+        set_rng_state(rng)
     start = time.perf_counter()
-    state = job.loop.run(progress=progress)
+
+    def after_step(steps_done: int, record: dict) -> None:
+        check_finite_loss(record["loss"], job.topology.group, job.topology.layout, steps_done)
+        watchdog.completed(steps_done)
+        if saver.due(steps_done):
+            with watchdog.slow(f"saving checkpoint step_{steps_done}"):
+                saver.save(steps_done)
+
+    state = job.loop.run(start_step, progress, after_step)
     if progress is not None:
         progress.close()
-    summary = _summarize(cfg, job.topology, job.loop, state, job.n_params, time.perf_counter() - start)
+    with watchdog.slow("the end-of-run summary"):
+        summary = _summarize(cfg, job.topology, job.loop, state, job.n_params, time.perf_counter() - start)
     if job.topology.rank == 0:
         write_summary(cfg.run_dir, summary)
         print(format_table(summary), flush=True)
     return summary
 
 
-def _progress_bar(cfg: Config):
+def _progress_bar(cfg: Config, start_step: int = 0):
     from tqdm import tqdm
 
-    return tqdm(total=cfg.train.steps, desc="codistill", dynamic_ncols=True, file=sys.stderr,
-                mininterval=1.0)
+    return tqdm(total=cfg.train.steps, initial=start_step, desc="codistill", dynamic_ncols=True,
+                file=sys.stderr, mininterval=1.0)
 
 
 def _summarize(cfg: Config, topology, loop, state, n_params: int, wall_s: float) -> dict:
@@ -169,7 +227,10 @@ def main_guarded(cfg: Config) -> int:
     except (ConfigError, DataError, TopologyError) as err:
         from .cli import report_input_error
 
-        return report_input_error(err)
-    finally:
         rankinfo.destroy()
+        return report_input_error(err)
+    except BaseException:
+        rankinfo.destroy()
+        raise
+    rankinfo.shutdown()
     return 0

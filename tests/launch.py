@@ -37,7 +37,7 @@ def torchrun(nproc: int, argv: list[str], timeout: float = 240, cwd: Path | None
     """`torchrun --nproc_per_node nproc argv...`; argv is a script path or `-m module ...`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *argv]
-    return subprocess.run(cmd, cwd=cwd or REPO, env=child_env(**env), capture_output=True,
+    return subprocess.run(cmd, check=False, cwd=cwd or REPO, env=child_env(**env), capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -112,7 +112,7 @@ def test_deepspeed_launcher_gives_same_metrics(runs):
            "--config", CONFIG, "--run-dir", str(run_dir), *COMMON, "--set", "codistill.alpha=0"]
     import subprocess
 
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, check=False, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     d, a = by_group_step(read_jsonl(run_dir / "metrics.jsonl")), by_group_step(runs["A"])
     assert d.keys() == a.keys()

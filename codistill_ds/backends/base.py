@@ -7,8 +7,9 @@ optimizer knobs the schedules turn. The loop never sees an engine or a mesh.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 

@@ -76,10 +76,6 @@ class DeepSpeedBackend:
 
         Collective over the whole world: DeepSpeed barriers (and validates the tag) on the
         default group, so every group saves at the same step, each into its own directory."""
-        if self.zero_stage == 3:
-            # ZeRO-3 makes every rank a writer of the same model-states file; several ranks of
-            # a group writing one path at once can interleave it. One writer per group.
-            self.engine.save_non_zero_checkpoint = self._topology.group_rank == 0
         self.engine.save_checkpoint(directory, tag=tag, save_latest=False)
 
     def load(self, directory: str, tag: str) -> None:
@@ -95,7 +91,7 @@ class DeepSpeedBackend:
             raise RuntimeError("weight exchange needs ZeRO-3 (stage 1/2 replicate parameters)")
         return [p.ds_tensor for p in self.engine.module.parameters()]
 
-    def make_teacher(self) -> "DeepSpeedTeacher":
+    def make_teacher(self) -> DeepSpeedTeacher:
         return DeepSpeedTeacher(self._cfg, self._topology, self._bf16, self.engine.module)
 
 

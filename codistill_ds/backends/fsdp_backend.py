@@ -37,7 +37,11 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 def apply_fsdp(model: torch.nn.Module, shard_mesh: DeviceMesh, bf16: bool, cpu_offload: bool,
                reshard_after_forward: bool) -> torch.nn.Module:
     """torchtitan's recipe: shard each block, then the root (embeddings, norm, head)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
 
     kwargs = {"mesh": shard_mesh, "reshard_after_forward": reshard_after_forward}
     if bf16:
@@ -106,7 +110,10 @@ class FSDPBackend:
 
     def load(self, directory: str, tag: str) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_state_dict,
+            set_state_dict,
+        )
 
         path = os.path.join(directory, tag)
         if not os.path.isfile(os.path.join(path, ".metadata")):
@@ -123,7 +130,7 @@ class FSDPBackend:
         """This rank's local DTensor shards, in parameter order."""
         return [p.to_local() for p in self.module.parameters()]
 
-    def make_teacher(self) -> "FSDPTeacher":
+    def make_teacher(self) -> FSDPTeacher:
         return FSDPTeacher(self)
 
 

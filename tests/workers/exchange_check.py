@@ -14,6 +14,7 @@ import torch.distributed as dist
 from codistill_ds.compression import compress, pack, payload_bytes
 from codistill_ds.config import DataConfig
 from codistill_ds.data import ExchangeStream, TrainStream, build_corpus
+from codistill_ds.dist import exit_process, shutdown
 from codistill_ds.exchange import LogitExchange
 from codistill_ds.plan import make_plan
 from codistill_ds.topology import build_topology
@@ -73,7 +74,8 @@ def main() -> None:
     result["exchange_digests"] = [digest(ex.batch_slice(e)) for e in range(5)]
     result["train_rows"] = [[digest(r) for r in train.micro_batch(s, 0)] for s in range(5)]
     (out / f"rank{top.rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    shutdown()  # the same end as `codistill-ds train`
+    exit_process(0)
 
 
 if __name__ == "__main__":

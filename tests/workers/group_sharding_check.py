@@ -17,6 +17,7 @@ import torch.distributed as dist
 from codistill_ds import dist as rankinfo
 from codistill_ds.backends.fsdp_backend import codistill_mesh
 from codistill_ds.config import ModelConfig
+from codistill_ds.dist import exit_process, shutdown
 from codistill_ds.integrations.group_sharding import (
     GroupShardingError,
     check_engine_in_group,
@@ -134,7 +135,8 @@ def main() -> None:
     result.update(helper_facts(t))
     (out / f"rank{t.rank}.json").write_text(json.dumps(result))
     dist.barrier()
-    dist.destroy_process_group()
+    shutdown()  # the same end as `codistill-ds train`
+    exit_process(0)
 
 
 if __name__ == "__main__":

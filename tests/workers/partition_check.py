@@ -9,9 +9,8 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
-
 from codistill_ds.config import load_config
+from codistill_ds.dist import exit_process, shutdown
 from codistill_ds.train import build_job
 
 
@@ -44,7 +43,8 @@ def main() -> None:
               "group_rank": job.topology.group_rank, "S": job.topology.group_size,
               "parts": parts, "checksum": checksum}
     (out / f"rank{job.topology.rank}.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
+    shutdown()  # the same end as `codistill-ds train`
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ import torch.nn.functional as F
 
 warnings.filterwarnings("ignore")
 
-import deepspeed  # noqa: E402
+import deepspeed
 
-from codistill_ds.backends.base import decay_param_groups  # noqa: E402
-from codistill_ds.backends.deepspeed_backend import build_ds_config  # noqa: E402
-from codistill_ds.config import load_config  # noqa: E402
-from codistill_ds.data import TrainStream, build_corpus  # noqa: E402
-from codistill_ds.model import build_model  # noqa: E402
-from codistill_ds.schedules import lr_at  # noqa: E402
+from codistill_ds.backends.base import decay_param_groups
+from codistill_ds.backends.deepspeed_backend import build_ds_config
+from codistill_ds.config import load_config
+from codistill_ds.data import TrainStream, build_corpus
+from codistill_ds.model import build_model
+from codistill_ds.schedules import lr_at
 
 
 class PlainFSDP:

@@ -7,9 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from codistill_ds.config import load_config
+from codistill_ds.dist import exit_process, shutdown
 from codistill_ds.train import build_job
 from codistill_ds.weights import digest
 
@@ -26,7 +25,8 @@ def main() -> None:
         "bytes": w.bytes_sent, "shard_numel": sum(s.numel() for s in job.backend.shards()),
     }
     (out / f"rank{job.topology.rank}.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
+    shutdown()  # the same end as `codistill-ds train`
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,150 @@
+"""Rank program: `codistill_ds.train.run` with recorders and injected faults. Args: OUT CONFIG
+[overrides...]. Writes OUT/rank{r}.json: the step it started from, digests of the predictions
+it sent and received per step, a digest of its group's full weights at the end, and (leaders)
+OUT/logits_group{g}.pt: eval-mode logits of the trained replica on a fixed batch.
+
+FAULT (env, comma-separated, first attempt only, i.e. TORCHELASTIC_RESTART_COUNT == 0):
+  kill:R:S       rank R SIGKILLs itself at the start of step index S
+  save:R:S       rank R SIGKILLs itself inside the save of checkpoint step_S (engine written)
+  nanlogits:G:S  group G's exchange predictions at step index S are NaN
+  nanloss:G:S    group G's training logits at step index S are NaN (its loss diverges)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+from codistill_ds import train
+from codistill_ds.compression import pack
+from codistill_ds.config import load_config
+from codistill_ds.dist import exit_process, shutdown
+from codistill_ds.exchange import LogitExchange
+from codistill_ds.loop import CodistillLoop
+
+STEP = [0]
+RECORD: dict = {"sent": {}, "recv": {}, "start_step": None}
+JOBS: list = []
+
+
+def faults() -> list[tuple[str, int, int]]:
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return []
+    out = []
+    for item in filter(None, os.environ.get("FAULT", "").split(",")):
+        kind, who, step = item.split(":")
+        out.append((kind, int(who), int(step)))
+    return out
+
+
+def digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def install(rank: int) -> None:
+    plan = faults()
+    orig_step, orig_ex, orig_start = CodistillLoop.train_step, LogitExchange.exchange, LogitExchange.start
+
+    def train_step(self, step):
+        STEP[0] = step
+        if ("kill", rank, step) in plan:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig_step(self, step)
+
+    def received(step, result):
+        RECORD["recv"][step] = [digest(pack(p)) for p in result.peers]
+
+    def exchange(self, local):
+        RECORD["sent"][STEP[0]] = digest(pack(local))
+        result = orig_ex(self, local)
+        received(STEP[0], result)
+        return result
+
+    def start(self, local):
+        step = STEP[0]
+        RECORD["sent"][step] = digest(pack(local))
+        future = orig_start(self, local)
+        future.add_done_callback(lambda f: f.exception() is None and received(step, f.result()))
+        return future
+
+    CodistillLoop.train_step, LogitExchange.exchange, LogitExchange.start = train_step, exchange, start
+
+    orig_build, orig_restore = train.build_job, train.restore
+
+    def build_job(cfg):
+        job = orig_build(cfg)
+        JOBS.append(job)
+        wrap_backend(job, plan)
+        return job
+
+    def restore(job, resume):
+        root = os.path.join(job.cfg.run_dir, "checkpoints")
+        RECORD["checkpoints_at_start"] = sorted(os.listdir(root)) if os.path.isdir(root) else []
+        step, rng = orig_restore(job, resume)
+        RECORD["start_step"] = step
+        return step, rng
+
+    train.build_job, train.restore = build_job, restore
+
+
+def wrap_backend(job, plan) -> None:
+    backend, g, rank = job.backend, job.topology.group_id, job.topology.rank
+    forward, save = backend.forward, backend.save
+
+    def fwd(ids):
+        logits = forward(ids)
+        training = backend.module.training
+        if (not training and ("nanlogits", g, STEP[0]) in plan) or (training and ("nanloss", g, STEP[0]) in plan):
+            logits = logits * float("nan")
+        return logits
+
+    def save_and_maybe_die(directory, tag):
+        save(directory, tag)
+        for kind, who, step in plan:
+            if kind == "save" and who == rank and f".tmp_step_{step}" in directory:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    backend.forward, backend.save = fwd, save_and_maybe_die
+
+
+def weights_digest(job) -> str:
+    params = list(job.backend.module.parameters())
+    if job.cfg.backend.name == "fsdp":
+        return hashlib.sha1(b"".join(digest(p.full_tensor()).encode() for p in params)).hexdigest()[:16]
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):
+        return hashlib.sha1(b"".join(digest(p.data).encode() for p in params)).hexdigest()[:16]
+
+
+def main() -> None:
+    out, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
+    out.mkdir(parents=True, exist_ok=True)
+    install(int(os.environ.get("RANK", "0")))
+    train.run(cfg)
+    job = JOBS[-1]
+    from codistill_ds.backends.base import evaluating
+
+    batch = job.loop.val_batches[0]
+    with evaluating(job.backend):
+        logits = job.backend.forward(batch[:, :-1]).float()
+    t = job.topology
+    if t.layout.is_leader:
+        torch.save({"tokens": batch, "logits": logits}, out / f"logits_group{t.group_id}.pt")
+    result = {"rank": t.rank, "group": t.group_id, "start_step": RECORD["start_step"],
+              "checkpoints_at_start": RECORD["checkpoints_at_start"],
+              "sent": RECORD["sent"], "recv": RECORD["recv"], "weights": weights_digest(job),
+              "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+    (out / f"rank{t.rank}.json").write_text(json.dumps(result))
+    shutdown()  # the same end as `codistill-ds train`
+    exit_process(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Rank program: the ranks of the second half of the world (the last group) get a tokenizer with
+a larger vocabulary, as if their node had other tokenizer files. Args: CONFIG [overrides...].
+Exits with `main_guarded`'s status: the start-of-run handshake must stop every rank."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from codistill_ds import train
+from codistill_ds.config import load_config
+from codistill_ds.data import ByteTokenizer
+
+
+class WiderTokenizer(ByteTokenizer):
+    vocab_size = 300
+
+
+def main() -> None:
+    original = train.load_tokenizer
+    late = int(os.environ["RANK"]) >= int(os.environ["WORLD_SIZE"]) // 2
+    train.load_tokenizer = lambda spec: WiderTokenizer() if late else original(spec)
+    sys.exit(train.main_guarded(load_config(sys.argv[1], sys.argv[2:])))
+
+
+if __name__ == "__main__":
+    main()
