@@ -90,33 +90,39 @@ def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+COLUMNS = ("arm", "seeds", "best val loss", "(sd over seeds)", "mean-curve best at",
+           "final val loss", "best vs sync", "best vs independent", "final vs sync",
+           "top-1 agreement", "cross-group bytes/run", "loop s/run", "best val per model")
+
+
+def _row(name: str, a: dict) -> list[str]:
+    pct = [_fmt(a.get(key), "+.2f", "%") for key in (
+        "best_val_loss_vs_sync_pct", "best_val_loss_vs_independent_pct", "final_val_loss_vs_sync_pct")]
+    return [name, str(a["seeds"]), f"{a['best_val_loss']:.4f}",
+            _fmt(a["best_val_loss_seed_sd"], ".4f"), str(a["mean_curve_best_step"]),
+            f"{a['final_val_loss']:.4f}", *pct, _fmt(a["agreement"], ".3f"),
+            f"{a['cross_group_bytes']:,.0f}", f"{a['wall_s']:.0f}",
+            ", ".join(f"{m['best_val_loss']:.4f}" for m in a["per_group"])]
+
+
 def markdown_table(results: dict) -> str:
-    head = ("| arm | seeds | best val loss | (sd over seeds) | mean-curve best at | final val loss | "
-            "best vs sync | best vs independent | final vs sync | top-1 agreement | "
-            "cross-group bytes/run | loop s/run | best val per model |")
-    rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    for name, a in results["arms"].items():
-        per_model = ", ".join(f"{m['best_val_loss']:.4f}" for m in a["per_group"])
-        rows.append(
-            f"| {name} | {a['seeds']} | {a['best_val_loss']:.4f} | {_fmt(a['best_val_loss_seed_sd'], '.4f')} | "
-            f"{a['mean_curve_best_step']} | {a['final_val_loss']:.4f} | "
-            f"{_fmt(a.get('best_val_loss_vs_sync_pct'), '+.2f', '%')} | "
-            f"{_fmt(a.get('best_val_loss_vs_independent_pct'), '+.2f', '%')} | "
-            f"{_fmt(a.get('final_val_loss_vs_sync_pct'), '+.2f', '%')} | "
-            f"{_fmt(a['agreement'], '.3f')} | {a['cross_group_bytes']:,.0f} | "
-            f"{a['wall_s']:.0f} | {per_model} |")
-    return "\n".join(rows)
+    lines = [COLUMNS, ["---"] * len(COLUMNS)]
+    lines += [_row(name, arm) for name, arm in results["arms"].items()]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
 def write_reports(results: dict, out: Path) -> str:
     """OUT/results.json and OUT/results.md; returns the markdown table."""
     add_gaps(results)
     out.mkdir(parents=True, exist_ok=True)
+    arms = results["arms"].values()
+    results["runs_process_s"] = sum(a["process_s"] * a["seeds"] for a in arms)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(results)
     mode = results["mode"]
-    note = (f"Mode `{mode['name']}`, {mode['seeds']} seed(s), {mode['steps']} updates per rank, "
-            f"batch {mode['micro_batch']} per rank, total {results['wall_s'] / 60:.1f} min.\n\n"
+    note = (f"Mode `{mode['name']}`, {mode['steps']} updates per rank, batch "
+            f"{mode['micro_batch']} per rank; the runs took {results['runs_process_s'] / 60:.1f} "
+            f"min (launches included), this invocation {results['wall_s'] / 60:.1f} min.\n\n"
             f"Command: `{results['command']}`\n")
     (out / "results.md").write_text(f"{table}\n\n{note}")
     return f"{table}\n\n{note}"
@@ -136,7 +142,7 @@ def plot_curves(results: dict, path: Path) -> None:
         for m in arm["per_group"]:
             ax.plot(*zip(*m["val_history"]), color=color, alpha=0.25, linewidth=0.8)
         steps, vals = zip(*arm["val_curve"])
-        ax.plot(steps, vals, color=color, linewidth=2, label=f"{name} (best {min(vals):.3f})")
+        ax.plot(steps, vals, color=color, linewidth=2, label=f"{name} (curve min {min(vals):.3f})")
         lows.append(min(vals))
         firsts.append(vals[0])
     top = min(max(firsts), min(lows) * 1.3)  # the first evaluations would flatten the tail

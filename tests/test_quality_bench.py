@@ -18,7 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "quality.py"
-ARMS = ["sync", "codistill", "codistill-unadjusted", "independent", "codistill-stale"]
+ARMS = ["sync", "codistill", "codistill-unadjusted", "independent", "codistill-stale",
+        "codistill-stale-weights"]
 
 pytestmark = pytest.mark.timeout(600)
 
