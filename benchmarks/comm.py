@@ -450,7 +450,8 @@ def launch_two_nodes(arms: list[dict], out: Path, timeout_s: float,
 def weights_mode_status(mode: Mode) -> dict:
     """Try `codistill.mode=weights` (ZeRO-3, as the mode requires) through the library's own
     validation, without launching anything: the bytes part measures it only if it validates."""
-    from codistill_ds.config import ConfigError, load_config, validate
+    from codistill_ds.config import ConfigError, load_config
+    from codistill_ds.validation import validate
 
     cfg = load_config(None, _sets(weights_sets(mode)))
     try:

@@ -101,22 +101,20 @@ def _free_port() -> int:
 
 
 def report_input_error(err: Exception) -> int:
-    """One line on stderr, then exit code 2 — after a short grace period under a launcher.
+    """One line on stderr, then exit code 2, once the other ranks have reported too.
 
-    torchrun and the deepspeed launcher kill the remaining ranks as soon as one exits; the
-    grace lets every rank reach its own validation and print the same message, so the user
-    sees the cause from every rank rather than a wall of SIGTERMs."""
-    import time
-
-    from .dist import env_world_size
+    torchrun and the deepspeed launcher kill the remaining ranks as soon as one exits; waiting
+    lets every rank reach its own validation and print the same message, so the user sees the
+    cause from every rank rather than a wall of SIGTERMs (dist.wait_for_every_rank)."""
+    from .dist import wait_for_every_rank
 
     print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
-    if env_world_size() > 1:
-        time.sleep(INPUT_ERROR_GRACE_S)
+    wait_for_every_rank("input_error", INPUT_ERROR_WAIT_S)
     return 2
 
 
-INPUT_ERROR_GRACE_S = 3.0
+INPUT_ERROR_WAIT_S = 30.0
+"""Longest wait for the other ranks to report: a rank that validated fine is not coming."""
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:

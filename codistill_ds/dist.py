@@ -85,11 +85,44 @@ def _restart_store(timeout: datetime.timedelta):
     per-attempt prefix, so restarted ranks would read the dead attempt's gloo addresses and
     fail with "Connection refused" (cf. pytorch/pytorch#135712)."""
     restarts = restart_count()
-    if restarts == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if restarts == 0:
         return None
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env_world_size(),
-                          is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"codistill/attempt_{restarts}", store)
+    store = launcher_store(timeout)
+    return None if store is None else dist.PrefixStore(f"codistill/attempt_{restarts}", store)
+
+
+def launcher_store(timeout: datetime.timedelta):
+    """A client of the store torchrun's agent hosts (it outlives every rank), or None elsewhere."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env_world_size(),
+                         is_master=False, timeout=timeout)
+
+
+def wait_for_every_rank(what: str, max_wait_s: float) -> None:
+    """Block until every rank has called this with the same `what`, or `max_wait_s` passed.
+
+    For ranks about to exit on an error that every rank detects by itself (a bad config): the
+    launcher kills the slower ranks as soon as the first exits, before they could say why.
+    Under torchrun the agent's store counts arrivals; under other launchers there is no store
+    that survives a rank, so a fixed grace stands in for it."""
+    import time
+
+    if env_world_size() <= 1:
+        return
+    try:
+        store = launcher_store(datetime.timedelta(seconds=max_wait_s))
+    except (RuntimeError, ValueError, KeyError):
+        store = None
+    if store is None:
+        time.sleep(min(3.0, max_wait_s))
+        return
+    key = f"codistill/{what}/attempt_{restart_count()}"
+    deadline = time.monotonic() + max_wait_s
+    arrived = store.add(key, 1)
+    while arrived < env_world_size() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        arrived = store.add(key, 0)
 
 
 def rank() -> int:

@@ -24,7 +24,7 @@ from .checkpoint import (
     restore,
     set_rng_state,
 )
-from .config import Config, ConfigError, save_config, validate
+from .config import Config, ConfigError, save_config
 from .data import DataError, build_corpus, load_tokenizer
 from .health import (
     NonFiniteLoss,
@@ -38,6 +38,7 @@ from .loop import CodistillLoop
 from .metrics import MetricsWriter, write_summary
 from .model import build_model, count_parameters
 from .topology import Layout, Topology, TopologyError, build_topology
+from .validation import validate
 
 
 def prepare(cfg: Config):

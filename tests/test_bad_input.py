@@ -25,11 +25,10 @@ from codistill_ds.config import (
     DataConfig,
     config_to_dict,
     load_config,
-    ranks_per_group,
-    validate,
 )
 from codistill_ds.data import DataError, build_corpus
 from codistill_ds.topology import Layout, TopologyError
+from codistill_ds.validation import ranks_per_group, validate
 from launch import REPO, WORKERS, cli, torchrun
 
 

@@ -17,11 +17,10 @@ from codistill_ds.config import (
     ConfigError,
     config_to_dict,
     load_config,
-    ranks_per_group,
     resolve_path,
     save_config,
-    validate,
 )
+from codistill_ds.validation import ranks_per_group, validate
 
 
 @pytest.fixture

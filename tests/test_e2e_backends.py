@@ -4,7 +4,7 @@ One module-scoped set of launches feeds most assertions:
   A: `codistill-ds train` under torchrun, ZeRO-3, alpha = 0 (exchange runs, weighs nothing)
   R: a plain 2-rank DeepSpeed run per group written without codistill_ds's loop (the reference)
   F, RF: the same two with FSDP2
-  C: as A with alpha = 1 over the rails route
+  C: as A with alpha = 1 over the rails route, on ZeRO-2 (the one launch of that stage)
   D: as A under the `deepspeed` launcher
 and a partition check per backend inspects the sharded replica from inside.
 """
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(600)
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 STEPS = 40
-COMMON = ["--set", f"train.steps={STEPS}", "--set", "train.eval_interval=20"]
+COMMON = ["--set", f"train.steps={STEPS}", "--set", f"train.eval_interval={STEPS // 2}"]
 FIELDS = {"step", "group", "loss", "distill_loss", "alpha", "agreement", "cross_group_bytes",
           "exchange_ms", "step_ms", "tokens"}
 
@@ -44,7 +44,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     out = {"A": train(tmp / "A", "codistill.alpha=0"),
            "F": train(tmp / "F", "codistill.alpha=0", "backend.name=fsdp"),
-           "C": train(tmp / "C", "codistill.alpha=1", "codistill.route=rails")}
+           "C": train(tmp / "C", "codistill.alpha=1", "codistill.route=rails",
+                       "backend.ds_config=ds_configs/zero2.json")}
     out["R"] = run_worker("plain_reference", 2, tmp / "R", CONFIG, "2", f"train.steps={STEPS}")[0]
     out["RF"] = run_worker("plain_reference", 2, tmp / "RF", CONFIG, "2", f"train.steps={STEPS}",
                            "backend.name=fsdp")[0]

@@ -59,20 +59,14 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..compression import CompressedLogits, compress, wire_dtype
-from ..config import (
-    CodistillConfig,
-    Config,
-    ConfigError,
-    _check_choices,
-    _check_numbers,
-    _check_topology,
-)
+from ..config import CodistillConfig, Config, ConfigError
 from ..data import EXCHANGE_STREAM_TAG, _EpochPermutation
 from ..dist import env_rank, env_world_size
 from ..exchange import LogitExchange
 from ..losses import peer_distill_loss
 from ..schedules import alpha_at
 from ..topology import Layout, Topology, build_topology
+from ..validation import check_choices, check_numbers, check_topology
 from .group_sharding import (
     engines_in_group,
     gather_in_group,
@@ -88,9 +82,9 @@ MODEL_INPUTS = ("input_ids", "attention_mask")
 def validate_for_trainer(cfg: CodistillConfig, world_size: int) -> None:
     """The library's checks of the codistill section, plus what the Trainer path cannot do."""
     full = Config(codistill=cfg)
-    _check_topology(full, world_size)
-    _check_choices(full)
-    _check_numbers(full)
+    check_topology(full, world_size)
+    check_choices(full)
+    check_numbers(full)
     if not cfg.enabled:
         raise ConfigError("codistill.enabled", "the Trainer integration always codistills; for a plain "
                           "run leave out CodistillCallback and CodistillTrainerMixin")
