@@ -1,9 +1,10 @@
 """`accelerate launch` with each shipped YAML runs the real CLI, and its settings map onto the config.
 
-The ZeRO-3 and FSDP2 launches (4 CPU ranks = 2 groups x 2 each) run side by side. zero2.yaml
-differs from zero3.yaml only in its deepspeed_config_file, a mapping the test below covers, and
-ZeRO-2 itself trains in test_e2e_backends.py. The mapping (`integrations/accelerate.py`) is a
-pure function of the environment and is checked without launching anything.
+Every shipped YAML launches, side by side: zero3.yaml as shipped (4 CPU ranks = 2 groups x 2),
+zero2.yaml and fsdp2.yaml with `--num_processes 2` (2 groups x 1) to keep the suite short;
+in-group sharding over several ranks is checked by the partition tests. The mapping
+(`integrations/accelerate.py`) is a pure function of the environment and is checked without
+launching anything.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from launch import REPO, child_env, read_jsonl
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 STEPS = 3
-YAMLS = {"zero3": ("deepspeed", "ds_configs/zero3.json"), "fsdp2": ("fsdp", None)}
+YAMLS = {"zero2": ("deepspeed", "ds_configs/zero2.json", 2), "zero3": ("deepspeed", "ds_configs/zero3.json", 4),
+         "fsdp2": ("fsdp", None, 2)}
+"""YAML name -> (backend, DeepSpeed config, ranks launched)."""
 
 
 def accelerate_train(name: str, run_dir: Path) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           f"launch/accelerate/{name}.yaml", "-m", "codistill_ds.cli", "train", "--config", CONFIG,
+           f"launch/accelerate/{name}.yaml", "--num_processes", str(YAMLS[name][2]), "-m", "codistill_ds.cli", "train", "--config", CONFIG,
            "--run-dir", str(run_dir), "--set", f"train.steps={STEPS}", "--set", f"train.eval_interval={STEPS}"]
     return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=420, check=False)
 
@@ -50,7 +53,7 @@ def test_accelerate_launch_runs_and_writes_metrics(launched, name):
     assert {(r["group"], r["step"]) for r in records} == {(g, s) for g in (0, 1) for s in range(1, STEPS + 1)}
     assert all(r["cross_group_bytes"] > 0 and r["distill_loss"] is not None for r in records)
     backend = yaml.safe_load((run_dir / "config.yaml").read_text())["backend"]
-    engine, ds_config = YAMLS[name]
+    engine, ds_config, _ = YAMLS[name]
     assert backend["name"] == engine
     if ds_config:
         assert backend["ds_config"] == ds_config
