@@ -131,9 +131,7 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .dist import exit_process
     from .train import main_guarded
 
-    code = main_guarded(cfg)
-    exit_process(code)  # skip finalization: see dist.exit_process
-    return code
+    exit_process(main_guarded(cfg))  # skip finalization: see dist.exit_process
 
 
 def main(argv: list[str] | None = None) -> int:

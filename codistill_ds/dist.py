@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -165,7 +166,7 @@ def shutdown() -> None:
     dist.destroy_process_group()
 
 
-def exit_process(code: int) -> None:
+def exit_process(code: int) -> NoReturn:
     """Leave without interpreter finalization, after flushing what the user sees.
 
     Process groups that Python objects (DeepSpeed's engine, the topology) still reference are

@@ -309,24 +309,19 @@ class CodistillLoop:
     def state_dict(self) -> dict:
         """What a resumed run needs besides the step, the engine and the RNG: peer targets
         waiting for their consumption step (in-flight exchanges are waited for), counters and
-        the best validation loss. Plain tensors and numbers only."""
-        if self.weights is not None and not hasattr(self.weights, "state_dict"):
-            raise NotImplementedError("checkpoints of codistill.mode='weights' need "
-                                      "WeightExchange.state_dict (frozen peer copies)")
+        the best validation loss. Plain tensors and numbers only. (Weight mode's frozen peer
+        copies are not saved: validation refuses checkpoints in that mode.)"""
         pending = {step: _pending_state(target) for step, target in self.pending.items()}
         sender = self.exchange or self.weights
         return {"pending": pending, "bytes_sent": sender.bytes_sent if sender is not None else 0,
                 "skipped_peers": self.skipped_peers, "best_val": self.state.best_val,
-                "val_history": list(self.state.val_history), "last": dict(self.state.last),
-                "weights": self.weights.state_dict() if self.weights is not None else None}
+                "val_history": list(self.state.val_history), "last": dict(self.state.last)}
 
     def load_state_dict(self, state: dict) -> None:
         self.pending = {step: _pending_from_state(item) for step, item in state["pending"].items()}
         sender = self.exchange or self.weights
         if sender is not None:
             sender.bytes_sent = state["bytes_sent"]
-        if self.weights is not None and state.get("weights") is not None:
-            self.weights.load_state_dict(state["weights"])
         self.skipped_peers = state["skipped_peers"]
         self.state = GroupState(dict(state["last"]), state["best_val"], list(state["val_history"]))
 

@@ -143,9 +143,6 @@ def _train(job: Job, resume: Resume, watchdog: Watchdog) -> dict:
         start_step, rng = restore(job, resume)
     watchdog.resumed(start_step)
     saver = Saver(job)
-    if saver.every and job.loop.weights is not None and not hasattr(job.loop.weights, "state_dict"):
-        raise ConfigError("train.save_interval", "checkpoints of codistill.mode='weights' are not "
-                          "supported yet (the frozen peer copies are not saved); set it to 0")
     progress = _progress_bar(cfg, start_step) if job.topology.rank == 0 else None
     if rng is not None:
         set_rng_state(rng)

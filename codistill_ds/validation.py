@@ -211,6 +211,12 @@ def validate(cfg: Config, world_size: int, vocab_size: int | None = None) -> Non
     _check_exchange(cfg, world_size, vocab_size)
     _check_paths(cfg)
     _require(
+        not (cfg.codistill.enabled and cfg.codistill.mode == "weights" and cfg.train.save_interval > 0),
+        "train.save_interval",
+        "checkpoints of codistill.mode='weights' are not supported yet (the frozen peer copies "
+        "are not saved); set it to 0",
+    )
+    _require(
         cfg.train.resume in ("auto", "none") or os.path.isdir(cfg.train.resume),
         "train.resume",
         f"expected 'auto', 'none' or a checkpoint or run directory, got {cfg.train.resume!r} "

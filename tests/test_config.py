@@ -276,6 +276,8 @@ RULES = [
     (["train.eval_interval=-1"], 4, None, "train.eval_interval", ["-1"]),
     (["train.log_interval=-1"], 4, None, "train.log_interval", ["-1"]),
     (["train.save_interval=-1"], 4, None, "train.save_interval", ["-1"]),
+    (["codistill.mode=weights", "backend.name=fsdp", "train.save_interval=5"], 4, None,
+     "train.save_interval", ["weights", "set it to 0"]),
     (["data.val_fraction=1"], 4, None, "data.val_fraction", ["[0, 1)", "1.0"]),
     (["data.val_fraction=-0.1"], 4, None, "data.val_fraction", ["-0.1"]),
     (["optim.dropout=1.0"], 4, None, "optim.dropout", ["[0, 1)", "1.0"]),
