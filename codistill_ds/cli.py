@@ -7,6 +7,8 @@
     codistill-ds plot runs/demo                                             # PNG curves
     codistill-ds train --config ... --resume                                # newest checkpoint
     codistill-ds export runs/demo --group 0 out/model                       # HF save_pretrained
+    codistill-ds tokenize corpus/*.txt --out data/shards                     # once, then train with
+                                                        #   --set data.train_files=[data/shards]
 """
 
 from __future__ import annotations
@@ -52,6 +54,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tokenize_parser(sub) -> None:
+    from .tokenize import SHARD_TOKENS
+
+    p = sub.add_parser("tokenize", help="text/JSONL files into memory-mapped token shards, once")
+    p.add_argument("files", nargs="+", help="UTF-8 text or JSONL files, read in this order")
+    p.add_argument("--out", required=True, help="new directory for the shards and index.json")
+    p.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl"],
+                   help="auto: JSONL when every file ends in .jsonl/.json, else text")
+    p.add_argument("--text-field", default="text", help="the JSONL key holding the document text")
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from .sources import DataError
+    from .tokenize import tokenize_files
+
+    try:
+        index = tokenize_files(args.files, args.out, args.tokenizer, args.format, args.text_field,
+                               args.shard_tokens)
+    except DataError as err:
+        print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    print(f"{index.tokens:,} tokens ({index.dtype}, vocab {index.vocab_size}) in {len(index.shards)} "
+          f"shard(s) at {args.out}; digest {index.digest[:16]}")
+    return 0
+
+
 def _plot_parser(sub) -> None:
     p = sub.add_parser("plot", help="PNG curves (loss, val loss, agreement) from a run dir")
     p.add_argument("run_dir")
@@ -70,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(sub.add_parser("plan", help="topology and per-step cross-group bytes"))
     _plot_parser(sub)
     _export_parser(sub)
+    _tokenize_parser(sub)
     return parser
 
 
@@ -145,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_plan(args)
     if args.command == "export":
         return cmd_export(args)
+    if args.command == "tokenize":
+        return cmd_tokenize(args)
     from .plot import plot_run
 
     print(plot_run(args.run_dir, args.out))

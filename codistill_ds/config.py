@@ -65,11 +65,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Text or JSONL files; empty uses the built-in corpus so a run needs no download."""
+    """Text or JSONL files, or one directory of token shards written by `codistill-ds tokenize`
+    (memory-mapped, never loaded whole); empty uses the built-in corpus so a run needs no download."""
     builtin: str = "stdlib"
     """The only built-in corpus: the installed Python standard library's .py source."""
     format: str = "auto"
-    """How to read train_files: "auto" (by file extension) | "text" | "jsonl"."""
+    """How to read train_files: "auto" (a shard directory, else by file extension) | "text" |
+    "jsonl" | "shards"."""
+    streaming: bool = False
+    """Read text/JSONL train_files through `datasets` streaming while training instead of
+    tokenizing them whole at start (streaming.py says what changes: document-level group split,
+    buffered shuffle, resume by re-reading)."""
+    shuffle_buffer: int = 10_000
+    """Streaming only: documents in datasets' shuffle buffer (memory grows with it)."""
     text_field: str = "text"
     """The JSONL key that holds the document text."""
     tokenizer: str = "byte"
@@ -176,6 +184,10 @@ class TrainConfig:
     (TORCHELASTIC_RESTART_COUNT > 0) always resume "auto"; see checkpoint.py."""
     keep_checkpoints: int = 3
     """Complete checkpoints kept under run_dir/checkpoints (oldest deleted first); 0 keeps all."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """Dashboards besides metrics.jsonl, each group's leader writing its group: "tensorboard"
+    (run_dir/tb/group{g}) | "wandb" (an offline run per group under run_dir/wandb unless
+    WANDB_MODE says otherwise) | "none"."""
 
 
 @dataclass

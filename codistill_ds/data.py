@@ -5,27 +5,29 @@ so group g trains only on sequences whose index is g mod K. The exchange stream 
 every group draws the *same* exchange batch e (same seed, same order), so only logits need to
 cross groups, never tokens. Both streams are pure functions of (seed, step): nothing to carry
 across a restart but the step number, and an asynchronous exchange can re-read batch e later.
+
+The windows come from text tokenized here and held in memory (the default, capped by
+data.max_bytes), from token shards written once by `codistill-ds tokenize` and memory-mapped
+(shards.py), or from local files streamed through `datasets` (streaming.py, which states what
+changes for streams).
 """
 
 from __future__ import annotations
 
-import codecs
+import hashlib
 import os
-import sysconfig
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from .config import DataConfig
+from .shards import ShardError, TokenShards, WindowView, is_shard_dir
+from .sources import DataError, check_text_file, read_documents, resolve_format  # noqa: F401 -- re-exported
+from .streaming import DocumentStream, stream_corpus_parts
 
 EXCHANGE_STREAM_TAG = 1_000_003
 """Mixed into the exchange stream's seed so it never coincides with a training permutation."""
-
-
-class DataError(ValueError):
-    """A corpus that cannot feed the configured run; raised before training starts."""
 
 
 class ByteTokenizer:
@@ -61,118 +63,101 @@ def load_tokenizer(spec: str):
     return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
 
 
-def stdlib_sources(max_bytes: int | None) -> list[str]:
-    """The installed standard library's .py files, sorted: a corpus on every machine, no download.
-
-    Test suites are skipped (huge generated literals) and files are read in a fixed order, so the
-    corpus is a deterministic function of the Python version."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if rel[0] in {"test", "site-packages", "idlelib", "lib2to3"} or "tests" in rel:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        texts.append(text)
-        total += len(text)
-        if max_bytes and total >= max_bytes:
-            break
-    return texts
-
-
-def read_documents(cfg: DataConfig) -> list[str]:
-    """Documents from local text/jsonl files through `datasets`, or the built-in corpus."""
-    if not cfg.train_files:
-        return stdlib_sources(cfg.max_bytes)
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from datasets import load_dataset
-
-    for path in cfg.train_files:
-        check_text_file(path)
-    fmt = cfg.format
-    if fmt == "auto":
-        fmt = "jsonl" if all(f.endswith((".jsonl", ".json")) for f in cfg.train_files) else "text"
-    try:
-        if fmt == "text":
-            ds = load_dataset("text", data_files=list(cfg.train_files), sample_by="document", split="train")
-            return list(ds["text"])
-        ds = load_dataset("json", data_files=list(cfg.train_files), split="train")
-    except Exception as err:  # noqa: BLE001 -- datasets wraps parse errors in varying types
-        cause = err.__cause__ or err
-        raise DataError(f"data.train_files: cannot read {list(cfg.train_files)} as {fmt}: "
-                        f"{type(cause).__name__}: {str(cause).splitlines()[0][:200] if str(cause) else ''}") from None
-    if cfg.text_field not in ds.column_names:
-        raise DataError(f"data.text_field: '{cfg.text_field}' not in the jsonl columns {ds.column_names}")
-    texts = list(ds[cfg.text_field])
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-    if bad is not None:
-        raise DataError(f"data.text_field: '{cfg.text_field}' of row {bad} is {texts[bad]!r}, not text")
-    return texts
-
-
-def check_text_file(path: str, chunk: int = 1 << 20) -> None:
-    """Fail on files that would train on garbage or break deep inside `datasets`: an empty file,
-    a binary one (text never holds a NUL byte), or bytes that are not UTF-8."""
-    if os.path.getsize(path) == 0:
-        raise DataError(f"data.train_files: {path} is empty")
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            nul = block.find(b"\0")
-            if nul >= 0:
-                raise DataError(f"data.train_files: {path} looks binary (NUL byte at offset "
-                                f"{offset + nul}); expected UTF-8 text or JSONL")
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as err:
-                at = offset + err.start - (len(err.object) - len(block))
-                raise DataError(f"data.train_files: {path} is not UTF-8 (byte 0x{err.object[err.start]:02x} "
-                                f"at offset {at}); re-encode it, e.g. iconv -f latin1 -t utf-8") from None
-            offset += len(block)
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise DataError(f"data.train_files: {path} is not UTF-8 (it ends inside a multi-byte "
-                        "character)") from None
+Windows = torch.Tensor | WindowView | DocumentStream
+"""A corpus split: int64 windows in memory, a memory-mapped view of token shards, or a stream."""
 
 
 @dataclass
 class Corpus:
-    """Token ids split into non-overlapping (seq_len + 1)-token training and validation windows."""
+    """Token ids split into non-overlapping (seq_len + 1)-token training and validation windows.
 
-    train: torch.Tensor  # [n_train, seq_len + 1] int64
-    val: torch.Tensor  # [n_val, seq_len + 1]
+    The streams below only index `train`/`val` as `train[g::K]` (a group's shard) and
+    `windows[index_array]` (a batch), which the tensor and the shard view answer alike; a
+    stream is split and read forward instead (streaming.py)."""
+
+    train: Windows  # [n_train, seq_len + 1] int64
+    val: Windows  # [n_val, seq_len + 1]
     vocab_size: int
 
 
 def build_corpus(cfg: DataConfig, tokenizer=None) -> Corpus:
-    """Tokenize, cap at `max_bytes`, split the tail off for validation, cut into windows."""
+    """The corpus `cfg` names: token shards (one directory written by `codistill-ds tokenize`),
+    a stream (`data.streaming`), or text tokenized here and held in memory."""
     tokenizer = tokenizer or load_tokenizer(cfg.tokenizer)
+    if cfg.format == "shards" or (len(cfg.train_files) == 1 and is_shard_dir(cfg.train_files[0])):
+        return shard_corpus(cfg, tokenizer.vocab_size)
+    if cfg.streaming:
+        return stream_corpus(cfg, tokenizer)
     text = "\n".join(read_documents(cfg))
     if cfg.max_bytes:
         text = text[: cfg.max_bytes]
     if not text.strip():
         raise DataError(f"data.train_files: {list(cfg.train_files)} hold no text (only empty documents)")
     ids = tokenizer.encode(text)
-    n_val = int(len(ids) * cfg.val_fraction)
-    train_ids, val_ids = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
-    train, val = _windows(train_ids, cfg.seq_len), _windows(val_ids, cfg.seq_len)
-    if len(train) == 0:
+    n_train = len(ids) - int(len(ids) * cfg.val_fraction)
+    train, val = _windows(ids[:n_train], cfg.seq_len), _windows(ids[n_train:], cfg.seq_len)
+    _check_split(cfg, n_train, len(ids) - n_train, len(train), len(val))
+    return Corpus(train=train, val=val, vocab_size=tokenizer.vocab_size)
+
+
+def shard_corpus(cfg: DataConfig, vocab_size: int) -> Corpus:
+    """Memory-mapped windows over token shards, split at the same token as the in-memory path
+    (the tail `val_fraction` of the stream); `data.max_bytes` does not apply (tokenize cuts)."""
+    if len(cfg.train_files) != 1 or not os.path.isdir(cfg.train_files[0]):
+        raise DataError(f"data.train_files: token shards are read from one directory, got {list(cfg.train_files)}")
+    try:
+        shards = TokenShards(cfg.train_files[0])
+    except ShardError as err:
+        raise DataError(f"data.train_files: {err}") from None
+    index = shards.index
+    if index.vocab_size != vocab_size:
+        raise DataError(f"data.tokenizer: the shards in {cfg.train_files[0]} were tokenized with "
+                        f"'{index.tokenizer}' (vocab {index.vocab_size}); data.tokenizer has vocab "
+                        f"{vocab_size}: set data.tokenizer to that tokenizer")
+    n_train = index.tokens - int(index.tokens * cfg.val_fraction)
+    train = WindowView(shards, 0, n_train, cfg.seq_len)
+    val = WindowView(shards, n_train, index.tokens - n_train, cfg.seq_len)
+    _check_split(cfg, n_train, index.tokens - n_train, len(train), len(val))
+    return Corpus(train=train, val=val, vocab_size=vocab_size)
+
+
+def stream_corpus(cfg: DataConfig, tokenizer) -> Corpus:
+    """Documents read and tokenized while training (streaming.py); only the first validation
+    micro-batch is read here, to fail at start on a split too small."""
+    for path in cfg.train_files:
+        check_text_file(path)
+    train, val = stream_corpus_parts(cfg, tokenizer)
+    if cfg.val_fraction > 0:
+        n = len(val.head(cfg.micro_batch_size))
+        if n < cfg.micro_batch_size:
+            raise DataError(f"data.val_fraction: the streamed validation documents (1 in {val.val_every} "
+                            f"by content hash) hold {n} windows of seq_len+1={cfg.seq_len + 1} tokens, "
+                            f"fewer than one micro-batch of {cfg.micro_batch_size}; raise data.val_fraction")
+    return Corpus(train=train, val=val, vocab_size=tokenizer.vocab_size)
+
+
+def _check_split(cfg: DataConfig, train_tokens: int, val_tokens: int, n_train: int, n_val: int) -> None:
+    if n_train == 0:
         raise DataError(
-            f"data.seq_len: the training split has {len(train_ids)} tokens, fewer than one sequence "
+            f"data.seq_len: the training split has {train_tokens} tokens, fewer than one sequence "
             f"of seq_len+1={cfg.seq_len + 1}"
         )
-    if cfg.val_fraction > 0 and len(val) < cfg.micro_batch_size:
+    if cfg.val_fraction > 0 and n_val < cfg.micro_batch_size:
         raise DataError(
             f"data.seq_len: the validation split ({cfg.val_fraction:g} of the corpus) has "
-            f"{len(val_ids)} tokens: {len(val)} sequences of seq_len+1={cfg.seq_len + 1}, fewer than "
+            f"{val_tokens} tokens: {n_val} sequences of seq_len+1={cfg.seq_len + 1}, fewer than "
             f"one micro-batch of {cfg.micro_batch_size}; lower seq_len or raise data.val_fraction"
         )
-    return Corpus(train=train, val=val, vocab_size=tokenizer.vocab_size)
+
+
+def corpus_digest(train: Windows) -> str:
+    """Names the training windows cheaply, for the start-up check that every rank trains on the
+    same corpus (health.fingerprint): shards and streams from their metadata, never every token;
+    a tensor from a sample of rows."""
+    if isinstance(train, (WindowView, DocumentStream)):
+        return train.digest()
+    rows = train[:: max(1, len(train) // 4096)]
+    return hashlib.sha1(repr(tuple(train.shape)).encode() + rows.numpy().tobytes()).hexdigest()[:16]
 
 
 def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
@@ -184,7 +169,10 @@ def _windows(ids: np.ndarray, seq_len: int) -> torch.Tensor:
 
 
 class _EpochPermutation:
-    """Position p of an endless stream over n items: epoch p // n reshuffled with (seed, epoch)."""
+    """Position p of an endless stream over n items: epoch p // n reshuffled with (seed, epoch).
+
+    Holds one epoch's permutation: 4 bytes per window (8 past 2**31 windows), the only memory
+    of a stream over memory-mapped shards that grows with the corpus."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed = n, seed
@@ -195,10 +183,26 @@ class _EpochPermutation:
         for epoch in np.unique(positions // self.n):
             if epoch != self._epoch:
                 self._epoch = int(epoch)
-                self._perm = np.random.default_rng([self.seed, self._epoch]).permutation(self.n)
+                perm = np.random.default_rng([self.seed, self._epoch]).permutation(self.n)
+                self._perm = perm.astype(np.int32) if self.n < 1 << 31 else perm
             sel = positions // self.n == epoch
             out[sel] = self._perm[positions[sel] % self.n]
         return out
+
+
+def _group_shard(train: Windows, group: int, groups: int) -> Windows:
+    """Group g's disjoint part: every K-th window; for a stream, every K-th document (or file)."""
+    if isinstance(train, DocumentStream):
+        return train.for_group(group, groups)
+    return train[group::groups]
+
+
+def _ordered(data: Windows, seed: int):
+    """(what to index, order of positions): random-access windows through a per-epoch
+    permutation; a stream shuffles its documents itself and is read in order."""
+    if isinstance(data, DocumentStream):
+        return data.shuffled(seed), None
+    return data, _EpochPermutation(len(data), seed)
 
 
 class TrainStream:
@@ -209,19 +213,19 @@ class TrainStream:
 
     def __init__(self, corpus: Corpus, seed: int, group: int, groups: int,
                  group_rank: int, group_size: int, micro_batch: int, grad_accum: int) -> None:
-        self.data = corpus.train[group::groups]
-        if len(self.data) < group_size * micro_batch:
+        shard = _group_shard(corpus.train, group, groups)
+        if not isinstance(shard, DocumentStream) and len(shard) < group_size * micro_batch:
             raise DataError(
-                f"data: group {group} has {len(self.data)} training sequences, fewer than one "
+                f"data: group {group} has {len(shard)} training sequences, fewer than one "
                 f"micro-batch across its ranks ({group_size} x {micro_batch})"
             )
-        self.order = _EpochPermutation(len(self.data), seed)
+        self.data, self.order = _ordered(shard, seed)
         self.rank, self.size = group_rank, group_size
         self.b, self.accum = micro_batch, grad_accum
 
     def micro_batch(self, step: int, micro: int) -> torch.Tensor:
         start = ((step * self.accum + micro) * self.size + self.rank) * self.b
-        return self.data[self.order(np.arange(start, start + self.b))]
+        return _take(self.data, self.order, np.arange(start, start + self.b))
 
     def sequences_per_step(self) -> int:
         return self.size * self.b * self.accum
@@ -233,23 +237,32 @@ class ExchangeStream:
     def __init__(self, corpus: Corpus, seed: int, batch: int, group_rank: int, group_size: int) -> None:
         if batch % group_size:
             raise DataError(f"data.exchange_batch_size={batch} is not divisible by {group_size} ranks per group")
-        self.data = corpus.train
-        self.order = _EpochPermutation(len(self.data), seed + EXCHANGE_STREAM_TAG)
+        self.data, self.order = _ordered(corpus.train, seed + EXCHANGE_STREAM_TAG)
         self.slice = batch // group_size
         self.batch, self.rank = batch, group_rank
 
     def batch_slice(self, e: int) -> torch.Tensor:
         start = e * self.batch + self.rank * self.slice
-        return self.data[self.order(np.arange(start, start + self.slice))]
+        return _take(self.data, self.order, np.arange(start, start + self.slice))
+
+
+def _take(data, order: _EpochPermutation | None, positions: np.ndarray) -> torch.Tensor:
+    return data[positions if order is None else order(positions)]
 
 
 def val_micro_batches(corpus: Corpus, group_rank: int, group_size: int, micro_batch: int,
                       max_batches: int) -> list[torch.Tensor]:
-    """The same validation windows on every group; ranks of a group take turns."""
+    """The same validation windows on every group; ranks of a group take turns. Only the
+    windows evaluated are read (a shard view or a stream is never materialized whole)."""
+    need = max_batches * group_size * micro_batch
+    if isinstance(corpus.val, DocumentStream):
+        head = corpus.val.head(need)
+    else:
+        head = corpus.val[np.arange(min(need, len(corpus.val)))]
     out = []
     for i in range(max_batches):
         start = (i * group_size + group_rank) * micro_batch
-        if start + micro_batch > len(corpus.val):
+        if start + micro_batch > len(head):
             break
-        out.append(corpus.val[start : start + micro_batch])
+        out.append(head[start : start + micro_batch])
     return out

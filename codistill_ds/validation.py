@@ -14,11 +14,12 @@ import os
 from typing import Any
 
 from .config import PACKAGE_ROOT, Config, ConfigError, resolve_path
+from .shards import is_shard_dir
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("llama", "gpt2"),
     "data.builtin": ("stdlib",),
-    "data.format": ("auto", "text", "jsonl"),
+    "data.format": ("auto", "text", "jsonl", "shards"),
     "codistill.mode": ("logits", "weights"),
     "codistill.route": ("leaders", "rails"),
     "codistill.exchange_batch": ("shared", "train"),
@@ -33,7 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _POSITIVE = (
     "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
     "model.intermediate_size", "model.max_seq_len", "data.seq_len", "data.max_bytes",
-    "data.micro_batch_size", "data.exchange_batch_size", "data.val_batches",
+    "data.micro_batch_size", "data.exchange_batch_size", "data.val_batches", "data.shuffle_buffer",
     "codistill.interval", "codistill.temperature", "optim.lr", "optim.eps",
     "train.steps", "train.grad_accum", "backend.timeout_s", "backend.peer_timeout_s",
 )  # fmt: skip
@@ -172,9 +173,40 @@ def _check_exchange(cfg: Config, world_size: int, vocab_size: int | None) -> Non
         )
 
 
-def _check_paths(cfg: Config) -> None:
-    for path in cfg.data.train_files:
+REPORT_TO = {"tensorboard": "tensorboard", "wandb": "wandb", "none": None}
+"""Valid train.report_to entries -> the package each needs (imported only when used)."""
+
+
+def check_report_to(targets: list[str]) -> None:
+    from importlib.util import find_spec
+
+    for name in targets:
+        _require(name in REPORT_TO, "train.report_to", f"got {name!r}; valid values: {', '.join(REPORT_TO)}")
+        package = REPORT_TO[name]
+        _require(package is None or find_spec(package) is not None, "train.report_to",
+                 f"'{name}' needs the {package} package: pip install 'codistill_ds[dashboards]'")
+    _require("none" not in targets or len(targets) == 1, "train.report_to",
+             f"'none' cannot be combined with other targets, got {targets}")
+
+
+def _check_data_paths(cfg: Config) -> None:
+    """Text/JSONL files, or exactly one token-shard directory (shards.py)."""
+    files, d = cfg.data.train_files, cfg.data
+    shard_dir = len(files) == 1 and is_shard_dir(files[0])
+    if d.format == "shards" or (files and os.path.isdir(files[0])):
+        _require(shard_dir, "data.train_files", f"expected one directory written by `codistill-ds "
+                 f"tokenize` (holding index.json), got {files}")
+        _require(not d.streaming, "data.streaming", "token shards are memory-mapped, not streamed; "
+                 "set data.streaming=false")
+        return
+    for path in files:
         _require(os.path.isfile(path), "data.train_files", f"no such file: {path}")
+    _require(not d.streaming or bool(files), "data.streaming",
+             "streams data.train_files, which is empty (the built-in corpus is read in memory)")
+
+
+def _check_paths(cfg: Config) -> None:
+    _check_data_paths(cfg)
     tok = cfg.data.tokenizer
     _require(
         tok == "byte" or os.path.isdir(tok),
@@ -210,6 +242,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int | None = None) -> Non
     _check_model(cfg)
     _check_exchange(cfg, world_size, vocab_size)
     _check_paths(cfg)
+    check_report_to(cfg.train.report_to)
     _require(
         not (cfg.codistill.enabled and cfg.codistill.mode == "weights" and cfg.train.save_interval > 0),
         "train.save_interval",
