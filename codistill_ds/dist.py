@@ -8,9 +8,11 @@ arguments instead of looking them up.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 import torch
@@ -166,12 +168,27 @@ def shutdown() -> None:
     dist.destroy_process_group()
 
 
+_ON_EXIT: list[Callable[[], None]] = []
+
+
+def on_exit(fn: Callable[[], None]) -> None:
+    """Run `fn` when the process leaves through `exit_process` (which skips atexit handlers) or
+    exits normally: for writers that must finish their files (dashboards)."""
+    _ON_EXIT.append(fn)
+    atexit.register(fn)
+
+
 def exit_process(code: int) -> NoReturn:
     """Leave without interpreter finalization, after flushing what the user sees.
 
     Process groups that Python objects (DeepSpeed's engine, the topology) still reference are
     destroyed during finalization otherwise, and a library thread still alive then can abort a
-    process whose run succeeded; nothing of ours is left to finalize (files are closed)."""
+    process whose run succeeded; only the `on_exit` functions run (files of ours are closed)."""
+    for fn in reversed(_ON_EXIT):
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 -- a dashboard failing to close must not change the exit code
+            print(f"codistill-ds: warning: at exit: {type(err).__name__}: {err}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

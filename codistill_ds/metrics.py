@@ -26,11 +26,22 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Appends records for one group; inert on ranks that are not their group's leader."""
+    """Appends records for one group; inert on ranks that are not their group's leader.
 
-    def __init__(self, run_dir: str, enabled: bool) -> None:
+    `report_to` (train.report_to) adds dashboards fed the same records (dashboards.py): the
+    loop only ever calls `write`. They are closed by `close`, which also runs when the process
+    leaves through `dist.exit_process` or the interpreter exits."""
+
+    def __init__(self, run_dir: str, enabled: bool, report_to: list[str] = (), group: int = 0) -> None:
         self.path = os.path.join(run_dir, METRICS_FILE)
         self.enabled = enabled
+        self.sinks: list = []
+        if enabled and any(name != "none" for name in report_to):
+            from .dashboards import open_sinks
+            from .dist import on_exit
+
+            self.sinks = open_sinks(list(report_to), run_dir, group)
+            on_exit(self.close)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -41,6 +52,18 @@ class MetricsWriter:
             os.write(fd, line.encode())
         finally:
             os.close(fd)
+        if self.sinks:
+            from .dashboards import scalars
+
+            values = scalars(record)
+            for sink in self.sinks:
+                sink.write(int(record["step"]), values)
+
+    def close(self) -> None:
+        """Finish the dashboards (idempotent)."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:

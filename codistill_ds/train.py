@@ -108,7 +108,8 @@ def build_job(cfg: Config) -> Job:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     torch.distributed.barrier()
-    writer = MetricsWriter(cfg.run_dir, enabled=topology.layout.is_leader)
+    writer = MetricsWriter(cfg.run_dir, enabled=topology.layout.is_leader,
+                           report_to=cfg.train.report_to, group=topology.group_id)
     loop = CodistillLoop(cfg, topology, backend, corpus, writer, rankinfo.device())
     return Job(cfg, topology, backend, loop, n_params)
 
