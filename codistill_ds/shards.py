@@ -87,7 +87,7 @@ def stream_digest(dtype: str, vocab_size: int, shard_sha256: list[str]) -> str:
 
 
 class TokenShards:
-    """The concatenated token stream of a shard directory; files are mapped on first use."""
+    """The concatenated token stream of a shard directory, read through short-lived mappings."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -103,25 +103,26 @@ class TokenShards:
             if have != n * self.dtype.itemsize:
                 raise ShardError(f"{path}: expected {n * self.dtype.itemsize} bytes ({n} {self.index.dtype} "
                                  f"tokens), found {'no file' if have is None else f'{have} bytes'}")
-        self._maps: dict[int, np.memmap] = {}
+        self.paths = [os.path.join(directory, s["file"]) for s in self.index.shards]
 
     def __len__(self) -> int:
         return self.index.tokens
 
-    def _map(self, i: int) -> np.memmap:
-        if i not in self._maps:
-            path = os.path.join(self.directory, self.index.shards[i]["file"])
-            self._maps[i] = np.memmap(path, dtype=self.dtype, mode="r")
-        return self._maps[i]
-
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens [start, stop) of the stream as int64, across shard boundaries if need be."""
+        """Tokens [start, stop) of the stream as int64, across shard boundaries if need be.
+
+        Each read maps only the pages it needs and unmaps them at once: a mapping kept open
+        counts every page ever read in the process's resident memory (a random-access epoch
+        would end up holding the whole corpus in VmRSS), so only the page cache keeps them."""
         out = np.empty(stop - start, dtype=np.int64)
         i, pos = int(np.searchsorted(self.ends, start, side="right")), start
         while pos < stop:
             lo = 0 if i == 0 else int(self.ends[i - 1])
             take = min(stop, int(self.ends[i])) - pos
-            out[pos - start: pos - start + take] = self._map(i)[pos - lo: pos - lo + take]
+            mapped = np.memmap(self.paths[i], dtype=self.dtype, mode="r", offset=(pos - lo) * self.dtype.itemsize,
+                               shape=(take,))
+            out[pos - start: pos - start + take] = mapped
+            del mapped
             pos, i = pos + take, i + 1
         return out
 
