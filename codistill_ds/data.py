@@ -191,7 +191,7 @@ class _EpochPermutation:
 
 
 def _group_shard(train: Windows, group: int, groups: int) -> Windows:
-    """Group g's disjoint part: every K-th window; for a stream, every K-th document (or file)."""
+    """Group g's disjoint part: every K-th window; for a stream, the documents hashed to g."""
     if isinstance(train, DocumentStream):
         return train.for_group(group, groups)
     return train[group::groups]

@@ -2,24 +2,25 @@
 
 No tokenizing pass and nothing held whole: documents come through an `IterableDataset`
 (a text file's paragraphs, or JSONL rows), are tokenized as they arrive and packed into the
-(seq_len + 1)-token windows of the in-memory path (documents joined by "\\n", a window every
+(seq_len + 1)-token windows of the in-memory path (documents joined by "\n", a window every
 seq_len tokens). What the streams in data.py guarantee, and what changes against the
 random-access corpora (in memory or shards):
 
-- Group-disjoint training data: group g reads `split_dataset_by_node(docs, rank=g,
-  world_size=K)`, so groups split *documents*, not windows. When the number of files is a
-  multiple of K, datasets hands each group whole files (group sizes then follow the files);
-  otherwise every K-th document.
+- Group-disjoint training data, fixed for the whole run: a document belongs to group
+  hash(text) mod K, so groups split *documents* (not windows), about equally. Not
+  `split_dataset_by_node`: datasets applies its split on top of the shuffled stream, so with
+  `set_epoch` a group's share changes every epoch (datasets 5.2: in epoch 1 group 0 gets
+  documents group 1 had in epoch 0), and each replica would end up seeing all the data.
 - One shared exchange stream: every group reads all training documents in the same order.
-- Pure functions of (seed, group, step): each epoch e is `docs.shuffle(seed, buffer_size)` with
-  `set_epoch(e)`, deterministic on every rank. The shuffle is datasets' approximate one (shard
+- Pure functions of (seed, group, step): epoch e is `docs.shuffle(seed, buffer_size)` with
+  `set_epoch(e)`, deterministic on every rank. The shuffle is datasets' approximate one (file
   order, then a buffer of `data.shuffle_buffer` documents), not a full permutation.
 - Exact resume, at a cost: a position is reached by reading the stream from its start, so a
   run resumed at step t re-reads and re-tokenizes the t steps' windows before training (no
   model compute); every rank of a group reads its group's whole stream and keeps its slices.
 - Text files are read by paragraph (blank-line separated): a file without blank lines is one
   document, held whole while it is tokenized; give such corpora as JSONL rows.
-- Validation: documents whose text hashes into 1 in round(1 / data.val_fraction) buckets, the
+- Validation: documents whose hash falls in 1 of round(1 / data.val_fraction) buckets, the
   same on every rank in any order; the first windows of that split, unshuffled.
 """
 
@@ -37,12 +38,19 @@ import torch
 from .sources import DataError, load_local_dataset, resolve_format
 
 
+def document_bucket(text: str) -> int:
+    """A document's place in every split, by content: the same on every rank, in any order."""
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"codistill.split").digest()
+    return int.from_bytes(h, "little")
+
+
 def is_validation(text: str, every: int) -> bool:
-    """Held out by content, not position: the same split whatever order or shard reads it."""
-    if every <= 0:
-        return False
-    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"codistill.val").digest()
-    return int.from_bytes(h, "little") % every == 0
+    return every > 0 and document_bucket(text) % every == 0
+
+
+def group_of(text: str, every: int, groups: int) -> int:
+    """The group that trains on this document (other bits of the hash than validation's)."""
+    return (document_bucket(text) // max(every, 1)) % groups
 
 
 def packed_windows(texts: Iterable[str], tokenizer, seq_len: int) -> Iterator[np.ndarray]:
@@ -79,18 +87,21 @@ class DocumentStream:
 
     def texts(self, seed: int | None, epoch: int) -> Iterator[str]:
         """This split's documents; shuffled for epoch `epoch` when a seed is given."""
-        from datasets.distributed import split_dataset_by_node
-
         sample_by = "paragraph" if self.fmt == "text" else "document"
         ds = load_local_dataset(list(self.files), self.fmt, streaming=True, sample_by=sample_by)
-        field, every, want_val = self.text_field if self.fmt == "jsonl" else "text", self.val_every, self.split == "val"
-        ds = ds.filter(lambda row: is_validation(_text(row, field), every) == want_val)
+        field = self.text_field if self.fmt == "jsonl" else "text"
+        ds = ds.filter(lambda row: self.keeps(_text(row, field)))
         if seed is not None:
             ds = ds.shuffle(seed=seed, buffer_size=self.shuffle_buffer)
             ds.set_epoch(epoch)
-        if self.groups > 1:
-            ds = split_dataset_by_node(ds, rank=self.group, world_size=self.groups)
         return (_text(row, field) for row in ds)
+
+    def keeps(self, text: str) -> bool:
+        """Whether a document is in this split (and this group's share of training)."""
+        if self.split == "val":
+            return is_validation(text, self.val_every)
+        return not is_validation(text, self.val_every) and (
+            self.groups == 1 or group_of(text, self.val_every, self.groups) == self.group)
 
     def shuffled(self, seed: int) -> PackedStream:
         """The endless window stream, epoch after epoch, each reshuffled from `seed`."""
