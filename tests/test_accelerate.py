@@ -1,14 +1,18 @@
-"""`accelerate launch` with each shipped YAML runs the real CLI, and its settings map onto the config.
+"""`accelerate launch` with each shipped YAML runs the real CLI at 2 groups x 2 ranks, shards
+inside each group only, and its settings map onto the config.
 
-Every shipped YAML launches, side by side: zero3.yaml as shipped (4 CPU ranks = 2 groups x 2),
-zero2.yaml and fsdp2.yaml with `--num_processes 2` (2 groups x 1) to keep the suite short;
-in-group sharding over several ranks is checked by the partition tests. The mapping
-(`integrations/accelerate.py`) is a pure function of the environment and is checked without
-launching anything.
+One launch per YAML (zero2, zero3, fsdp2), as shipped (4 processes), all at once: the rank
+program is `codistill-ds train` itself (tests/workers/accelerate_cli.py only records the engine
+it builds). Checked: the launch mapping took effect, every group wrote its records, each rank
+holds 1/2 of every parameter (ZeRO-2: of every flat optimizer partition) and the groups end with
+different weights from identical initial ones (the global-mpu trap would give 1/4, or one model).
+The mapping (`integrations/accelerate.py`) is a pure function of the environment and is also
+checked without launching anything.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,23 +20,26 @@ from pathlib import Path
 
 import pytest
 import yaml
+from partitions import assert_sharded_within_groups
 
 from codistill_ds.config import Config, ConfigError
 from codistill_ds.integrations.accelerate import apply_launch_env
-from launch import REPO, child_env, read_jsonl
+from launch import REPO, WORKERS, child_env, read_jsonl
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
-STEPS = 3
-YAMLS = {"zero2": ("deepspeed", "ds_configs/zero2.json", 2), "zero3": ("deepspeed", "ds_configs/zero3.json", 4),
-         "fsdp2": ("fsdp", None, 2)}
-"""YAML name -> (backend, DeepSpeed config, ranks launched)."""
+STEPS, RANKS = 3, 4
+YAMLS = {"zero2": ("deepspeed", "ds_configs/zero2.json"), "zero3": ("deepspeed", "ds_configs/zero3.json"),
+         "fsdp2": ("fsdp", None)}
+"""YAML name -> (backend, DeepSpeed config)."""
 
 
-def accelerate_train(name: str, run_dir: Path) -> subprocess.CompletedProcess:
+def accelerate_train(name: str, out: Path) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True)
+    sets = [f"train.steps={STEPS}", f"train.eval_interval={STEPS}", "codistill.alpha=1", "codistill.same_init=true"]
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           f"launch/accelerate/{name}.yaml", "--num_processes", str(YAMLS[name][2]), "-m", "codistill_ds.cli", "train", "--config", CONFIG,
-           "--run-dir", str(run_dir), "--set", f"train.steps={STEPS}", "--set", f"train.eval_interval={STEPS}"]
-    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=420, check=False)
+           f"launch/accelerate/{name}.yaml", str(WORKERS / "accelerate_cli.py"), str(out), "--config", CONFIG,
+           "--run-dir", str(out / "run"), *[a for s in sets for a in ("--set", s)]]
+    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=560, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +50,25 @@ def launched(tmp_path_factory):
         return {name: (job.result(), tmp / name) for name, job in jobs.items()}
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", list(YAMLS))
-def test_accelerate_launch_runs_and_writes_metrics(launched, name):
-    proc, run_dir = launched[name]
+def test_accelerate_launch_shards_within_groups(launched, name):
+    proc, out = launched[name]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "codistill-ds: from accelerate launch:" in proc.stderr
-    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert yaml.safe_load((REPO / "launch" / "accelerate" / f"{name}.yaml").read_text())["num_processes"] == RANKS
+    run = out / "run"
+    records = read_jsonl(run / "metrics.jsonl")
     assert {(r["group"], r["step"]) for r in records} == {(g, s) for g in (0, 1) for s in range(1, STEPS + 1)}
     assert all(r["cross_group_bytes"] > 0 and r["distill_loss"] is not None for r in records)
-    backend = yaml.safe_load((run_dir / "config.yaml").read_text())["backend"]
-    engine, ds_config, _ = YAMLS[name]
+    backend = yaml.safe_load((run / "config.yaml").read_text())["backend"]
+    engine, ds_config = YAMLS[name]
     assert backend["name"] == engine
     if ds_config:
         assert backend["ds_config"] == ds_config
+    res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(RANKS)]
+    assert_sharded_within_groups(res, S=2)
+    assert json.loads((run / "summary.json").read_text())["ranks_per_group"] == 2
 
 
 def test_launch_env_mapping():

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
+from partitions import assert_sharded_within_groups
 
 from launch import REPO, child_env, cli, free_port, read_jsonl, run_worker
 
@@ -129,18 +130,4 @@ def test_partitions_stay_within_group(tmp_path, backend):
     res = run_worker("partition_check", 4, tmp_path, CONFIG, f"run_dir={tmp_path / 'run'}",
                      f"backend.name={backend}", "codistill.alpha=1", "codistill.same_init=true",
                      "train.steps=3")
-    S = 2
-    for r in res:
-        for p in r["parts"]:
-            assert p["shard_size"] == S
-            if backend == "deepspeed":  # ZeRO-3 flattens and pads to S equal partitions
-                assert p["local"] == -(-p["full"] // S), p
-            else:  # FSDP2 shards dim 0 into ceil(rows/S)-row chunks on the shard mesh
-                assert p["mesh"] == ["shard"]
-                chunk = -(-p["rows"] // S)
-                rows = max(0, min(chunk, p["rows"] - r["group_rank"] * chunk))
-                assert p["local"] == rows * p["full"] // p["rows"], p
-    by_group = {g: [r for r in res if r["group"] == g] for g in (0, 1)}
-    for members in by_group.values():
-        assert members[0]["checksum"] == members[1]["checksum"]
-    assert by_group[0][0]["checksum"] != by_group[1][0]["checksum"]
+    assert_sharded_within_groups(res, S=2)

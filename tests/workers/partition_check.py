@@ -1,5 +1,5 @@
-"""Rank program: the library's ZeRO-3 (through mpu) or FSDP2 (through the shard mesh) shards
-each parameter over my group only. Args: OUT CONFIG [overrides...]. Records partition sizes,
+"""Rank program: the library's ZeRO (through mpu) or FSDP2 (through the shard mesh) shards
+each parameter (ZeRO-1/2: the optimizer state) over my group only. Args: OUT CONFIG [overrides...]. Records partition sizes,
 trains the configured steps, then records per-group weight checksums gathered inside the group."""
 
 from __future__ import annotations
@@ -15,11 +15,20 @@ from codistill_ds.train import build_job
 
 
 def deepspeed_view(job):
+    """ZeRO-3: each parameter's partition; ZeRO-1/2 (parameters whole on every rank): each
+    parameter group's flat fp32 optimizer partition (`"group": True`)."""
     import deepspeed
 
-    params = list(job.backend.engine.module.parameters())
+    engine = job.backend.engine
+    params = list(engine.module.parameters())
+    if engine.zero_optimization_stage() < 3:
+        opt = engine.optimizer
+        parts = [{"group": True, "full": sum(int(p.numel()) for p in group), "local": int(flat.numel()),
+                  "shard_size": engine.dp_world_size}
+                 for group, flat in zip(opt.bit16_groups, opt.single_partition_of_fp32_groups)]
+        return parts, nullcontext, lambda: params
     parts = [{"full": int(p.ds_numel), "local": int(p.ds_tensor.numel()), "rows": int(p.ds_shape[0]),
-              "shard_size": job.backend.engine.dp_world_size} for p in params]
+              "shard_size": engine.dp_world_size} for p in params]
     return parts, lambda: deepspeed.zero.GatheredParameters(params), lambda: params
 
 
