@@ -24,7 +24,13 @@ import numpy as np
 
 from .data import load_tokenizer
 from .shards import ShardIndex, is_shard_dir, stream_digest, token_dtype
-from .sources import DataError, check_text_file, load_local_dataset, read_error, resolve_format
+from .sources import (
+    DataError,
+    check_text_file,
+    load_local_dataset,
+    read_error,
+    resolve_format,
+)
 
 SHARD_TOKENS = 1 << 28
 """Tokens per shard file by default: 512 MiB of uint16 ids, a few hundred files for 100 GB."""
@@ -109,7 +115,7 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"tokens_{len(self.shards):05d}.bin"
         self.shards.append({"file": name, "tokens": 0, "sha256": ""})
-        self._file = open(os.path.join(self.out_dir, name), "wb")
+        self._file = open(os.path.join(self.out_dir, name), "wb")  # noqa: SIM115 -- open across add() calls
         self._hash, self._count = hashlib.sha256(), 0
 
     def _close(self) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from corpus import make_corpus
 
 from codistill_ds.config import ConfigError, DataConfig, load_config
 from codistill_ds.data import (
@@ -32,10 +31,19 @@ from codistill_ds.data import (
     corpus_digest,
     val_micro_batches,
 )
-from codistill_ds.shards import ShardIndex, TokenShards, WindowView, stream_digest, token_dtype
+from codistill_ds.shards import (
+    ShardIndex,
+    TokenShards,
+    WindowView,
+    stream_digest,
+    token_dtype,
+)
 from codistill_ds.tokenize import ShardWriter, tokenize_files
 from codistill_ds.validation import validate
-from launch import REPO, WORKERS, child_env
+from launch import REPO, child_env
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # the corpus maker shared with benchmarks/data_memory.py
+from _corpus import make_corpus
 
 SIZES = {"2mb": 2_000_000, "20mb": 20_000_000}
 SHARD_TOKENS = 1_000_000
@@ -80,7 +88,7 @@ def test_index_describes_the_shards(corpora):
 
 def test_shards_give_the_in_memory_batches(corpora):
     text, shards = corpora["2mb"]
-    cfg = dict(max_bytes=None, seq_len=128, micro_batch_size=4)
+    cfg = {"max_bytes": None, "seq_len": 128, "micro_batch_size": 4}
     mem = build_corpus(DataConfig(train_files=[str(text)], **cfg))
     mapped = build_corpus(DataConfig(train_files=[str(shards)], **cfg))
     assert isinstance(mapped.train, WindowView) and mapped.train.shape == tuple(mem.train.shape)
@@ -101,7 +109,7 @@ def test_shards_give_the_in_memory_batches(corpora):
 def test_resident_memory_does_not_grow_with_the_corpus(corpora, tmp_path):
     def probe(name: str, source: Path) -> dict:
         out = tmp_path / f"{name}.json"
-        proc = subprocess.run([sys.executable, str(WORKERS / "stream_memory.py"), str(out), str(source), "1000"],
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "_data_probe.py"), str(out), str(source), "1000"],
                               cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=200, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         res = json.loads(out.read_text())
@@ -143,7 +151,7 @@ def test_jsonl_rows_tokenize_like_the_in_memory_path(tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text("".join(json.dumps({"id": i, "body": p}) + "\n" for i, p in enumerate(paragraphs)))
     index = tokenize_files([str(rows)], str(tmp_path / "shards"), text_field="body", shard_tokens=30_000)
-    cfg = dict(max_bytes=None, seq_len=64, text_field="body", micro_batch_size=2)
+    cfg = {"max_bytes": None, "seq_len": 64, "text_field": "body", "micro_batch_size": 2}
     mem = build_corpus(DataConfig(train_files=[str(rows)], **cfg))
     mapped = build_corpus(DataConfig(train_files=[str(tmp_path / "shards")], **cfg))
     assert index.tokens == len("\n".join(paragraphs).encode()) and index.sources[0]["format"] == "jsonl"

@@ -11,12 +11,13 @@ unsplit training stream for every group; epochs reshuffle the same documents.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from corpus import SHAKESPEARE
 
 from codistill_ds.config import DataConfig
 from codistill_ds.data import (
@@ -30,6 +31,10 @@ from codistill_ds.data import (
     val_micro_batches,
 )
 from codistill_ds.streaming import DocumentStream, group_of, is_validation
+from launch import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))  # the corpus maker shared with benchmarks/data_memory.py
+from _corpus import SHAKESPEARE
 
 SEQ, B, SEED = 64, 4, 11
 
@@ -54,7 +59,7 @@ def docs(stream: DocumentStream, seed=None, epoch=0) -> list[str]:
 
 
 def test_groups_split_documents_and_validation_is_held_out(corpus):
-    cfg, c = corpus
+    _, c = corpus
     assert isinstance(c.train, DocumentStream) and c.vocab_size == 256
     everything = docs(c.train) + docs(c.val)
     assert len(docs(c.val)) > 0 and all(is_validation(d, 20) for d in docs(c.val))
@@ -110,7 +115,7 @@ def test_validation_and_digest(corpus, tmp_path):
     assert corpus_digest(c.train) != corpus_digest(c.val)
     copy = [tmp_path / f"copy{i}.txt" for i in range(3)]  # same content elsewhere: same digest
     for src, dst in zip(cfg.train_files, copy):
-        dst.write_bytes(open(src, "rb").read())
+        dst.write_bytes(Path(src).read_bytes())
     moved = build_corpus(DataConfig(**{**cfg.__dict__, "train_files": [str(p) for p in copy]}))
     assert corpus_digest(moved.train) == corpus_digest(c.train)
     with pytest.raises(DataError, match="fewer than one micro-batch of 4"):
