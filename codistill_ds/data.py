@@ -23,7 +23,7 @@ import torch
 
 from .config import DataConfig
 from .shards import ShardError, TokenShards, WindowView, is_shard_dir
-from .sources import DataError, check_text_file, read_documents, resolve_format  # noqa: F401 -- re-exported
+from .sources import DataError, check_text_file, read_documents
 from .streaming import DocumentStream, stream_corpus_parts
 
 EXCHANGE_STREAM_TAG = 1_000_003
