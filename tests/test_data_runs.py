@@ -3,7 +3,7 @@
 - From shards, straight: 30 steps with TensorBoard and W&B (offline). Each group's leader wrote
   RUN_DIR/tb/group{g} with one scalar per numeric metrics.jsonl field at every record's step
   (read back with tensorboard's EventAccumulator), and one offline W&B run per group whose
-  history equals metrics.jsonl (read from the run file, tests/wandb_records.py).
+  history equals metrics.jsonl (read from the run file, tests/dashboard_logs.py).
 - From shards, interrupted: rank 0 SIGKILLed when the save of step_20 begins
   (tests/workers/cli_killed_at_save.py), torchrun takes the other rank down, then `--resume`
   from step_10: every record equals the straight run's (losses, validation, agreement, bytes),
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import wandb_records
+from dashboard_logs import tensorboard_scalars, wandb_history
 
 from codistill_ds.tokenize import tokenize_files
 from launch import REPO, WORKERS, cli, read_jsonl, torchrun
@@ -64,18 +64,6 @@ def by_group_step(run: Path) -> dict[tuple[int, int], dict]:
     return {(r["group"], r["step"]): r for r in read_jsonl(run / "metrics.jsonl")}
 
 
-def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, list[float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    out: dict[str, dict[int, list[float]]] = {}
-    for tag in acc.Tags()["scalars"]:
-        for event in acc.Scalars(tag):
-            out.setdefault(tag, {}).setdefault(event.step, []).append(event.value)
-    return out
-
-
 @pytest.mark.timeout(420)
 def test_dashboards_per_group(straight):
     records = by_group_step(straight)
@@ -90,7 +78,7 @@ def test_dashboards_per_group(straight):
                 assert tb[name][step] == [pytest.approx(rec[name], rel=1e-6, abs=1e-6)], (g, step, name)
         runs = list((straight / "wandb" / f"group{g}" / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(runs) == 1, runs
-        history = wandb_records.history(runs[0])
+        history = wandb_history(runs[0])
         assert sorted(history) == list(range(1, STEPS + 1))
         for step, row in history.items():
             rec = records[g, step]

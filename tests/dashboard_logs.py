@@ -1,6 +1,7 @@
-"""Read the history of a W&B offline run file (run-*.wandb) without the network or the service.
+"""Read back what the dashboards wrote: TensorBoard scalars (tensorboard's EventAccumulator) and
+the history of a W&B offline run file (run-*.wandb), without the network or the W&B service.
 
-The file is W&B's LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then
+The W&B file is W&B's LevelDB-style log: a 7-byte header (":W&B", magic 0xBEE1, version 0), then
 32 KiB blocks of records, each with a 7-byte header (crc32, length uint16, type uint8: 1 full,
 2 first, 3 middle, 4 last) around a serialized `wandb_internal_pb2.Record`."""
 
@@ -39,7 +40,20 @@ def records(path: Path):
             pending = b""
 
 
-def history(path: Path) -> dict[int, dict[str, float]]:
+def tensorboard_scalars(logdir: Path) -> dict[str, dict[int, list[float]]]:
+    """tag -> step -> values, after TensorBoard's own purge of events a restart superseded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    out: dict[str, dict[int, list[float]]] = {}
+    for tag in acc.Tags()["scalars"]:
+        for event in acc.Scalars(tag):
+            out.setdefault(tag, {}).setdefault(event.step, []).append(event.value)
+    return out
+
+
+def wandb_history(path: Path) -> dict[int, dict[str, float]]:
     """step -> {metric: value} of every logged history row."""
     out: dict[int, dict[str, float]] = {}
     for rec in records(path):
