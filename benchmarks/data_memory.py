@@ -98,7 +98,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sizes", default="2,10,20,50", help="corpus sizes in MB, comma-separated")
+    ap.add_argument("--sizes", default="2,5,10,20,40", help="corpus sizes in MB, comma-separated")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--publish", action="store_true", help="copy the PNG to benchmarks/data_memory.png")
     args = ap.parse_args()
