@@ -55,7 +55,7 @@ def measure(out: Path, sizes_mb: list[int], steps: int) -> list[dict]:
         tokenize_files([str(text)], str(shards), shard_tokens=4_000_000)
         got = {path: probe(out / f"probe_{path}_{mb}mb.json", shards if path == "shards" else text, steps)
                for path in PATHS}
-        rows.append({"mb": mb, "windows": got["shards"]["windows"],
+        rows.append({"mb": mb, "windows": got["shards"]["windows"], "loadavg_1m": os.getloadavg()[0],
                      "same_batches": got["shards"]["checksum"] == got["memory"]["checksum"], **got})
         text.unlink()  # keep OUT small: the shards stay for inspection
         print(f"{mb} MB: " + ", ".join(f"{p} VmRSS +{got[p]['grew_kb']['VmRSS'] / 1024:.1f} MB" for p in PATHS),
@@ -65,14 +65,14 @@ def measure(out: Path, sizes_mb: list[int], steps: int) -> list[dict]:
 
 def report(rows: list[dict], steps: int) -> str:
     head = ("| corpus | windows | path | VmRSS growth | RssAnon growth | VmHWM growth | build s | "
-            f"ms/step ({steps} steps) | same batches |")
-    lines = [head, "|" + " --- |" * 9]
+            f"ms/step ({steps} steps) | same batches | load avg |")
+    lines = [head, "|" + " --- |" * 10]
     for r in rows:
         for p in PATHS:
             g = r[p]["grew_kb"]
             lines.append(f"| {r['mb']} MB | {r['windows']:,} | {p} | {g['VmRSS'] / 1024:.1f} MB | "
                          f"{g['RssAnon'] / 1024:.1f} MB | {g['VmHWM'] / 1024:.1f} MB | {r[p]['build_s']:.2f} | "
-                         f"{r[p]['draw_s'] / steps * 1e3:.3f} | {r['same_batches']} |")
+                         f"{r[p]['draw_s'] / steps * 1e3:.3f} | {r['same_batches']} | {r['loadavg_1m']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -87,7 +87,7 @@ def stream_digest(dtype: str, vocab_size: int, shard_sha256: list[str]) -> str:
 
 
 class TokenShards:
-    """The concatenated token stream of a shard directory, read through short-lived mappings."""
+    """The concatenated token stream of a shard directory, read through short-lived memory maps."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -111,9 +111,13 @@ class TokenShards:
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the stream as int64, across shard boundaries if need be.
 
-        Each read maps only the pages it needs and unmaps them at once: a mapping kept open
-        counts every page ever read in the process's resident memory (a random-access epoch
-        would end up holding the whole corpus in VmRSS), so only the page cache keeps them."""
+        Each read maps only the pages it needs and unmaps them at once. A mapping kept open
+        counts every page ever touched through it in the process's resident memory, and the
+        kernel maps more than the page touched (fault-around, large page-cache folios: measured
+        here, a whole-file mapping read at 1,000 random windows grew VmRSS by tens of MB), so
+        a random-access epoch would end up holding the corpus in VmRSS. The pages stay in the
+        page cache instead, shared by the ranks of a node and reclaimable. Cost: one mmap and
+        munmap per window (tens of microseconds)."""
         out = np.empty(stop - start, dtype=np.int64)
         i, pos = int(np.searchsorted(self.ends, start, side="right")), start
         while pos < stop:
@@ -122,7 +126,7 @@ class TokenShards:
             mapped = np.memmap(self.paths[i], dtype=self.dtype, mode="r", offset=(pos - lo) * self.dtype.itemsize,
                                shape=(take,))
             out[pos - start: pos - start + take] = mapped
-            del mapped
+            del mapped  # unmapped here, not at some later collection
             pos, i = pos + take, i + 1
         return out
 
