@@ -25,7 +25,6 @@ from codistill_ds import train
 from codistill_ds.compression import pack
 from codistill_ds.config import load_config
 from codistill_ds.dist import exit_process, shutdown
-from codistill_ds.exchange import LogitExchange
 from codistill_ds.loop import CodistillLoop
 
 STEP = [0]
@@ -49,7 +48,7 @@ def digest(t: torch.Tensor) -> str:
 
 def install(rank: int) -> None:
     plan = faults()
-    orig_step, orig_ex, orig_start = CodistillLoop.train_step, LogitExchange.exchange, LogitExchange.start
+    orig_step = CodistillLoop.train_step
 
     def train_step(self, step):
         STEP[0] = step
@@ -57,23 +56,7 @@ def install(rank: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return orig_step(self, step)
 
-    def received(step, result):
-        RECORD["recv"][step] = [digest(pack(p)) for p in result.peers]
-
-    def exchange(self, local):
-        RECORD["sent"][STEP[0]] = digest(pack(local))
-        result = orig_ex(self, local)
-        received(STEP[0], result)
-        return result
-
-    def start(self, local):
-        step = STEP[0]
-        RECORD["sent"][step] = digest(pack(local))
-        future = orig_start(self, local)
-        future.add_done_callback(lambda f: f.exception() is None and received(step, f.result()))
-        return future
-
-    CodistillLoop.train_step, LogitExchange.exchange, LogitExchange.start = train_step, exchange, start
+    CodistillLoop.train_step = train_step
 
     orig_build, orig_restore = train.build_job, train.restore
 
@@ -81,6 +64,8 @@ def install(rank: int) -> None:
         job = orig_build(cfg)
         JOBS.append(job)
         wrap_backend(job, plan)
+        if job.loop.engine is not None:
+            job.loop.engine.observers.append(observe)
         return job
 
     def restore(job, resume):
@@ -91,6 +76,14 @@ def install(rank: int) -> None:
         return step, rng
 
     train.build_job, train.restore = build_job, restore
+
+
+def observe(event: str, step: int, payload) -> None:
+    """The engine's record of what this rank sent and received, per posting step."""
+    if event == "sent":
+        RECORD["sent"][step] = digest(pack(payload))
+    else:
+        RECORD["recv"][step] = [digest(pack(p)) for p in payload.peers]
 
 
 def wrap_backend(job, plan) -> None:
