@@ -130,6 +130,24 @@ class CodistillConfig:
     """All groups start from identical weights; off, each group draws its own initialisation."""
     ignore_index: int = -100
     """Label value whose tokens get neither CE nor distillation loss."""
+    transport: str = "world"
+    """How groups reach each other: "world" (one job holds every group; the exchange runs over
+    that job's process groups, and one dead rank stops every group) | "torchft" (each group is its
+    own torchrun/deepspeed job; groups meet through a torchft Lighthouse, one quorum per exchange
+    round, and a dead or stopped group only costs the others its predictions)."""
+    group_id: int | None = None
+    """transport torchft: which of the `groups` groups this job trains (0 .. groups-1)."""
+    lighthouse: str | None = None
+    """transport torchft: the Lighthouse URL, http://host:port (`codistill-ds lighthouse`);
+    None reads the TORCHFT_LIGHTHOUSE environment variable, as torchft does."""
+    join_timeout_s: float = 120.0
+    """transport torchft: a fresh start waits up to this long for all `groups` groups before its
+    first step, so that every group's first exchange has every peer; a resumed group rejoins the
+    running rounds instead."""
+    exchange_timeout_s: float = 30.0
+    """transport torchft: the longest one round may block on a peer that stopped answering (the
+    gloo timeout of the cross-group process group; the quorum may take twice this). The round is
+    then dropped and training goes on; keep it below backend.peer_timeout_s."""
 
 
 @dataclass

@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "codistill.exchange_batch": ("shared", "train"),
     "codistill.dtype": ("bf16", "fp16", "fp32"),
     "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
+    "codistill.transport": ("world", "torchft"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "backend.name": ("deepspeed", "fsdp"),
     "backend.precision": ("auto", "fp32", "bf16"),
@@ -34,7 +35,8 @@ _POSITIVE = (
     "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
     "model.intermediate_size", "model.max_seq_len", "data.seq_len", "data.max_bytes",
     "data.micro_batch_size", "data.exchange_batch_size", "data.val_batches",
-    "codistill.interval", "codistill.temperature", "optim.lr", "optim.eps",
+    "codistill.interval", "codistill.temperature", "codistill.join_timeout_s",
+    "codistill.exchange_timeout_s", "optim.lr", "optim.eps",
     "train.steps", "train.grad_accum", "backend.timeout_s", "backend.peer_timeout_s",
 )  # fmt: skip
 """Fields that must be > 0 (None, where allowed, is skipped)."""
@@ -71,11 +73,36 @@ def check_topology(cfg: Config, world_size: int) -> None:
             f"codistillation needs at least 2 groups, got {g}; "
             "set codistill.enabled=false to train one group",
         )
+        if cfg.codistill.transport == "torchft":
+            check_group_job(cfg)
+            return
         _require(
             world_size % g == 0,
             "codistill.groups",
             f"world size {world_size} is not divisible by codistill.groups={g}",
         )
+
+
+def check_group_job(cfg: Config) -> None:
+    """`transport: torchft`: this job is group `group_id` of `groups`; the job's whole world
+    shards that one replica, and the peers are reached through the Lighthouse."""
+    cd = cfg.codistill
+    _require(cd.group_id is not None and 0 <= cd.group_id < cd.groups, "codistill.group_id",
+             f"transport 'torchft' needs this job's group id in 0..{cd.groups - 1} "
+             f"(codistill.groups={cd.groups}), got {cd.group_id}")
+    _require(bool(cd.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")), "codistill.lighthouse",
+             "transport 'torchft' needs the Lighthouse URL (http://host:port, from `codistill-ds "
+             "lighthouse`) in codistill.lighthouse or TORCHFT_LIGHTHOUSE")
+    for name, value, want, why in (
+            ("codistill.mode", cd.mode, "logits", "weight exchange needs rails between jobs"),
+            ("codistill.exchange_batch", cd.exchange_batch, "shared", "a group cannot know the batches "
+             "of peers that run at their own pace"),
+            ("codistill.route", cd.route, "leaders", "each group's leader takes part in the quorum")):
+        _require(value == want, name, f"transport 'torchft' supports {name.split('.')[1]} {want!r} "
+                 f"only ({why}), got {value!r}")
+    _require(cd.exchange_timeout_s < cfg.backend.peer_timeout_s, "codistill.exchange_timeout_s",
+             f"{cd.exchange_timeout_s}s must be below backend.peer_timeout_s "
+             f"({cfg.backend.peer_timeout_s}s), or the watchdog stops the group while a round waits")
 
 
 def check_choices(cfg: Config) -> None:
@@ -225,5 +252,8 @@ def validate(cfg: Config, world_size: int, vocab_size: int | None = None) -> Non
 
 
 def ranks_per_group(cfg: Config, world_size: int) -> int:
-    """S: ranks that shard one replica (the whole world when codistillation is off)."""
-    return world_size // cfg.codistill.groups if cfg.codistill.enabled else world_size
+    """S: ranks that shard one replica (the whole world when codistillation is off, or when the
+    job is one group of `transport: torchft`)."""
+    if not cfg.codistill.enabled or cfg.codistill.transport == "torchft":
+        return world_size
+    return world_size // cfg.codistill.groups

@@ -1,0 +1,359 @@
+"""`transport: torchft`: each codistillation group is its own job; groups meet per exchange round.
+
+Codistillation needs only weak synchronization (Anil et al. 2018; Sodhani et al., arXiv
+2010.02838): a group can train on without its peers and lose only their predictions. Here the
+runtime matches the method. Every group is a separate `torchrun`/`deepspeed` job with its own
+world (ZeRO/FSDP shard over all of it), its own checkpoints and its own failures. The group
+leaders meet through a torchft Lighthouse (meta-pytorch/torchft): each exchange round asks for a
+quorum of the groups alive now, configures torchft's reconfigurable gloo process group over
+them, and all-gathers the predictions. A group that dies, stops or loses its link drops out of
+the next quorum (after the Lighthouse's heartbeat timeout); the others keep training, with the
+distillation term over the peers present. A restarted group resumes from its own checkpoint
+(`checkpoint.py`: nothing of a peer is ever loaded, torchft's healing is not used) and is in
+the next quorum it asks for.
+
+Per round, on every rank of my group (the leaders route, DESIGN.md "Exchange"):
+
+    gather my slice on the leader -> leader: quorum, all-gather whole-batch payloads with the
+    compatible peers -> broadcast who answered -> scatter rank r its rows of every peer
+
+Payloads travel as one whole-batch `pack`ed buffer per group, so groups with different rank
+counts meet on the same bytes. Who sent what, and on which exchange batch, travels in the
+quorum's member data, not in the payload: the byte count is the predictions only, exactly as
+in `transport: world`. The member data also carries the *exchange contract* (vocabulary,
+corpus, shared-stream seed, batch shape, top-k, wire dtype, payload kind, temperature): a
+group whose contract differs from the running groups' is refused with one line naming the
+field, and nobody else is disturbed; two jobs that claim the same group id are told apart by
+a per-job nonce and start time (the later one is refused).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from . import comm
+from .compression import CompressedLogits, pack, unpack
+from .config import ConfigError
+from .engine import ExchangeResult
+from .topology import Topology
+
+HEARTBEAT_S = 0.1
+"""Seconds between heartbeats to the Lighthouse (its heartbeat timeout decides when a silent
+group is dropped from quorums)."""
+
+CONTRACT_FIELDS = {
+    "vocab_size": "data.tokenizer",
+    "corpus": "data.train_files",
+    "seed": "seed",
+    "exchange_batch_size": "data.exchange_batch_size",
+    "seq_len": "data.seq_len",
+    "topk": "codistill.topk",
+    "dtype": "codistill.dtype",
+    "kind": "codistill.loss",
+    "temperature": "codistill.temperature",
+}
+"""What every group of a quorum must share, and the config field that sets each: predictions
+are only comparable on the same tokens (corpus, seed, batch shape), the same vocabulary, and
+the same wire format."""
+
+
+class IncompatibleGroup(ConfigError):
+    """This job cannot join the running groups (another exchange contract, or a taken group id)."""
+
+
+def exchange_contract(vocab_size: int, corpus_digest: str, seed: int, exchange_batch_size: int,
+                      seq_len: int, topk: int, dtype: str, kind: str, temperature: float) -> dict:
+    """The fields of `CONTRACT_FIELDS`, as plain values the Lighthouse can carry."""
+    return {"vocab_size": int(vocab_size), "corpus": corpus_digest, "seed": int(seed),
+            "exchange_batch_size": int(exchange_batch_size), "seq_len": int(seq_len),
+            "topk": int(topk), "dtype": dtype, "kind": kind, "temperature": float(temperature)}
+
+
+def reference_contract(members: list[dict]) -> dict:
+    """The contract a quorum's groups agree on: the one most members hold; on a tie the oldest
+    job's (a running group is never displaced by a newcomer), then the lowest group id's."""
+    tally: dict[str, list[dict]] = {}
+    for m in members:
+        tally.setdefault(repr(sorted(m["contract"].items())), []).append(m)
+    best = max(tally.values(), key=lambda ms: (len(ms), -min(m["started"] for m in ms),
+                                               -min(m["group"] for m in ms)))
+    return best[0]["contract"]
+
+
+def contract_mismatch(mine: dict, reference: dict) -> str | None:
+    """Name of the first config field whose contract value differs, with both values."""
+    for key, field in CONTRACT_FIELDS.items():
+        if mine.get(key) != reference.get(key):
+            return f"{field}: this group has {key}={mine.get(key)!r}, the running groups {reference.get(key)!r}"
+    return None
+
+
+def _route_to(url: str) -> tuple[str, str | None]:
+    """(my address as the Lighthouse host sees it, the name of its network interface).
+
+    The leader's store and gloo sockets must be reachable by the other groups' leaders; the
+    address that routes to the Lighthouse is the one that does. Gloo picks its interface from
+    the hostname unless GLOO_SOCKET_IFNAME names one, which on some machines (this one) is an
+    address nobody else can reach."""
+    host = urlparse(url).hostname or "127.0.0.1"
+    port = urlparse(url).port or 29510
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(host), port))
+        addr = s.getsockname()[0]
+    return addr, _interface_of(addr)
+
+
+def _interface_of(addr: str) -> str | None:
+    import fcntl
+    import struct
+
+    for _, name in socket.if_nameindex():
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            if socket.inet_ntoa(packed[20:24]) == addr:
+                return name
+        except OSError:
+            continue
+    return None
+
+
+@dataclass
+class PeerPayload:
+    """One peer group's whole-batch predictions from a round."""
+
+    group: int
+    exchange: int
+    payload: torch.Tensor
+
+
+class LighthouseMember:
+    """A group leader's membership: heartbeats, one quorum per round, the reconfigurable gloo
+    process group over the compatible members, and the all-gather of their payloads."""
+
+    def __init__(self, lighthouse: str, group_id: int, contract: dict, timeout_s: float,
+                 connect_timeout_s: float = 10.0) -> None:
+        from torchft._torchft import LighthouseClient
+        from torchft.process_group import ProcessGroupGloo
+
+        self.url, self.group_id, self.contract = lighthouse, group_id, contract
+        self.replica_id = f"group_{group_id}"
+        self.nonce, self.started = uuid.uuid4().hex, time.time()
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        host, iface = _route_to(lighthouse)
+        if iface is not None:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+        try:
+            self.client = LighthouseClient(lighthouse, datetime.timedelta(seconds=connect_timeout_s))
+            self.client.heartbeat(self.replica_id, datetime.timedelta(seconds=connect_timeout_s))
+        except Exception as err:  # noqa: BLE001 -- the Rust client raises plain RuntimeError/TimeoutError
+            raise ConfigError("codistill.lighthouse", f"cannot reach the Lighthouse at {lighthouse} "
+                              f"within {connect_timeout_s:.0f}s ({type(err).__name__}: {err}); start it "
+                              "with `codistill-ds lighthouse --port PORT`") from None
+        self.store = torch.distributed.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                                                timeout=self.timeout)
+        self.store_address = f"{host}:{self.store.port}"
+        self.pg = ProcessGroupGloo(timeout=self.timeout)
+        self.generation = 0
+        """Raised after a failed round; the next round's members take the highest generation
+        they see and reconfigure, so a broken process group is never reused."""
+        self._pg_key: tuple | None = None
+        self._stop = threading.Event()
+        self._warned: set[str] = set()
+        self._beat = threading.Thread(target=self._heartbeat, name="codistill-lighthouse-heartbeat",
+                                      daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.client.heartbeat(self.replica_id, datetime.timedelta(seconds=1))
+            except Exception:  # noqa: BLE001 -- a lost link shows in the next quorum; keep beating
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self.pg.abort(errored=False)
+
+    def _quorum(self, e: int, joining: bool):
+        data = {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
+                "started": self.started, "gen": self.generation, "joining": joining}
+        return self.client.quorum(replica_id=self.replica_id, timeout=2 * self.timeout, address="",
+                                  store_address=self.store_address, step=max(e, 0), world_size=1,
+                                  shrink_only=False, data=data)
+
+    def _members(self, quorum) -> tuple[list[Any], dict]:
+        """The quorum's participants this round exchanges with (compatible, not joining), in
+        replica-id order, and the contract they share. Raises `IncompatibleGroup` for me."""
+        parts = list(quorum.participants)
+        mine = next((p for p in parts if p.replica_id == self.replica_id), None)
+        if mine is not None and mine.data.get("nonce") != self.nonce:
+            other = mine.data
+            if (other.get("started", 0), other.get("nonce", "")) < (self.started, self.nonce):
+                raise IncompatibleGroup("codistill.group_id", f"group {self.group_id} is already "
+                                        f"trained by another job (started {time.ctime(other['started'])}); "
+                                        "give each job its own group id")
+            self._warn("dup", f"another job claims group {self.group_id}; it will be refused")
+            return [], self.contract
+        datas = [dict(p.data) for p in parts]
+        reference = reference_contract(datas)
+        why = contract_mismatch(self.contract, reference)
+        if why is not None:
+            field = why.split(":")[0]
+            raise IncompatibleGroup(field, f"refused by the running codistillation groups: {why}")
+        members = [p for p in parts if p.data["contract"] == reference]
+        return members, reference
+
+    def join(self, groups: int, wait_s: float) -> int:
+        """Block until all `groups` groups are present (or `wait_s` passed); returns how many are."""
+        deadline = time.monotonic() + wait_s
+        present = 0
+        while True:
+            members, _ = self._members(self._quorum(-1, joining=True))
+            present = len({m.data["group"] for m in members})
+            if present >= groups or time.monotonic() >= deadline:
+                return present
+            time.sleep(0.05)
+
+    def round(self, e: int, payload: torch.Tensor) -> list[PeerPayload]:
+        """One exchange round: my whole-batch payload to the compatible groups present, theirs
+        back. A failed round (a peer died or stopped mid-way) returns [] and is not retried."""
+        try:
+            quorum = self._quorum(e, joining=False)
+        except Exception as err:  # noqa: BLE001 -- Lighthouse unreachable or no quorum in time
+            self._warn(f"quorum{type(err).__name__}", f"no quorum for exchange {e} ({type(err).__name__}: "
+                       f"{str(err).splitlines()[0][:120] if str(err) else ''}); training on without peers "
+                       "(warned once)")
+            return []
+        members, _ = self._members(quorum)
+        members = [m for m in members if not m.data.get("joining")]
+        if len(members) < 2 or not any(m.replica_id == self.replica_id for m in members):
+            return []
+        ids = [m.replica_id for m in members]
+        self.generation = max(self.generation, *(int(m.data.get("gen", 0)) for m in members))
+        try:
+            self._configure(members)
+            out = [torch.empty_like(payload) for _ in members]
+            from torch._C._distributed_c10d import AllgatherOptions
+
+            self.pg.allgather([out], [payload], AllgatherOptions()).wait()
+        except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
+            self.generation += 1
+            self._pg_key = None
+            self.pg.abort()
+            self._warn(f"round{e}", f"exchange {e} with groups {[m.data['group'] for m in members]} "
+                       f"failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); training on")
+            return []
+        me = ids.index(self.replica_id)
+        return [PeerPayload(int(m.data["group"]), int(m.data["exchange"]), out[i])
+                for i, m in enumerate(members) if i != me]
+
+    def _configure(self, members: list[Any]) -> None:
+        """A new gloo process group only when the members (or the generation) changed."""
+        ids = tuple(m.replica_id for m in members)
+        key = (ids, tuple(m.data["nonce"] for m in members), self.generation)
+        if key == self._pg_key:
+            return
+        prefix = f"codistill/g{self.generation}/{'.'.join(ids)}/{'.'.join(m.data['nonce'][:8] for m in members)}"
+        self.pg.configure(f"{members[0].store_address}/{prefix}", self.replica_id,
+                          ids.index(self.replica_id), len(ids))
+        self._pg_key = key
+
+    def _warn(self, key: str, text: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        print(f"codistill-ds: warning: group {self.group_id}: {text}", file=sys.stderr, flush=True)
+
+
+class TorchFTTransport:
+    """The engine's transport between group jobs: gather to my leader, a Lighthouse round there,
+    scatter back. Every rank of my group calls `exchange`/`start` for every round."""
+
+    def __init__(self, topology: Topology, member: LighthouseMember | None) -> None:
+        self.t, self.member = topology, member
+        self.bytes_sent = 0
+        self._worker: ThreadPoolExecutor | None = None
+        self._leader = topology.layout.leader_of(topology.group_id)
+
+    def join(self, groups: int, wait_s: float) -> int:
+        """Start-up rendezvous of a fresh start (every rank calls it; the leader waits)."""
+        present = self.member.join(groups, wait_s) if self.member is not None else 0
+        return comm.broadcast_object(present, src=self._leader, group=self.t.exchange_group)
+
+    def exchange(self, local: CompressedLogits, e: int) -> ExchangeResult:
+        return self._swap(local, e)
+
+    def start(self, local: CompressedLogits, e: int) -> Future:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-ft-exchange")
+        return self._worker.submit(self._swap, local, e)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
+        if self.member is not None:
+            self.member.close()
+
+    def _swap(self, local: CompressedLogits, e: int) -> ExchangeResult:
+        start = time.perf_counter()
+        t = self.t
+        slices = comm.gather(pack(local), dst=self._leader, group=t.exchange_group)
+        header: dict = {"peers": [], "error": None}
+        whole = None
+        if slices is not None:
+            rows = local.num_tokens()
+            whole = _join_slices(slices, rows, local)
+            payload = pack(whole)
+            try:
+                got = self.member.round(e, payload)
+                self.bytes_sent += payload.numel() * len(got)
+                header["peers"] = [(p.group, p.exchange) for p in got]
+                peers_whole = [unpack(p.payload, whole.num_tokens(), whole.k, whole.values.dtype,
+                                      whole.full_vocab, whole.kind) for p in got]
+            except IncompatibleGroup as err:
+                header["error"] = (err.field, err.reason)
+                peers_whole = []
+        header = comm.broadcast_object(header, src=self._leader, group=t.exchange_group)
+        if header["error"] is not None:
+            raise IncompatibleGroup(*header["error"])
+        n = len(header["peers"])
+        if n == 0:
+            return ExchangeResult([], [], time.perf_counter() - start, [])
+        mine = torch.empty(n * pack(local).numel(), dtype=torch.uint8)
+        parts = None
+        if slices is not None:
+            rows = local.num_tokens()
+            parts = [torch.cat([pack(_rows(p, r * rows, rows)) for p in peers_whole]) for r in range(t.group_size)]
+        comm.scatter(mine, parts, src=self._leader, group=t.exchange_group)
+        size = mine.numel() // n
+        peers = [unpack(mine[i * size:(i + 1) * size], local.num_tokens(), local.k, local.values.dtype,
+                        local.full_vocab, local.kind) for i in range(n)]
+        return ExchangeResult(peers, [g for g, _ in header["peers"]], time.perf_counter() - start,
+                              [e2 for _, e2 in header["peers"]])
+
+
+def _join_slices(slices: list[torch.Tensor], rows: int, like: CompressedLogits) -> CompressedLogits:
+    """My group's slices (rank order) as one whole-batch payload, whatever the group's size."""
+    parts = [unpack(s, rows, like.k, like.values.dtype, like.full_vocab, like.kind) for s in slices]
+    values = torch.cat([p.values for p in parts])
+    indices = None if like.full_vocab else torch.cat([p.indices for p in parts])
+    return CompressedLogits(values, indices, like.kind)
+
+
+def _rows(c: CompressedLogits, start: int, n: int) -> CompressedLogits:
+    return CompressedLogits(c.values[start:start + n].contiguous(),
+                            None if c.indices is None else c.indices[start:start + n].contiguous(), c.kind)
