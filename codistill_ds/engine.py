@@ -48,6 +48,8 @@ class ExchangeResult:
     seconds: float
     peer_exchanges: list[int] | None = None
     """Exchange index each peer predicted on; None: all on the batch I posted (lockstep)."""
+    bytes_sent: int = 0
+    """What this rank handed to other groups in this round."""
 
 
 class Transport(Protocol):
@@ -152,6 +154,7 @@ class ExchangeEngine:
         """Peer predictions dropped for being NaN/Inf (cumulative)."""
         self.stats = RoundStats()
         self.observers: list[Observer] = []
+        self._bytes = 0
 
     # ---- schedule -------------------------------------------------------------------------
     def step(self, step: int, predict: Callable[[Any], torch.Tensor]) -> list[TargetBatch]:
@@ -167,7 +170,10 @@ class ExchangeEngine:
 
     @property
     def bytes_sent(self) -> int:
-        return self.transport.bytes_sent
+        """Bytes this rank sent to other groups in the rounds completed so far. Counted when a
+        round's result is taken (at its consumption step, or when draining), on the main thread,
+        so a record's figure does not depend on how far a background swap had got."""
+        return self._bytes
 
     def post(self, step: int, predict: Callable[[Any], torch.Tensor]) -> None:
         """Predict on exchange batch e (the driver's `predict`: eval mode, no grad, [N, V]
@@ -188,6 +194,7 @@ class ExchangeEngine:
             self.pending[due] = Pending(e, batch, mine, future=future)
             return
         result = self.transport.exchange(mine, e)
+        self._bytes += result.bytes_sent
         self._notify("received", step, result)
         self.pending[due] = Pending(e, batch, mine, result=result)
         stats.exchange_ms = result.seconds * 1e3
@@ -204,7 +211,7 @@ class ExchangeEngine:
             return []
         if pending.future is not None:
             start = time.perf_counter()
-            pending.result, pending.future = pending.future.result(), None
+            self._complete(pending)
             self.stats.exchange_ms += (time.perf_counter() - start) * 1e3  # only the unhidden wait
         result = pending.result
         exchanges = self._exchanges(result, pending.exchange)
@@ -276,7 +283,11 @@ class ExchangeEngine:
         """Finish swaps posted for steps past the end, so no collective outlives the run."""
         for pending in self.pending.values():
             if pending.future is not None:
-                pending.result, pending.future = pending.future.result(), None
+                self._complete(pending)
+
+    def _complete(self, pending: Pending) -> None:
+        pending.result, pending.future = pending.future.result(), None
+        self._bytes += pending.result.bytes_sent
 
     def close(self) -> None:
         self.drain()
@@ -288,11 +299,11 @@ class ExchangeEngine:
         the byte counter and the skipped-peer count. Plain tensors and numbers only."""
         self.drain()
         pending = {step: _pending_state(p) for step, p in self.pending.items()}
-        return {"pending": pending, "bytes_sent": self.transport.bytes_sent, "skipped_peers": self.skipped_peers}
+        return {"pending": pending, "bytes_sent": self._bytes, "skipped_peers": self.skipped_peers}
 
     def load_state_dict(self, state: dict) -> None:
         self.pending = {int(step): _pending_from_state(item) for step, item in state["pending"].items()}
-        self.transport.bytes_sent = state["bytes_sent"]
+        self._bytes = state["bytes_sent"]
         self.skipped_peers = state["skipped_peers"]
 
 

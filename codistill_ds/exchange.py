@@ -63,7 +63,7 @@ class LogitExchange:
             self._worker = None
 
     def _swap(self, buf: torch.Tensor, local: CompressedLogits) -> ExchangeResult:
-        start = time.perf_counter()
+        start, sent_before = time.perf_counter(), self.bytes_sent
         slices = self._rails(buf) if self.route == "rails" else self._leaders(buf)
         k = local.values.shape[1]
         full = local.indices is None
@@ -72,7 +72,8 @@ class LogitExchange:
             unpack(slices[g], local.num_tokens(), k, local.values.dtype, full, local.kind)
             for g in peer_groups
         ]
-        return ExchangeResult(peers, peer_groups, time.perf_counter() - start)
+        return ExchangeResult(peers, peer_groups, time.perf_counter() - start,
+                              bytes_sent=self.bytes_sent - sent_before)
 
     def _rails(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """All-gather over my rail: entry g is group g's copy of my slice."""

@@ -23,8 +23,8 @@ quorum's member data, not in the payload: the byte count is the predictions only
 in `transport: world`. The member data also carries the *exchange contract* (vocabulary,
 corpus, shared-stream seed, batch shape, top-k, wire dtype, payload kind, temperature): a
 group whose contract differs from the running groups' is refused with one line naming the
-field, and nobody else is disturbed; two jobs that claim the same group id are told apart by
-a per-job nonce and start time (the later one is refused).
+field, and nobody else is disturbed; two jobs that claim the same group id are both visible
+(each job's replica id carries a nonce) and the younger one is refused.
 """
 
 from __future__ import annotations
@@ -67,6 +67,21 @@ CONTRACT_FIELDS = {
 """What every group of a quorum must share, and the config field that sets each: predictions
 are only comparable on the same tokens (corpus, seed, batch shape), the same vocabulary, and
 the same wire format."""
+
+
+def check_reachable(url: str, timeout_s: float) -> None:
+    """A TCP connect to the Lighthouse, on every rank before anything heavy starts: an address
+    that is wrong or down fails in seconds with one line, not after the model is built."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or not parsed.port:
+        raise ConfigError("codistill.lighthouse", f"expected http://host:port, got {url!r}")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise ConfigError("codistill.lighthouse", f"cannot reach the Lighthouse at {url} within "
+                          f"{timeout_s:.0f}s ({err.strerror or err}); start it with `codistill-ds "
+                          "lighthouse --port PORT` and check host and port") from None
 
 
 class IncompatibleGroup(ConfigError):
@@ -149,8 +164,10 @@ class LighthouseMember:
         from torchft.process_group import ProcessGroupGloo
 
         self.url, self.group_id, self.contract = lighthouse, group_id, contract
-        self.replica_id = f"group_{group_id}"
         self.nonce, self.started = uuid.uuid4().hex, time.time()
+        self.replica_id = f"group_{group_id}_{self.nonce[:12]}"
+        """Unique per job, so two jobs claiming one group id are both visible in a quorum (the
+        Lighthouse keys members by replica id) and the younger is refused deterministically."""
         self.timeout = datetime.timedelta(seconds=timeout_s)
         host, iface = _route_to(lighthouse)
         if iface is not None:
@@ -194,34 +211,36 @@ class LighthouseMember:
                                   store_address=self.store_address, step=max(e, 0), world_size=1,
                                   shrink_only=False, data=data)
 
-    def _members(self, quorum) -> tuple[list[Any], dict]:
-        """The quorum's participants this round exchanges with (compatible, not joining), in
-        replica-id order, and the contract they share. Raises `IncompatibleGroup` for me."""
+    def _members(self, quorum) -> list[Any]:
+        """The quorum's participants this round may exchange with, in replica-id order: those
+        holding the contract most members share (a newcomer never displaces the running groups),
+        then one job per group id, the oldest (a second job claiming a running group's id is
+        refused). Raises `IncompatibleGroup` when the refusal is mine; everyone else computes the
+        same list from the same member data and leaves the refused job out."""
         parts = list(quorum.participants)
-        mine = next((p for p in parts if p.replica_id == self.replica_id), None)
-        if mine is not None and mine.data.get("nonce") != self.nonce:
-            other = mine.data
-            if (other.get("started", 0), other.get("nonce", "")) < (self.started, self.nonce):
-                raise IncompatibleGroup("codistill.group_id", f"group {self.group_id} is already "
-                                        f"trained by another job (started {time.ctime(other['started'])}); "
-                                        "give each job its own group id")
-            self._warn("dup", f"another job claims group {self.group_id}; it will be refused")
-            return [], self.contract
-        datas = [dict(p.data) for p in parts]
-        reference = reference_contract(datas)
+        reference = reference_contract([dict(p.data) for p in parts])
         why = contract_mismatch(self.contract, reference)
         if why is not None:
-            field = why.split(":")[0]
-            raise IncompatibleGroup(field, f"refused by the running codistillation groups: {why}")
-        members = [p for p in parts if p.data["contract"] == reference]
-        return members, reference
+            raise IncompatibleGroup(why.split(":")[0], f"refused by the running codistillation groups: {why}")
+        compatible = [p for p in parts if p.data["contract"] == reference]
+        oldest: dict[int, Any] = {}
+        for p in compatible:
+            g, key = int(p.data["group"]), (p.data["started"], p.data["nonce"])
+            if g not in oldest or key < (oldest[g].data["started"], oldest[g].data["nonce"]):
+                oldest[g] = p
+        if self.group_id in oldest and oldest[self.group_id].data["nonce"] != self.nonce:
+            other = oldest[self.group_id].data
+            raise IncompatibleGroup("codistill.group_id", f"group {self.group_id} is already trained by "
+                                    f"another job (running since {time.ctime(other['started'])}); give "
+                                    "each job its own group id")
+        return [p for p in compatible if oldest[int(p.data["group"])] is p]
 
     def join(self, groups: int, wait_s: float) -> int:
         """Block until all `groups` groups are present (or `wait_s` passed); returns how many are."""
         deadline = time.monotonic() + wait_s
         present = 0
         while True:
-            members, _ = self._members(self._quorum(-1, joining=True))
+            members = self._members(self._quorum(-1, joining=True))
             present = len({m.data["group"] for m in members})
             if present >= groups or time.monotonic() >= deadline:
                 return present
@@ -237,8 +256,7 @@ class LighthouseMember:
                        f"{str(err).splitlines()[0][:120] if str(err) else ''}); training on without peers "
                        "(warned once)")
             return []
-        members, _ = self._members(quorum)
-        members = [m for m in members if not m.data.get("joining")]
+        members = [m for m in self._members(quorum) if not m.data.get("joining")]
         if len(members) < 2 or not any(m.replica_id == self.replica_id for m in members):
             return []
         ids = [m.replica_id for m in members]
@@ -313,14 +331,15 @@ class TorchFTTransport:
         t = self.t
         slices = comm.gather(pack(local), dst=self._leader, group=t.exchange_group)
         header: dict = {"peers": [], "error": None}
-        whole = None
+        whole, sent = None, 0
         if slices is not None:
             rows = local.num_tokens()
             whole = _join_slices(slices, rows, local)
             payload = pack(whole)
             try:
                 got = self.member.round(e, payload)
-                self.bytes_sent += payload.numel() * len(got)
+                sent = payload.numel() * len(got)
+                self.bytes_sent += sent
                 header["peers"] = [(p.group, p.exchange) for p in got]
                 peers_whole = [unpack(p.payload, whole.num_tokens(), whole.k, whole.values.dtype,
                                       whole.full_vocab, whole.kind) for p in got]
@@ -332,7 +351,7 @@ class TorchFTTransport:
             raise IncompatibleGroup(*header["error"])
         n = len(header["peers"])
         if n == 0:
-            return ExchangeResult([], [], time.perf_counter() - start, [])
+            return ExchangeResult([], [], time.perf_counter() - start, [], sent)
         mine = torch.empty(n * pack(local).numel(), dtype=torch.uint8)
         parts = None
         if slices is not None:
@@ -343,7 +362,7 @@ class TorchFTTransport:
         peers = [unpack(mine[i * size:(i + 1) * size], local.num_tokens(), local.k, local.values.dtype,
                         local.full_vocab, local.kind) for i in range(n)]
         return ExchangeResult(peers, [g for g, _ in header["peers"]], time.perf_counter() - start,
-                              [e2 for _, e2 in header["peers"]])
+                              [e2 for _, e2 in header["peers"]], sent)
 
 
 def _join_slices(slices: list[torch.Tensor], rows: int, like: CompressedLogits) -> CompressedLogits:

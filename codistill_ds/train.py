@@ -56,11 +56,18 @@ def prepare(cfg: Config):
         if find_spec("codistill_ds.backends.fsdp_backend") is None:
             raise ConfigError("backend.name", "backend 'fsdp' is not available in this version")
     if separate_group_jobs(cfg):
+        from .ft_transport import check_reachable
+
+        check_reachable(cfg.codistill.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"], LIGHTHOUSE_CONNECT_S)
         layout = Layout(world, 1, rankinfo.env_rank(), first_group=cfg.codistill.group_id)
     else:
         layout = Layout(world, cfg.codistill.groups if cfg.codistill.enabled else 1, rankinfo.env_rank())
     corpus = build_corpus(cfg.data, tokenizer)
     return layout, corpus
+
+
+LIGHTHOUSE_CONNECT_S = 10.0
+"""How long a group job tries to reach the Lighthouse at start before it gives up."""
 
 
 def separate_group_jobs(cfg: Config) -> bool:

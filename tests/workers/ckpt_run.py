@@ -8,6 +8,9 @@ FAULT (env, comma-separated, first attempt only, i.e. TORCHELASTIC_RESTART_COUNT
   save:R:S       rank R SIGKILLs itself inside the save of checkpoint step_S (engine written)
   nanlogits:G:S  group G's exchange predictions at step index S are NaN
   nanloss:G:S    group G's training logits at step index S are NaN (its loss diverges)
+
+PACE_FILE (env): a file holding seconds to sleep before each step, re-read every step, so a test
+can slow the groups down while it injects failures and let them finish fast afterwards.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +58,7 @@ def install(rank: int) -> None:
         STEP[0] = step
         if ("kill", rank, step) in plan:
             os.kill(os.getpid(), signal.SIGKILL)
+        pace()
         return orig_step(self, step)
 
     CodistillLoop.train_step = train_step
@@ -73,9 +78,19 @@ def install(rank: int) -> None:
         RECORD["checkpoints_at_start"] = sorted(os.listdir(root)) if os.path.isdir(root) else []
         step, rng = orig_restore(job, resume)
         RECORD["start_step"] = step
+        RECORD["restored_weights"] = weights_digest(job)  # what the resumed run starts from
         return step, rng
 
     train.build_job, train.restore = build_job, restore
+
+
+def pace() -> None:
+    path = os.environ.get("PACE_FILE")
+    if path:
+        try:
+            time.sleep(float(Path(path).read_text() or 0))
+        except (OSError, ValueError):
+            pass
 
 
 def observe(event: str, step: int, payload) -> None:
@@ -133,6 +148,7 @@ def main() -> None:
     result = {"rank": t.rank, "group": t.group_id, "start_step": RECORD["start_step"],
               "checkpoints_at_start": RECORD["checkpoints_at_start"],
               "sent": RECORD["sent"], "recv": RECORD["recv"], "weights": weights_digest(job),
+              "restored_weights": RECORD.get("restored_weights"),
               "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
     (out / f"rank{t.rank}.json").write_text(json.dumps(result))
     shutdown()  # the same end as `codistill-ds train`
