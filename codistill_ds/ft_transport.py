@@ -111,7 +111,7 @@ def contract_mismatch(mine: dict, reference: dict) -> str | None:
     """Name of the first config field whose contract value differs, with both values."""
     for key, field in CONTRACT_FIELDS.items():
         if mine.get(key) != reference.get(key):
-            return f"{field}: this group has {key}={mine.get(key)!r}, the running groups {reference.get(key)!r}"
+            return f"{field}: this group has {key}={mine.get(key)!r}, the running groups have {reference.get(key)!r}"
     return None
 
 
@@ -221,7 +221,8 @@ class LighthouseMember:
         reference = reference_contract([dict(p.data) for p in parts])
         why = contract_mismatch(self.contract, reference)
         if why is not None:
-            raise IncompatibleGroup(why.split(":")[0], f"refused by the running codistillation groups: {why}")
+            field, detail = why.split(": ", 1)
+            raise IncompatibleGroup(field, f"refused by the running codistillation groups: {detail}")
         compatible = [p for p in parts if p.data["contract"] == reference]
         oldest: dict[int, Any] = {}
         for p in compatible:
