@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .compression import CompressedLogits, pack, unpack
+from .compression import CompressedLogits, pack
 from .topology import Topology
 
 
@@ -72,13 +72,9 @@ class LogitExchange:
     def _swap(self, buf: torch.Tensor, local: CompressedLogits) -> ExchangeResult:
         start = time.perf_counter()
         slices = self._rails(buf) if self.route == "rails" else self._leaders(buf)
-        k = local.values.shape[1]
-        full = local.indices is None
+        fmt = local.wire_format()
         peer_groups = [g for g in range(self.t.groups) if g != self.t.group_id]
-        peers = [
-            unpack(slices[g], local.num_tokens(), k, local.values.dtype, full, local.kind)
-            for g in peer_groups
-        ]
+        peers = [fmt.unpack(slices[g], local.num_tokens()) for g in peer_groups]
         return ExchangeResult(peers, peer_groups, time.perf_counter() - start)
 
     def _rails(self, buf: torch.Tensor) -> list[torch.Tensor]:
