@@ -44,8 +44,16 @@ from dataclasses import asdict, dataclass, field
 from .compression import WireFormat
 from .plan_format import format_plan, human_bytes, parse_count
 
-__all__ = ["Plan", "make_plan", "format_plan", "human_bytes", "parse_count",
-           "add_plan_arguments", "run_plan", "DTYPE_BYTES"]
+__all__ = [
+    "DTYPE_BYTES",
+    "Plan",
+    "add_plan_arguments",
+    "format_plan",
+    "human_bytes",
+    "make_plan",
+    "parse_count",
+    "run_plan",
+]
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 """Bytes per gradient, parameter or pseudo-gradient element."""

@@ -24,7 +24,12 @@ import hashlib
 
 import torch
 
-from .compression import CompressedLogits, WireFormat, choose_index_dtype, to_wire_values
+from .compression import (
+    CompressedLogits,
+    WireFormat,
+    choose_index_dtype,
+    to_wire_values,
+)
 
 
 def positions_per_sequence(seq_len: int, fraction: float) -> int:

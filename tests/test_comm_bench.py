@@ -1,4 +1,4 @@
-"""End to end: `benchmarks/comm.py --smoke` measures cross-group bytes through real training.
+"""End to end: `python -m benchmarks.comm --smoke` measures cross-group bytes through real training.
 
 The smoke setting of part (a) (2 ranks = 2 groups x 1, a 37k-parameter Llama, 4 steps) runs the
 product's training function under torchrun and checks that the bytes the library counts equal
@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "comm.py"
-sys.path.insert(0, str(REPO / "benchmarks"))
+from benchmarks.comm.netns import netns_available
+from codistill_ds.launching import REPO
 
 
 def bench(out: Path, *extra: str, timeout: float) -> dict:
     """Run the benchmark; past `timeout`, SIGTERM it so it stops its jobs and removes its
     namespaces (a SIGKILL, subprocess.run's way, would leave both behind)."""
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--smoke", *extra]
+    cmd = [sys.executable, "-m", "benchmarks.comm", "--out", str(out), "--smoke", *extra]
     with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) as proc:
         try:
@@ -76,14 +75,8 @@ def test_smoke_bytes_equal_plan(tmp_path: Path) -> None:
     assert "| leaders-top8 |" in md and "1B parameters" in md
 
 
-def _netns_ok() -> bool:
-    from _comm_netns import netns_available
-
-    return netns_available()[0]
-
-
 @pytest.mark.timeout(180)
-@pytest.mark.skipif(not _netns_ok(), reason="ip netns / veth / tc not usable here (needs root)")
+@pytest.mark.skipif(not netns_available()[0], reason="ip netns / veth / tc not usable here (needs root)")
 def test_smoke_two_nodes(tmp_path: Path) -> None:
     """1 rank per node: sync is 1 group over both nodes, codistill 2 groups x 1 rank."""
     results = bench(tmp_path, "--parts", "twonode", timeout=100)

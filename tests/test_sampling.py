@@ -24,12 +24,12 @@ def test_positions_are_shared_deterministic_and_well_formed() -> None:
     seq_len, f = 64, 0.125
     m = positions_per_sequence(seq_len, f)
     assert m == 8 and positions_per_sequence(64, 1.0) == 64 and positions_per_sequence(64, 0.001) == 1
-    whole = select_positions(7, 3, range(0, 8), seq_len, f)
+    whole = select_positions(7, 3, range(8), seq_len, f)
     # A rank holding rows 4..7 (and its rail peers in every group) derives the same rows.
     assert torch.equal(select_positions(7, 3, range(4, 8), seq_len, f), whole[4:])
-    assert torch.equal(select_positions(7, 3, range(0, 8), seq_len, f), whole)
-    assert not torch.equal(select_positions(7, 4, range(0, 8), seq_len, f), whole)
-    assert not torch.equal(select_positions(8, 3, range(0, 8), seq_len, f), whole)
+    assert torch.equal(select_positions(7, 3, range(8), seq_len, f), whole)
+    assert not torch.equal(select_positions(7, 4, range(8), seq_len, f), whole)
+    assert not torch.equal(select_positions(8, 3, range(8), seq_len, f), whole)
     assert whole.shape == (8, m) and whole.dtype == torch.long
     for row in whole:
         assert torch.all(row[1:] > row[:-1]) and 0 <= row.min() and row.max() < seq_len
