@@ -254,3 +254,20 @@ def test_weights_mode_figures_by_hand():
     assert p.teacher_bytes_per_rank == 1 * 1000 * 2 / 4
     assert p.teacher_forward_flops_per_rank_per_step == 1 * 2 * 1000 * 16 / 4
     assert p.weight_ratio == p.boundary["ring"] / (1 * 1000 * 2 / 10)
+
+
+def test_bytes_table_by_hand(tmp_path):
+    """benchmarks/bytes_table.py (RESULTS.md's table): 2 groups of 8, 1M tokens per step at 1B."""
+    from benchmarks import bytes_table
+
+    rows = bytes_table.table()["rows"]
+    tokens = 2**20 // 2  # per group per step
+    assert rows["sync ring all-reduce (bf16 grads)"]["1B"] == pytest.approx(3.75e9 / tokens)
+    assert rows["DiLoCo H=500, fp32 pseudo-gradient"]["7B"] == pytest.approx(4 * 7e9 / 500 / 2**21)
+    assert rows["Streaming DiLoCo H=100, 4-bit"]["70B"] == pytest.approx(0.5 * 70e9 / 100 / 2**21)
+    for shape in bytes_table.SHAPES:
+        assert rows["codistill defaults (top-32, bf16 + uint16 ids)"][shape] == 32 * 4
+        assert rows["codistill compact (top-1, fp8 + uint16 id + scale)"][shape] == 1 + 2 + 1
+    assert bytes_table.main(["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bytes_per_token.png").read_bytes().startswith(b"\x89PNG")
+    assert "| 70B |" in (tmp_path / "results.md").read_text()
