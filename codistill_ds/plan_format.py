@@ -102,8 +102,8 @@ def _crossover_line(plan: Plan) -> str:
 
 def _weights_lines(plan: Plan) -> list[str]:
     return [
-        f"mode weights (shards of {plan.params:,} params to frozen teachers, every "
-        f"{plan.interval} steps):",
+        (f"mode weights (shards of {plan.params:,} params to frozen teachers, every "
+         f"{plan.interval} steps):"),
         f"  cross-group bytes per step (all groups): {human_bytes(plan.weight_bytes_per_step)}",
         f"  teacher memory per rank: {human_bytes(plan.teacher_bytes_per_rank)}",
         f"  teacher forward per rank per step: {plan.teacher_forward_flops_per_rank_per_step:.3g} FLOPs",
@@ -116,20 +116,20 @@ def format_plan(plan: Plan) -> str:
     m, seq = plan.positions_per_sequence, plan.seq_len
     positions = f"{seq} tokens" if m == seq else f"{m} of {seq} positions"
     lines = [
-        f"model: {plan.params:,} params, vocab {plan.vocab:,}; "
-        f"{plan.train_tokens_per_group_per_step:,} training tokens per group per step",
-        f"exchange: {plan.batch} seqs x {positions} per group every {plan.interval} steps, "
-        f"{plan.wire['describe']} = {plan.wire_bytes_per_position} B per position",
+        (f"model: {plan.params:,} params, vocab {plan.vocab:,}; "
+         f"{plan.train_tokens_per_group_per_step:,} training tokens per group per step"),
+        (f"exchange: {plan.batch} seqs x {positions} per group every {plan.interval} steps, "
+         f"{plan.wire['describe']} = {plan.wire_bytes_per_position} B per position"),
         "",
-        f"bytes leaving one node per step (each direction of its boundary), {plan.groups} nodes "
-        f"x {plan.ranks_per_group} ranks, one group per node; per token = per training token:",
+        (f"bytes leaving one node per step (each direction of its boundary), {plan.groups} nodes "
+         f"x {plan.ranks_per_group} ranks, one group per node; per token = per training token:"),
         *_boundary_table(plan),
-        f"  (Streaming DiLoCo as published, 1B params / 100B tokens: "
-        f"{plan.streaming_diloco_paper_bytes_per_token:.1f} B per token)",
+        (f"  (Streaming DiLoCo as published, 1B params / 100B tokens: "
+         f"{plan.streaming_diloco_paper_bytes_per_token:.1f} B per token)"),
         _crossover_line(plan),
         "",
-        f"routes, per exchange: leaders {human_bytes(plan.leader_bytes_per_exchange)} per leader; "
-        f"rails {human_bytes(plan.rail_bytes_per_exchange)} per rank",
+        (f"routes, per exchange: leaders {human_bytes(plan.leader_bytes_per_exchange)} per leader; "
+         f"rails {human_bytes(plan.rail_bytes_per_exchange)} per rank"),
         "",
         *_topology_lines(plan),
         "",
