@@ -115,7 +115,14 @@ class CodistillConfig:
     topk: int = 32
     """Logit entries kept per token (rest mass as one tail bucket); 0 sends the full vocabulary."""
     dtype: str = "bf16"
-    """Wire dtype of exchanged values ("bf16" | "fp16" | "fp32"); indices are always int32."""
+    """Wire dtype of exchanged values: "bf16" | "fp16" | "fp32" | "fp8" (e4m3, 1 byte per value
+    plus one power-of-two scale per token, 1 byte; within 2^-4 relative of the fp32 value)."""
+    index_dtype: str = "auto"
+    """Wire dtype of top-k ids: "auto" (uint16 when the vocabulary has <= 65,536 entries, else
+    int32) | "uint16" | "int32". Ids are lossless either way; uint16 halves their bytes."""
+    token_fraction: float = 1.0
+    """Fraction of each exchange sequence's positions whose predictions travel, in (0, 1]; the
+    positions are drawn from (seed, exchange index), the same in every group (sampling.py)."""
     loss: str = "kl"
     """Distillation divergence: "kl" (forward) | "reverse_kl" | "jsd" | "mse" (on logits)."""
     temperature: float = 1.0

@@ -111,10 +111,12 @@ class ExchangeSettings:
     dtype: str = "bf16"
     loss: str = "kl"
     temperature: float = 1.0
+    index_dtype: str = "auto"
 
     @classmethod
     def from_config(cls, cd: CodistillConfig) -> ExchangeSettings:
-        return cls(cd.interval, cd.staleness, cd.async_exchange, cd.topk, cd.dtype, cd.loss, cd.temperature)
+        return cls(cd.interval, cd.staleness, cd.async_exchange, cd.topk, cd.dtype, cd.loss, cd.temperature,
+                   cd.index_dtype)
 
     @property
     def kind(self) -> str:
@@ -183,7 +185,7 @@ class ExchangeEngine:
         start = time.perf_counter()
         with torch.no_grad():
             logits = predict(batch.inputs)
-        mine = compress(logits, s.topk, wire_dtype(s.dtype), s.kind, s.temperature)
+        mine = compress(logits, s.topk, wire_dtype(s.dtype), s.kind, s.temperature, s.index_dtype)
         stats = self.stats
         stats.exchange_compute_ms = (time.perf_counter() - start) * 1e3
         self._notify("sent", step, mine)
@@ -325,17 +327,22 @@ def _mask_on(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | No
 
 
 def _rows(c: CompressedLogits, rows: slice) -> CompressedLogits:
-    return CompressedLogits(c.values[rows].clone(), None if c.indices is None else c.indices[rows].clone(), c.kind)
+    return c.rows(rows.start, rows.stop)
 
 
 def _logits_state(c: CompressedLogits) -> dict:
     """Own copies: received values and indices are views of one packed uint8 wire buffer."""
+    fmt = c.wire_format()
     return {"values": c.values.clone(), "kind": c.kind,
-            "indices": None if c.indices is None else c.indices.clone()}
+            "indices": None if c.indices is None else c.indices.clone(),
+            "fmt": [fmt.k, fmt.value_dtype, fmt.index_dtype, fmt.kind]}
 
 
 def _logits_from_state(d: dict) -> CompressedLogits:
-    return CompressedLogits(d["values"], d["indices"], d["kind"])
+    from .compression import WireFormat
+
+    fmt = WireFormat(*d["fmt"]) if d.get("fmt") else None
+    return CompressedLogits(d["values"], d["indices"], d["kind"], fmt)
 
 
 def _pending_state(p: Pending) -> dict:

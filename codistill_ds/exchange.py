@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from . import comm
-from .compression import CompressedLogits, pack, unpack
+from .compression import CompressedLogits, pack
 from .engine import ExchangeResult
 from .topology import Topology
 
@@ -65,13 +65,9 @@ class LogitExchange:
     def _swap(self, buf: torch.Tensor, local: CompressedLogits) -> ExchangeResult:
         start, sent_before = time.perf_counter(), self.bytes_sent
         slices = self._rails(buf) if self.route == "rails" else self._leaders(buf)
-        k = local.values.shape[1]
-        full = local.indices is None
+        fmt = local.wire_format()
         peer_groups = [g for g in range(self.t.groups) if g != self.t.group_id]
-        peers = [
-            unpack(slices[g], local.num_tokens(), k, local.values.dtype, full, local.kind)
-            for g in peer_groups
-        ]
+        peers = [fmt.unpack(slices[g], local.num_tokens()) for g in peer_groups]
         return ExchangeResult(peers, peer_groups, time.perf_counter() - start,
                               bytes_sent=self.bytes_sent - sent_before)
 

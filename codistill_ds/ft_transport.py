@@ -44,7 +44,7 @@ from urllib.parse import urlparse
 import torch
 
 from . import comm
-from .compression import CompressedLogits, pack, unpack
+from .compression import CompressedLogits, pack
 from .config import ConfigError
 from .engine import ExchangeResult
 from .topology import Topology
@@ -61,6 +61,7 @@ CONTRACT_FIELDS = {
     "seq_len": "data.seq_len",
     "topk": "codistill.topk",
     "dtype": "codistill.dtype",
+    "index_dtype": "codistill.index_dtype",
     "kind": "codistill.loss",
     "temperature": "codistill.temperature",
 }
@@ -89,11 +90,16 @@ class IncompatibleGroup(ConfigError):
 
 
 def exchange_contract(vocab_size: int, corpus_digest: str, seed: int, exchange_batch_size: int,
-                      seq_len: int, topk: int, dtype: str, kind: str, temperature: float) -> dict:
-    """The fields of `CONTRACT_FIELDS`, as plain values the Lighthouse can carry."""
+                      seq_len: int, topk: int, dtype: str, kind: str, temperature: float,
+                      index_dtype: str = "auto") -> dict:
+    """The fields of `CONTRACT_FIELDS`, as plain values the Lighthouse can carry ("auto" ids
+    resolved against the vocabulary: the payload size depends on the resolved width)."""
+    from .compression import choose_index_dtype
+
     return {"vocab_size": int(vocab_size), "corpus": corpus_digest, "seed": int(seed),
             "exchange_batch_size": int(exchange_batch_size), "seq_len": int(seq_len),
-            "topk": int(topk), "dtype": dtype, "kind": kind, "temperature": float(temperature)}
+            "topk": int(topk), "dtype": dtype, "index_dtype": choose_index_dtype(index_dtype, vocab_size),
+            "kind": kind, "temperature": float(temperature)}
 
 
 def reference_contract(members: list[dict]) -> dict:
@@ -334,7 +340,7 @@ class TorchFTTransport:
         header: dict = {"peers": [], "error": None}
         whole, sent = None, 0
         if slices is not None:
-            rows = local.num_tokens()
+            rows, fmt = local.num_tokens(), local.wire_format()
             whole = _join_slices(slices, rows, local)
             payload = pack(whole)
             try:
@@ -342,8 +348,7 @@ class TorchFTTransport:
                 sent = payload.numel() * len(got)
                 self.bytes_sent += sent
                 header["peers"] = [(p.group, p.exchange) for p in got]
-                peers_whole = [unpack(p.payload, whole.num_tokens(), whole.k, whole.values.dtype,
-                                      whole.full_vocab, whole.kind) for p in got]
+                peers_whole = [fmt.unpack(p.payload, whole.num_tokens()) for p in got]
             except IncompatibleGroup as err:
                 header["error"] = (err.field, err.reason)
                 peers_whole = []
@@ -357,23 +362,19 @@ class TorchFTTransport:
         parts = None
         if slices is not None:
             rows = local.num_tokens()
-            parts = [torch.cat([pack(_rows(p, r * rows, rows)) for p in peers_whole]) for r in range(t.group_size)]
+            parts = [torch.cat([pack(p.rows(r * rows, (r + 1) * rows)) for p in peers_whole])
+                     for r in range(t.group_size)]
         comm.scatter(mine, parts, src=self._leader, group=t.exchange_group)
-        size = mine.numel() // n
-        peers = [unpack(mine[i * size:(i + 1) * size], local.num_tokens(), local.k, local.values.dtype,
-                        local.full_vocab, local.kind) for i in range(n)]
+        size, fmt = mine.numel() // n, local.wire_format()
+        peers = [fmt.unpack(mine[i * size:(i + 1) * size], local.num_tokens()) for i in range(n)]
         return ExchangeResult(peers, [g for g, _ in header["peers"]], time.perf_counter() - start,
                               [e2 for _, e2 in header["peers"]], sent)
 
 
 def _join_slices(slices: list[torch.Tensor], rows: int, like: CompressedLogits) -> CompressedLogits:
     """My group's slices (rank order) as one whole-batch payload, whatever the group's size."""
-    parts = [unpack(s, rows, like.k, like.values.dtype, like.full_vocab, like.kind) for s in slices]
+    fmt = like.wire_format()
+    parts = [fmt.unpack(s, rows) for s in slices]
     values = torch.cat([p.values for p in parts])
     indices = None if like.full_vocab else torch.cat([p.indices for p in parts])
-    return CompressedLogits(values, indices, like.kind)
-
-
-def _rows(c: CompressedLogits, start: int, n: int) -> CompressedLogits:
-    return CompressedLogits(c.values[start:start + n].contiguous(),
-                            None if c.indices is None else c.indices[start:start + n].contiguous(), c.kind)
+    return CompressedLogits(values, indices, like.kind, like.fmt)

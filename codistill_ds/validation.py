@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from .compression import UINT16_VOCAB
 from .config import PACKAGE_ROOT, Config, ConfigError, resolve_path
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -22,7 +23,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "codistill.mode": ("logits", "weights"),
     "codistill.route": ("leaders", "rails"),
     "codistill.exchange_batch": ("shared", "train"),
-    "codistill.dtype": ("bf16", "fp16", "fp32"),
+    "codistill.dtype": ("bf16", "fp16", "fp32", "fp8"),
+    "codistill.index_dtype": ("auto", "uint16", "int32"),
     "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
     "codistill.transport": ("world", "torchft"),
     "optim.schedule": ("constant", "cosine", "linear"),
@@ -181,14 +183,33 @@ def _check_model(cfg: Config) -> None:
     )
 
 
+NOT_APPLIED_YET = {"codistill.token_fraction": (1.0,)}
+"""Fields the training loop does not apply yet (the exchange engine will), with the values it
+behaves as (compress picks uint16 ids whenever they fit): any other value is refused rather
+than silently ignored. Remove an entry when the loop reads the field."""
+
+
 def _check_exchange(cfg: Config, world_size: int, vocab_size: int | None) -> None:
-    topk, batch = cfg.codistill.topk, cfg.data.exchange_batch_size
+    cd, batch = cfg.codistill, cfg.data.exchange_batch_size
+    topk = cd.topk
     if vocab_size is not None:
         _require(
             topk <= vocab_size,
             "codistill.topk",
             f"topk {topk} exceeds the vocabulary size {vocab_size}",
         )
+        _require(
+            cd.index_dtype != "uint16" or vocab_size <= UINT16_VOCAB,
+            "codistill.index_dtype",
+            f"uint16 ids hold a vocabulary of at most {UINT16_VOCAB:,}, the model's has "
+            f"{vocab_size:,}; use 'auto' or 'int32'",
+        )
+    _require(0.0 < cd.token_fraction <= 1.0, "codistill.token_fraction",
+             f"must be in (0, 1], got {cd.token_fraction}")
+    for name, applied in NOT_APPLIED_YET.items():
+        value = _get(cfg, name)
+        _require(value in applied, name, f"{value!r} is not applied by the training loop yet; "
+                                         f"use {' or '.join(map(repr, applied))}")
     if cfg.codistill.enabled and batch is not None:
         per_group = ranks_per_group(cfg, world_size)
         _require(
