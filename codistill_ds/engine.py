@@ -75,6 +75,11 @@ class ExchangeBatch:
     """What `predict` and the student take: a token tensor [B, L+1] (CLI) or a dict (HF)."""
     mask: torch.Tensor | None = None
     """[B*L] bool over the prediction rows; padding and ignore_index positions are False."""
+    rows: range | None = None
+    """Which rows of exchange batch e these are (global, the same numbering in every group):
+    the token positions that travel under `token_fraction` are drawn per row."""
+    positions: torch.Tensor | None = None
+    """[B, m] positions whose predictions travel (None: every position); set by the engine."""
 
 
 @dataclass
@@ -87,6 +92,9 @@ class TargetBatch:
     peers: list[CompressedLogits]
     peer_groups: list[int]
     mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    """[B, m]: the peers' predictions cover only these positions of each sequence; the student's
+    logits are taken at the same ones (`distill_loss`)."""
 
 
 @dataclass
@@ -112,11 +120,14 @@ class ExchangeSettings:
     loss: str = "kl"
     temperature: float = 1.0
     index_dtype: str = "auto"
+    token_fraction: float = 1.0
+    seed: int = 0
+    """Keys the positions drawn under `token_fraction` (with the exchange index and row)."""
 
     @classmethod
-    def from_config(cls, cd: CodistillConfig) -> ExchangeSettings:
+    def from_config(cls, cd: CodistillConfig, seed: int = 0) -> ExchangeSettings:
         return cls(cd.interval, cd.staleness, cd.async_exchange, cd.topk, cd.dtype, cd.loss, cd.temperature,
-                   cd.index_dtype)
+                   cd.index_dtype, cd.token_fraction, seed)
 
     @property
     def kind(self) -> str:
@@ -185,6 +196,7 @@ class ExchangeEngine:
         start = time.perf_counter()
         with torch.no_grad():
             logits = predict(batch.inputs)
+        logits, batch = self._select(e, batch, logits)
         mine = compress(logits, s.topk, wire_dtype(s.dtype), s.kind, s.temperature, s.index_dtype)
         stats = self.stats
         stats.exchange_compute_ms = (time.perf_counter() - start) * 1e3
@@ -204,6 +216,31 @@ class ExchangeEngine:
             peers = [p for p, pe in zip(result.peers, self._exchanges(result, e)) if pe == e]
             if peers and all(bool(torch.isfinite(p.values.float()).all()) for p in peers):
                 stats.distill_eval = peer_distill_loss(logits, peers, s.loss, s.temperature, batch.mask).item()
+
+    def _select(self, e: int, batch: ExchangeBatch, logits: torch.Tensor) -> tuple[torch.Tensor, ExchangeBatch]:
+        """Keep the `token_fraction` of positions that travel: the same draw in every group."""
+        if self.s.token_fraction >= 1.0 or batch.rows is None:
+            return logits, batch
+        from .sampling import gather_positions, select_positions
+
+        b = len(batch.rows)
+        length = logits.shape[0] // b
+        pos = select_positions(self.s.seed, e, batch.rows, length, self.s.token_fraction)
+        mask = None if batch.mask is None else gather_positions(batch.mask.view(b, length), pos)
+        return gather_positions(logits.view(b, length, -1), pos), ExchangeBatch(batch.inputs, mask, batch.rows, pos)
+
+    def _rebuild(self, e: int) -> ExchangeBatch:
+        """A peer's exchange batch e' rebuilt locally (tokens, mask and positions)."""
+        batch = self.batch_for(-1, e)
+        if self.s.token_fraction >= 1.0 or batch.rows is None:
+            return batch
+        from .sampling import gather_positions, select_positions
+
+        b = len(batch.rows)
+        length = batch.mask.numel() // b if batch.mask is not None else _sequence_length(batch.inputs)
+        pos = select_positions(self.s.seed, e, batch.rows, length, self.s.token_fraction)
+        mask = None if batch.mask is None else gather_positions(batch.mask.view(b, length), pos)
+        return ExchangeBatch(batch.inputs, mask, batch.rows, pos)
 
     def due(self, step: int) -> list[TargetBatch]:
         """The targets to distill on at `step` (empty when none are due or no peer was usable).
@@ -227,14 +264,14 @@ class ExchangeEngine:
         """One TargetBatch per exchange index the usable peers predicted on, mine first."""
         out: list[TargetBatch] = []
         for e in sorted({e for _, _, e in peers}, key=lambda x: (x != pending.exchange, x)):
-            batch = pending.batch if e == pending.exchange else self.batch_for(-1, e)
+            batch = pending.batch if e == pending.exchange else self._rebuild(e)
             chosen = [(p, g) for p, g, pe in peers if pe == e]
             preds = [p for p, _ in chosen]
             inputs = batch.inputs
             if self.own_rows is not None:
                 preds = [_rows(p, self.own_rows) for p in preds]
                 inputs = None
-            out.append(TargetBatch(e, inputs, preds, [g for _, g in chosen], batch.mask))
+            out.append(TargetBatch(e, inputs, preds, [g for _, g in chosen], batch.mask, batch.positions))
         return out
 
     def distill_loss(self, students: list[torch.Tensor], batches: list[TargetBatch]) -> torch.Tensor:
@@ -314,12 +351,30 @@ def batched_peer_loss(students: list[torch.Tensor], batches: list[TargetBatch], 
     """Mean over every peer of every batch; with one batch, exactly `peer_distill_loss`."""
     if len(students) != len(batches) or not batches:
         raise ValueError(f"need one student logits tensor per target batch, got {len(students)} for {len(batches)}")
+    students = [_at_positions(s, b.positions) for s, b in zip(students, batches)]
     if len(batches) == 1:
         b = batches[0]
         return peer_distill_loss(students[0], b.peers, loss, temperature, _mask_on(b.mask, students[0]))
     total = sum(len(b.peers) * peer_distill_loss(s, b.peers, loss, temperature, _mask_on(b.mask, s))
                 for s, b in zip(students, batches))
     return total / sum(len(b.peers) for b in batches)
+
+
+def _at_positions(student: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """The student's [B*L, V] logits at the positions whose predictions travelled."""
+    if positions is None:
+        return student
+    from .sampling import gather_positions
+
+    b = positions.shape[0]
+    return gather_positions(student.view(b, student.shape[0] // b, -1), positions)
+
+
+def _sequence_length(inputs: Any) -> int:
+    """L of the predictions on `inputs`: the CLI's tokens hold L+1 (the last is only a label)."""
+    if isinstance(inputs, dict):
+        return int(inputs["input_ids"].shape[1])
+    return int(inputs.shape[1]) - 1
 
 
 def _mask_on(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -348,6 +403,8 @@ def _logits_from_state(d: dict) -> CompressedLogits:
 def _pending_state(p: Pending) -> dict:
     r = p.result
     return {"exchange": p.exchange, "inputs": p.batch.inputs, "mask": p.batch.mask,
+            "rows": None if p.batch.rows is None else [p.batch.rows.start, p.batch.rows.stop],
+            "positions": p.batch.positions,
             "mine": _logits_state(p.mine), "peers": [_logits_state(c) for c in r.peers],
             "peer_groups": list(r.peer_groups), "peer_exchanges": r.peer_exchanges, "seconds": r.seconds}
 
@@ -355,4 +412,6 @@ def _pending_state(p: Pending) -> dict:
 def _pending_from_state(d: dict) -> Pending:
     result = ExchangeResult([_logits_from_state(c) for c in d["peers"]], list(d["peer_groups"]),
                             0.0, d["peer_exchanges"])
-    return Pending(d["exchange"], ExchangeBatch(d["inputs"], d["mask"]), _logits_from_state(d["mine"]), result)
+    rows = None if d.get("rows") is None else range(*d["rows"])
+    batch = ExchangeBatch(d["inputs"], d["mask"], rows, d.get("positions"))
+    return Pending(d["exchange"], batch, _logits_from_state(d["mine"]), result)

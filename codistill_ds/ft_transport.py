@@ -64,6 +64,7 @@ CONTRACT_FIELDS = {
     "index_dtype": "codistill.index_dtype",
     "kind": "codistill.loss",
     "temperature": "codistill.temperature",
+    "token_fraction": "codistill.token_fraction",
 }
 """What every group of a quorum must share, and the config field that sets each: predictions
 are only comparable on the same tokens (corpus, seed, batch shape), the same vocabulary, and
@@ -91,7 +92,7 @@ class IncompatibleGroup(ConfigError):
 
 def exchange_contract(vocab_size: int, corpus_digest: str, seed: int, exchange_batch_size: int,
                       seq_len: int, topk: int, dtype: str, kind: str, temperature: float,
-                      index_dtype: str = "auto") -> dict:
+                      index_dtype: str = "auto", token_fraction: float = 1.0) -> dict:
     """The fields of `CONTRACT_FIELDS`, as plain values the Lighthouse can carry ("auto" ids
     resolved against the vocabulary: the payload size depends on the resolved width)."""
     from .compression import choose_index_dtype
@@ -99,7 +100,7 @@ def exchange_contract(vocab_size: int, corpus_digest: str, seed: int, exchange_b
     return {"vocab_size": int(vocab_size), "corpus": corpus_digest, "seed": int(seed),
             "exchange_batch_size": int(exchange_batch_size), "seq_len": int(seq_len),
             "topk": int(topk), "dtype": dtype, "index_dtype": choose_index_dtype(index_dtype, vocab_size),
-            "kind": kind, "temperature": float(temperature)}
+            "kind": kind, "temperature": float(temperature), "token_fraction": float(token_fraction)}
 
 
 def reference_contract(members: list[dict]) -> dict:

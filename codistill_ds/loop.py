@@ -90,7 +90,7 @@ class CodistillLoop:
         if cd.exchange_batch == "train":  # predictions cover every group's batch; mine are rows [lo, hi)
             rows = d.micro_batch_size * d.seq_len
             own_rows = slice(self.t.group_id * rows, (self.t.group_id + 1) * rows)
-        return ExchangeEngine(transport, ExchangeSettings.from_config(cd), self.t.group, self.t.group_id,
+        return ExchangeEngine(transport, ExchangeSettings.from_config(cd, self.cfg.seed), self.t.group, self.t.group_id,
                               self._exchange_batch, own_rows=own_rows, leader=self.t.group_rank == 0)
 
     # ---- one optimizer step -------------------------------------------------------------
@@ -160,7 +160,8 @@ class CodistillLoop:
         are pure functions of (group, step), so each group derives its peers' batches locally
         and still only logits cross groups."""
         if self.cfg.codistill.exchange_batch == "shared":
-            return ExchangeBatch(self.exchange_stream.batch_slice(e))
+            ex = self.exchange_stream
+            return ExchangeBatch(ex.batch_slice(e), rows=range(ex.rank * ex.slice, (ex.rank + 1) * ex.slice))
         return ExchangeBatch(torch.cat([s.micro_batch(step, 0) for s in self.rail_streams]))
 
     def _weight_step(self, step: int, stats: dict) -> list[TargetBatch]:

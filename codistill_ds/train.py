@@ -87,7 +87,8 @@ def build_ft_transport(cfg: Config, topology: Topology, corpus, vocab_size: int)
         contract = exchange_contract(
             vocab_size, fingerprint(cfg, vocab_size, 0, corpus.train)["corpus"], cfg.seed,
             d.exchange_batch_size or d.micro_batch_size * topology.group_size, d.seq_len,
-            cd.topk, cd.dtype, "logits" if cd.loss == "mse" else "logprobs", cd.temperature, cd.index_dtype)
+            cd.topk, cd.dtype, "logits" if cd.loss == "mse" else "logprobs", cd.temperature, cd.index_dtype,
+            cd.token_fraction)
         member = LighthouseMember(cd.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"], cd.group_id,
                                   contract, cd.exchange_timeout_s)
     return TorchFTTransport(topology, member)

@@ -183,12 +183,6 @@ def _check_model(cfg: Config) -> None:
     )
 
 
-NOT_APPLIED_YET = {"codistill.token_fraction": (1.0,)}
-"""Fields the training loop does not apply yet (the exchange engine will), with the values it
-behaves as (compress picks uint16 ids whenever they fit): any other value is refused rather
-than silently ignored. Remove an entry when the loop reads the field."""
-
-
 def _check_exchange(cfg: Config, world_size: int, vocab_size: int | None) -> None:
     cd, batch = cfg.codistill, cfg.data.exchange_batch_size
     topk = cd.topk
@@ -206,10 +200,9 @@ def _check_exchange(cfg: Config, world_size: int, vocab_size: int | None) -> Non
         )
     _require(0.0 < cd.token_fraction <= 1.0, "codistill.token_fraction",
              f"must be in (0, 1], got {cd.token_fraction}")
-    for name, applied in NOT_APPLIED_YET.items():
-        value = _get(cfg, name)
-        _require(value in applied, name, f"{value!r} is not applied by the training loop yet; "
-                                         f"use {' or '.join(map(repr, applied))}")
+    _require(cd.token_fraction == 1.0 or (cd.exchange_batch == "shared" and cd.mode == "logits"),
+             "codistill.token_fraction", "a fraction of the positions travels only with mode 'logits' and "
+             f"exchange_batch 'shared' (got mode {cd.mode!r}, exchange_batch {cd.exchange_batch!r})")
     if cfg.codistill.enabled and batch is not None:
         per_group = ranks_per_group(cfg, world_size)
         _require(

@@ -110,7 +110,8 @@ class ExchangeBatches:
         keys = [k for k in (*MODEL_INPUTS, "labels") if k in rows[0]]
         batch = self.collate([{k: row[k] for k in keys} for row in rows])
         inputs = {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUTS}
-        return ExchangeBatch(inputs, distill_mask(inputs, batch.get("labels"), self.ignore_index))
+        return ExchangeBatch(inputs, distill_mask(inputs, batch.get("labels"), self.ignore_index),
+                             range(self.rank * self.slice, (self.rank + 1) * self.slice))
 
 
 def distill_mask(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
@@ -182,7 +183,7 @@ class CodistillCallback(TrainerCallback):
         batches = ExchangeBatches(dataset, trainer.args.seed, batch, t, trainer.data_collator, self.device,
                                   self.config.ignore_index)
         transport = self._transport or LogitExchange(t, self.config.route)
-        self.engine = ExchangeEngine(transport, ExchangeSettings.from_config(self.config), t.group, t.group_id,
+        self.engine = ExchangeEngine(transport, ExchangeSettings.from_config(self.config, trainer.args.seed), t.group, t.group_id,
                                      batches, leader=t.layout.is_leader)
 
     # ---- hooks ---------------------------------------------------------------------------
