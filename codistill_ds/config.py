@@ -153,7 +153,7 @@ class CodistillConfig:
     running rounds instead."""
     exchange_timeout_s: float = 30.0
     """transport torchft: the longest one round may block on a peer that stopped answering (the
-    gloo timeout of the cross-group process group; the quorum may take twice this). The round is
+    gloo timeout of the cross-group process group, and the longest wait for a quorum). The round is
     then dropped and training goes on; keep it below backend.peer_timeout_s."""
 
 

@@ -52,6 +52,8 @@ from .topology import Topology
 HEARTBEAT_S = 0.1
 """Seconds between heartbeats to the Lighthouse (its heartbeat timeout decides when a silent
 group is dropped from quorums)."""
+UNREACHABLE_S = 1.5
+"""No heartbeat has reached the Lighthouse for this long: the link is down, skip rounds."""
 
 CONTRACT_FIELDS = {
     "vocab_size": "data.tokenizer",
@@ -73,17 +75,23 @@ the same wire format."""
 
 def check_reachable(url: str, timeout_s: float) -> None:
     """A TCP connect to the Lighthouse, on every rank before anything heavy starts: an address
-    that is wrong or down fails in seconds with one line, not after the model is built."""
+    that is wrong or down fails within `timeout_s` with one line, not after the model is built.
+    A refused connection is retried until then (the Lighthouse may be starting alongside)."""
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname or not parsed.port:
         raise ConfigError("codistill.lighthouse", f"expected http://host:port, got {url!r}")
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
-            pass
-    except OSError as err:
-        raise ConfigError("codistill.lighthouse", f"cannot reach the Lighthouse at {url} within "
-                          f"{timeout_s:.0f}s ({err.strerror or err}); start it with `codistill-ds "
-                          "lighthouse --port PORT` and check host and port") from None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            left = max(deadline - time.monotonic(), 0.1)
+            with socket.create_connection((parsed.hostname, parsed.port), timeout=left):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ConfigError("codistill.lighthouse", f"cannot reach the Lighthouse at {url} within "
+                                  f"{timeout_s:.0f}s ({err.strerror or err}); start it with `codistill-ds "
+                                  "lighthouse --port PORT` and check host and port") from None
+            time.sleep(0.2)
 
 
 class IncompatibleGroup(ConfigError):
@@ -194,6 +202,9 @@ class LighthouseMember:
         """Raised after a failed round; the next round's members take the highest generation
         they see and reconfigure, so a broken process group is never reused."""
         self._pg_key: tuple | None = None
+        self._last_beat = time.monotonic()
+        """When a heartbeat last reached the Lighthouse: while it cannot be reached, rounds are
+        skipped at once instead of each waiting out a quorum timeout (training goes on alone)."""
         self._stop = threading.Event()
         self._warned: set[str] = set()
         self._beat = threading.Thread(target=self._heartbeat, name="codistill-lighthouse-heartbeat",
@@ -204,8 +215,13 @@ class LighthouseMember:
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 self.client.heartbeat(self.replica_id, datetime.timedelta(seconds=1))
-            except Exception:  # noqa: BLE001 -- a lost link shows in the next quorum; keep beating
+                self._last_beat = time.monotonic()
+            except Exception:  # noqa: BLE001 -- a lost link: rounds are skipped until a beat gets through
                 pass
+
+    def reachable(self) -> bool:
+        """A heartbeat got through within the last UNREACHABLE_S seconds."""
+        return time.monotonic() - self._last_beat < UNREACHABLE_S
 
     def close(self) -> None:
         self._stop.set()
@@ -214,7 +230,7 @@ class LighthouseMember:
     def _quorum(self, e: int, joining: bool):
         data = {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
                 "started": self.started, "gen": self.generation, "joining": joining}
-        return self.client.quorum(replica_id=self.replica_id, timeout=2 * self.timeout, address="",
+        return self.client.quorum(replica_id=self.replica_id, timeout=self.timeout, address="",
                                   store_address=self.store_address, step=max(e, 0), world_size=1,
                                   shrink_only=False, data=data)
 
@@ -248,8 +264,13 @@ class LighthouseMember:
         deadline = time.monotonic() + wait_s
         present = 0
         while True:
-            members = self._members(self._quorum(-1, joining=True))
-            present = len({m.data["group"] for m in members})
+            try:
+                members = self._members(self._quorum(-1, joining=True))
+                present = len({m.data["group"] for m in members})
+            except IncompatibleGroup:
+                raise
+            except Exception:  # noqa: BLE001 -- no quorum within the timeout: ask again until the deadline
+                pass
             if present >= groups or time.monotonic() >= deadline:
                 return present
             time.sleep(0.05)
@@ -257,6 +278,10 @@ class LighthouseMember:
     def round(self, e: int, payload: torch.Tensor) -> list[PeerPayload]:
         """One exchange round: my whole-batch payload to the compatible groups present, theirs
         back. A failed round (a peer died or stopped mid-way) returns [] and is not retried."""
+        if not self.reachable():
+            self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
+                       "peers until it answers again (warned once)")
+            return []
         try:
             quorum = self._quorum(e, joining=False)
         except Exception as err:  # noqa: BLE001 -- Lighthouse unreachable or no quorum in time
@@ -270,7 +295,7 @@ class LighthouseMember:
         ids = [m.replica_id for m in members]
         self.generation = max(self.generation, *(int(m.data.get("gen", 0)) for m in members))
         try:
-            self._configure(members)
+            self._configure(members, quorum.quorum_id)
             out = [torch.empty_like(payload) for _ in members]
             from torch._C._distributed_c10d import AllgatherOptions
 
@@ -286,13 +311,15 @@ class LighthouseMember:
         return [PeerPayload(int(m.data["group"]), int(m.data["exchange"]), out[i])
                 for i, m in enumerate(members) if i != me]
 
-    def _configure(self, members: list[Any]) -> None:
-        """A new gloo process group only when the members (or the generation) changed."""
+    def _configure(self, members: list[Any], quorum_id: int) -> None:
+        """A new gloo process group only when the quorum (the Lighthouse bumps its id whenever
+        membership changes), our member list or the generation changed; the store prefix names
+        all three, so a reconfiguration never reads a previous one's rendezvous keys."""
         ids = tuple(m.replica_id for m in members)
-        key = (ids, tuple(m.data["nonce"] for m in members), self.generation)
+        key = (quorum_id, ids, self.generation)
         if key == self._pg_key:
             return
-        prefix = f"codistill/g{self.generation}/{'.'.join(ids)}/{'.'.join(m.data['nonce'][:8] for m in members)}"
+        prefix = f"codistill/q{quorum_id}/g{self.generation}/{'.'.join(ids)}"
         self.pg.configure(f"{members[0].store_address}/{prefix}", self.replica_id,
                           ids.index(self.replica_id), len(ids))
         self._pg_key = key
