@@ -11,7 +11,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 # another environment's interrupted build from stalling every DeepSpeed start-up here.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: demo test venv lint clean
+.PHONY: demo demo-ft test venv lint clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/codistill-ds train --config examples/tiny_cpu.yaml --nproc 4 --run-dir runs/demo
 	$(VENV)/bin/codistill-ds plot runs/demo
+
+demo-ft: $(STAMP)
+	launch/demo_ft.sh runs/demo-ft
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

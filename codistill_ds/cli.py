@@ -7,6 +7,7 @@
     codistill-ds plot runs/demo                                             # PNG curves
     codistill-ds train --config ... --resume                                # newest checkpoint
     codistill-ds export runs/demo --group 0 out/model                       # HF save_pretrained
+    codistill-ds lighthouse --port 29510                                    # groups as separate jobs
     codistill-ds tokenize corpus/*.txt --out data/shards                     # once, then train with
                                                         #   --set data.train_files=[data/shards]
 """
@@ -23,8 +24,9 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train K codistilling replicas (one process per rank)")
     p.add_argument("--config", help="YAML config file (defaults apply when omitted)")
     p.add_argument("--run-dir", help="overrides run_dir")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set codistill.alpha=0.5 (repeatable)")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config fields, e.g. --set codistill.alpha=0.5 train.steps=100 "
+                        "(repeatable)")
     p.add_argument("--nproc", type=int, default=0,
                    help="start this many local ranks with torchrun instead of running as one rank")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|none|PATH",
@@ -100,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(sub.add_parser("plan", help="topology and per-step cross-group bytes"))
     _plot_parser(sub)
     _export_parser(sub)
+    from .lighthouse import add_lighthouse_arguments
+
+    add_lighthouse_arguments(sub.add_parser("lighthouse", help="meeting point of groups that run as "
+                                            "separate jobs (codistill.transport=torchft)"))
     _tokenize_parser(sub)
     return parser
 
@@ -178,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_export(args)
     if args.command == "tokenize":
         return cmd_tokenize(args)
+    if args.command == "lighthouse":
+        from .lighthouse import run_lighthouse
+
+        return run_lighthouse(args)
     from .plot import plot_run
 
     print(plot_run(args.run_dir, args.out))

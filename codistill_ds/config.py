@@ -123,7 +123,14 @@ class CodistillConfig:
     topk: int = 32
     """Logit entries kept per token (rest mass as one tail bucket); 0 sends the full vocabulary."""
     dtype: str = "bf16"
-    """Wire dtype of exchanged values ("bf16" | "fp16" | "fp32"); indices are always int32."""
+    """Wire dtype of exchanged values: "bf16" | "fp16" | "fp32" | "fp8" (e4m3, 1 byte per value
+    plus one power-of-two scale per token, 1 byte; within 2^-4 relative of the fp32 value)."""
+    index_dtype: str = "auto"
+    """Wire dtype of top-k ids: "auto" (uint16 when the vocabulary has <= 65,536 entries, else
+    int32) | "uint16" | "int32". Ids are lossless either way; uint16 halves their bytes."""
+    token_fraction: float = 1.0
+    """Fraction of each exchange sequence's positions whose predictions travel, in (0, 1]; the
+    positions are drawn from (seed, exchange index), the same in every group (sampling.py)."""
     loss: str = "kl"
     """Distillation divergence: "kl" (forward) | "reverse_kl" | "jsd" | "mse" (on logits)."""
     temperature: float = 1.0
@@ -138,6 +145,24 @@ class CodistillConfig:
     """All groups start from identical weights; off, each group draws its own initialisation."""
     ignore_index: int = -100
     """Label value whose tokens get neither CE nor distillation loss."""
+    transport: str = "world"
+    """How groups reach each other: "world" (one job holds every group; the exchange runs over
+    that job's process groups, and one dead rank stops every group) | "torchft" (each group is its
+    own torchrun/deepspeed job; groups meet through a torchft Lighthouse, one quorum per exchange
+    round, and a dead or stopped group only costs the others its predictions)."""
+    group_id: int | None = None
+    """transport torchft: which of the `groups` groups this job trains (0 .. groups-1)."""
+    lighthouse: str | None = None
+    """transport torchft: the Lighthouse URL, http://host:port (`codistill-ds lighthouse`);
+    None reads the TORCHFT_LIGHTHOUSE environment variable, as torchft does."""
+    join_timeout_s: float = 120.0
+    """transport torchft: a fresh start waits up to this long for all `groups` groups before its
+    first step, so that every group's first exchange has every peer; a resumed group rejoins the
+    running rounds instead."""
+    exchange_timeout_s: float = 30.0
+    """transport torchft: the longest one round may block on a peer that stopped answering (the
+    gloo timeout of the cross-group process group, and the longest wait for a quorum). The round is
+    then dropped and training goes on; keep it below backend.peer_timeout_s."""
 
 
 @dataclass

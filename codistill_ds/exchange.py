@@ -23,26 +23,19 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from .compression import CompressedLogits, pack, unpack
+from . import comm
+from .compression import CompressedLogits, pack
+from .engine import ExchangeResult
 from .topology import Topology
 
 
-@dataclass
-class ExchangeResult:
-    """Peers' predictions for my slice, in group order (my own group left out)."""
-
-    peers: list[CompressedLogits]
-    peer_groups: list[int]
-    seconds: float
-
-
 class LogitExchange:
-    """Route-specific collectives over the process groups that `Topology` built."""
+    """The `transport: world` transport: route-specific collectives over the process groups
+    that `Topology` built in one job. All groups are in lockstep, so every peer predicted on
+    the exchange batch I posted."""
 
     def __init__(self, topology: Topology, route: str) -> None:
         if route not in ("leaders", "rails"):
@@ -51,11 +44,11 @@ class LogitExchange:
         self.bytes_sent = 0
         self._worker: ThreadPoolExecutor | None = None
 
-    def exchange(self, local: CompressedLogits) -> ExchangeResult:
+    def exchange(self, local: CompressedLogits, e: int = 0) -> ExchangeResult:
         """Blocking swap; every rank of every group must call it for the same exchange batch."""
         return self._swap(pack(local), local)
 
-    def start(self, local: CompressedLogits) -> Future:
+    def start(self, local: CompressedLogits, e: int = 0) -> Future:
         """Post the swap and return at once; `.result()` gives the `ExchangeResult`.
 
         `bytes_sent` grows when the worker hands the payload to the collective, so a reading
@@ -70,21 +63,17 @@ class LogitExchange:
             self._worker = None
 
     def _swap(self, buf: torch.Tensor, local: CompressedLogits) -> ExchangeResult:
-        start = time.perf_counter()
+        start, sent_before = time.perf_counter(), self.bytes_sent
         slices = self._rails(buf) if self.route == "rails" else self._leaders(buf)
-        k = local.values.shape[1]
-        full = local.indices is None
+        fmt = local.wire_format()
         peer_groups = [g for g in range(self.t.groups) if g != self.t.group_id]
-        peers = [
-            unpack(slices[g], local.num_tokens(), k, local.values.dtype, full, local.kind)
-            for g in peer_groups
-        ]
-        return ExchangeResult(peers, peer_groups, time.perf_counter() - start)
+        peers = [fmt.unpack(slices[g], local.num_tokens()) for g in peer_groups]
+        return ExchangeResult(peers, peer_groups, time.perf_counter() - start,
+                              bytes_sent=self.bytes_sent - sent_before)
 
     def _rails(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """All-gather over my rail: entry g is group g's copy of my slice."""
-        out = [torch.empty_like(buf) for _ in range(self.t.groups)]
-        dist.all_gather(out, buf, group=self.t.rail)
+        out = comm.all_gather(buf, group=self.t.rail)
         self.bytes_sent += buf.numel() * (self.t.groups - 1)
         return out
 
@@ -93,16 +82,14 @@ class LogitExchange:
         t = self.t
         S, K, n = t.group_size, t.groups, buf.numel()
         leader = t.layout.leader_of(t.group_id)
-        gathered = [torch.empty_like(buf) for _ in range(S)] if t.layout.is_leader else None
-        dist.gather(buf, gathered, dst=leader, group=t.exchange_group)
+        gathered = comm.gather(buf, dst=leader, group=t.exchange_group)
         scatter_list = None
         if t.layout.is_leader:
             payload = torch.cat(gathered)  # my group's whole exchange batch, rank order
-            everyone = [torch.empty_like(payload) for _ in range(K)]
-            dist.all_gather(everyone, payload, group=t.leaders)
+            everyone = comm.all_gather(payload, group=t.leaders)
             self.bytes_sent += payload.numel() * (K - 1)
             # Rank r receives, for each group g, the r-th slice of g's payload.
             scatter_list = [torch.cat([everyone[g][r * n : (r + 1) * n] for g in range(K)]) for r in range(S)]
         mine = torch.empty(K * n, dtype=buf.dtype, device=buf.device)
-        dist.scatter(mine, scatter_list, src=leader, group=t.exchange_group)
+        comm.scatter(mine, scatter_list, src=leader, group=t.exchange_group)
         return list(mine.split(n))

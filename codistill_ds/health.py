@@ -218,7 +218,7 @@ class Watchdog:
 
     def _diagnose(self, rank: int) -> tuple[str, str] | None:
         """(CAUSE or REACTION, description) for a rank that is gone; None if it is alive."""
-        who = f"rank {rank} (group {rank // self.layout.group_size})"
+        who = f"rank {rank} (group {self.layout.group_of(rank)})"
         try:
             with open(_note_path(self.run_dir, rank)) as f:
                 note = json.load(f)
@@ -339,7 +339,7 @@ _FIELD = {"vocab_size": ("data.tokenizer", ("the vocabulary size (so the exchang
 
 
 def _ranks_text(ranks: list[int], layout: Layout) -> str:
-    groups = sorted({r // layout.group_size for r in ranks})
+    groups = sorted({layout.group_of(r) for r in ranks})
     return f"ranks {ranks} (group{'s' if len(groups) > 1 else ''} {', '.join(map(str, groups))})"
 
 

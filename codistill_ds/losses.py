@@ -15,6 +15,10 @@ rule makes the gap exactly P_tail * KL(p_tail || q_tail) -- the stated bound on 
 compression hides. The student's tail mass is a logsumexp over its non-top-k entries, never
 log(1 - sum), which would cancel catastrophically when the top-k hold nearly all the mass.
 
+Sampled targets (kind "samples", `sampling.py`) carry ids drawn from the teacher instead of its
+top-k; their forward-KL estimate is unbiased (Anshumann et al., ACL 2025, "Sparse Logit
+Sampling"), where top-k buckets are biased low by the within-tail divergence.
+
 Everything is computed in float32 whatever the input dtype, because bf16 log-probabilities
 cannot resolve the small differences a KL sums.
 """
@@ -51,7 +55,7 @@ def _check_inputs(student_logits: torch.Tensor, target: CompressedLogits,
         raise ValueError(f"target covers {target.num_tokens()} tokens, student has {n}")
     if target.indices is None and target.k != vocab:
         raise ValueError(f"full-vocabulary target has {target.k} entries, student vocab is {vocab}")
-    if target.indices is not None and target.k >= vocab:
+    if target.indices is not None and target.k >= vocab and target.kind != "samples":
         raise ValueError(f"top-k target with k={target.k} >= vocab {vocab}; send it as full vocab")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -63,6 +67,10 @@ def _check_inputs(student_logits: torch.Tensor, target: CompressedLogits,
 def _check_kind(loss: str, target: CompressedLogits) -> None:
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(LOSSES)}")
+    if target.kind == "samples":
+        if loss != "kl":
+            raise ValueError(f"sampled targets estimate forward KL only, not {loss!r}")
+        return
     needed = "logits" if loss == "mse" else "logprobs"
     if target.kind != needed:
         raise ValueError(f"loss {loss!r} needs targets of kind {needed!r}, got {target.kind!r}; "
@@ -124,6 +132,18 @@ def _divergence_per_token(log_q_student: torch.Tensor, target: CompressedLogits,
     return per_token * (temperature * temperature)
 
 
+def _sampled_kl_per_token(log_q_student: torch.Tensor, target: CompressedLogits,
+                          temperature: float) -> torch.Tensor:
+    """T^2 * (1/n) sum_s [log p(x_s) - log q(x_s)] over n ids x_s drawn from the teacher p.
+
+    E_{x~p}[log p(x) - log q(x)] = KL(p || q), so the estimate is unbiased, and so is its
+    gradient -(1/n) sum_s grad log q(x_s): the teacher proposes and importance weights are 1.
+    The sent log p(x_s) only shifts the value (a constant to the student); the gradient needs
+    the ids alone."""
+    log_q = log_q_student.gather(-1, target.indices.long())
+    return (target.values.detach().float() - log_q).mean(dim=-1) * (temperature * temperature)
+
+
 def _mse_per_token(student: torch.Tensor, target: CompressedLogits) -> torch.Tensor:
     """Mean squared logit difference over the sent entries (Ba & Caruana style logit matching).
 
@@ -151,6 +171,8 @@ def _per_token_loss(student: torch.Tensor, log_q: torch.Tensor | None, target: C
     if loss == "mse":
         return _mse_per_token(student, target)
     assert log_q is not None
+    if target.kind == "samples":
+        return _sampled_kl_per_token(log_q, target, temperature)
     return _divergence_per_token(log_q, target, loss, temperature)
 
 

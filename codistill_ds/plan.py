@@ -1,39 +1,69 @@
-"""`codistill-ds plan`: the topology and the bytes one step moves across groups, on paper.
+"""`codistill-ds plan`: the bytes one step sends across the group boundary, like for like.
 
-Symbols: K groups, W world ranks, S = W / K ranks per group, B exchange sequences per group per
-exchange, L tokens per sequence, V vocabulary, k entries per token (k = topk, or k = V when
-topk = 0), v bytes per value (bf16/fp16 2, fp32 4), i index bytes per entry (4 for top-k int32
-indices, 0 for full logits), P parameters, g bytes per gradient element, I steps per exchange.
+What a user pays for is what crosses the slow boundary between groups (nodes, racks, sites).
+The plan lays every method over the same K nodes, one codistillation group of S = W / K ranks per
+node, and counts the bytes leaving one node per step (each direction of its boundary link
+carries as much) and per training token (all nodes' boundary bytes / all groups' tokens).
 
-    payload per group           = B * L * k * (v + i)
-    exchange_bytes_per_exchange = K * (K - 1) * payload     (every group to every other group)
-    exchange_bytes_per_step     = exchange_bytes_per_exchange / I
-    leaders: a leader sends       (K - 1) * payload per exchange (one cross-group link per group)
-    rails:   each rank sends      (K - 1) * payload / S  per exchange (same total, S links)
-    allreduce_bytes_per_step    = 2 * (W - 1) * P * g       (ring all-reduce over all W ranks:
-                                  each rank sends 2 (W - 1) / W * P * g per step)
-    ratio                       = allreduce_bytes_per_step / exchange_bytes_per_step
+Symbols: P parameters, g bytes per gradient (or parameter) element, B exchange sequences per
+group per exchange, L tokens per sequence, m = round(f L) positions sent per sequence
+(`token_fraction` f), k entries per position, I steps per exchange, T training tokens per group
+per step, H DiLoCo inner steps, b bytes per pseudo-gradient element, k_wire the wire format's
+bytes per position (`compression.WireFormat.bytes_per_token`: k (value + id bytes) + 1 scale
+byte for fp8).
 
-The baseline is synchronous data parallelism over the whole world; codistillation keeps its
-own gradient traffic inside each group, so only the exchange crosses groups. Byte units
-printed are decimal (1 KB = 1,000 bytes).
+    payload per group per exchange      = B m k_wire
+    codistillation, per node per step   = (K - 1) payload / I        (both routes: the leader's
+                                          link carries it whole, rails split it over S links)
+    ring all-reduce over W ranks        = 2 (W - 1) / W g P           (the ring's link across
+                                          each node boundary carries one rank's whole share)
+    hierarchical all-reduce             = 2 (K - 1) / K g P           (reduce-scatter inside the
+                                          node, ring across the K nodes, all-gather inside)
+    ZeRO-3 over one world-wide group    = 3 (W - 1) / W g P           (parameter all-gather in
+                                          forward and in backward, gradient reduce-scatter)
+    DiLoCo (arXiv 2311.08105)           = 2 (K - 1) / K b P / H       (one pseudo-gradient
+                                          all-reduce across the K replicas every H steps)
+    Streaming DiLoCo (arXiv 2501.18512) = the same with b = 4 bits; fragments spread the bytes
+                                          over the H steps, they do not reduce them
+    per training token                  = per node per step / T
+    codistillation cheaper than DiLoCo  when P > (K - 1) payload / I x H / (2 (K - 1) / K b)
+
+Codistillation's bytes grow with tokens, not with parameters. Summing every rank's ring traffic
+(`ring_all_ranks_bytes_per_step`, mostly intra-node) and dividing it by the exchange is not a
+like-for-like figure; it is reported only as what the instrumented benchmark measures. Units are
+decimal (1 KB = 1,000 bytes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import asdict, dataclass, field
 
+from .compression import WireFormat
+from .plan_format import format_plan, human_bytes, parse_count
+
+__all__ = [
+    "DTYPE_BYTES",
+    "Plan",
+    "add_plan_arguments",
+    "format_plan",
+    "human_bytes",
+    "make_plan",
+    "parse_count",
+    "run_plan",
+]
+
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-"""Bytes per exchanged value or gradient element."""
+"""Bytes per gradient, parameter or pseudo-gradient element."""
 
-INDEX_BYTES = 4
-"""Top-k indices travel as int32."""
+STREAMING_DILOCO_PAPER = {"params": 10**9, "tokens": 100 * 10**9, "bytes": 4.42e12}
+"""arXiv 2501.18512, Table 1 as DESIGN.md quotes it: 1B parameters, 100B tokens, 4.42 TB
+exchanged in all at parity with data parallel: 44.2 bytes per training token."""
 
-_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+RATIO_OF = ("bytes per step leaving one node (one group per node) for each baseline, divided by "
+            "codistillation's bytes per step leaving one node")
 
 
 @dataclass
@@ -43,83 +73,83 @@ class Plan:
     vocab: int
     """V: vocabulary size."""
     seq_len: int
-    """L: tokens per exchange sequence."""
+    """L: tokens per exchange and training sequence."""
     batch: int
     """B: exchange sequences per group per exchange."""
     topk: int
-    """Entries kept per token; 0 means the full vocabulary."""
+    """Entries kept per position; 0 means the full vocabulary."""
     interval: int
     """I: optimizer steps per exchange."""
     groups: int
-    """K: codistillation groups."""
+    """K: codistillation groups, one per node."""
     world: int
     """W: ranks in the whole job."""
     ranks_per_group: int
     """S = W / K."""
-    value_bytes: int
-    """Bytes per exchanged value (the exchange dtype)."""
-    index_bytes: int
-    """Bytes per index: 4 with top-k, 0 for full logits."""
-    grad_bytes: int
-    """Bytes per gradient element in the all-reduce baseline."""
-    entries_per_token: int
-    """k: topk, or the vocabulary size for full logits."""
+    wire: dict
+    """The wire format (`compression.WireFormat`): k, value_dtype, index_dtype, kind."""
+    wire_bytes_per_position: int
+    """k_wire: bytes one sent position costs, scale byte included."""
+    positions_per_sequence: int
+    """m = round(token_fraction x L): sent positions per exchange sequence."""
+    train_tokens_per_group_per_step: int
+    """T: training tokens one group consumes per optimizer step."""
     payload_bytes_per_group: int
-    """What one group's exchange batch of logits weighs."""
+    """B m k_wire: one group's exchange batch of predictions."""
     exchange_bytes_per_exchange: int
-    """All cross-group bytes one exchange moves, all groups together."""
+    """All cross-group bytes one exchange moves, all groups together: K (K - 1) payload."""
     exchange_bytes_per_step: float
-    """exchange_bytes_per_exchange / interval."""
-    allreduce_bytes_per_step: int
-    """All bytes a world-wide ring all-reduce of the gradients moves per step."""
-    ratio: float
-    """allreduce_bytes_per_step / exchange_bytes_per_step."""
+    """exchange_bytes_per_exchange / I (all nodes together)."""
     leader_bytes_per_exchange: int
-    """Route leaders: bytes one leader sends across groups per exchange."""
+    """Route leaders: bytes one leader sends across groups per exchange, (K - 1) payload."""
     rail_bytes_per_exchange: float
-    """Route rails: bytes each rank sends across groups per exchange."""
-    allreduce_bytes_per_rank_per_step: float
-    """What one rank sends in the baseline all-reduce per step."""
+    """Route rails: bytes each rank sends across groups per exchange, (K - 1) payload / S."""
+    boundary: dict
+    """Bytes per step leaving one node, per method (codistill, ring, hierarchical, zero3,
+    diloco_fp32, diloco_bf16, streaming_diloco)."""
+    per_token: dict
+    """The same per training token: boundary bytes of all nodes / training tokens of all groups."""
+    ratios: dict
+    """boundary[method] / boundary["codistill"] for every baseline (see ratio_of)."""
+    ratio: float
+    """ratios["ring"]: the ring all-reduce's bytes per node boundary / codistillation's."""
+    ratio_of: str = RATIO_OF
+    """What every ratio divides."""
+    cheaper_than_diloco_above_params: dict = field(default_factory=dict)
+    """Model size above which codistillation sends fewer boundary bytes than each DiLoCo
+    variant at these tokens per step (the crossover P of the formulas above)."""
+    streaming_diloco_paper_bytes_per_token: float = 0.0
+    """The published 1B figure (4.42 TB / 100B tokens), independent of this shape."""
+    ring_all_ranks_bytes_per_step: int = 0
+    """2 (W - 1) P g: every rank's ring traffic summed, mostly intra-node. Not a like-for-like
+    baseline; what the benchmark's collective counter measures."""
+    diloco_h: int = 500
+    """DiLoCo inner steps per outer step."""
+    streaming_h: int = 100
+    """Streaming DiLoCo inner steps per full model synchronization."""
+    grad_dtype: str = "bf16"
+    """Gradient (and ZeRO-3 parameter) dtype of the synchronous baselines."""
     weight_bytes_per_exchange: int = 0
     """Weights mode: every group's parameters to every other group, K (K-1) P w bytes, spread
     over the S rails (each rank sends its 1/S shard)."""
     weight_bytes_per_step: float = 0.0
     """weight_bytes_per_exchange / interval."""
     weight_ratio: float = 0.0
-    """allreduce_bytes_per_step / weight_bytes_per_step."""
+    """boundary["ring"] / weights mode's bytes per step leaving one node, (K - 1) P w / I."""
     teacher_bytes_per_rank: float = 0.0
     """Weights mode memory: one sharded frozen copy per peer, (K-1) P w / S bytes per rank."""
     teacher_forward_flops_per_rank_per_step: float = 0.0
     """Weights mode compute: each peer's teacher runs forward on my batch, ~2 P FLOPs per token:
-    (K-1) * 2 P * B L / S per rank (B L = the group's tokens per step)."""
-    dtype: str = "bf16"
-    """Exchange dtype name."""
-    grad_dtype: str = "bf16"
-    """Gradient dtype name of the baseline."""
+    (K-1) * 2 P * T / S per rank."""
     layout: list[dict] = field(default_factory=list)
     """One {group, ranks, leader} per group; ranks are group-major and contiguous."""
 
 
-def _check(
-    params: int,
-    vocab: int,
-    seq_len: int,
-    batch: int,
-    topk: int,
-    interval: int,
-    groups: int,
-    world: int,
-    dtype: str,
-    grad_dtype: str,
-) -> None:
-    positive = {
-        "params": params,
-        "vocab": vocab,
-        "seq_len": seq_len,
-        "batch": batch,
-        "interval": interval,
-        "world": world,
-    }
+def _check(params: int, seq_len: int, batch: int, interval: int, groups: int, world: int,
+           token_fraction: float, diloco_h: int, streaming_h: int, train_batch: int) -> None:
+    positive = {"params": params, "seq_len": seq_len, "batch": batch, "interval": interval,
+                "world": world, "diloco_h": diloco_h, "streaming_h": streaming_h,
+                "train_batch": train_batch}
     for name, value in positive.items():
         if value <= 0:
             raise ValueError(f"{name} must be > 0, got {value}")
@@ -127,185 +157,121 @@ def _check(
         raise ValueError(f"codistillation needs at least 2 groups, got groups={groups}")
     if world % groups:
         raise ValueError(f"world size {world} is not divisible by groups={groups}")
-    if topk < 0:
-        raise ValueError(f"topk must be >= 0 (0 = full vocabulary), got {topk}")
+    if not 0.0 < token_fraction <= 1.0:
+        raise ValueError(f"token_fraction must be in (0, 1], got {token_fraction}")
+
+
+def _wire(topk: int, vocab: int, dtype: str, index_dtype: str) -> WireFormat:
     if topk > vocab:
         raise ValueError(f"topk {topk} exceeds the vocabulary size {vocab}")
-    for name, value in (("dtype", dtype), ("grad_dtype", grad_dtype)):
+    try:
+        return WireFormat.choose(topk, vocab, dtype, index_dtype)
+    except ValueError as exc:
+        raise ValueError(f"wire format: {exc}") from None
+
+
+def _boundaries(params: int, groups: int, world: int, g: int, codistill: float, diloco_h: int,
+                streaming_h: int) -> dict:
+    """Bytes per step leaving one node, one entry per method (formulas in the module docstring)."""
+    k, w, p = groups, world, params
+    across = 2 * (k - 1) / k  # all-reduce across the K nodes (hierarchical, DiLoCo)
+    return {
+        "codistill": codistill,
+        "ring": 2 * (w - 1) / w * g * p,
+        "hierarchical": across * g * p,
+        "zero3": 3 * (w - 1) / w * g * p,
+        "diloco_fp32": across * 4 * p / diloco_h,
+        "diloco_bf16": across * 2 * p / diloco_h,
+        "streaming_diloco": across * 0.5 * p / streaming_h,
+    }
+
+
+def _crossovers(groups: int, codistill: float, diloco_h: int, streaming_h: int) -> dict:
+    """P at which a DiLoCo variant's boundary bytes equal codistillation's (independent of P)."""
+    across = 2 * (groups - 1) / groups
+    return {"diloco_fp32": codistill * diloco_h / (across * 4),
+            "diloco_bf16": codistill * diloco_h / (across * 2),
+            "streaming_diloco": codistill * streaming_h / (across * 0.5)}
+
+
+def make_plan(params: int, vocab: int, seq_len: int, batch: int, topk: int, interval: int,
+              groups: int, world: int, dtype: str = "bf16", grad_dtype: str = "bf16",
+              weight_dtype: str = "bf16", index_dtype: str = "auto", token_fraction: float = 1.0,
+              train_batch: int | None = None, diloco_h: int = 500,
+              streaming_h: int = 100) -> Plan:
+    """The byte budget of one codistillation layout against its baselines; ValueError names any
+    impossible input. `train_batch` (sequences per group per step) defaults to `batch`."""
+    from .sampling import positions_per_sequence
+
+    train_batch = batch if train_batch is None else train_batch
+    _check(params, seq_len, batch, interval, groups, world, token_fraction, diloco_h,
+           streaming_h, train_batch)
+    for name, value in (("grad_dtype", grad_dtype), ("weight_dtype", weight_dtype)):
         if value not in DTYPE_BYTES:
             raise ValueError(f"{name} {value!r} is not one of {', '.join(DTYPE_BYTES)}")
-
-
-def make_plan(
-    params: int,
-    vocab: int,
-    seq_len: int,
-    batch: int,
-    topk: int,
-    interval: int,
-    groups: int,
-    world: int,
-    dtype: str = "bf16",
-    grad_dtype: str = "bf16",
-    weight_dtype: str = "bf16",
-) -> Plan:
-    """The byte budget of one codistillation layout; ValueError names any impossible input."""
-    _check(params, vocab, seq_len, batch, topk, interval, groups, world, dtype, grad_dtype)
-    s = world // groups
-    k = topk if topk else vocab
-    value_bytes, index_bytes = DTYPE_BYTES[dtype], INDEX_BYTES if topk else 0
-    grad_bytes = DTYPE_BYTES[grad_dtype]
-    payload = batch * seq_len * k * (value_bytes + index_bytes)
-    per_exchange = groups * (groups - 1) * payload
-    per_step = per_exchange / interval
-    allreduce = 2 * (world - 1) * params * grad_bytes
+    fmt = _wire(topk, vocab, dtype, index_dtype)
+    s, m = world // groups, positions_per_sequence(seq_len, token_fraction)
+    tokens = train_batch * seq_len
+    payload = batch * m * fmt.bytes_per_token
+    codistill = (groups - 1) * payload / interval
+    boundary = _boundaries(params, groups, world, DTYPE_BYTES[grad_dtype], codistill, diloco_h,
+                           streaming_h)
+    ratios = {name: value / codistill for name, value in boundary.items() if name != "codistill"}
     w = DTYPE_BYTES[weight_dtype]
-    weights = groups * (groups - 1) * params * w
-    layout = [
-        {"group": g, "ranks": list(range(g * s, (g + 1) * s)), "leader": g * s}
-        for g in range(groups)
-    ]
+    paper = STREAMING_DILOCO_PAPER
     return Plan(
-        params=params,
-        vocab=vocab,
-        seq_len=seq_len,
-        batch=batch,
-        topk=topk,
-        interval=interval,
-        groups=groups,
-        world=world,
-        ranks_per_group=s,
-        value_bytes=value_bytes,
-        index_bytes=index_bytes,
-        grad_bytes=grad_bytes,
-        entries_per_token=k,
-        payload_bytes_per_group=payload,
-        exchange_bytes_per_exchange=per_exchange,
-        exchange_bytes_per_step=per_step,
-        allreduce_bytes_per_step=allreduce,
-        ratio=allreduce / per_step,
+        params=params, vocab=vocab, seq_len=seq_len, batch=batch, topk=topk, interval=interval,
+        groups=groups, world=world, ranks_per_group=s,
+        wire={"k": fmt.k, "value_dtype": fmt.value_dtype, "index_dtype": fmt.index_dtype,
+              "kind": fmt.kind, "scale": fmt.scale, "describe": fmt.describe()},
+        wire_bytes_per_position=fmt.bytes_per_token, positions_per_sequence=m,
+        train_tokens_per_group_per_step=tokens, payload_bytes_per_group=payload,
+        exchange_bytes_per_exchange=groups * (groups - 1) * payload,
+        exchange_bytes_per_step=groups * (groups - 1) * payload / interval,
         leader_bytes_per_exchange=(groups - 1) * payload,
         rail_bytes_per_exchange=(groups - 1) * payload / s,
-        allreduce_bytes_per_rank_per_step=allreduce / world,
-        weight_bytes_per_exchange=weights,
-        weight_bytes_per_step=weights / interval,
-        weight_ratio=allreduce / (weights / interval),
+        boundary=boundary,
+        per_token={name: value / tokens for name, value in boundary.items()},
+        ratios=ratios, ratio=ratios["ring"],
+        cheaper_than_diloco_above_params=_crossovers(groups, codistill, diloco_h, streaming_h),
+        streaming_diloco_paper_bytes_per_token=paper["bytes"] / paper["tokens"],
+        ring_all_ranks_bytes_per_step=2 * (world - 1) * params * DTYPE_BYTES[grad_dtype],
+        diloco_h=diloco_h, streaming_h=streaming_h, grad_dtype=grad_dtype,
+        weight_bytes_per_exchange=groups * (groups - 1) * params * w,
+        weight_bytes_per_step=groups * (groups - 1) * params * w / interval,
+        weight_ratio=boundary["ring"] / ((groups - 1) * params * w / interval),
         teacher_bytes_per_rank=(groups - 1) * params * w / s,
-        teacher_forward_flops_per_rank_per_step=(groups - 1) * 2 * params * batch * seq_len / s,
-        dtype=dtype,
-        grad_dtype=grad_dtype,
-        layout=layout,
+        teacher_forward_flops_per_rank_per_step=(groups - 1) * 2 * params * tokens / s,
+        layout=[{"group": g, "ranks": list(range(g * s, (g + 1) * s)), "leader": g * s}
+                for g in range(groups)],
     )
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units: 1 KB = 1,000 bytes."""
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:,.0f} B"
-
-
-def _span(ranks: list[int]) -> str:
-    return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
-
-
-def _ranks(ranks: list[int], limit: int = 8) -> str:
-    shown = ", ".join(str(r) for r in ranks[:limit])
-    return f"[{shown}{', ...' if len(ranks) > limit else ''}]"
-
-
-def _topology_lines(plan: Plan) -> list[str]:
-    s, k = plan.ranks_per_group, plan.groups
-    lines = [
-        f"topology: {plan.world} ranks = {k} groups x {s} ranks per group",
-        *(
-            f"  group {e['group']}: ranks {_span(e['ranks'])}, leader {e['leader']}"
-            for e in plan.layout[:8]
-        ),
-    ]
-    if k > 8:
-        lines.append(f"  ... ({k - 8} more groups)")
-    lines.append(f"  leaders group: {_ranks([e['leader'] for e in plan.layout])}")
-    for r in range(min(s, 4)):
-        lines.append(f"  rail {r}: {_ranks([r + g * s for g in range(k)])}")
-    if s > 4:
-        lines.append(f"  ... ({s - 4} more rails, rail r = local rank r of every group)")
-    return lines
-
-
-def format_plan(plan: Plan) -> str:
-    """Topology, then the byte table in human units, then the ratio."""
-    k = "full vocab" if plan.topk == 0 else f"top-{plan.topk}"
-    wire = f"{plan.dtype} values" + (" + int32 indices" if plan.index_bytes else "")
-    rows = [
-        ("payload per group per exchange", plan.payload_bytes_per_group),
-        ("cross-group bytes per exchange (all groups)", plan.exchange_bytes_per_exchange),
-        ("cross-group bytes per step", plan.exchange_bytes_per_step),
-        ("  route leaders: per leader per exchange", plan.leader_bytes_per_exchange),
-        ("  route rails: per rank per exchange", plan.rail_bytes_per_exchange),
-        (
-            f"all-reduce bytes per step ({plan.grad_dtype} grads, W={plan.world})",
-            plan.allreduce_bytes_per_step,
-        ),
-        ("  all-reduce per rank per step", plan.allreduce_bytes_per_rank_per_step),
-    ]
-    width = max(len(name) for name, _ in rows)
-    lines = _topology_lines(plan)
-    lines += [
-        "",
-        f"model: {plan.params:,} params, vocab {plan.vocab:,}",
-        (
-            f"exchange: {plan.batch} seqs x {plan.seq_len} tokens per group, {k} ({wire}), "
-            f"every {plan.interval} steps"
-        ),
-        "",
-        *(f"{name:<{width}}  {human_bytes(value):>12}" for name, value in rows),
-        "",
-        f"ratio (all-reduce / codistill per step): {plan.ratio:,.0f}x",
-        "",
-        f"mode weights (shards of {plan.params:,} params to frozen teachers, every {plan.interval} steps):",
-        f"  {'cross-group bytes per step':<{width - 2}}  {human_bytes(plan.weight_bytes_per_step):>12}",
-        f"  {'teacher memory per rank':<{width - 2}}  {human_bytes(plan.teacher_bytes_per_rank):>12}",
-        f"  teacher forward per rank per step: {plan.teacher_forward_flops_per_rank_per_step:.3g} FLOPs",
-        f"  ratio (all-reduce / weights per step): {plan.weight_ratio:,.1f}x",
-    ]
-    return "\n".join(lines)
-
-
-def parse_count(text: str) -> int:
-    """'1e9', '1B', '1.5b', '350M', '125m', '10k', '1_100_000' -> an integer count."""
-    match = re.fullmatch(r"\s*([0-9_.]+(?:e[+-]?\d+)?)\s*([kmbgt]?)\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a count (e.g. 1B, 350M, 1e9)")
-    try:
-        number = float(match.group(1).replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"cannot read {text!r} as a count") from None
-    return round(number * _SUFFIX[match.group(2).lower()])
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `codistill-ds plan`; exchange defaults are the training config's defaults."""
+    from .compression import INDEX_DTYPES, VALUE_DTYPES
     from .config import CodistillConfig
 
     defaults = CodistillConfig()
     add = parser.add_argument
     add("--params", type=parse_count, default=10**9, help="parameters: 1e9, 1B, 350M, 1100000")
     add("--vocab", type=parse_count, default=32000, help="vocabulary size")
-    add("--seq-len", type=int, default=2048, help="tokens per exchange sequence")
+    add("--seq-len", type=int, default=2048, help="tokens per sequence")
     add("--batch", type=int, default=16, help="exchange sequences per group per exchange")
+    add("--train-batch", type=int, default=None,
+        help="training sequences per group per optimizer step (default: --batch)")
     add("--topk", type=int, default=defaults.topk, help="logit entries kept per token; 0 = full vocab")
     add("--interval", type=int, default=defaults.interval, help="optimizer steps per exchange")
-    add("--groups", type=int, default=2, help="codistillation groups K")
+    add("--groups", type=int, default=2, help="codistillation groups K, one per node")
     add("--world", type=int, default=16, help="total ranks W")
-    add("--dtype", choices=sorted(DTYPE_BYTES), default=defaults.dtype, help="exchanged value dtype")
-    add(
-        "--grad-dtype",
-        choices=sorted(DTYPE_BYTES),
-        default="bf16",
-        help="gradient dtype of the all-reduce baseline",
-    )
+    add("--dtype", choices=list(VALUE_DTYPES), default=defaults.dtype, help="exchanged value dtype")
+    add("--index-dtype", choices=INDEX_DTYPES, default=defaults.index_dtype, help="top-k id dtype")
+    add("--token-fraction", type=float, default=defaults.token_fraction,
+        help="fraction of each exchange sequence's positions sent")
+    add("--grad-dtype", choices=sorted(DTYPE_BYTES), default="bf16",
+        help="gradient dtype of the synchronous baselines")
+    add("--diloco-h", type=int, default=500, help="DiLoCo inner steps per outer step")
+    add("--streaming-h", type=int, default=100, help="Streaming DiLoCo steps per full sync")
     add("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -313,24 +279,16 @@ def run_plan(args: argparse.Namespace) -> int:
     """Print the plan for parsed flags; 2 with one line on stderr for impossible inputs."""
     try:
         plan = make_plan(
-            params=args.params,
-            vocab=args.vocab,
-            seq_len=args.seq_len,
-            batch=args.batch,
-            topk=args.topk,
-            interval=args.interval,
-            groups=args.groups,
-            world=args.world,
-            dtype=args.dtype,
-            grad_dtype=getattr(args, "grad_dtype", "bf16"),
+            params=args.params, vocab=args.vocab, seq_len=args.seq_len, batch=args.batch,
+            topk=args.topk, interval=args.interval, groups=args.groups, world=args.world,
+            dtype=args.dtype, grad_dtype=args.grad_dtype, index_dtype=args.index_dtype,
+            token_fraction=args.token_fraction, train_batch=args.train_batch,
+            diloco_h=args.diloco_h, streaming_h=args.streaming_h,
         )
     except ValueError as exc:
         print(f"codistill-ds plan: error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(asdict(plan)))
-    else:
-        print(format_plan(plan))
+    print(json.dumps(asdict(plan)) if args.json else format_plan(plan))
     return 0
 
 

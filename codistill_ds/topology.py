@@ -33,6 +33,9 @@ class Layout:
     world_size: int
     groups: int
     rank: int
+    first_group: int = 0
+    """Codistillation group id of this job's first group: 0 when one job holds every group
+    (`transport: world`); `codistill.group_id` when each group is its own job (`torchft`)."""
 
     def __post_init__(self) -> None:
         if self.groups < 1:
@@ -51,7 +54,11 @@ class Layout:
 
     @property
     def group_id(self) -> int:
-        return self.rank // self.group_size
+        return self.group_of(self.rank)
+
+    def group_of(self, rank: int) -> int:
+        """Codistillation group id of a rank of this job."""
+        return self.first_group + rank // self.group_size
 
     @property
     def group_rank(self) -> int:
@@ -63,6 +70,7 @@ class Layout:
         return self.group_rank == 0
 
     def group_ranks(self, g: int) -> list[int]:
+        g -= self.first_group
         return list(range(g * self.group_size, (g + 1) * self.group_size))
 
     def rail_ranks(self, r: int) -> list[int]:
@@ -72,7 +80,7 @@ class Layout:
         return self.rail_ranks(0)
 
     def leader_of(self, g: int) -> int:
-        return g * self.group_size
+        return (g - self.first_group) * self.group_size
 
 
 @dataclass
@@ -90,10 +98,13 @@ class Topology:
     """Same members as `group`, used only by the exchange: an asynchronous exchange runs its
     gathers on a background thread, and a process group must never carry collectives from two
     threads at once (ranks could pair them in different orders)."""
+    total_groups: int | None = None
+    """K when this job holds only one of the groups (`transport: torchft`); None: the layout's."""
 
     @property
     def groups(self) -> int:
-        return self.layout.groups
+        """K, the number of codistillation groups (in this job or across jobs)."""
+        return self.total_groups if self.total_groups is not None else self.layout.groups
 
     @property
     def group_id(self) -> int:
@@ -134,6 +145,24 @@ def build_topology(groups: int) -> Topology:
         if rank == layout.rank:
             mine["mp"] = pg
     return Topology(layout, mine["group"], mine["leaders"], mine["rail"], mine["mp"], mine["exchange"])
+
+
+def build_group_job_topology(group_id: int, groups: int) -> Topology:
+    """The topology of a job that is one codistillation group (`transport: torchft`).
+
+    The whole world is my group (ZeRO/FSDP shard over all of it, so DeepSpeed's world-wide
+    barriers touch no other group); the cross-group links are not process groups of this job
+    but torchft quorums (`ft_transport.py`). Collective over the world, like `build_topology`."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    layout = Layout(world, 1, rank, first_group=group_id)
+    group = dist.new_group(list(range(world)))
+    exchange_group = dist.new_group(list(range(world)))
+    mine = None
+    for r in range(world):
+        pg = dist.new_group([r])
+        if r == rank:
+            mine = pg
+    return Topology(layout, group, None, mine, mine, exchange_group, total_groups=groups)
 
 
 class GroupMPU:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import comm
 from . import dist as rankinfo
 from .checkpoint import (
     Resume,
@@ -37,7 +38,13 @@ from .integrations.accelerate import apply_launch_env
 from .loop import CodistillLoop
 from .metrics import MetricsWriter, write_summary
 from .model import build_model, count_parameters
-from .topology import Layout, Topology, TopologyError, build_topology
+from .topology import (
+    Layout,
+    Topology,
+    TopologyError,
+    build_group_job_topology,
+    build_topology,
+)
 from .validation import validate
 
 
@@ -54,10 +61,43 @@ def prepare(cfg: Config):
 
         if find_spec("codistill_ds.backends.fsdp_backend") is None:
             raise ConfigError("backend.name", "backend 'fsdp' is not available in this version")
-    groups = cfg.codistill.groups if cfg.codistill.enabled else 1
-    layout = Layout(world, groups, rankinfo.env_rank())
+    if separate_group_jobs(cfg):
+        from .ft_transport import check_reachable
+
+        check_reachable(cfg.codistill.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"], LIGHTHOUSE_CONNECT_S)
+        layout = Layout(world, 1, rankinfo.env_rank(), first_group=cfg.codistill.group_id)
+    else:
+        layout = Layout(world, cfg.codistill.groups if cfg.codistill.enabled else 1, rankinfo.env_rank())
     corpus = build_corpus(cfg.data, tokenizer)
     return layout, corpus
+
+
+LIGHTHOUSE_CONNECT_S = 10.0
+"""How long a group job tries to reach the Lighthouse at start before it gives up."""
+
+
+def separate_group_jobs(cfg: Config) -> bool:
+    """`transport: torchft`: this job is one codistillation group; its peers are other jobs."""
+    return cfg.codistill.enabled and cfg.codistill.transport == "torchft"
+
+
+def build_ft_transport(cfg: Config, topology: Topology, corpus, vocab_size: int):
+    """The leader joins the Lighthouse with this group's exchange contract; every rank gets the
+    transport (non-leaders only gather and scatter through it)."""
+    from .ft_transport import LighthouseMember, TorchFTTransport, exchange_contract
+    from .health import fingerprint
+
+    cd, d = cfg.codistill, cfg.data
+    member = None
+    if topology.layout.is_leader:
+        contract = exchange_contract(
+            vocab_size, fingerprint(cfg, vocab_size, 0, corpus.train)["corpus"], cfg.seed,
+            d.exchange_batch_size or d.micro_batch_size * topology.group_size, d.seq_len,
+            cd.topk, cd.dtype, "logits" if cd.loss == "mse" else "logprobs", cd.temperature, cd.index_dtype,
+            cd.token_fraction)
+        member = LighthouseMember(cd.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"], cd.group_id,
+                                  contract, cd.exchange_timeout_s)
+    return TorchFTTransport(topology, member)
 
 
 def build_backend(cfg: Config, model: torch.nn.Module, topology, bf16: bool):
@@ -88,6 +128,8 @@ class Job:
     backend: object
     loop: CodistillLoop
     n_params: int
+    transport: object = None
+    """The torchft transport when groups are separate jobs (the start-up join uses it)."""
 
 
 def build_job(cfg: Config) -> Job:
@@ -96,7 +138,11 @@ def build_job(cfg: Config) -> Job:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     layout, corpus = prepare(cfg)
     rankinfo.init_distributed(cfg.backend.timeout_s)
-    topology = build_topology(layout.groups)
+    ft = separate_group_jobs(cfg)
+    if ft:
+        topology = build_group_job_topology(cfg.codistill.group_id, cfg.codistill.groups)
+    else:
+        topology = build_topology(layout.groups)
     seed = cfg.seed + (0 if cfg.codistill.same_init else topology.group_id)
     torch.manual_seed(seed)
     model = build_model(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed)
@@ -107,11 +153,12 @@ def build_job(cfg: Config) -> Job:
     if topology.rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-    torch.distributed.barrier()
+    comm.barrier()
     writer = MetricsWriter(cfg.run_dir, enabled=topology.layout.is_leader,
                            report_to=cfg.train.report_to, group=topology.group_id)
-    loop = CodistillLoop(cfg, topology, backend, corpus, writer, rankinfo.device())
-    return Job(cfg, topology, backend, loop, n_params)
+    transport = build_ft_transport(cfg, topology, corpus, corpus.vocab_size) if ft else None
+    loop = CodistillLoop(cfg, topology, backend, corpus, writer, rankinfo.device(), transport)
+    return Job(cfg, topology, backend, loop, n_params, transport)
 
 
 def run(cfg: Config) -> dict:
@@ -142,6 +189,9 @@ def _train(job: Job, resume: Resume, watchdog: Watchdog) -> dict:
     cfg = job.cfg
     with watchdog.slow("loading the checkpoint"):
         start_step, rng = restore(job, resume)
+    if job.transport is not None and resume.path is None:
+        with watchdog.slow("waiting for the other groups"):
+            _join_groups(job)
     watchdog.resumed(start_step)
     saver = Saver(job)
     progress = _progress_bar(cfg, start_step) if job.topology.rank == 0 else None
@@ -167,6 +217,17 @@ def _train(job: Job, resume: Resume, watchdog: Watchdog) -> dict:
     return summary
 
 
+def _join_groups(job: Job) -> None:
+    """A fresh start waits for every group, so that the first exchange already has all peers
+    (a resumed group skips this and rejoins the running rounds)."""
+    cd = job.cfg.codistill
+    present = job.transport.join(cd.groups, cd.join_timeout_s)
+    if job.topology.rank == 0:
+        note = "" if present >= cd.groups else f" after {cd.join_timeout_s:.0f}s; starting without the others"
+        print(f"codistill-ds: group {cd.group_id}: {present} of {cd.groups} groups present{note}",
+              file=sys.stderr, flush=True)
+
+
 def _progress_bar(cfg: Config, start_step: int = 0):
     from tqdm import tqdm
 
@@ -181,10 +242,9 @@ def _summarize(cfg: Config, topology, loop, state, n_params: int, wall_s: float)
         "cross_group_bytes": loop.cross_group_bytes(),
         "last": state.last, "best_val_loss": state.best_val, "val_history": state.val_history,
     }
-    everyone = [None] * topology.layout.world_size
-    torch.distributed.all_gather_object(everyone, mine)
+    everyone = comm.all_gather_object(mine)
     groups = []
-    for g in range(topology.groups):
+    for g in sorted({r["group"] for r in everyone}):  # one group per job under transport torchft
         ranks = [r for r in everyone if r["group"] == g]
         lead = ranks[0]
         groups.append({

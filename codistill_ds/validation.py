@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from .compression import UINT16_VOCAB
 from .config import PACKAGE_ROOT, Config, ConfigError, resolve_path
 from .shards import is_shard_dir
 
@@ -23,8 +24,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "codistill.mode": ("logits", "weights"),
     "codistill.route": ("leaders", "rails"),
     "codistill.exchange_batch": ("shared", "train"),
-    "codistill.dtype": ("bf16", "fp16", "fp32"),
+    "codistill.dtype": ("bf16", "fp16", "fp32", "fp8"),
+    "codistill.index_dtype": ("auto", "uint16", "int32"),
     "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
+    "codistill.transport": ("world", "torchft"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "backend.name": ("deepspeed", "fsdp"),
     "backend.precision": ("auto", "fp32", "bf16"),
@@ -35,7 +38,8 @@ _POSITIVE = (
     "model.hidden_size", "model.num_layers", "model.num_heads", "model.num_kv_heads",
     "model.intermediate_size", "model.max_seq_len", "data.seq_len", "data.max_bytes",
     "data.micro_batch_size", "data.exchange_batch_size", "data.val_batches", "data.shuffle_buffer",
-    "codistill.interval", "codistill.temperature", "optim.lr", "optim.eps",
+    "codistill.interval", "codistill.temperature", "codistill.join_timeout_s",
+    "codistill.exchange_timeout_s", "optim.lr", "optim.eps",
     "train.steps", "train.grad_accum", "backend.timeout_s", "backend.peer_timeout_s",
 )  # fmt: skip
 """Fields that must be > 0 (None, where allowed, is skipped)."""
@@ -72,11 +76,36 @@ def check_topology(cfg: Config, world_size: int) -> None:
             f"codistillation needs at least 2 groups, got {g}; "
             "set codistill.enabled=false to train one group",
         )
+        if cfg.codistill.transport == "torchft":
+            check_group_job(cfg)
+            return
         _require(
             world_size % g == 0,
             "codistill.groups",
             f"world size {world_size} is not divisible by codistill.groups={g}",
         )
+
+
+def check_group_job(cfg: Config) -> None:
+    """`transport: torchft`: this job is group `group_id` of `groups`; the job's whole world
+    shards that one replica, and the peers are reached through the Lighthouse."""
+    cd = cfg.codistill
+    _require(cd.group_id is not None and 0 <= cd.group_id < cd.groups, "codistill.group_id",
+             f"transport 'torchft' needs this job's group id in 0..{cd.groups - 1} "
+             f"(codistill.groups={cd.groups}), got {cd.group_id}")
+    _require(bool(cd.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")), "codistill.lighthouse",
+             "transport 'torchft' needs the Lighthouse URL (http://host:port, from `codistill-ds "
+             "lighthouse`) in codistill.lighthouse or TORCHFT_LIGHTHOUSE")
+    for name, value, want, why in (
+            ("codistill.mode", cd.mode, "logits", "weight exchange needs rails between jobs"),
+            ("codistill.exchange_batch", cd.exchange_batch, "shared", "a group cannot know the batches "
+             "of peers that run at their own pace"),
+            ("codistill.route", cd.route, "leaders", "each group's leader takes part in the quorum")):
+        _require(value == want, name, f"transport 'torchft' supports {name.split('.')[1]} {want!r} "
+                 f"only ({why}), got {value!r}")
+    _require(cd.exchange_timeout_s < cfg.backend.peer_timeout_s, "codistill.exchange_timeout_s",
+             f"{cd.exchange_timeout_s}s must be below backend.peer_timeout_s "
+             f"({cfg.backend.peer_timeout_s}s), or the watchdog stops the group while a round waits")
 
 
 def check_choices(cfg: Config) -> None:
@@ -156,13 +185,25 @@ def _check_model(cfg: Config) -> None:
 
 
 def _check_exchange(cfg: Config, world_size: int, vocab_size: int | None) -> None:
-    topk, batch = cfg.codistill.topk, cfg.data.exchange_batch_size
+    cd, batch = cfg.codistill, cfg.data.exchange_batch_size
+    topk = cd.topk
     if vocab_size is not None:
         _require(
             topk <= vocab_size,
             "codistill.topk",
             f"topk {topk} exceeds the vocabulary size {vocab_size}",
         )
+        _require(
+            cd.index_dtype != "uint16" or vocab_size <= UINT16_VOCAB,
+            "codistill.index_dtype",
+            f"uint16 ids hold a vocabulary of at most {UINT16_VOCAB:,}, the model's has "
+            f"{vocab_size:,}; use 'auto' or 'int32'",
+        )
+    _require(0.0 < cd.token_fraction <= 1.0, "codistill.token_fraction",
+             f"must be in (0, 1], got {cd.token_fraction}")
+    _require(cd.token_fraction == 1.0 or (cd.exchange_batch == "shared" and cd.mode == "logits"),
+             "codistill.token_fraction", "a fraction of the positions travels only with mode 'logits' and "
+             f"exchange_batch 'shared' (got mode {cd.mode!r}, exchange_batch {cd.exchange_batch!r})")
     if cfg.codistill.enabled and batch is not None:
         per_group = ranks_per_group(cfg, world_size)
         _require(
@@ -258,5 +299,8 @@ def validate(cfg: Config, world_size: int, vocab_size: int | None = None) -> Non
 
 
 def ranks_per_group(cfg: Config, world_size: int) -> int:
-    """S: ranks that shard one replica (the whole world when codistillation is off)."""
-    return world_size // cfg.codistill.groups if cfg.codistill.enabled else world_size
+    """S: ranks that shard one replica (the whole world when codistillation is off, or when the
+    job is one group of `transport: torchft`)."""
+    if not cfg.codistill.enabled or cfg.codistill.transport == "torchft":
+        return world_size
+    return world_size // cfg.codistill.groups

@@ -2,43 +2,32 @@
 
 Each worker script is an importable module with a `main()` (accelerate's test-script style);
 torchrun gives it RANK/WORLD_SIZE, it writes `OUT/rank{r}.json`, and the test asserts on those
-numbers. A timeout turns a hang into a failure instead of a stalled CI."""
+numbers. A timeout stops the whole launch (launcher and ranks) and fails the test instead of
+stalling CI. The launching itself is `codistill_ds.launching`, shared with the benchmarks."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from codistill_ds.launching import (
+    REPO,
+    child_env,
+    free_port,
+    run_captured,
+    torchrun_argv,
+)
+
+__all__ = ["REPO", "WORKERS", "child_env", "cli", "free_port", "read_jsonl", "run_worker", "torchrun"]
+
 WORKERS = Path(__file__).resolve().parent / "workers"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env(**extra: str) -> dict:
-    env = dict(os.environ)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               TOKENIZERS_PARALLELISM="false", HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
 
 
 def torchrun(nproc: int, argv: list[str], timeout: float = 240, cwd: Path | None = None,
              **env: str) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node nproc argv...`; argv is a script path or `-m module ...`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *argv]
-    return subprocess.run(cmd, check=False, cwd=cwd or REPO, env=child_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+    return run_captured(torchrun_argv(nproc, argv), timeout, cwd=cwd or REPO, env=child_env(**env))
 
 
 def run_worker(name: str, nproc: int, out: Path, *args: str, timeout: float = 240) -> list[dict]:

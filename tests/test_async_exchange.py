@@ -23,9 +23,16 @@ def run(tmp_path, name: str, *overrides: str) -> dict:
     return {(r["group"], r["step"]): r for r in read_jsonl(tmp_path / name / "metrics.jsonl")}
 
 
-def test_async_equals_synchronous_stale_reference(tmp_path):
-    fut = run(tmp_path, "async", "codistill.async_exchange=true")
-    ref = run(tmp_path, "sync", "codistill.async_exchange=false")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("async")
+    return {"async": run(tmp, "async", "codistill.async_exchange=true"),
+            "sync": run(tmp, "sync", "codistill.async_exchange=false"),
+            "quarter": run(tmp, "quarter", "codistill.async_exchange=false", "codistill.token_fraction=0.25")}
+
+
+def test_async_equals_synchronous_stale_reference(runs):
+    fut, ref = runs["async"], runs["sync"]
     assert fut.keys() == ref.keys()
     for key in ref:
         assert fut[key]["loss"] == ref[key]["loss"], key
@@ -36,3 +43,14 @@ def test_async_equals_synchronous_stale_reference(tmp_path):
     # every posted exchange was delivered; the final count matches the synchronous run's
     last = max(s for _, s in ref)
     assert fut[(0, last)]["cross_group_bytes"] == ref[(0, last)]["cross_group_bytes"] > 0
+
+
+def test_token_fraction_sends_a_quarter_and_still_distills(runs):
+    """token_fraction 0.25: 8 of every 32 positions travel (the same ones in both groups, drawn
+    from (seed, exchange, row)), so the bytes are exactly a quarter of the full exchange's."""
+    quarter, full = runs["quarter"], runs["sync"]
+    last = max(s for _, s in full)
+    for g in (0, 1):
+        assert quarter[(g, last)]["cross_group_bytes"] * 4 == full[(g, last)]["cross_group_bytes"] > 0
+        assert all(quarter[(g, s)]["distill_loss"] > 0 for s in range(5, last + 1))
+        assert quarter[(g, last)]["agreement"] is not None

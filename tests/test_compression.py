@@ -9,10 +9,12 @@ from hypothesis import strategies as st
 
 from codistill_ds.compression import (
     CompressedLogits,
+    WireFormat,
+    choose_index_dtype,
     compress,
+    dequantize_fp8,
     pack,
-    payload_bytes,
-    unpack,
+    quantize_fp8,
     wire_dtype,
 )
 
@@ -41,43 +43,96 @@ def _assert_bit_exact(a: CompressedLogits, b: CompressedLogits) -> None:
         assert torch.equal(a.indices, b.indices)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("topk", [0, 5, 37])
+VALUE_DTYPES = ["bf16", "fp16", "fp32", "fp8"]
+
+
+@pytest.mark.parametrize("value_dtype", VALUE_DTYPES)
+@pytest.mark.parametrize("index_dtype", ["uint16", "int32"])
+@pytest.mark.parametrize("topk", [0, 1, 5, 37])
 @pytest.mark.parametrize("kind", ["logprobs", "logits"])
-def test_pack_unpack_round_trip_bit_exact(dtype: torch.dtype, topk: int, kind: str) -> None:
-    n, v = 7, 37  # odd sizes: bf16/fp16 value bytes then end off a 4-byte boundary
-    c = compress(_logits(n, v), topk, dtype, kind, temperature=1.5)
+def test_pack_unpack_round_trip_bit_exact(value_dtype: str, index_dtype: str, topk: int,
+                                          kind: str) -> None:
+    n, v = 7, 37  # odd sizes: value bytes then end off a 2- or 4-byte boundary
+    c = compress(_logits(n, v), topk, wire_dtype(value_dtype), kind, 1.5, index_dtype)
+    fmt = c.wire_format()
     full = c.indices is None
-    assert full == (topk == 0 or topk >= v)
+    assert full == (topk == 0 or topk >= v) == fmt.full_vocab
+    assert fmt.index_dtype == (None if full else index_dtype) and fmt.scale == (value_dtype == "fp8")
     buf = pack(c)
     assert buf.dtype == torch.uint8 and buf.dim() == 1 and buf.is_contiguous()
-    assert buf.numel() == payload_bytes(n, c.k, dtype, full)
-    _assert_bit_exact(c, unpack(buf, n, c.k, dtype, full, kind))
+    # The formula, written out: k (value + id bytes) per token, plus one scale byte for fp8.
+    value_bytes = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}[value_dtype]
+    id_bytes = 0 if full else {"uint16": 2, "int32": 4}[index_dtype]
+    per_token = c.k * (value_bytes + id_bytes) + (1 if value_dtype == "fp8" else 0)
+    assert buf.numel() == fmt.payload_bytes(n) == n * per_token
+    _assert_bit_exact(c, fmt.unpack(buf, n))
+    _assert_bit_exact(c, fmt.unpack(pack(fmt.unpack(buf, n)), n))  # re-packing is lossless too
 
 
-def test_round_trip_keeps_special_values() -> None:
+def test_uint16_ids_cover_the_whole_vocabulary() -> None:
+    """ids up to 65,535 survive the 2-byte wire; one more vocabulary entry switches to int32."""
+    fmt = WireFormat.choose(4, 65_536, "bf16")
+    assert fmt.index_dtype == "uint16" and fmt.bytes_per_token == 4 * (2 + 2)
+    idx = torch.tensor([[65_535, 65_534, 32_768, 0], [1, 255, 256, 40_000]], dtype=torch.int32)
+    c = CompressedLogits(torch.randn(2, 4).to(torch.bfloat16), idx, "logprobs", fmt)
+    back = fmt.unpack(pack(c), 2)
+    assert torch.equal(back.indices, idx) and back.indices.dtype == torch.int32
+    assert WireFormat.choose(4, 65_537, "bf16").index_dtype == "int32"
+    assert choose_index_dtype("auto", 32_000) == "uint16"
+    with pytest.raises(ValueError, match="65,536"):
+        choose_index_dtype("uint16", 128_256)
+
+
+def test_fp8_error_bound_scale_and_special_values() -> None:
+    """e4m3 keeps 3 mantissa bits: within 2^-4 relative (plus the subnormal floor of the token's
+    scale); each token's largest magnitude lands in [224, 448] times a power of two."""
+    z = _logits(64, 300, seed=5) * 4
+    v = torch.log_softmax(z, dim=-1).topk(16, dim=-1).values
+    codes, exps = quantize_fp8(v)
+    assert exps.dtype == torch.int8 and codes.dtype == torch.float8_e4m3fn
+    top = codes.float().abs().amax(-1)
+    assert torch.all((top >= 224) & (top <= 448))
+    back = dequantize_fp8(codes, exps)
+    floor = 2.0 ** -9 * torch.exp2(exps.float()).unsqueeze(-1)  # half the smallest subnormal step
+    assert torch.all((back.double() - v.double()).abs() <= v.double().abs() * 2 ** -4 + floor)
+    assert torch.equal(back.float(), codes.float() * torch.exp2(exps.float()).unsqueeze(-1))
+    special = torch.tensor([[float("-inf"), -3.0, -0.5], [float("nan"), 1.0, 0.0],
+                            [0.0, 0.0, 0.0]])
+    out = dequantize_fp8(*quantize_fp8(special)).float()
+    assert out[0, 0] == -448 * 2.0 ** -7 and out[0, 1] == -3.0  # -inf saturates to the scale's top
+    assert torch.isnan(out[1, 0]) and out[1, 1] == 1.0
+    assert torch.equal(out[2], torch.zeros(3))
+
+
+def test_unpack_from_misaligned_slice() -> None:
+    """A receive buffer may be a slice of a larger gather buffer at any byte offset."""
+    for name, index in (("bf16", "int32"), ("fp8", "uint16"), ("fp8", "int32")):
+        c = compress(_logits(3, 20), 3, wire_dtype(name), "logprobs", 1.0, index)
+        big = torch.cat([torch.zeros(1, dtype=torch.uint8), pack(c)])
+        _assert_bit_exact(c, c.wire_format().unpack(big[1:], 3))
+
+
+def test_payload_without_format_packs_lossless_int32() -> None:
+    """A hand-built payload (no compress) travels as its own dtype with int32 ids."""
     values = torch.tensor([[float("inf"), -0.0, float("-inf")],
                            [1e-40, 65504.0, float("nan")]], dtype=torch.float32)
     idx = torch.tensor([[3, 1, 0], [2, 9, 4]], dtype=torch.int32)
     for dtype in DTYPES:
         c = CompressedLogits(values.to(dtype), idx, "logits")
-        _assert_bit_exact(c, unpack(pack(c), 2, 3, dtype, False, "logits"))
+        fmt = c.wire_format()
+        assert (fmt.value_dtype, fmt.index_dtype) == ({torch.bfloat16: "bf16", torch.float16: "fp16",
+                                                       torch.float32: "fp32"}[dtype], "int32")
+        _assert_bit_exact(c, fmt.unpack(pack(c), 2))
 
 
-def test_unpack_from_misaligned_slice() -> None:
-    """A receive buffer may be a slice of a larger gather buffer at any byte offset."""
-    c = compress(_logits(3, 20), 3, torch.bfloat16, "logprobs", 1.0)
-    buf = pack(c)
-    big = torch.cat([torch.zeros(1, dtype=torch.uint8), buf])
-    _assert_bit_exact(c, unpack(big[1:], 3, 3, torch.bfloat16, False, "logprobs"))
-
-
-@pytest.mark.parametrize("dtype,itemsize", [(torch.bfloat16, 2), (torch.float16, 2),
-                                            (torch.float32, 4)])
-def test_payload_bytes_formula(dtype: torch.dtype, itemsize: int) -> None:
-    assert payload_bytes(10, 4, dtype, full_vocab=False) == 10 * 4 * (itemsize + 4)
-    assert payload_bytes(10, 50, dtype, full_vocab=True) == 10 * 50 * itemsize
-    assert payload_bytes(0, 4, dtype, full_vocab=False) == 0
+def test_format_describe_and_rows() -> None:
+    fmt = WireFormat.choose(32, 32_000, "fp8")
+    assert fmt.describe() == "top-32, fp8 values + uint16 ids + int8 scale exponent per token"
+    assert fmt.bytes_per_token == 32 * 3 + 1
+    c = compress(_logits(6, 50), 4, torch.float8_e4m3fn, "logprobs", 1.0)
+    part = c.rows(2, 5)
+    assert part.fmt == c.fmt and part.num_tokens() == 3
+    assert torch.equal(part.values, c.values[2:5]) and torch.equal(part.indices, c.indices[2:5])
 
 
 def test_topk_indices_are_true_topk_descending() -> None:
@@ -124,7 +179,8 @@ def test_wire_dtype_names() -> None:
     assert wire_dtype("bf16") is torch.bfloat16
     assert wire_dtype("fp16") is torch.float16
     assert wire_dtype("fp32") is torch.float32
-    with pytest.raises(ValueError, match="bf16.*fp16.*fp32"):
+    assert wire_dtype("fp8") is torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="bf16.*fp16.*fp32.*fp8"):
         wire_dtype("float8")
 
 
@@ -134,19 +190,22 @@ def test_invalid_inputs_raise() -> None:
     with pytest.raises(ValueError, match="wire dtype"):
         compress(_logits(2, 5), 2, torch.float64, "logits", 1.0)
     with pytest.raises(ValueError, match="bytes"):
-        unpack(torch.zeros(5, dtype=torch.uint8), 2, 2, torch.float32, False, "logits")
+        WireFormat(2, "fp32", "int32", "logits").unpack(torch.zeros(5, dtype=torch.uint8), 2)
+    with pytest.raises(ValueError, match="does not match"):
+        WireFormat(3, "fp32", "int32", "logits").pack(compress(_logits(2, 5), 2, torch.float32,
+                                                               "logits", 1.0))
 
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(0, 9), v=st.integers(1, 40), k=st.integers(0, 45),
-       dtype=st.sampled_from(DTYPES), kind=st.sampled_from(["logprobs", "logits"]),
+       dtype=st.sampled_from(VALUE_DTYPES), index=st.sampled_from(["auto", "uint16", "int32"]),
+       kind=st.sampled_from(["logprobs", "logits"]),
        temperature=st.floats(0.25, 4.0), seed=st.integers(0, 2**16))
-def test_round_trip_property(n: int, v: int, k: int, dtype: torch.dtype, kind: str,
+def test_round_trip_property(n: int, v: int, k: int, dtype: str, index: str, kind: str,
                              temperature: float, seed: int) -> None:
-    c = compress(_logits(n, v, seed), k, dtype, kind, temperature)
-    full = c.indices is None
+    c = compress(_logits(n, v, seed), k, wire_dtype(dtype), kind, temperature, index)
     expected_k = v if (k == 0 or k >= v) else k
     assert c.k == expected_k and c.num_tokens() == n
     buf = pack(c)
-    assert buf.numel() == payload_bytes(n, c.k, dtype, full)
-    _assert_bit_exact(c, unpack(buf, n, c.k, dtype, full, kind))
+    assert buf.numel() == c.wire_format().payload_bytes(n)
+    _assert_bit_exact(c, c.wire_format().unpack(buf, n))

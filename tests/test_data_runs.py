@@ -14,17 +14,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from dashboard_logs import tensorboard_scalars, wandb_history
 
+from benchmarks.data.corpus import make_corpus
 from codistill_ds.tokenize import tokenize_files
 from launch import REPO, WORKERS, cli, read_jsonl, torchrun
-
-sys.path.insert(0, str(REPO / "benchmarks"))  # the corpus maker shared with benchmarks/data_memory.py
-from _corpus import make_corpus
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 STEPS, SAVE = 30, 10

@@ -83,7 +83,8 @@ def test_fsdp_and_deepspeed_same_curve(runs):
 def test_metrics_contract_and_bytes(runs):
     S, K, k = 2, 2, 8
     micro, seq = 2, 32
-    slice_payload = (micro * S // S) * seq * k * (2 + 4)  # exchange batch = micro*S seqs; bf16 + int32
+    # exchange batch = micro*S seqs; bf16 values + uint16 ids (the byte vocabulary fits 2 bytes)
+    slice_payload = (micro * S // S) * seq * k * (2 + 2)
     for rec in runs["A"]:
         assert FIELDS <= rec.keys()
         # leaders route: the writing rank is the leader, which sends the whole group's payload

@@ -31,19 +31,37 @@ def test_process_group_membership(ranks):
 def test_routes_deliver_reference_logits(ranks):
     K, res = ranks
     for r in res:
-        assert r["leaders_equal"] and r["rails_equal"], r["rank"]
-        assert r["leaders_npeers"] == r["rails_npeers"] == K - 1
+        for name, f in r["formats"].items():
+            assert f["leaders_equal"] and f["rails_equal"], (r["rank"], name)
+            assert f["leaders_npeers"] == f["rails_npeers"] == K - 1
 
 
-def test_cross_group_bytes_match_formula(ranks):
+VALUE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+ID_BYTES = {None: 0, "uint16": 2, "int32": 4}
+
+
+def test_cross_group_bytes_match_formula_for_every_wire_format(ranks):
     K, res = ranks
     S = len(res) // K
-    for r in res:
-        assert r["rails_bytes"] == (K - 1) * r["payload"]
-        assert r["leaders_bytes"] == ((K - 1) * S * r["payload"] if r["group_rank"] == 0 else 0)
-    # Summed over every rank, both routes move exactly what `plan` predicts for one exchange.
-    assert sum(r["rails_bytes"] for r in res) == res[0]["plan_exchange_bytes"]
-    assert sum(r["leaders_bytes"] for r in res) == res[0]["plan_exchange_bytes"]
+    names = res[0]["formats"]
+    assert len(names) == 11
+    for name in names:
+        rows = [r["formats"][name] for r in res]
+        f = rows[0]
+        # 15 positions per rank slice; k (value + id bytes) + 1 scale byte for fp8, by hand.
+        per_position = f["k"] * (VALUE_BYTES[f["value_dtype"]] + ID_BYTES[f["index_dtype"]])
+        per_position += 1 if f["value_dtype"] == "fp8" else 0
+        assert f["payload"] == f["packed"] == 15 * per_position, name
+        for r, row in zip(res, rows):
+            assert row["rails_bytes"] == (K - 1) * row["payload"], name
+            assert row["leaders_bytes"] == ((K - 1) * S * row["payload"] if r["group_rank"] == 0 else 0)
+        # Summed over every rank, both routes move exactly what `plan` predicts for one exchange.
+        assert sum(row["rails_bytes"] for row in rows) == f["plan_exchange_bytes"], name
+        assert sum(row["leaders_bytes"] for row in rows) == f["plan_exchange_bytes"], name
+    sizes = {name: names[name]["payload"] // 15 for name in names}
+    assert sizes["bf16-int32-top8"] == 48 and sizes["bf16-uint16-top8"] == 32
+    assert sizes["fp8-uint16-top8"] == 25 and sizes["fp8-uint16-top1"] == 4
+    assert sizes["fp8-full"] == 301 and sizes["samples-bf16-uint16"] == 16
 
 
 def test_same_exchange_batch_different_training_batches(ranks):

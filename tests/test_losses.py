@@ -11,6 +11,7 @@ from torch.distributions import Categorical, kl_divergence
 from codistill_ds.compression import CompressedLogits, compress
 from codistill_ds.losses import (
     LOSSES,
+    _teacher_log_probs,
     distill_loss,
     ignore_mask,
     peer_distill_loss,
@@ -326,3 +327,57 @@ def test_errors() -> None:
         distill_loss(s[:3], logprobs, "kl", 1.0)
     with pytest.raises(ValueError, match="temperature"):
         distill_loss(s, logprobs, "kl", 0.0)
+
+
+def _sent_buckets(target: CompressedLogits) -> torch.Tensor:
+    """float64 teacher buckets from the values as received: exp(v) per sent id, then the rest
+    1 - sum exp(v), renormalized when wire rounding pushed the sum past 1."""
+    sent = target.values.double().exp()
+    tail = (1 - sent.sum(-1, keepdim=True)).clamp_min(0)
+    p = torch.cat([sent, tail], dim=-1)
+    return p / p.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("loss", DIVERGENCES)
+@pytest.mark.parametrize("topk", [1, 2, K])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bfloat16])
+def test_fp8_and_top1_targets_match_float64_reference(loss: str, topk: int,
+                                                      dtype: torch.dtype) -> None:
+    """Down to top-1 and fp8 values, the loss is the exact divergence over k+1 buckets of what
+    was received (the wire's rounding is the only approximation, and it is in the values)."""
+    t = 1.3
+    zt, s = _logits(seed=80, scale=3.0), _logits(seed=81, scale=3.0)
+    target = compress(zt, topk, dtype, "logprobs", t)
+    assert target.k == topk and target.wire_format().value_dtype == (
+        "fp8" if dtype == torch.float8_e4m3fn else "bf16")
+    p = _sent_buckets(target)
+    q = _buckets(s, target.indices, t)
+    expected = t ** 2 * _reference(p, q, loss).mean()
+    torch.testing.assert_close(distill_loss(s, target, loss, t).double(), expected,
+                               rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_top1_tail_bucket_mass_is_exact(dtype: torch.dtype) -> None:
+    """The tail bucket holds 1 - p_1 of the received p_1 to float32 precision, even when p_1 is
+    within 1e-5 of 1 (where float32 1 - exp(v) is off by ~1%: expm1 keeps it exact), and the
+    gradient is the two-bucket one: T (q_1 - p_1) / N on the top-1 logit, the exact tail mass
+    spread over the rest in proportion to the student's tail."""
+    t = 1.0
+    zt = torch.zeros(N, V)
+    zt[:, 0] = torch.linspace(2.0, 16.0, N)  # p_1 from 0.08 to 1 - 7e-6
+    s = _logits(seed=82).requires_grad_(True)
+    target = compress(zt, 1, dtype, "logprobs", t)
+    p1 = target.values.double().exp().squeeze(-1)
+    tail_ref = -torch.expm1(target.values.double()).squeeze(-1)  # float64: 1 - p_1
+    assert torch.all(tail_ref > 0) and tail_ref.min() < 1e-5
+    tail = _teacher_log_probs(target)[:, -1].double().exp()
+    torch.testing.assert_close(tail, tail_ref, rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(distill_loss(s, target, "kl", t), s)
+    q = torch.softmax(s.detach().double() / t, -1)
+    torch.testing.assert_close(grad[:, 0].double(), t * (q[:, 0] - p1) / N, rtol=0, atol=1e-7)
+    # The rest of the gradient spreads the exact tail mass in proportion to the student's tail.
+    q_tail = 1 - q[:, 0]
+    torch.testing.assert_close(grad[:, 1:].double(),
+                               t * (q[:, 1:] - tail_ref[:, None] * q[:, 1:] / q_tail[:, None]) / N,
+                               rtol=0, atol=1e-7)

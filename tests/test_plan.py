@@ -24,20 +24,21 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_small_case_by_hand():
-    # 2 groups x 2 ranks, 4 sequences x 8 tokens, top-10 in bf16 (2 B) + int32 indices (4 B).
+    # 2 groups x 2 ranks, 4 sequences x 8 tokens, top-10 in bf16 (2 B) + uint16 ids (2 B).
     p = make_plan(
         params=1000, vocab=100, seq_len=8, batch=4, topk=10, interval=5, groups=2, world=4
     )
-    assert (p.value_bytes, p.index_bytes, p.grad_bytes, p.entries_per_token) == (2, 4, 2, 10)
-    assert p.ranks_per_group == 2
-    assert p.payload_bytes_per_group == 4 * 8 * 10 * 6 == 1920
-    assert p.exchange_bytes_per_exchange == 2 * 1 * 1920 == 3840
-    assert p.exchange_bytes_per_step == 3840 / 5 == 768
-    assert p.allreduce_bytes_per_step == 2 * 3 * 1000 * 2 == 12000
-    assert p.allreduce_bytes_per_rank_per_step == 12000 / 4
-    assert p.ratio == pytest.approx(12000 / 768)
-    assert p.leader_bytes_per_exchange == 1920  # the whole group's payload to 1 peer
-    assert p.rail_bytes_per_exchange == 960  # half of it per rank
+    assert p.wire["value_dtype"] == "bf16" and p.wire["index_dtype"] == "uint16"
+    assert p.wire_bytes_per_position == 10 * (2 + 2) and p.ranks_per_group == 2
+    assert p.payload_bytes_per_group == 4 * 8 * 10 * 4 == 1280
+    assert p.exchange_bytes_per_exchange == 2 * 1 * 1280
+    assert p.exchange_bytes_per_step == 2 * 1280 / 5
+    assert p.ring_all_ranks_bytes_per_step == 2 * 3 * 1000 * 2  # every rank summed: not a baseline
+    assert p.leader_bytes_per_exchange == 1280  # the whole group's payload to 1 peer
+    assert p.rail_bytes_per_exchange == 640  # half of it per rank
+    assert p.boundary["codistill"] == 1280 / 5
+    assert p.boundary["ring"] == 2 * 3 / 4 * 2 * 1000
+    assert p.ratio == p.ratios["ring"] == pytest.approx(3000 / 256)
     assert p.layout == [
         {"group": 0, "ranks": [0, 1], "leader": 0},
         {"group": 1, "ranks": [2, 3], "leader": 2},
@@ -45,33 +46,81 @@ def test_small_case_by_hand():
 
 
 def test_full_vocab_three_groups_fp32_by_hand():
-    p = make_plan(
-        params=500,
-        vocab=50,
-        seq_len=4,
-        batch=2,
-        topk=0,
-        interval=1,
-        groups=3,
-        world=6,
-        dtype="fp32",
-        grad_dtype="fp32",
-    )
-    assert (p.value_bytes, p.index_bytes, p.entries_per_token) == (4, 0, 50)  # no indices
+    p = make_plan(params=500, vocab=50, seq_len=4, batch=2, topk=0, interval=1, groups=3,
+                  world=6, dtype="fp32", grad_dtype="fp32")
+    assert p.wire["index_dtype"] is None and p.wire["k"] == 50  # no ids
     assert p.payload_bytes_per_group == 2 * 4 * 50 * 4 == 1600
     assert p.exchange_bytes_per_exchange == 3 * 2 * 1600 == 9600
-    assert p.exchange_bytes_per_step == 9600
-    assert p.allreduce_bytes_per_step == 2 * 5 * 500 * 4 == 20000
+    assert p.ring_all_ranks_bytes_per_step == 2 * 5 * 500 * 4 == 20000
     assert p.leader_bytes_per_exchange == 2 * 1600
     assert p.rail_bytes_per_exchange == 2 * 1600 / 2
+    assert p.boundary["codistill"] == 2 * 1600
     assert [e["leader"] for e in p.layout] == [0, 2, 4]
     assert p.layout[2]["ranks"] == [4, 5]
+
+
+def test_one_billion_on_two_nodes_of_eight_by_hand():
+    """1B params, 2 nodes x 8 ranks, 16 x 2048 tokens per group per step, top-32 bf16 + uint16."""
+    p = make_plan(10**9, 32000, 2048, 16, 32, 1, groups=2, world=16)
+    tokens = 16 * 2048
+    codistill = 1 * 16 * 2048 * 32 * (2 + 2)  # (K-1) B L k (v + i) = 4,194,304 B
+    expected = {
+        "codistill": codistill,
+        "ring": 2 * 15 / 16 * 2 * 10**9,  # 3.75 GB on each direction of the node boundary
+        "hierarchical": 2 * 1 / 2 * 2 * 10**9,  # 2 GB
+        "zero3": 3 * 15 / 16 * 2 * 10**9,  # 2 all-gathers + 1 reduce-scatter: 5.625 GB
+        "diloco_fp32": 2 * 1 / 2 * 4 * 10**9 / 500,  # 8 MB per step
+        "diloco_bf16": 2 * 1 / 2 * 2 * 10**9 / 500,  # 4 MB
+        "streaming_diloco": 2 * 1 / 2 * 0.5 * 10**9 / 100,  # 5 MB
+    }
+    for name, value in expected.items():
+        assert p.boundary[name] == pytest.approx(value), name
+        assert p.per_token[name] == pytest.approx(value / tokens), name
+    assert p.per_token["codistill"] == 128.0 and p.per_token["ring"] == pytest.approx(114_440.9, abs=0.1)
+    assert p.ratios["ring"] == pytest.approx(3.75e9 / 4_194_304)  # 894x, not the summed 7,153x
+    assert p.ratios["hierarchical"] == pytest.approx(2e9 / 4_194_304)  # 477x
+    assert p.ratios["diloco_bf16"] == pytest.approx(4e6 / 4_194_304)
+    # crossover: 4,194,304 B = 2 (K-1)/K b P / H  ->  P = 4,194,304 x 500 / (1 x 4) for fp32
+    assert p.cheaper_than_diloco_above_params["diloco_fp32"] == pytest.approx(4_194_304 * 500 / 4)
+    assert p.cheaper_than_diloco_above_params["diloco_bf16"] == pytest.approx(4_194_304 * 500 / 2)
+    assert p.cheaper_than_diloco_above_params["streaming_diloco"] == pytest.approx(4_194_304 * 100 / 0.5)
+    assert p.streaming_diloco_paper_bytes_per_token == pytest.approx(44.2)
+
+
+def test_seven_billion_on_four_nodes_of_eight_by_hand():
+    p = make_plan(7 * 10**9, 32000, 2048, 16, 32, 1, groups=4, world=32)
+    codistill = 3 * 16 * 2048 * 32 * 4  # each group sends its payload to 3 peers: 12.58 MB
+    assert p.boundary["codistill"] == codistill
+    assert p.boundary["ring"] == pytest.approx(2 * 31 / 32 * 2 * 7e9)  # 27.125 GB
+    assert p.boundary["hierarchical"] == pytest.approx(2 * 3 / 4 * 2 * 7e9)  # 21 GB
+    assert p.boundary["zero3"] == pytest.approx(3 * 31 / 32 * 2 * 7e9)  # 40.69 GB
+    assert p.boundary["diloco_fp32"] == pytest.approx(2 * 3 / 4 * 4 * 7e9 / 500)  # 84 MB
+    assert p.boundary["diloco_bf16"] == pytest.approx(2 * 3 / 4 * 2 * 7e9 / 500)  # 42 MB
+    assert p.boundary["streaming_diloco"] == pytest.approx(2 * 3 / 4 * 0.5 * 7e9 / 100)  # 52.5 MB
+    assert p.per_token["codistill"] == 3 * 128
+    assert p.ratios["ring"] == pytest.approx(27.125e9 / codistill)  # 2,156x
+    assert p.ratios["diloco_fp32"] == pytest.approx(84e6 / codistill)
+    assert p.cheaper_than_diloco_above_params["diloco_fp32"] == pytest.approx(codistill * 500 / 6)
+
+
+def test_compact_wire_and_token_fraction_by_hand():
+    # top-1 fp8 + uint16 + 1 scale byte = 4 B per position; a quarter of 2048 positions sent.
+    p = make_plan(10**9, 32000, 2048, 16, 1, 1, 2, 16, dtype="fp8", token_fraction=0.25)
+    assert p.wire_bytes_per_position == 1 * (1 + 2) + 1 and p.positions_per_sequence == 512
+    assert p.payload_bytes_per_group == 16 * 512 * 4
+    assert p.per_token["codistill"] == 16 * 512 * 4 / (16 * 2048) == 1.0
+    q = make_plan(10**9, 128_256, 2048, 16, 8, 4, 2, 16, dtype="fp8", train_batch=64)
+    assert q.wire["index_dtype"] == "int32"  # vocabulary past 65,536
+    assert q.wire_bytes_per_position == 8 * (1 + 4) + 1
+    assert q.train_tokens_per_group_per_step == 64 * 2048
+    assert q.per_token["codistill"] == 16 * 2048 * 41 / 4 / (64 * 2048)
 
 
 @pytest.mark.parametrize("groups, world", [(2, 2), (2, 16), (4, 16), (8, 64), (3, 12)])
 def test_routes_move_the_same_total(groups, world):
     p = make_plan(10**6, 1000, 16, 2 * world, 8, 3, groups, world)
     assert p.leader_bytes_per_exchange * groups == p.exchange_bytes_per_exchange
+    assert p.boundary["codistill"] * groups * 3 == p.exchange_bytes_per_exchange
     assert p.rail_bytes_per_exchange * world == pytest.approx(p.exchange_bytes_per_exchange)
     ranks = [r for e in p.layout for r in e["ranks"]]
     assert ranks == list(range(world))
@@ -123,10 +172,10 @@ def test_defaults():
 def test_one_billion_params_default_flags_ratio(capsys):
     assert run_plan(parse(["--params", "1B", "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["ratio"] >= 1000
-    # 16 x 2048 x 32 x 6 B = 6.29 MB per group, x2 groups, every step (the config default interval 1); 2 x 15 x 1e9 x 2 B.
-    assert out["exchange_bytes_per_step"] == 2 * 16 * 2048 * 32 * 6
-    assert out["allreduce_bytes_per_step"] == 2 * 15 * 10**9 * 2
+    # 16 x 2048 x 32 x 4 B = 4.19 MB per group, every step (the config default interval 1)
+    assert out["boundary"]["codistill"] == 16 * 2048 * 32 * 4
+    assert out["ratio"] == out["ratios"]["ring"] == pytest.approx(3.75e9 / (16 * 2048 * 32 * 4))
+    assert "divided by" in out["ratio_of"] and "one node" in out["ratio_of"]
 
 
 def test_json_output(capsys):
@@ -134,19 +183,22 @@ def test_json_output(capsys):
     out = capsys.readouterr().out
     assert out.count("\n") == 1  # one JSON object on one line
     data = json.loads(out)
-    for key in ("exchange_bytes_per_step", "allreduce_bytes_per_step", "ratio", "layout"):
+    for key in ("boundary", "per_token", "ratios", "ratio", "ratio_of", "layout",
+                "cheaper_than_diloco_above_params", "wire"):
         assert key in data
-    assert data["params"] == 350_000_000 and data["index_bytes"] == 0
+    assert data["params"] == 350_000_000 and data["wire"]["index_dtype"] is None
 
 
 def test_text_output(capsys):
     assert run_plan(parse(["--params", "1B", "--groups", "4", "--world", "32"])) == 0
     out = capsys.readouterr().out
+    first = out.splitlines()[:6]
+    assert any("bytes leaving one node per step" in line for line in first)  # like for like first
     assert "4 groups x 8 ranks per group" in out
     assert "group 3: ranks 24-31, leader 24" in out
     assert "leaders group: [0, 8, 16, 24]" in out
     assert "rail 1: [1, 9, 17, 25]" in out
-    assert "ratio" in out and "GB" in out and "MB" in out
+    assert "Streaming DiLoCo" in out and "GB" in out and "MB" in out
     assert out == format_plan(make_plan(10**9, 32000, 2048, 16, 32, 1, 4, 32)) + "\n"
 
 
@@ -162,6 +214,9 @@ def test_text_output(capsys):
         (["--world", "0"], ["world"]),
         (["--groups", "1", "--world", "4"], ["2 groups"]),
         (["--topk", "-1"], ["topk", "-1"]),
+        (["--token-fraction", "0"], ["token_fraction", "0"]),
+        (["--index-dtype", "uint16", "--vocab", "128256"], ["65,536", "128,256"]),
+        (["--diloco-h", "0"], ["diloco_h"]),
     ],
 )
 def test_invalid_input_returns_2(argv, words, capsys):
@@ -179,6 +234,8 @@ def test_make_plan_raises_value_error():
         make_plan(10**9, 32000, 2048, 16, 32, 10, groups=4, world=6)
     with pytest.raises(ValueError, match="dtype"):
         make_plan(10**9, 32000, 2048, 16, 32, 10, 2, 16, dtype="int8")
+    with pytest.raises(ValueError, match="grad_dtype"):
+        make_plan(10**9, 32000, 2048, 16, 32, 10, 2, 16, grad_dtype="fp8")
 
 
 def test_human_bytes():
@@ -196,4 +253,21 @@ def test_weights_mode_figures_by_hand():
     assert p.weight_bytes_per_step == 400.0
     assert p.teacher_bytes_per_rank == 1 * 1000 * 2 / 4
     assert p.teacher_forward_flops_per_rank_per_step == 1 * 2 * 1000 * 16 / 4
-    assert p.weight_ratio == p.allreduce_bytes_per_step / 400.0
+    assert p.weight_ratio == p.boundary["ring"] / (1 * 1000 * 2 / 10)
+
+
+def test_bytes_table_by_hand(tmp_path):
+    """benchmarks/bytes_table.py (RESULTS.md's table): 2 groups of 8, 1M tokens per step at 1B."""
+    from benchmarks import bytes_table
+
+    rows = bytes_table.table()["rows"]
+    tokens = 2**20 // 2  # per group per step
+    assert rows["sync ring all-reduce (bf16 grads)"]["1B"] == pytest.approx(3.75e9 / tokens)
+    assert rows["DiLoCo H=500, fp32 pseudo-gradient"]["7B"] == pytest.approx(4 * 7e9 / 500 / 2**21)
+    assert rows["Streaming DiLoCo H=100, 4-bit"]["70B"] == pytest.approx(0.5 * 70e9 / 100 / 2**21)
+    for shape in bytes_table.SHAPES:
+        assert rows["codistill defaults (top-32, bf16 + uint16 ids)"][shape] == 32 * 4
+        assert rows["codistill compact (top-1, fp8 + uint16 id + scale)"][shape] == 1 + 2 + 1
+    assert bytes_table.main(["--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bytes_per_token.png").read_bytes().startswith(b"\x89PNG")
+    assert "| 70B |" in (tmp_path / "results.md").read_text()

@@ -1,4 +1,4 @@
-"""End to end: `benchmarks/quality.py --smoke` trains every arm through the real CLI.
+"""End to end: `python -m benchmarks.quality --smoke` trains every arm through the real CLI.
 
 The smoke setting (tiny Llama, 30 updates, 20 KB of text) checks the benchmark's machinery, not
 the quality numbers: every arm runs, writes its files, and learns; codistill arms exchange
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "quality.py"
+from codistill_ds.launching import REPO
+
 ARMS = ["sync", "codistill", "codistill-unadjusted", "independent", "codistill-stale",
         "codistill-stale-weights"]
 
@@ -34,7 +34,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def bench(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     """Run the smoke setting; on timeout SIGTERM it, so it takes its running launch down too."""
-    cmd = [sys.executable, str(SCRIPT), "--data", str(corpus), "--out", str(out), "--smoke", *extra]
+    cmd = [sys.executable, "-m", "benchmarks.quality", "--data", str(corpus), "--out", str(out), "--smoke", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=540)

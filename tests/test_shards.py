@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.data.corpus import make_corpus
 from codistill_ds.config import ConfigError, DataConfig, load_config
 from codistill_ds.data import (
     ByteTokenizer,
@@ -41,9 +42,6 @@ from codistill_ds.shards import (
 from codistill_ds.tokenize import ShardWriter, tokenize_files
 from codistill_ds.validation import validate
 from launch import REPO, child_env
-
-sys.path.insert(0, str(REPO / "benchmarks"))  # the corpus maker shared with benchmarks/data_memory.py
-from _corpus import make_corpus
 
 SIZES = {"2mb": 2_000_000, "20mb": 20_000_000}
 SHARD_TOKENS = 1_000_000
@@ -109,7 +107,7 @@ def test_shards_give_the_in_memory_batches(corpora):
 def test_resident_memory_does_not_grow_with_the_corpus(corpora, tmp_path):
     def probe(name: str, source: Path) -> dict:
         out = tmp_path / f"{name}.json"
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "_data_probe.py"), str(out), str(source), "1000"],
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.data.probe", str(out), str(source), "1000"],
                               cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=200, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         res = json.loads(out.read_text())

@@ -11,7 +11,6 @@ unsplit training stream for every group; epochs reshuffle the same documents.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.data.corpus import SHAKESPEARE
 from codistill_ds.config import DataConfig
 from codistill_ds.data import (
     ByteTokenizer,
@@ -31,10 +31,6 @@ from codistill_ds.data import (
     val_micro_batches,
 )
 from codistill_ds.streaming import DocumentStream, group_of, is_validation
-from launch import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))  # the corpus maker shared with benchmarks/data_memory.py
-from _corpus import SHAKESPEARE
 
 SEQ, B, SEED = 64, 4, 11
 

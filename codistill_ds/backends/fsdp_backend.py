@@ -20,8 +20,9 @@ from .base import decay_param_groups, set_optimizer_hyperparameters
 
 
 def codistill_mesh(topology: Topology, device_type: str) -> DeviceMesh:
-    """(K, S) mesh over the existing groups: dim 0 = my rail, dim 1 = my group."""
-    K, S = topology.groups, topology.group_size
+    """(K, S) mesh over the existing groups: dim 0 = my rail, dim 1 = my group. K counts the
+    groups in this job: 1 when each group is its own job (dim 0 is then a one-rank group)."""
+    K, S = topology.layout.groups, topology.group_size
     return DeviceMesh.from_group(
         [topology.rail, topology.group], device_type,
         mesh=torch.arange(K * S).view(K, S), mesh_dim_names=("codistill", "shard"),

@@ -19,10 +19,11 @@ The lines a user adds to an existing Trainer script (launched with `deepspeed --
 The world splits into K contiguous groups (`topology.py`); each trains one replica on its own
 shard of `train_dataset` (rows g, g+K, ...). Every `interval` steps all groups predict, in eval
 mode, on the same exchange batch (drawn from the full train set, or `exchange_dataset`), swap
-compressed predictions (`exchange.py`) and add alpha(t) * 1/(K-1) * sum_j D(f_j || f_i) on that
-batch to their loss (Anil et al. 2018, arXiv 1804.03235; `loop.py` is the reference loop).
-A callback cannot change the loss, so the work is split: `CodistillCallback` owns the state and
-runs the exchange at step begin; `CodistillTrainerMixin` adds the term in `compute_loss` and
+compressed predictions and add alpha(t) * 1/(K-1) * sum_j D(f_j || f_i) on that batch to their
+loss (Anil et al. 2018, arXiv 1804.03235). The schedule (interval, staleness with asynchronous
+swaps, NaN peers skipped, agreement, bytes) is the exchange engine's (`engine.py`), the same
+object the CLI loop drives. A callback cannot change the loss, so the work is split:
+`CodistillCallback` owns the engine and drives it at step begin; `CodistillTrainerMixin` adds the term in `compute_loss` and
 changes each place where the Trainer assumes the whole world is one data-parallel group:
 
     engines shard over the world        -> built inside `group_sharding.engines_in_group`
@@ -50,7 +51,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,12 +58,17 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from ..compression import CompressedLogits, compress, wire_dtype
+from .. import comm
 from ..config import CodistillConfig, Config, ConfigError
 from ..data import EXCHANGE_STREAM_TAG, _EpochPermutation
 from ..dist import env_rank, env_world_size
-from ..exchange import LogitExchange
-from ..losses import peer_distill_loss
+from ..engine import (
+    ExchangeBatch,
+    ExchangeEngine,
+    ExchangeSettings,
+    TargetBatch,
+    Transport,
+)
 from ..schedules import alpha_at
 from ..topology import Layout, Topology, build_topology
 from ..validation import check_choices, check_numbers, check_topology
@@ -96,28 +101,40 @@ def validate_for_trainer(cfg: CodistillConfig, world_size: int) -> None:
 class ExchangeBatches:
     """Exchange batch e: the same rows on every group (seeded order), rank r's 1/S slice of them."""
 
-    def __init__(self, dataset: Any, seed: int, batch: int, topology: Topology, collate: Any) -> None:
+    def __init__(self, dataset: Any, seed: int, batch: int, topology: Topology, collate: Any,
+                 device: torch.device, ignore_index: int = -100) -> None:
         if batch % topology.group_size:
             raise ConfigError("exchange_batch_size", f"{batch} is not divisible by the "
                               f"{topology.group_size} ranks per group")
-        self.dataset, self.collate = dataset, collate
+        self.dataset, self.collate, self.device, self.ignore_index = dataset, collate, device, ignore_index
         self.order = _EpochPermutation(len(dataset), seed + EXCHANGE_STREAM_TAG)
         self.batch, self.slice, self.rank = batch, batch // topology.group_size, topology.group_rank
 
-    def inputs(self, e: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def __call__(self, step: int, e: int) -> ExchangeBatch:
         start = e * self.batch + self.rank * self.slice
         rows = [self.dataset[int(i)] for i in self.order(np.arange(start, start + self.slice))]
-        batch = self.collate([{k: row[k] for k in MODEL_INPUTS if k in row} for row in rows])
-        return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+        keys = [k for k in (*MODEL_INPUTS, "labels") if k in rows[0]]
+        batch = self.collate([{k: row[k] for k in keys} for row in rows])
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUTS}
+        return ExchangeBatch(inputs, distill_mask(inputs, batch.get("labels"), self.ignore_index),
+                             range(self.rank * self.slice, (self.rank + 1) * self.slice))
 
 
-@dataclass
-class Targets:
-    """Peers' predictions on my slice of exchange batch e, and the inputs to predict them from."""
+def distill_mask(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+                 ignore_index: int) -> torch.Tensor | None:
+    """Positions whose prediction is distilled: attended, and not predicting an ignored label.
 
-    inputs: dict[str, torch.Tensor]
-    mask: torch.Tensor | None
-    peers: list[CompressedLogits]
+    The logits at position t predict token t+1, so a label of `ignore_index` at t+1 (padding, a
+    prompt) masks position t, as it masks that token's cross-entropy; the last position has no
+    next label and is kept when attended."""
+    mask = inputs.get("attention_mask")
+    mask = None if mask is None else mask.bool()
+    if labels is not None:
+        labels = labels.to(inputs["input_ids"].device)
+        keep = torch.ones_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != ignore_index
+        mask = keep if mask is None else mask & keep
+    return None if mask is None else mask.flatten()
 
 
 def _logits(outputs: Any) -> torch.Tensor:
@@ -125,28 +142,23 @@ def _logits(outputs: Any) -> torch.Tensor:
     return logits.flatten(0, 1)
 
 
-def _mask(inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """Padding carries no signal: distill and count agreement on attended positions only."""
-    mask = inputs.get("attention_mask")
-    return None if mask is None else mask.flatten().bool()
-
-
 class CodistillCallback(TrainerCallback):
-    """Codistillation state for one rank: topology, exchange, schedules, and what gets logged."""
+    """Codistillation state for one rank: topology, the exchange engine, the alpha schedule."""
 
     def __init__(self, config: CodistillConfig | None = None, exchange_dataset: Any = None,
-                 exchange_batch_size: int | None = None) -> None:
+                 exchange_batch_size: int | None = None, transport: Transport | None = None) -> None:
         self.config = config or CodistillConfig()
         validate_for_trainer(self.config, env_world_size())  # before any collective can hang
         self.layout = Layout(env_world_size(), self.config.groups, env_rank())
         self.exchange_dataset, self.exchange_batch_size = exchange_dataset, exchange_batch_size
-        self.kind = "logits" if self.config.loss == "mse" else "logprobs"
         self.topology: Topology | None = None
-        self.exchange: LogitExchange | None = None
-        self.pending: dict[int, Targets] = {}
-        self.due: Targets | None = None
-        self.alpha, self.agreement, self.exchange_ms = 0.0, None, 0.0
+        self.engine: ExchangeEngine | None = None
+        self._transport = transport
+        self.due: list[TargetBatch] = []
+        self.alpha = 0.0
         self.distill_value: torch.Tensor | None = None
+        self.agreement: float | None = None
+        """Of the latest completed exchange: logged at every logging step, like distill_loss."""
 
     def group_seed(self, seed: int) -> int:
         """Seed for building this group's replica: its own init unless `same_init` (no collective)."""
@@ -168,66 +180,70 @@ class CodistillCallback(TrainerCallback):
 
     def setup(self, trainer: Any, train_dataset: Any) -> None:
         """Called by the mixin: the exchange stream draws from the full (unsharded) train set."""
+        from ..exchange import LogitExchange
+
         t = self.build_topology()
         self.trainer, self.device = trainer, trainer.args.device
-        self.exchange = LogitExchange(t, self.config.route)
         dataset = self.exchange_dataset if self.exchange_dataset is not None else train_dataset
         batch = self.exchange_batch_size or trainer.args.per_device_train_batch_size * t.group_size
-        self.batches = ExchangeBatches(dataset, trainer.args.seed, batch, t, trainer.data_collator)
+        batches = ExchangeBatches(dataset, trainer.args.seed, batch, t, trainer.data_collator, self.device,
+                                  self.config.ignore_index)
+        transport = self._transport or LogitExchange(t, self.config.route)
+        self.engine = ExchangeEngine(transport, ExchangeSettings.from_config(self.config, trainer.args.seed), t.group, t.group_id,
+                                     batches, leader=t.layout.is_leader)
 
     # ---- hooks ---------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.exchange is None:  # a callback alone cannot add a loss term or shard in-group
+        if self.engine is None:  # a callback alone cannot add a loss term or shard in-group
             raise RuntimeError("CodistillCallback needs a Trainer with CodistillTrainerMixin first in its "
                                "bases: class MyTrainer(CodistillTrainerMixin, Trainer)")
 
     def on_step_begin(self, args, state, control, **kwargs):
         cd, step = self.config, state.global_step
         self.alpha = alpha_at(step, cd.alpha, cd.burn_in, cd.ramp)
-        if step % cd.interval == 0:
-            self._post_exchange(step)
-        self.due = self.pending.pop(step, None)
+        self.due = self.engine.step(step, self._predict)
+        stats = self.engine.stats
+        if stats.distill_eval is not None:  # logged during burn-in too, like the CLI loop
+            self.distill_value = torch.tensor(stats.distill_eval)
+        if stats.agreement is not None:
+            self.agreement = stats.agreement
 
-    def _post_exchange(self, step: int) -> None:
-        """Predict on exchange batch e in eval mode, swap with the peers, queue the targets."""
-        cd, t, model = self.config, self.topology, self.trainer.model_wrapped
-        inputs = self.batches.inputs(step // cd.interval, self.device)
-        mask = _mask(inputs)
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None:
+            self.engine.close()
+
+    def _predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher side: eval mode (no dropout), no graph; the engine compresses and swaps."""
+        model = self.trainer.model_wrapped
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            logits = _logits(model(**inputs))
-        model.train(was_training)
-        mine = compress(logits, cd.topk, wire_dtype(cd.dtype), self.kind, cd.temperature)
-        result = self.exchange.exchange(mine)
-        self.pending[step + cd.staleness] = Targets(inputs, mask, result.peers)
-        keep = mask if mask is not None else torch.ones(mine.num_tokens(), dtype=torch.bool, device=logits.device)
-        agree = sum(int(((mine.top1() == p.top1()) & keep).sum()) for p in result.peers)
-        counts = torch.tensor([agree, int(keep.sum()) * len(result.peers)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(counts, group=t.group)
-        self.agreement = (counts[0] / counts[1].clamp_min(1)).item()
-        self.exchange_ms = result.seconds * 1e3
-        with torch.no_grad():  # logged during burn-in too, like the library's loop
-            self.distill_value = peer_distill_loss(logits, result.peers, cd.loss, cd.temperature, mask)
+        try:
+            with torch.no_grad():
+                return _logits(model(**inputs))
+        finally:
+            model.train(was_training)
 
     def distill_term(self, model: torch.nn.Module) -> torch.Tensor | None:
-        """alpha * D(peers || me) on the due exchange batch, in train mode; once per optimizer step."""
-        target, self.due = self.due, None
-        if target is None or self.alpha == 0:
+        """alpha * D(peers || me) on the due exchange batches, in train mode; once per optimizer step."""
+        batches, self.due = self.due, []
+        if not batches or self.alpha == 0:
             return None
-        cd = self.config
-        d = peer_distill_loss(_logits(model(**target.inputs)), target.peers, cd.loss, cd.temperature, target.mask)
+        students = [_logits(model(**b.inputs)) for b in batches]
+        d = self.engine.distill_loss(students, batches)
         self.distill_value = d.detach()
         return self.alpha * d
 
     def log_metrics(self) -> dict[str, float]:
         """Group-level figures for the Trainer's logs; a collective over my group (every rank calls it)."""
-        t = self.topology
-        out = {"alpha": self.alpha, "group": t.group_id,
-               "cross_group_bytes": self.exchange.bytes_sent, "exchange_ms": self.exchange_ms}
+        t, stats = self.topology, self.engine.stats
+        out = {"alpha": self.alpha, "group": t.group_id, "cross_group_bytes": self.engine.bytes_sent,
+               "exchange_ms": stats.exchange_ms, "exchange_compute_ms": stats.exchange_compute_ms,
+               "skipped_peers": self.engine.skipped_peers}
+        if stats.peers is not None:
+            out["peers"] = stats.peers
         if self.distill_value is not None:
-            v = self.distill_value.detach().double().reshape(1).to(self.device)
-            dist.all_reduce(v, group=t.group)
+            v = self.distill_value.detach().double().reshape(1).cpu()
+            comm.all_reduce(v, group=t.group)
             out["distill_loss"] = (v / t.group_size).item()
         if self.agreement is not None:
             out["agreement"] = self.agreement
@@ -329,7 +345,7 @@ class CodistillTrainerMixin:
         finally:
             self.args.average_tokens_across_devices = True
         if torch.is_tensor(n):
-            dist.all_reduce(n, group=self._topology.group)
+            comm.all_reduce(n, group=self._topology.group)
         return n
 
     def _world_scaled(self, num_items_in_batch: Any) -> bool:
@@ -369,7 +385,7 @@ class CodistillTrainerMixin:
         if "loss" in logs and self._cd_window is not None:
             # In the window's own dtype, like the Trainer's gathered mean: a plain run logs the same bits.
             window = self._cd_window.detach().reshape(1).clone()
-            dist.all_reduce(window, group=t.group)
+            comm.all_reduce(window, group=t.group)
             group_sum = (window / t.group_size).item()
             self._cd_total += group_sum
             logs["loss"] = group_sum / max(self.state.global_step - self._cd_logged_step, 1)
@@ -378,7 +394,7 @@ class CodistillTrainerMixin:
         if "train_loss" in logs:  # end of train(): the Trainer's mean over all its steps, per group
             if self._cd_window is not None:  # steps after the last logging step
                 window = self._cd_window.detach().reshape(1).clone()
-                dist.all_reduce(window, group=t.group)
+                comm.all_reduce(window, group=t.group)
                 self._cd_total += (window / t.group_size).item()
                 self._cd_window = None
             logs["train_loss"] = self._cd_total / max(self.state.global_step, 1)

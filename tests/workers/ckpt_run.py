@@ -8,6 +8,9 @@ FAULT (env, comma-separated, first attempt only, i.e. TORCHELASTIC_RESTART_COUNT
   save:R:S       rank R SIGKILLs itself inside the save of checkpoint step_S (engine written)
   nanlogits:G:S  group G's exchange predictions at step index S are NaN
   nanloss:G:S    group G's training logits at step index S are NaN (its loss diverges)
+
+PACE_FILE (env): a file holding seconds to sleep before each step, re-read every step, so a test
+can slow the groups down while it injects failures and let them finish fast afterwards.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +29,6 @@ from codistill_ds import train
 from codistill_ds.compression import pack
 from codistill_ds.config import load_config
 from codistill_ds.dist import exit_process, shutdown
-from codistill_ds.exchange import LogitExchange
 from codistill_ds.loop import CodistillLoop
 
 STEP = [0]
@@ -49,31 +52,16 @@ def digest(t: torch.Tensor) -> str:
 
 def install(rank: int) -> None:
     plan = faults()
-    orig_step, orig_ex, orig_start = CodistillLoop.train_step, LogitExchange.exchange, LogitExchange.start
+    orig_step = CodistillLoop.train_step
 
     def train_step(self, step):
         STEP[0] = step
         if ("kill", rank, step) in plan:
             os.kill(os.getpid(), signal.SIGKILL)
+        pace()
         return orig_step(self, step)
 
-    def received(step, result):
-        RECORD["recv"][step] = [digest(pack(p)) for p in result.peers]
-
-    def exchange(self, local):
-        RECORD["sent"][STEP[0]] = digest(pack(local))
-        result = orig_ex(self, local)
-        received(STEP[0], result)
-        return result
-
-    def start(self, local):
-        step = STEP[0]
-        RECORD["sent"][step] = digest(pack(local))
-        future = orig_start(self, local)
-        future.add_done_callback(lambda f: f.exception() is None and received(step, f.result()))
-        return future
-
-    CodistillLoop.train_step, LogitExchange.exchange, LogitExchange.start = train_step, exchange, start
+    CodistillLoop.train_step = train_step
 
     orig_build, orig_restore = train.build_job, train.restore
 
@@ -81,6 +69,8 @@ def install(rank: int) -> None:
         job = orig_build(cfg)
         JOBS.append(job)
         wrap_backend(job, plan)
+        if job.loop.engine is not None:
+            job.loop.engine.observers.append(observe)
         return job
 
     def restore(job, resume):
@@ -88,9 +78,27 @@ def install(rank: int) -> None:
         RECORD["checkpoints_at_start"] = sorted(os.listdir(root)) if os.path.isdir(root) else []
         step, rng = orig_restore(job, resume)
         RECORD["start_step"] = step
+        RECORD["restored_weights"] = weights_digest(job)  # what the resumed run starts from
         return step, rng
 
     train.build_job, train.restore = build_job, restore
+
+
+def pace() -> None:
+    path = os.environ.get("PACE_FILE")
+    if path:
+        try:
+            time.sleep(float(Path(path).read_text() or 0))
+        except (OSError, ValueError):
+            pass
+
+
+def observe(event: str, step: int, payload) -> None:
+    """The engine's record of what this rank sent and received, per posting step."""
+    if event == "sent":
+        RECORD["sent"][step] = digest(pack(payload))
+    else:
+        RECORD["recv"][step] = [digest(pack(p)) for p in payload.peers]
 
 
 def wrap_backend(job, plan) -> None:
@@ -140,6 +148,7 @@ def main() -> None:
     result = {"rank": t.rank, "group": t.group_id, "start_step": RECORD["start_step"],
               "checkpoints_at_start": RECORD["checkpoints_at_start"],
               "sent": RECORD["sent"], "recv": RECORD["recv"], "weights": weights_digest(job),
+              "restored_weights": RECORD.get("restored_weights"),
               "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
     (out / f"rank{t.rank}.json").write_text(json.dumps(result))
     shutdown()  # the same end as `codistill-ds train`

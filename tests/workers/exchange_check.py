@@ -1,5 +1,6 @@
-"""Rank program: process-group membership, both exchange routes against a reference all-gather,
-bytes against the plan formula, and the data streams' sharing rules. Args: OUT K [topk]."""
+"""Rank program: process-group membership, both exchange routes against a reference all-gather
+for every wire format, bytes against the plan formula, and the data streams' sharing rules.
+Args: OUT K."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds.compression import compress, pack, payload_bytes
+from codistill_ds.compression import CompressedLogits, compress, pack, wire_dtype
 from codistill_ds.config import DataConfig
 from codistill_ds.data import ExchangeStream, TrainStream, build_corpus
 from codistill_ds.dist import exit_process, shutdown
 from codistill_ds.exchange import LogitExchange
 from codistill_ds.plan import make_plan
+from codistill_ds.sampling import sample_targets
 from codistill_ds.topology import build_topology
 
 
@@ -33,9 +35,56 @@ def digest(t: torch.Tensor) -> str:
     return hashlib.sha1(t.numpy().tobytes()).hexdigest()
 
 
+FORMATS = {  # name: (value dtype, index dtype, topk; 0 = full vocabulary, None = 4 samples)
+    "bf16-int32-top8": ("bf16", "int32", 8), "bf16-uint16-top8": ("bf16", "uint16", 8),
+    "fp16-uint16-top8": ("fp16", "uint16", 8), "fp32-int32-top8": ("fp32", "int32", 8),
+    "fp8-uint16-top8": ("fp8", "uint16", 8), "fp8-int32-top8": ("fp8", "int32", 8),
+    "fp8-uint16-top1": ("fp8", "uint16", 1), "bf16-uint16-top1": ("bf16", "uint16", 1),
+    "bf16-full": ("bf16", "auto", 0), "fp8-full": ("fp8", "auto", 0),
+    "samples-bf16-uint16": ("bf16", "uint16", None),
+}
+
+
+def same_content(a: CompressedLogits, b: CompressedLogits) -> bool:
+    bits = lambda t: t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+    ids = (a.indices is None and b.indices is None) or torch.equal(a.indices, b.indices)
+    return a.values.dtype == b.values.dtype and torch.equal(bits(a.values), bits(b.values)) and ids
+
+
+def check_formats(top, logits: torch.Tensor) -> dict:
+    """Every wire format through both routes: the peers' payloads equal a world all-gather's,
+    and the bytes each rank counts equal the format's own size and the plan's formula."""
+    n_tokens, V = logits.shape
+    out = {}
+    for name, (dtype, index, topk) in FORMATS.items():
+        if topk is None:
+            local = sample_targets(logits, 4, 2.0, dtype, index, torch.Generator().manual_seed(top.rank))
+        else:
+            local = compress(logits, topk, wire_dtype(dtype), "logprobs", 2.0, index)
+        fmt = local.wire_format()
+        buf = pack(local)
+        world = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
+        dist.all_gather(world, buf)
+        ref = [fmt.unpack(world[p], n_tokens) for p in top.layout.rail_ranks(top.group_rank)
+               if p != top.rank]
+        row = {"k": fmt.k, "value_dtype": fmt.value_dtype, "index_dtype": fmt.index_dtype,
+               "payload": fmt.payload_bytes(n_tokens), "packed": buf.numel()}
+        for route in ("leaders", "rails"):
+            ex = LogitExchange(top, route)
+            res = ex.exchange(local)
+            row[f"{route}_equal"] = all(same_content(p, r) for p, r in zip(res.peers, ref))
+            row[f"{route}_npeers"] = len(res.peers)
+            row[f"{route}_bytes"] = ex.bytes_sent
+        plan = make_plan(params=1000, vocab=V, seq_len=5, batch=3 * top.group_size,
+                         topk=fmt.k if topk is None else topk, interval=1, groups=top.groups,
+                         world=dist.get_world_size(), dtype=dtype, index_dtype=index)
+        row["plan_exchange_bytes"] = plan.exchange_bytes_per_exchange
+        out[name] = row
+    return out
+
+
 def main() -> None:
     out, K = Path(sys.argv[1]), int(sys.argv[2])
-    topk = int(sys.argv[3]) if len(sys.argv) > 3 else 8
     dist.init_process_group("gloo")
     top = build_topology(K)
     result = {"rank": top.rank, "group": top.group_id, "group_rank": top.group_rank,
@@ -45,26 +94,8 @@ def main() -> None:
     result["leaders_members"] = members(top.leaders)
 
     # Random logits whose values differ per rank; tokens per slice = 3 seqs x 5 positions.
-    V, n_tokens = 50, 15
     g = torch.Generator().manual_seed(1000 + top.rank)
-    logits = torch.randn(n_tokens, V, generator=g) * 3
-    local = compress(logits, topk, torch.bfloat16, "logprobs", 2.0)
-    # Reference: all-gather every rank's buffer over the WORLD, pick my rail peers' slices.
-    buf = pack(local)
-    world = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
-    dist.all_gather(world, buf)
-    ref = [world[p] for p in top.layout.rail_ranks(top.group_rank) if p != top.rank]
-    for route in ("leaders", "rails"):
-        ex = LogitExchange(top, route)
-        res = ex.exchange(local)
-        result[f"{route}_equal"] = all(torch.equal(pack(p), r) for p, r in zip(res.peers, ref))
-        result[f"{route}_npeers"] = len(res.peers)
-        result[f"{route}_bytes"] = ex.bytes_sent
-    full = topk == 0 or topk >= V
-    result["payload"] = payload_bytes(n_tokens, V if full else topk, torch.bfloat16, full)
-    plan = make_plan(params=1000, vocab=V, seq_len=5, batch=3 * top.group_size, topk=topk,
-                     interval=1, groups=K, world=dist.get_world_size(), dtype="bf16")
-    result["plan_exchange_bytes"] = plan.exchange_bytes_per_exchange
+    result["formats"] = check_formats(top, torch.randn(15, 300, generator=g) * 3)
 
     # Streams on real text: group shards and the shared exchange batch.
     corpus = build_corpus(DataConfig(seq_len=16, max_bytes=200_000, micro_batch_size=2))

@@ -22,6 +22,7 @@ from codistill_ds.backends.base import decay_param_groups
 from codistill_ds.backends.deepspeed_backend import build_ds_config
 from codistill_ds.config import load_config
 from codistill_ds.data import TrainStream, build_corpus
+from codistill_ds.dist import exit_process, shutdown
 from codistill_ds.model import build_model
 from codistill_ds.schedules import lr_at
 
@@ -92,6 +93,8 @@ def main() -> None:
     corpus = build_corpus(cfg.data)
     result = {str(g): train_group(cfg, corpus, g, groups) for g in range(groups)}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    shutdown()  # the same end as `codistill-ds train`: no gloo abort at interpreter exit
+    exit_process(0)
 
 
 if __name__ == "__main__":

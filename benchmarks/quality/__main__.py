@@ -26,12 +26,14 @@ library's disjoint group shards) and its peer predicts on that same batch. All a
 on the same validation windows. The full setting runs two seeds of sync and codistill (the pair
 the 1% goal compares, whose gap is within a few seed deviations) and one of the others.
 
-    .venv/bin/python benchmarks/quality.py --data ../shared/data/tinyshakespeare.txt \\
+    .venv/bin/python -m benchmarks.quality --data ../shared/data/tinyshakespeare.txt \\
         --out runs/quality-smoke --smoke      # seconds: the end-to-end test's setting
-    .venv/bin/python benchmarks/quality.py --data ../shared/data/tinyshakespeare.txt \\
+    .venv/bin/python -m benchmarks.quality --data ../shared/data/tinyshakespeare.txt \\
         --out runs/quality-quick --quick      # < 5 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/quality.py --data ../shared/data/tinyshakespeare.txt \\
+    .venv/bin/python -m benchmarks.quality --data ../shared/data/tinyshakespeare.txt \\
         --out runs/quality                    # full, < 30 minutes on 2 CPU cores
+
+Run from the checkout root; runner.py launches and reads one run, report.py writes the tables.
 
 It writes OUT/results.json (`arms`: means over groups and seeds, per-group values, agreement,
 cross-group bytes, wall time), OUT/results.md (the table) and OUT/quality.png (validation loss
@@ -50,10 +52,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from codistill_ds.launching import command_line
 
-from _quality_report import plot_curves, summarize_arm, write_reports
-from _quality_runner import Run, RunFailed, launch
+from .report import plot_curves, summarize_arm, write_reports
+from .runner import Run, RunFailed, launch
 
 NPROC = 2
 """Ranks per run: sync is 1 group x 2 ranks, codistill arms are 2 groups x 1 rank."""
@@ -186,7 +188,8 @@ def check_validation_split(mode: Mode, data: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="text corpus (read by path, byte-level)")
     p.add_argument("--out", required=True, help="output dir: results.json, results.md, quality.png")
     size = p.add_mutually_exclusive_group()
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         runs[arm.name].append(run)
         print(f"[{done}/{len(jobs)}] {arm.name} seed {seed}: {run.brief()}", flush=True)
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]),
+    results = {"command": command_line("benchmarks.quality"),
                "mode": asdict(mode), "extra_sets": args.set, "data": args.data,
                "regularization": {"baseline": BASELINE_REG, "adjusted": ADJUSTED_REG},
                "arms": {name: summarize_arm(arm_runs) for name, arm_runs in runs.items()},

@@ -12,7 +12,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from _quality_runner import Run
+from .runner import Run
 
 
 def _mean(values: list[float]) -> float | None:

@@ -1,16 +1,16 @@
 """Data benchmark: resident memory and time of one rank's data streams against corpus size,
 token shards (`codistill-ds tokenize`, memory-mapped) against text tokenized in memory.
 
-For each size, a synthetic-plus-real corpus (benchmarks/_corpus.py: tinyshakespeare read by
+For each size, a synthetic-plus-real corpus (benchmarks/data/corpus.py: tinyshakespeare read by
 path, then paragraphs of its words) is written under OUT, tokenized into 4M-token shards, and a
-fresh process per path (benchmarks/_data_probe.py) builds rank 0's training, exchange and
+fresh process per path (benchmarks/data/probe.py) builds rank 0's training, exchange and
 validation streams (2 groups x 2 ranks, seq_len 128, 8 sequences per rank) and draws STEPS
 steps of batches. Reported per path and size: growth of VmRSS / RssAnon / VmHWM over the
 process's state after imports, seconds to build the corpus, ms per step of batches, and that
 both paths drew the same batches (checksum).
 
-    .venv/bin/python benchmarks/data_memory.py --out runs/data_memory                  # ~3 minutes here
-    .venv/bin/python benchmarks/data_memory.py --out runs/data_memory --sizes 2,20     # the test's sizes
+    .venv/bin/python -m benchmarks.data --out runs/data_memory                  # ~4 minutes here
+    .venv/bin/python -m benchmarks.data --out runs/data_memory --sizes 2,20     # the test's sizes
 
 Output: OUT/data_memory.json, OUT/data_memory.md and OUT/data_memory.png (copied to
 benchmarks/data_memory.png with --publish).
@@ -26,19 +26,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from _corpus import make_corpus
-
 from codistill_ds.tokenize import tokenize_files
+
+from .corpus import make_corpus
+
+HERE = Path(__file__).resolve().parent
 
 PATHS = ("shards", "memory")
 
 
 def probe(out: Path, source: Path, steps: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")
-    subprocess.run([sys.executable, str(HERE / "_data_probe.py"), str(out), str(source), str(steps)],
+    subprocess.run([sys.executable, "-m", "benchmarks.data.probe", str(out), str(source), str(steps)], cwd=HERE.parents[1],
                    check=True, env=env, capture_output=True, timeout=1800)
     res = json.loads(out.read_text())
     res["grew_kb"] = {k: res["after"][k] - res["before"][k] for k in res["after"]}
@@ -109,7 +108,7 @@ def main() -> None:
     (out / "data_memory.md").write_text(report(rows, args.steps))
     plot(rows, out / "data_memory.png")
     if args.publish:
-        shutil.copy(out / "data_memory.png", HERE / "data_memory.png")
+        shutil.copy(out / "data_memory.png", HERE.parent / "data_memory.png")
     print(report(rows, args.steps))
 
 
