@@ -27,7 +27,10 @@ from typing import Any
 import yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-"""Where relative paths fall back to: the repo (or install) root that holds ``ds_configs/``."""
+"""Where relative paths fall back to: the repo root that holds ``ds_configs/`` (a checkout or
+an editable install)."""
+PACKAGE_DIR = Path(__file__).resolve().parent
+"""The installed package; a wheel ships ``ds_configs/`` inside it (pyproject.toml)."""
 
 
 class ConfigError(ValueError):
@@ -380,12 +383,14 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 def resolve_path(p: str) -> str:
-    """Absolute path of ``p``: as given / from the cwd first, then under the package root."""
+    """Absolute path of ``p``: as given / from the cwd first, then under the repo root, then
+    inside the installed package (``ds_configs/zero3.json`` after a non-editable install)."""
     expanded = os.path.expanduser(p)
     if os.path.exists(expanded):
         return os.path.abspath(expanded)
     if not os.path.isabs(expanded):
-        candidate = PACKAGE_ROOT / expanded
-        if candidate.exists():
-            return str(candidate)
+        for root in (PACKAGE_ROOT, PACKAGE_DIR):
+            candidate = root / expanded
+            if candidate.exists():
+                return str(candidate)
     return p

@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from .config import PACKAGE_ROOT, Config, ConfigError, resolve_path
+from .config import PACKAGE_DIR, PACKAGE_ROOT, Config, ConfigError, resolve_path
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("llama", "gpt2"),
@@ -187,8 +187,8 @@ def _check_paths(cfg: Config) -> None:
         _require(
             os.path.isfile(resolve_path(path)),
             "backend.ds_config",
-            f"DeepSpeed config not found: {path} (looked in the current directory "
-            f"and in {PACKAGE_ROOT})",
+            f"DeepSpeed config not found: {path} (looked in the current directory, "
+            f"in {PACKAGE_ROOT} and in {PACKAGE_DIR})",
         )
         if cfg.codistill.enabled and cfg.codistill.mode == "weights":
             _require(_zero_stage(resolve_path(path)) == 3, "codistill.mode",
