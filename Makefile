@@ -41,5 +41,10 @@ lint: $(STAMP)
 print-accelerator:
 	@echo DS_ACCELERATOR=$(DS_ACCELERATOR)
 
+# GPU machines only (not part of `make test`): its own venv with a CUDA torch (constraints-gpu.txt),
+# then a 2-group bf16 ZeRO-3/FSDP2 job with async exchange and checkpoint + resume, one line per check.
+gpu-check:
+	launch/gpu_check.sh
+
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

@@ -183,6 +183,7 @@ def _summarize(cfg: Config, topology, loop, state, n_params: int, wall_s: float)
         "rank": topology.rank, "group": topology.group_id,
         "cross_group_bytes": loop.cross_group_bytes(),
         "last": state.last, "best_val_loss": state.best_val, "val_history": state.val_history,
+        "peak_memory_bytes": peak_memory_bytes(),
     }
     everyone = comm.all_gather_object(mine)
     groups = []
@@ -199,13 +200,25 @@ def _summarize(cfg: Config, topology, loop, state, n_params: int, wall_s: float)
             "cross_group_bytes_per_rank": [r["cross_group_bytes"] for r in ranks],
             "tokens": lead["last"].get("tokens"),
             "val_history": lead["val_history"],
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks),
         })
     return {
         "world_size": topology.layout.world_size, "groups": topology.groups,
         "ranks_per_group": topology.group_size, "params": n_params, "steps": cfg.train.steps,
         "wall_s": wall_s, "backend": cfg.backend.name, "route": cfg.codistill.route,
         "codistill": loop.codistill, "per_group": groups,
+        "compute_dtype": str(getattr(loop.backend, "compute_dtype", None)),  # of the last forward
     }
+
+
+def peak_memory_bytes() -> int:
+    """This rank's peak: CUDA memory allocated by PyTorch on a GPU, else the process's peak
+    resident set (what `make gpu-check` and the memory estimate of `plan` are compared with)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def format_table(summary: dict) -> str:

@@ -69,7 +69,9 @@ class DeepSpeedBackend:
         self.zero_stage = self.engine.zero_optimization_stage()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.engine(input_ids=input_ids.to(self.engine.device), use_cache=False).logits
+        logits = self.engine(input_ids=input_ids.to(self.engine.device), use_cache=False).logits
+        self.compute_dtype = logits.dtype
+        return logits
 
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides by gradient_accumulation_steps itself (scale_wrt_gas).

@@ -86,7 +86,9 @@ class FSDPBackend:
         self._micro = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids=input_ids.to(self.device), use_cache=False).logits
+        logits = self.module(input_ids=input_ids.to(self.device), use_cache=False).logits
+        self.compute_dtype = logits.dtype
+        return logits
 
     def backward(self, loss: torch.Tensor) -> None:
         # Same convention as DeepSpeed's engine: the loop passes the micro-step loss and the
