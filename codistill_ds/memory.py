@@ -72,7 +72,7 @@ def format_memory(m: MemoryPlan, exchange_bytes_per_step: float, human) -> list[
     ]
     width = max(len(name) for name, _ in rows)
     per_token = exchange_bytes_per_step / m.tokens_per_step
-    return ["", "memory per rank (estimate: bf16 compute, fp32 master weights, AdamW, no activation "
-            "checkpointing):", *(f"  {name:<{width}}  {human(value):>12}" for name, value in rows),
-            f"  training tokens per step (all groups): {m.tokens_per_step:,}; cross-group bytes per "
-            f"training token: {per_token:.3f}"]
+    head = "memory per rank (estimate: bf16 compute, fp32 master weights, AdamW, no activation checkpointing):"
+    tail = (f"  training tokens per step (all groups): {m.tokens_per_step:,}; cross-group bytes per "
+            f"training token: {per_token:.3f}")
+    return ["", head, *(f"  {name:<{width}}  {human(value):>12}" for name, value in rows), tail]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 from codistill_ds.config import load_config
 from codistill_ds.validation import validate

@@ -91,8 +91,8 @@ def launch(commands: list[tuple[list[str], Path]], mode: str, timeout: float, dr
         procs = []
         for cmd, run_dir in commands:
             run_dir.mkdir(parents=True, exist_ok=True)
-            log = open(run_dir / "launch.log", "w")
-            procs.append((subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), run_dir))
+            with open(run_dir / "launch.log", "w") as log:  # the child keeps its own descriptor
+                procs.append((subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), run_dir))
         deadline = time.monotonic() + timeout
         for proc, run_dir in procs:
             rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -135,7 +135,7 @@ def figures(straight: dict, resumed: dict, resume_step: int, peak: dict) -> list
         rows += [(f"group {g} tokens/s", f"{tps:,.0f}", tps > 0),
                  (f"group {g} peak memory", f"{peak[g] / 2**30:.2f} GiB", peak[g] > 0),
                  (f"group {g} loss decreasing", f"{first:.3f} -> {last:.3f}", last < first),
-                 (f"group {g} distillation active", f"last distill_loss {distill[-1] if distill else None}",
+                 (f"group {g} distillation active", f"last distill_loss {distill[-1]:.4g}" if distill else "none",
                   bool(distill) and distill[-1] > 0),
                  (f"group {g} cross-group bytes", f"{ordered[-1]['cross_group_bytes']:,}", ordered[-1]["cross_group_bytes"] > 0)]
     diffs = [abs(resumed[g][s]["loss"] - straight[g][s]["loss"]) for g in straight for s in straight[g] if s > resume_step]
