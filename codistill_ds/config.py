@@ -27,7 +27,10 @@ from typing import Any
 import yaml
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-"""Where relative paths fall back to: the repo (or install) root that holds ``ds_configs/``."""
+"""Where relative paths fall back to: the repo root that holds ``ds_configs/`` (a checkout or
+an editable install)."""
+PACKAGE_DIR = Path(__file__).resolve().parent
+"""The installed package; a wheel ships ``ds_configs/`` inside it (pyproject.toml)."""
 
 
 class ConfigError(ValueError):
@@ -131,6 +134,10 @@ class CodistillConfig:
     token_fraction: float = 1.0
     """Fraction of each exchange sequence's positions whose predictions travel, in (0, 1]; the
     positions are drawn from (seed, exchange index), the same in every group (sampling.py)."""
+    exchange_backend: str = "auto"
+    """Backend of the cross-group process groups (leaders, rails, the exchange's own group):
+    "auto" (nccl on CUDA, gloo on CPU) | "nccl" | "gloo" (the payload travels from host memory:
+    across sites, or two groups sharing one GPU, which one NCCL communicator cannot span)."""
     loss: str = "kl"
     """Distillation divergence: "kl" (forward) | "reverse_kl" | "jsd" | "mse" (on logits)."""
     temperature: float = 1.0
@@ -413,12 +420,14 @@ def save_config(cfg: Config, path: str) -> None:
 
 
 def resolve_path(p: str) -> str:
-    """Absolute path of ``p``: as given / from the cwd first, then under the package root."""
+    """Absolute path of ``p``: as given / from the cwd first, then under the repo root, then
+    inside the installed package (``ds_configs/zero3.json`` after a non-editable install)."""
     expanded = os.path.expanduser(p)
     if os.path.exists(expanded):
         return os.path.abspath(expanded)
     if not os.path.isabs(expanded):
-        candidate = PACKAGE_ROOT / expanded
-        if candidate.exists():
-            return str(candidate)
+        for root in (PACKAGE_ROOT, PACKAGE_DIR):
+            candidate = root / expanded
+            if candidate.exists():
+                return str(candidate)
     return p

@@ -272,6 +272,11 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         help="gradient dtype of the synchronous baselines")
     add("--diloco-h", type=int, default=500, help="DiLoCo inner steps per outer step")
     add("--streaming-h", type=int, default=100, help="Streaming DiLoCo steps per full sync")
+    add("--micro-batch", type=int, default=0,
+        help="training sequences per rank per micro-step: adds the memory estimate (memory.py)")
+    add("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (memory estimate)")
+    add("--hidden", type=int, default=0, help="hidden size (memory estimate)")
+    add("--layers", type=int, default=0, help="transformer blocks (memory estimate)")
     add("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -285,10 +290,23 @@ def run_plan(args: argparse.Namespace) -> int:
             token_fraction=args.token_fraction, train_batch=args.train_batch,
             diloco_h=args.diloco_h, streaming_h=args.streaming_h,
         )
+        memory = None
+        if getattr(args, "micro_batch", 0):
+            from .memory import memory_plan
+
+            memory = memory_plan(args.params, args.world, args.groups, args.micro_batch, args.seq_len,
+                                 args.hidden, args.layers, args.vocab, args.grad_accum)
     except ValueError as exc:
         print(f"codistill-ds plan: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(asdict(plan)) if args.json else format_plan(plan))
+    if args.json:
+        print(json.dumps({**asdict(plan), **({"memory": asdict(memory)} if memory else {})}))
+    else:
+        print(format_plan(plan))
+        if memory is not None:
+            from .memory import format_memory
+
+            print("\n".join(format_memory(memory, plan.exchange_bytes_per_step, human_bytes)))
     return 0
 
 

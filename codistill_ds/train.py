@@ -37,14 +37,8 @@ from .health import (
 from .integrations.accelerate import apply_launch_env
 from .loop import CodistillLoop
 from .metrics import MetricsWriter, write_summary
-from .model import build_model, count_parameters
-from .topology import (
-    Layout,
-    Topology,
-    TopologyError,
-    build_group_job_topology,
-    build_topology,
-)
+from .model import ModelRecipe
+from .topology import Layout, Topology, TopologyError, build_group_job_topology, build_topology
 from .validation import validate
 
 
@@ -100,15 +94,16 @@ def build_ft_transport(cfg: Config, topology: Topology, corpus, vocab_size: int)
     return TorchFTTransport(topology, member)
 
 
-def build_backend(cfg: Config, model: torch.nn.Module, topology, bf16: bool):
-    """The one place the backend name turns into an object (imports stay lazy)."""
+def build_backend(cfg: Config, recipe: ModelRecipe, topology, bf16: bool):
+    """The one place the backend name turns into an object (imports stay lazy). The backend
+    builds the replica from `recipe`, sharded over my group while it is built."""
     if cfg.backend.name == "deepspeed":
         from .backends.deepspeed_backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(model, cfg, topology, bf16)
+        return DeepSpeedBackend(recipe, cfg, topology, bf16)
     from .backends.fsdp_backend import FSDPBackend
 
-    return FSDPBackend(model, cfg, topology, bf16)
+    return FSDPBackend(recipe, cfg, topology, bf16)
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -142,14 +137,16 @@ def build_job(cfg: Config) -> Job:
     if ft:
         topology = build_group_job_topology(cfg.codistill.group_id, cfg.codistill.groups)
     else:
-        topology = build_topology(layout.groups)
+        topology = build_topology(layout.groups, comm.resolve_exchange_backend(
+            cfg.codistill.exchange_backend, torch.cuda.is_available()))
     seed = cfg.seed + (0 if cfg.codistill.same_init else topology.group_id)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed)
-    n_params = count_parameters(model)
-    # Before the backend: ZeRO-3's world-wide startup would otherwise fail obscurely first.
+    recipe = ModelRecipe(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed)
+    n_params = recipe.num_parameters()  # on the meta device: no weights yet
+    # Before the replica is built: a group whose ranks disagree on the model would hang in the
+    # sharded construction, and ZeRO-3's world-wide startup would fail obscurely.
     check_peers_compatible(topology.layout, fingerprint(cfg, corpus.vocab_size, n_params, corpus.train))
-    backend = build_backend(cfg, model, topology, use_bf16(cfg))
+    backend = build_backend(cfg, recipe, topology, use_bf16(cfg))
     if topology.rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
@@ -241,6 +238,7 @@ def _summarize(cfg: Config, topology, loop, state, n_params: int, wall_s: float)
         "rank": topology.rank, "group": topology.group_id,
         "cross_group_bytes": loop.cross_group_bytes(),
         "last": state.last, "best_val_loss": state.best_val, "val_history": state.val_history,
+        "peak_memory_bytes": peak_memory_bytes(),
     }
     everyone = comm.all_gather_object(mine)
     groups = []
@@ -257,13 +255,25 @@ def _summarize(cfg: Config, topology, loop, state, n_params: int, wall_s: float)
             "cross_group_bytes_per_rank": [r["cross_group_bytes"] for r in ranks],
             "tokens": lead["last"].get("tokens"),
             "val_history": lead["val_history"],
+            "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks),
         })
     return {
         "world_size": topology.layout.world_size, "groups": topology.groups,
         "ranks_per_group": topology.group_size, "params": n_params, "steps": cfg.train.steps,
         "wall_s": wall_s, "backend": cfg.backend.name, "route": cfg.codistill.route,
         "codistill": loop.codistill, "per_group": groups,
+        "compute_dtype": str(getattr(loop.backend, "compute_dtype", None)),  # of the last forward
     }
+
+
+def peak_memory_bytes() -> int:
+    """This rank's peak: CUDA memory allocated by PyTorch on a GPU, else the process's peak
+    resident set (what `make gpu-check` and the memory estimate of `plan` are compared with)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def format_table(summary: dict) -> str:

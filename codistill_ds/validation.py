@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from .compression import UINT16_VOCAB
-from .config import PACKAGE_ROOT, Config, ConfigError, resolve_path
+from .config import PACKAGE_DIR, PACKAGE_ROOT, Config, ConfigError, resolve_path
 from .shards import is_shard_dir
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "codistill.exchange_batch": ("shared", "train"),
     "codistill.dtype": ("bf16", "fp16", "fp32", "fp8"),
     "codistill.index_dtype": ("auto", "uint16", "int32"),
+    "codistill.exchange_backend": ("auto", "nccl", "gloo"),
     "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
     "codistill.transport": ("world", "torchft"),
     "optim.schedule": ("constant", "cosine", "linear"),
@@ -259,8 +260,8 @@ def _check_paths(cfg: Config) -> None:
         _require(
             os.path.isfile(resolve_path(path)),
             "backend.ds_config",
-            f"DeepSpeed config not found: {path} (looked in the current directory "
-            f"and in {PACKAGE_ROOT})",
+            f"DeepSpeed config not found: {path} (looked in the current directory, "
+            f"in {PACKAGE_ROOT} and in {PACKAGE_DIR})",
         )
         if cfg.codistill.enabled and cfg.codistill.mode == "weights":
             _require(_zero_stage(resolve_path(path)) == 3, "codistill.mode",
@@ -275,10 +276,27 @@ def _zero_stage(ds_config_path: str) -> int | None:
         return None
 
 
-def validate(cfg: Config, world_size: int, vocab_size: int | None = None) -> None:
-    """Raise the first ``ConfigError`` that would make this config fail on ``world_size`` ranks."""
+def check_devices(cfg: Config, cuda_available: bool) -> None:
+    """Choices that need a GPU, refused on a machine without one before any group exists."""
+    _require(
+        cfg.codistill.exchange_backend != "nccl" or cuda_available,
+        "codistill.exchange_backend",
+        "'nccl' needs CUDA devices and this machine has none (torch.cuda.is_available() is "
+        "False); use 'gloo' or 'auto'",
+    )
+
+
+def validate(cfg: Config, world_size: int, vocab_size: int | None = None,
+             cuda_available: bool | None = None) -> None:
+    """Raise the first ``ConfigError`` that would make this config fail on ``world_size`` ranks
+    (on this machine: ``cuda_available`` defaults to what torch sees)."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
     check_topology(cfg, world_size)
     check_choices(cfg)
+    check_devices(cfg, cuda_available)
     check_numbers(cfg)
     _check_model(cfg)
     _check_exchange(cfg, world_size, vocab_size)

@@ -271,3 +271,24 @@ def test_bytes_table_by_hand(tmp_path):
     assert bytes_table.main(["--out", str(tmp_path)]) == 0
     assert (tmp_path / "bytes_per_token.png").read_bytes().startswith(b"\x89PNG")
     assert "| 70B |" in (tmp_path / "results.md").read_text()
+
+
+def test_memory_estimate_by_hand(capsys):
+    """P = 1,600, S = 2: states 16 P / S = 12,800 B; gathered 2 x 2 P / n = 1,600 B (n = 4);
+    activations 34 h b L n + 10 b L V = 34*8*2*4*4 + 10*2*4*50 = 8,704 + 4,000 B; build peak
+    4 P / S + 4 max(V h, P / n) = 3,200 + 4*400 B; tokens 2 x 4 x W=4 = 32 per step."""
+    from codistill_ds.memory import memory_plan
+
+    m = memory_plan(params=1600, world=4, groups=2, micro_batch=2, seq_len=4, hidden=8, layers=4, vocab=50)
+    assert (m.model_state_bytes, m.gathered_bytes, m.activation_bytes) == (12800, 1600, 12704)
+    assert (m.build_peak_bytes, m.tokens_per_step) == (4800, 32)
+    assert m.total_bytes == 12800 + 1600 + 12704
+    argv = ["--params", "953223168", "--seq-len", "2048", "--batch", "8", "--interval", "16",
+            "--world", "16", "--micro-batch", "4", "--hidden", "2048", "--layers", "16"]
+    assert run_plan(parse(argv)) == 0
+    out = capsys.readouterr().out
+    assert "model states per rank (16 P / S)             1.91 GB" in out
+    assert "cross-group bytes per training token: 2.000" in out
+    assert run_plan(parse([*argv, "--json"])) == 0
+    assert json.loads(capsys.readouterr().out)["memory"]["tokens_per_step"] == 4 * 2048 * 16
+    assert run_plan(parse(["--micro-batch", "4"])) == 2  # hidden and layers are needed then
