@@ -34,12 +34,13 @@ import random
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from . import comm
+from . import dist as rankinfo
 from .config import Config, ConfigError, config_to_dict
 from .metrics import METRICS_FILE
 
@@ -192,20 +193,20 @@ def save(job, step: int) -> str:
     if t.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that a crash interrupted
         os.makedirs(tmp)
-    dist.barrier()
+    comm.barrier()
     group_dir = os.path.join(tmp, f"group_{t.group_id}")
     os.makedirs(group_dir, exist_ok=True)
     job.backend.save(group_dir, ENGINE_TAG)
     rank_file = os.path.join(group_dir, f"rank_{t.group_rank}.pt")
     torch.save({"step": step, "rank": t.rank, "rng": rng_state(), "loop": loop_state}, rank_file)
-    dist.barrier(group=t.group)
+    comm.barrier(t.group)
     if t.layout.is_leader:
         fsync_tree(group_dir)
-    dist.barrier()  # every rank of every group has written and synced
+    comm.barrier()  # every rank of every group has written and synced
     if t.rank == 0:
         _commit(tmp, final, _meta(job, step))
         prune(cfg.run_dir, cfg.train.keep_checkpoints)
-    dist.barrier()  # nobody trains on before the checkpoint is complete
+    comm.barrier()  # nobody trains on before the checkpoint is complete
     return final
 
 
@@ -272,14 +273,30 @@ def restore(job, resume: Resume) -> tuple[int, dict | None]:
     if resume.path is not None:
         group_dir = os.path.join(resume.path, f"group_{t.group_id}")
         job.backend.load(group_dir, ENGINE_TAG)
+        # Our own file: RNG tuples and pending targets. Read onto the CPU (RNG states must stay
+        # there), then the loop's tensors go where the model computes: restored peer targets
+        # meet CUDA log-probabilities in the distillation loss and in the next exchange.
         state = torch.load(os.path.join(group_dir, f"rank_{t.group_rank}.pt"), map_location="cpu",
-                           weights_only=False)  # our own file: RNG tuples and pending targets
-        job.loop.load_state_dict(state["loop"])
+                           weights_only=False)
+        job.loop.load_state_dict(to_device(state["loop"], rankinfo.device()))
         step, rng = state["step"], state["rng"]
     if resume.continuing and t.rank == 0:
         truncate_metrics(job.cfg.run_dir, step)
-    dist.barrier()
+    comm.barrier()
     return step, rng
+
+
+def to_device(obj, device: torch.device):
+    """`obj` with every tensor inside (dicts, lists, tuples, dataclasses) moved to `device`."""
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: to_device(getattr(obj, f.name), device) for f in fields(obj)})
+    return obj
 
 
 def truncate_metrics(run_dir: str, step: int) -> None:

@@ -4,14 +4,16 @@ NCCL reduces CUDA tensors only, gloo CPU tensors (and CUDA ones through a stagin
 ops only). Bookkeeping in this library (agreement counts, loss means, NaN flags, validation
 sums) is a handful of numbers computed on the CPU; payloads (exchanged predictions, weight
 shards) live wherever the model put them. Every collective therefore goes through a function
-here that asks the process group which device it serves and moves the tensor there and back.
+here that asks the process group which devices it serves and, only when the tensor's device is
+not one of them, moves the tensor there and back.
 
 Why not only `init_process_group("cpu:gloo,cuda:nccl")`: that is what `dist.init_distributed`
-does on GPU machines (CPU bookkeeping then travels over gloo on every group that inherits the
-default backends), but process groups built with one backend (the cross-group exchange over
-`codistill.exchange_backend: nccl`, DeepSpeed's or Accelerate's own groups, a torchft group)
-still serve one device only. Asking the group covers all of them; a test checks that no other
-module calls a `torch.distributed` collective directly (tests/test_comm.py).
+does on GPU machines (CPU bookkeeping then travels over gloo and CUDA payloads over NCCL on every
+group that inherits the default backends), but process groups built with one backend (the
+cross-group exchange over `codistill.exchange_backend: nccl` or `gloo`, DeepSpeed's or
+Accelerate's own groups, a torchft group) still serve one device only. Asking the group covers
+all of them; tests/test_comm.py fails when another module calls a `torch.distributed`
+collective directly.
 """
 
 from __future__ import annotations
@@ -24,25 +26,59 @@ import torch.distributed as dist
 
 ReduceOp = dist.ReduceOp
 
+_DEVICE_OF_BACKEND = {"gloo": "cpu", "nccl": "cuda", "mpi": "cpu", "ucc": "cuda", "xccl": "xpu"}
 
-def group_device(group: Any = None) -> torch.device:
-    """The device a tensor must be on for a collective over `group`.
 
-    CPU whenever the group has a gloo backend (alone or next to NCCL); the current CUDA device
-    for an NCCL-only group. Groups that c10d does not know by name (torchft's reconfigurable
-    gloo groups) are CPU groups."""
+def served_device_types(backend: str) -> set[str]:
+    """Device types a process group with this backend string carries tensors of.
+
+    "gloo" -> {cpu}; "nccl" -> {cuda}; "cpu:gloo,cuda:nccl" -> {cpu, cuda}. Gloo can stage some
+    CUDA ops through host memory, but not all of them, so it counts as CPU only."""
+    types = set()
+    for part in str(backend).lower().split(","):
+        device, _, name = part.strip().rpartition(":")
+        types.add(device or _DEVICE_OF_BACKEND.get(name, "cpu"))
+    return types
+
+
+def _backend(group: Any) -> str | None:
     try:
-        backend = str(dist.get_backend(group)).lower()
+        return str(dist.get_backend(group))
     except (RuntimeError, ValueError, AttributeError):
-        return torch.device("cpu")
-    if "gloo" in backend or not torch.cuda.is_available():
+        return None  # not a c10d group by name: torchft's reconfigurable gloo groups
+
+
+def target_device(tensor_device: torch.device, backend: str | None, cuda_available: bool) -> torch.device:
+    """Where a tensor on `tensor_device` must be for a collective over a group with `backend`.
+
+    Pure, so the choice is testable on a machine without CUDA: the tensor stays where it is if
+    the group serves its device type; otherwise it goes to the CPU (any gloo part, or no CUDA)
+    or to the current CUDA device (an NCCL-only group)."""
+    served = {"cpu"} if backend is None else served_device_types(backend)
+    if tensor_device.type in served:
+        return tensor_device
+    if "cpu" in served or not cuda_available:
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def resolve_exchange_backend(choice: str, cuda_available: bool) -> str:
+    """`codistill.exchange_backend` as a c10d backend name: "auto" is nccl on CUDA, gloo on CPU."""
+    if choice == "auto":
+        return "nccl" if cuda_available else "gloo"
+    return choice
+
+
+def group_device(group: Any = None) -> torch.device:
+    """The device for new tensors of a collective over `group`: CPU whenever the group has a
+    gloo backend (alone or next to NCCL) or no CUDA exists; the current CUDA device for an
+    NCCL-only group. Groups that c10d does not know by name are CPU groups."""
+    return target_device(torch.device("meta"), _backend(group), torch.cuda.is_available())
+
+
 def _on(tensor: torch.Tensor, group: Any) -> tuple[torch.Tensor, bool]:
-    """`tensor` moved to the group's device, and whether it moved (so the result moves back)."""
-    dev = group_device(group)
+    """`tensor` on a device the group serves, and whether it moved (so the result moves back)."""
+    dev = target_device(tensor.device, _backend(group), torch.cuda.is_available())
     if tensor.device == dev:
         return tensor, False
     return tensor.to(dev), True
@@ -106,7 +142,13 @@ def broadcast(tensor: torch.Tensor, src: int, group: Any = None) -> torch.Tensor
 
 
 def barrier(group: Any = None) -> None:
-    dist.barrier(group=group)
+    """A barrier that names its GPU on NCCL-only groups (NCCL otherwise guesses one per rank
+    and warns that the guess can hang)."""
+    dev = group_device(group)
+    if dev.type == "cuda":
+        dist.barrier(group=group, device_ids=[dev.index])
+    else:
+        dist.barrier(group=group)
 
 
 def all_gather_object(obj: Any, group: Any = None) -> list[Any]:

@@ -116,6 +116,10 @@ class CodistillConfig:
     """Logit entries kept per token (rest mass as one tail bucket); 0 sends the full vocabulary."""
     dtype: str = "bf16"
     """Wire dtype of exchanged values ("bf16" | "fp16" | "fp32"); indices are always int32."""
+    exchange_backend: str = "auto"
+    """Backend of the cross-group process groups (leaders, rails, the exchange's own group):
+    "auto" (nccl on CUDA, gloo on CPU) | "nccl" | "gloo" (the payload travels from host memory:
+    across sites, or two groups sharing one GPU, which one NCCL communicator cannot span)."""
     loss: str = "kl"
     """Distillation divergence: "kl" (forward) | "reverse_kl" | "jsd" | "mse" (on logits)."""
     temperature: float = 1.0

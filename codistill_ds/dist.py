@@ -48,11 +48,12 @@ def use_cuda() -> bool:
 
 
 def prepare_accelerator_env() -> None:
-    """Point DeepSpeed at the CPU accelerator on machines without a GPU.
+    """Point DeepSpeed at the CPU accelerator on machines without a GPU, at CUDA on GPU ones.
 
-    Must run before `import deepspeed`: DeepSpeed picks its accelerator once, at import."""
-    if not use_cuda():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    Must run before `import deepspeed`: DeepSpeed picks its accelerator once, at import. An
+    empty value (an old Makefile exported one) is replaced too: DeepSpeed rejects it."""
+    if not os.environ.get("DS_ACCELERATOR"):
+        os.environ["DS_ACCELERATOR"] = "cuda" if use_cuda() else "cpu"
 
 
 def device() -> torch.device:
@@ -62,16 +63,28 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
-    """Create the default process group (NCCL on GPU, gloo on CPU) if the launcher asked for one.
+DEFAULT_BACKEND_GPU = "cpu:gloo,cuda:nccl"
+"""The default group's backends on a GPU machine (see `init_distributed`)."""
 
-    A single process without launcher variables still gets a one-rank gloo group so that the
-    same code path (subgroups, collectives) runs everywhere; it listens on a free local port."""
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Create the default process group if the launcher asked for one.
+
+    On a GPU machine it is "cpu:gloo,cuda:nccl": one group object with an NCCL backend for CUDA
+    tensors (ZeRO/FSDP traffic, exchanged predictions) and a gloo backend for CPU tensors. The
+    library's bookkeeping (loss and agreement sums, NaN flags, the start-up handshake) is a few
+    numbers made on the CPU, and DeepSpeed, Accelerate and `new_group` calls without a backend
+    inherit the default's backends; with plain "nccl" every such CPU tensor would fail ("no
+    backend for cpu") or need a copy to the GPU at each call site. comm.py still moves tensors
+    for groups that serve one device only. On CPU the group is gloo.
+
+    A single process without launcher variables still gets a one-rank group so that the same
+    code path (subgroups, collectives) runs everywhere; it listens on a free local port."""
     if dist.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
-    backend = "nccl" if use_cuda() else "gloo"
+    backend = DEFAULT_BACKEND_GPU if use_cuda() else "gloo"
     if use_cuda():
         torch.cuda.set_device(env_local_rank())
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -161,8 +174,10 @@ def shutdown() -> None:
         return
     from torch.distributed.distributed_c10d import _world
 
+    from . import comm
+
     for group in list(_world.pg_map):
-        dist.barrier(group=group)
+        comm.barrier(group)
     dist.destroy_process_group()
 
 

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from . import comm
 from .compression import CompressedLogits
 from .config import Config, ConfigError, config_to_dict
 from .topology import Layout
@@ -288,7 +289,7 @@ def check_finite_loss(loss: float, group: dist.ProcessGroup, layout: Layout, ste
     Runs after the optimizer step and before the next exchange: the diverged weights never
     produce predictions for the peers. Agreed over the group so all of its ranks stop together."""
     flags = torch.tensor([0.0 if math.isfinite(loss) else 1.0], dtype=torch.float64)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    comm.all_reduce(flags, op=comm.ReduceOp.MAX, group=group)
     if flags.item() > 0:
         raise NonFiniteLoss(
             f"training loss is not finite at step {step} (this rank's loss: {loss}); stopped "
@@ -301,7 +302,7 @@ def finite_peers(peers: list[CompressedLogits], group: dist.ProcessGroup | None)
     bad = torch.tensor([0 if bool(torch.isfinite(p.values.float()).all()) else 1 for p in peers],
                        dtype=torch.int32)
     if group is not None and len(peers):
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=group)
+        comm.all_reduce(bad, op=comm.ReduceOp.MAX, group=group)
     return [int(b) == 0 for b in bad]
 
 
@@ -356,8 +357,7 @@ def check_peers_compatible(layout: Layout, mine: dict) -> None:
 
     Without it, a peer group with another vocabulary fails deep inside the first exchange (or
     inside ZeRO-3's world-wide trace) with a shape error, or trains on nonsense targets."""
-    everyone: list = [None] * layout.world_size
-    dist.all_gather_object(everyone, mine)
+    everyone = comm.all_gather_object(mine)
     for key, (field, what) in _FIELD.items():
         diff = _disagreement([fp[key] for fp in everyone], layout)
         if diff:

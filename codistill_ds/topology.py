@@ -112,21 +112,26 @@ class Topology:
         return self.layout.rank
 
 
-def build_topology(groups: int) -> Topology:
-    """Create every process group of the layout; collective over the whole world."""
+def build_topology(groups: int, exchange_backend: str | None = None) -> Topology:
+    """Create every process group of the layout; collective over the whole world.
+
+    `exchange_backend` ("nccl" | "gloo", None = the default group's) is given to the groups that
+    carry the cross-group exchange only (leaders, rails, `exchange_group`): "gloo" sends the small
+    exchange payload from host memory (across sites, or two groups on one GPU), while `group`
+    keeps the default backends for ZeRO/FSDP traffic."""
     layout = Layout(dist.get_world_size(), groups, dist.get_rank())
     mine: dict[str, dist.ProcessGroup | None] = {
         "group": None, "leaders": None, "rail": None, "mp": None, "exchange": None}
-    for key in ("group", "exchange"):
+    for key, backend in (("group", None), ("exchange", exchange_backend)):
         for g in range(layout.groups):
-            pg = dist.new_group(layout.group_ranks(g))
+            pg = dist.new_group(layout.group_ranks(g), backend=backend)
             if g == layout.group_id:
                 mine[key] = pg
-    leaders = dist.new_group(layout.leader_ranks())
+    leaders = dist.new_group(layout.leader_ranks(), backend=exchange_backend)
     if layout.is_leader:
         mine["leaders"] = leaders
     for r in range(layout.group_size):
-        pg = dist.new_group(layout.rail_ranks(r))
+        pg = dist.new_group(layout.rail_ranks(r), backend=exchange_backend)
         if r == layout.group_rank:
             mine["rail"] = pg
     for rank in range(layout.world_size):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import comm
 from . import dist as rankinfo
 from .checkpoint import (
     Resume,
@@ -96,7 +97,8 @@ def build_job(cfg: Config) -> Job:
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     layout, corpus = prepare(cfg)
     rankinfo.init_distributed(cfg.backend.timeout_s)
-    topology = build_topology(layout.groups)
+    topology = build_topology(layout.groups, comm.resolve_exchange_backend(
+        cfg.codistill.exchange_backend, torch.cuda.is_available()))
     seed = cfg.seed + (0 if cfg.codistill.same_init else topology.group_id)
     torch.manual_seed(seed)
     model = build_model(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed)
@@ -107,7 +109,7 @@ def build_job(cfg: Config) -> Job:
     if topology.rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-    torch.distributed.barrier()
+    comm.barrier()
     writer = MetricsWriter(cfg.run_dir, enabled=topology.layout.is_leader)
     loop = CodistillLoop(cfg, topology, backend, corpus, writer, rankinfo.device())
     return Job(cfg, topology, backend, loop, n_params)
@@ -180,8 +182,7 @@ def _summarize(cfg: Config, topology, loop, state, n_params: int, wall_s: float)
         "cross_group_bytes": loop.cross_group_bytes(),
         "last": state.last, "best_val_loss": state.best_val, "val_history": state.val_history,
     }
-    everyone = [None] * topology.layout.world_size
-    torch.distributed.all_gather_object(everyone, mine)
+    everyone = comm.all_gather_object(mine)
     groups = []
     for g in range(topology.groups):
         ranks = [r for r in everyone if r["group"] == g]

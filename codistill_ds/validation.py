@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "codistill.route": ("leaders", "rails"),
     "codistill.exchange_batch": ("shared", "train"),
     "codistill.dtype": ("bf16", "fp16", "fp32"),
+    "codistill.exchange_backend": ("auto", "nccl", "gloo"),
     "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "backend.name": ("deepspeed", "fsdp"),
@@ -202,10 +203,27 @@ def _zero_stage(ds_config_path: str) -> int | None:
         return None
 
 
-def validate(cfg: Config, world_size: int, vocab_size: int | None = None) -> None:
-    """Raise the first ``ConfigError`` that would make this config fail on ``world_size`` ranks."""
+def check_devices(cfg: Config, cuda_available: bool) -> None:
+    """Choices that need a GPU, refused on a machine without one before any group exists."""
+    _require(
+        cfg.codistill.exchange_backend != "nccl" or cuda_available,
+        "codistill.exchange_backend",
+        "'nccl' needs CUDA devices and this machine has none (torch.cuda.is_available() is "
+        "False); use 'gloo' or 'auto'",
+    )
+
+
+def validate(cfg: Config, world_size: int, vocab_size: int | None = None,
+             cuda_available: bool | None = None) -> None:
+    """Raise the first ``ConfigError`` that would make this config fail on ``world_size`` ranks
+    (on this machine: ``cuda_available`` defaults to what torch sees)."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
     check_topology(cfg, world_size)
     check_choices(cfg)
+    check_devices(cfg, cuda_available)
     check_numbers(cfg)
     _check_model(cfg)
     _check_exchange(cfg, world_size, vocab_size)

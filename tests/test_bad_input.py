@@ -189,11 +189,11 @@ def test_handshake_flags_exactly_the_disagreeing_ranks(K, S, vocabs, lrs):
     prints = _fingerprints(vocabs, lrs)
     layout = Layout(world, K, 0)
 
-    def fake_all_gather(out, obj):
-        out[:] = prints
+    def fake_all_gather(obj, group=None):
+        return list(prints)
 
-    original = health.dist.all_gather_object
-    health.dist.all_gather_object = fake_all_gather
+    original = health.comm.all_gather_object
+    health.comm.all_gather_object = fake_all_gather
     try:
         if len(set(vocabs)) > 1:
             with pytest.raises(ConfigError) as info:
@@ -209,7 +209,7 @@ def test_handshake_flags_exactly_the_disagreeing_ranks(K, S, vocabs, lrs):
         else:
             health.check_peers_compatible(layout, prints[0])
     finally:
-        health.dist.all_gather_object = original
+        health.comm.all_gather_object = original
 
 
 def test_fingerprint_ignores_per_node_paths():

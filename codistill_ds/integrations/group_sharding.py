@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .. import comm
 from ..topology import GroupMPU, Topology
 
 
@@ -68,9 +69,7 @@ def gather_in_group(data: Any, topology: Topology, gradient_state: Any = None) -
     if isinstance(data, dict):
         return {k: gather_in_group(v, topology, gradient_state) for k, v in data.items()}
     t = data.contiguous() if data.dim() else data.reshape(1)
-    parts = [torch.empty_like(t) for _ in range(topology.group_size)]
-    dist.all_gather(parts, t, group=topology.group)
-    out = torch.cat(parts)
+    out = torch.cat(comm.all_gather(t, group=topology.group))
     # Same truncation as gather_for_metrics: the last batch is padded to even sizes across ranks.
     if gradient_state is not None and gradient_state.end_of_dataloader and gradient_state.remainder > 0:
         out = out[: gradient_state.remainder]
