@@ -5,13 +5,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-export DS_ACCELERATOR ?= $(shell $(PYTHON) -c "import shutil; print('' if shutil.which('nvidia-smi') else 'cpu')")
+# DeepSpeed's accelerator: cuda where nvidia-smi answers, else cpu. An empty value (unset, or
+# exported empty by an older shell) is replaced, because DeepSpeed rejects an empty DS_ACCELERATOR.
+ifeq ($(strip $(DS_ACCELERATOR)),)
+DS_ACCELERATOR := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+endif
+export DS_ACCELERATOR
 export PYTHONWARNINGS ?= ignore::FutureWarning
 # DeepSpeed JIT-builds its CPU comm op at start; a per-checkout cache keeps a stale lock left by
 # another environment's interrupted build from stalling every DeepSpeed start-up here.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: demo test venv lint clean
+.PHONY: demo test venv lint clean print-accelerator gpu-check
 
 venv: $(STAMP)
 
@@ -32,6 +37,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff
 	$(VENV)/bin/ruff check codistill_ds tests benchmarks examples
+
+print-accelerator:
+	@echo DS_ACCELERATOR=$(DS_ACCELERATOR)
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

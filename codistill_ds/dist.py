@@ -83,7 +83,8 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
     backend = DEFAULT_BACKEND_GPU if use_cuda() else "gloo"
     if use_cuda():
         torch.cuda.set_device(env_local_rank())

@@ -7,6 +7,8 @@ Llama or GPT-2. Using the Transformers classes (not a home-made model) keeps `ex
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .config import ModelConfig
@@ -51,24 +53,43 @@ def build_hf_config(cfg: ModelConfig, vocab_size: int, dropout: float):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, dropout: float, seed: int) -> torch.nn.Module:
-    """Random init under `seed`, so a group's replica is reproducible from (seed, group)."""
+    """Random init under `seed`, so a group's replica is reproducible from (seed, group).
+
+    Called as is, it builds the whole model on this process (the reference the sharded builds
+    of `materialize.py` equal); called inside `materialize.group_init` or under
+    `torch.device("meta")`, the same code builds a partitioned replica or a bare skeleton."""
     from transformers import AutoModelForCausalLM
 
     hf = build_hf_config(cfg, vocab_size, dropout)
     hf._attn_implementation = "eager" if cfg.arch == "gpt2" and not cfg.name_or_path else "sdpa"
-    with torch.random.fork_rng(devices=[]):
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf)
     return model
 
 
-def build_model_like(model: torch.nn.Module) -> torch.nn.Module:
-    """A fresh, unsharded replica of the same architecture (weights are overwritten later):
-    the frozen teacher of weight-exchange codistillation."""
-    from transformers import AutoModelForCausalLM
+@dataclass(frozen=True)
+class ModelRecipe:
+    """How to build one group's replica; backends decide where the weights are materialized
+    (whole, partitioned over the group, or nowhere for a skeleton)."""
 
-    hf = model.config
-    return AutoModelForCausalLM.from_config(hf)
+    cfg: ModelConfig
+    vocab_size: int
+    dropout: float
+    seed: int
+
+    def build(self) -> torch.nn.Module:
+        return build_model(self.cfg, self.vocab_size, self.dropout, self.seed)
+
+    def skeleton(self) -> torch.nn.Module:
+        """The architecture on the meta device: shapes only, no memory, no random draws
+        (Transformers skips weight init there)."""
+        with torch.device("meta"):
+            return self.build()
+
+    def num_parameters(self) -> int:
+        return count_parameters(self.skeleton())
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:

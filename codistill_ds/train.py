@@ -37,7 +37,7 @@ from .health import (
 from .integrations.accelerate import apply_launch_env
 from .loop import CodistillLoop
 from .metrics import MetricsWriter, write_summary
-from .model import build_model, count_parameters
+from .model import ModelRecipe
 from .topology import Layout, Topology, TopologyError, build_topology
 from .validation import validate
 
@@ -61,15 +61,16 @@ def prepare(cfg: Config):
     return layout, corpus
 
 
-def build_backend(cfg: Config, model: torch.nn.Module, topology, bf16: bool):
-    """The one place the backend name turns into an object (imports stay lazy)."""
+def build_backend(cfg: Config, recipe: ModelRecipe, topology, bf16: bool):
+    """The one place the backend name turns into an object (imports stay lazy). The backend
+    builds the replica from `recipe`, sharded over my group while it is built."""
     if cfg.backend.name == "deepspeed":
         from .backends.deepspeed_backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(model, cfg, topology, bf16)
+        return DeepSpeedBackend(recipe, cfg, topology, bf16)
     from .backends.fsdp_backend import FSDPBackend
 
-    return FSDPBackend(model, cfg, topology, bf16)
+    return FSDPBackend(recipe, cfg, topology, bf16)
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -101,11 +102,12 @@ def build_job(cfg: Config) -> Job:
         cfg.codistill.exchange_backend, torch.cuda.is_available()))
     seed = cfg.seed + (0 if cfg.codistill.same_init else topology.group_id)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed)
-    n_params = count_parameters(model)
-    # Before the backend: ZeRO-3's world-wide startup would otherwise fail obscurely first.
+    recipe = ModelRecipe(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed)
+    n_params = recipe.num_parameters()  # on the meta device: no weights yet
+    # Before the replica is built: a group whose ranks disagree on the model would hang in the
+    # sharded construction, and ZeRO-3's world-wide startup would fail obscurely.
     check_peers_compatible(topology.layout, fingerprint(cfg, corpus.vocab_size, n_params, corpus.train))
-    backend = build_backend(cfg, model, topology, use_bf16(cfg))
+    backend = build_backend(cfg, recipe, topology, use_bf16(cfg))
     if topology.rank == 0:
         os.makedirs(cfg.run_dir, exist_ok=True)
         save_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))

@@ -415,3 +415,16 @@ def test_config_to_dict_is_plain():
     assert d["optim"]["weight_decay_milestones"] == [[0, 0.1]]
     assert json.loads(json.dumps(d)) == d
     assert set(d) == {"seed", "run_dir", "model", "data", "codistill", "optim", "train", "backend"}
+
+
+def test_exchange_backend_choices(base):
+    """nccl needs CUDA (refused before any group exists); gloo and auto run anywhere."""
+    for choice in ("auto", "gloo"):
+        validate(load_config(None, [f"codistill.exchange_backend={choice}"]), 4, cuda_available=False)
+    validate(load_config(None, ["codistill.exchange_backend=nccl"]), 4, cuda_available=True)
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(None, ["codistill.exchange_backend=nccl"]), 4, cuda_available=False)
+    assert info.value.field == "codistill.exchange_backend" and "CUDA" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(None, ["codistill.exchange_backend=mpi"]), 4)
+    assert "valid values: auto, nccl, gloo" in str(info.value)

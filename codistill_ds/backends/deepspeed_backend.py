@@ -9,12 +9,14 @@ Adam would need a compile on CPU.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
 import torch
 
 from ..config import Config, resolve_path
+from ..model import ModelRecipe
 from ..topology import GroupMPU, Topology
 from .base import decay_param_groups, set_optimizer_hyperparameters
 
@@ -35,20 +37,32 @@ def build_ds_config(cfg: Config, group_size: int, bf16: bool) -> dict:
     return ds
 
 
+def build_replica(recipe: ModelRecipe, ds_config: dict, group, bf16: bool) -> torch.nn.Module:
+    """ZeRO-3: partitioned over my group while it is built (materialize.py), never whole on a
+    rank; ZeRO-1/2 keep a whole replica on every rank anyway, so it is built whole."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return recipe.build()
+    from ..materialize import build_zero3
+
+    return build_zero3(recipe.build, group, ds_config, torch.bfloat16 if bf16 else torch.float32)
+
+
 class DeepSpeedBackend:
     """`Backend` over a `deepspeed.DeepSpeedEngine` whose data-parallel group is my group."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, topology: Topology, bf16: bool) -> None:
+    def __init__(self, recipe: ModelRecipe, cfg: Config, topology: Topology, bf16: bool) -> None:
         import deepspeed
 
-        self._cfg, self._topology, self._bf16 = cfg, topology, bf16
+        self._topology, self._recipe = topology, recipe
         ds_config = build_ds_config(cfg, topology.group_size, bf16)
+        self._ds_config, self._bf16 = ds_config, bf16
+        model = build_replica(recipe, ds_config, topology.group, bf16)
         optimizer = torch.optim.AdamW(
             decay_param_groups(model, cfg.optim.weight_decay),
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config,
+            model=model, optimizer=optimizer, config=copy.deepcopy(ds_config),
             mpu=GroupMPU(topology), dist_init_required=False,
         )
         self.module = self.engine.module
@@ -92,25 +106,21 @@ class DeepSpeedBackend:
         return [p.ds_tensor for p in self.engine.module.parameters()]
 
     def make_teacher(self) -> DeepSpeedTeacher:
-        return DeepSpeedTeacher(self._cfg, self._topology, self._bf16, self.engine.module)
+        return DeepSpeedTeacher(self._recipe, self._ds_config, self._topology, self._bf16)
 
 
 class DeepSpeedTeacher:
-    """A frozen ZeRO-3 replica partitioned over my group exactly like the student (no optimizer)."""
+    """A frozen ZeRO-3 replica partitioned over my group exactly like the student (no optimizer),
+    built partitioned too: its weights are overwritten by the first exchange."""
 
-    def __init__(self, cfg: Config, topology: Topology, bf16: bool, like: torch.nn.Module) -> None:
-        import copy
-
+    def __init__(self, recipe: ModelRecipe, ds_config: dict, topology: Topology, bf16: bool) -> None:
         import deepspeed
 
-        from ..model import build_model_like
-
-        model = build_model_like(like)
+        model = build_replica(recipe, ds_config, topology.group, bf16)
         for p in model.parameters():
             p.requires_grad_(False)
-        ds_config = copy.deepcopy(build_ds_config(cfg, topology.group_size, bf16))
-        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config, mpu=GroupMPU(topology),
-                                               dist_init_required=False)
+        self.engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config),
+                                               mpu=GroupMPU(topology), dist_init_required=False)
         self.engine.eval()
 
     def load_shards(self, shards: list[torch.Tensor]) -> None:

@@ -15,6 +15,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from ..config import Config
+from ..model import ModelRecipe
 from ..topology import Topology
 from .base import decay_param_groups, set_optimizer_hyperparameters
 
@@ -54,23 +55,34 @@ def apply_fsdp(model: torch.nn.Module, shard_mesh: DeviceMesh, bf16: bool, cpu_o
     return model
 
 
+def build_sharded(recipe: ModelRecipe, shard_mesh: DeviceMesh, bf16: bool, cpu_offload: bool,
+                  reshard_after_forward: bool, device: torch.device) -> torch.nn.Module:
+    """The replica sharded over the mesh without ever being whole on a rank: a meta-device
+    skeleton is `fully_shard`ed, then each rank's shards come from a ZeRO-3 build over the same
+    group (materialize.py: exact init, no copy where ZeRO's slices are FSDP2's rows)."""
+    from ..materialize import build_zero3, fsdp_from_zero3
+
+    group = shard_mesh.get_group()
+    values = build_zero3(recipe.build, group)
+    skeleton = apply_fsdp(recipe.skeleton(), shard_mesh, bf16, cpu_offload, reshard_after_forward)
+    return fsdp_from_zero3(values, skeleton, group, torch.device("cpu") if cpu_offload else device)
+
+
 class FSDPBackend:
     """`Backend` over an FSDP2-sharded module, a torch AdamW and manual accumulation."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, topology: Topology, bf16: bool) -> None:
+    def __init__(self, recipe: ModelRecipe, cfg: Config, topology: Topology, bf16: bool) -> None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_type == "cuda" and not cfg.backend.fsdp_cpu_offload:
-            model.to(torch.device("cuda", torch.cuda.current_device()))
-        self._cfg, self._bf16 = cfg, bf16
+        self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        self._recipe, self._bf16 = recipe, bf16
+        self._offload, self._reshard = cfg.backend.fsdp_cpu_offload, cfg.backend.fsdp_reshard_after_forward
         self.mesh = codistill_mesh(topology, device_type)
-        self.module = apply_fsdp(model, self.mesh["shard"], bf16, cfg.backend.fsdp_cpu_offload,
-                                 cfg.backend.fsdp_reshard_after_forward)
+        self.module = build_sharded(recipe, self.mesh["shard"], bf16, self._offload, self._reshard, self.device)
         self.optimizer = torch.optim.AdamW(
             decay_param_groups(self.module, cfg.optim.weight_decay),
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         )
         self.accum, self.grad_clip = cfg.train.grad_accum, cfg.optim.grad_clip
-        self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
         self._micro = 0
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -138,14 +150,10 @@ class FSDPTeacher:
     """A frozen replica sharded on the same shard mesh, so shard r of a peer fits my rank r."""
 
     def __init__(self, student: FSDPBackend) -> None:
-        from ..model import build_model_like
-
-        model = build_model_like(student.module)
-        for p in model.parameters():
+        s = student
+        self.module = build_sharded(s._recipe, s.mesh["shard"], s._bf16, s._offload, s._reshard, s.device)
+        for p in self.module.parameters():
             p.requires_grad_(False)
-        b = student._cfg.backend
-        self.module = apply_fsdp(model, student.mesh["shard"], student._bf16, b.fsdp_cpu_offload,
-                                 b.fsdp_reshard_after_forward)
         self.module.eval()
         self.device = student.device
 

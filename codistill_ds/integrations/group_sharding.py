@@ -130,38 +130,68 @@ def _group_sized_batch(ds_config: Any, group_size: int) -> None:
         ds_config.pop("train_batch_size", None)
 
 
+def _partitioned_over_other_group(model: Any, topology: Topology) -> list[tuple[str, int]]:
+    """(name, partition world size) of every ZeRO-3 parameter not partitioned over exactly my
+    group: every parameter is checked, since a model can mix modules built in different ways."""
+    mine = topology.layout.group_ranks(topology.group_id)
+    wrong, checked = [], {}
+    for name, p in model.named_parameters():
+        group = getattr(p, "ds_process_group", None)
+        if group is None:
+            continue
+        if group not in checked:
+            checked[group] = dist.get_process_group_ranks(group) == mine
+        if not checked[group]:
+            wrong.append((name, dist.get_world_size(group)))
+    return wrong
+
+
 def _check_not_partitioned_over_world(model: Any, topology: Topology) -> None:
     """`from_pretrained`/`from_config` under a ZeRO-3 TrainingArguments partition over the world."""
     if model is None:
         return
-    for p in model.parameters():
-        group = getattr(p, "ds_process_group", None)
-        if group is not None and dist.get_world_size(group) != topology.group_size:
-            raise GroupShardingError(
-                f"the model was partitioned by deepspeed.zero.Init over {dist.get_world_size(group)} "
-                f"ranks, but a codistillation group has {topology.group_size}: build it with "
-                "`with codistill.zero3_init():` (CodistillCallback) or before TrainingArguments")
-        return
+    wrong = _partitioned_over_other_group(model, topology)
+    if wrong:
+        name, size = wrong[0]
+        raise GroupShardingError(
+            f"{len(wrong)} parameter(s) (first: {name}) were partitioned by deepspeed.zero.Init over "
+            f"{size} ranks, but a codistillation group has {topology.group_size}: build the model "
+            "with `with codistill.zero3_init():` (CodistillCallback) or before TrainingArguments")
 
 
 def check_engine_in_group(engine: Any, topology: Topology) -> None:
-    """Fail loudly on the global-mpu trap: a ZeRO partition must be 1/S of its parameter."""
+    """Fail loudly on the global-mpu trap: every ZeRO partition must be 1/S of its parameter."""
     S = topology.group_size
     if engine.dp_world_size != S:
         raise GroupShardingError(f"DeepSpeed data-parallel size is {engine.dp_world_size}, expected the "
                                  f"codistillation group size {S}")
-    for p in engine.module.parameters():
-        group = getattr(p, "ds_process_group", None)
-        if group is not None and dist.get_world_size(group) != S:
-            raise GroupShardingError(f"ZeRO-3 partitions over {dist.get_world_size(group)} ranks, not "
-                                     f"the group's {S}: the groups would share one model")
-        return
+    wrong = _partitioned_over_other_group(engine.module, topology)
+    if wrong:
+        name, size = wrong[0]
+        raise GroupShardingError(f"ZeRO-3 partitions {len(wrong)} parameter(s) (first: {name}) over "
+                                 f"{size} ranks, not the group's {S}: the groups would share one model")
 
 
 @contextmanager
 def zero3_init_in_group(topology: Topology) -> Iterator[None]:
-    """`deepspeed.zero.Init` (as Transformers calls it) partitions over my group, not the world."""
+    """`from_config`/`from_pretrained` inside build every group's replica partitioned over that
+    group and initialized (or loaded) in full, which Transformers' ZeRO-3 route does for
+    global rank 0's group only (DESIGN.md, "GPU notes"):
+
+    - construction runs under `materialize.group_init` (zero.Init over my group, in fp32, with
+      the init draws of an unsharded construction, so group g's weights equal
+      `from_config` under `group_seed`), then partitions are rounded to the DeepSpeed
+      config's bf16/fp16, as the engine would have;
+    - `from_pretrained` reads and loads the checkpoint on every group's leader
+      (`hf_zero3.loading_in_group`);
+    - any `deepspeed.zero.Init` opened inside partitions over my group too.
+
+    Afterwards `materialize.check_initialized(model)` checks every rank of every group."""
     import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    from ..materialize import cast_partitions, group_init
+    from .hf_zero3 import loading_in_group
 
     saved = deepspeed.zero.Init
 
@@ -170,8 +200,20 @@ def zero3_init_in_group(topology: Topology) -> Iterator[None]:
             kwargs.setdefault("data_parallel_group", topology.group)
             super().__init__(*args, **kwargs)
 
+    ds_config = deepspeed_config()
     deepspeed.zero.Init = GroupInit
     try:
-        yield
+        with group_init(topology.group, ds_config) as built, loading_in_group(topology):
+            yield
+        cast_partitions(built, _engine_dtype(ds_config))
     finally:
         deepspeed.zero.Init = saved
+
+
+def _engine_dtype(ds_config: dict | None) -> torch.dtype:
+    """The parameter dtype DeepSpeed's engine uses for this config ("auto" counts as off here:
+    the Trainer resolves it into the config before the model is built)."""
+    def on(key: str) -> bool:
+        return (ds_config or {}).get(key, {}).get("enabled") is True
+
+    return torch.bfloat16 if on("bf16") else torch.float16 if on("fp16") else torch.float32
