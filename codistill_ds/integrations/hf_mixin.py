@@ -29,6 +29,7 @@ import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .. import comm
+from ..materialize import check_initialized
 from ..topology import Topology
 from .group_sharding import engines_in_group, gather_in_group, group_shard, reshard_loader
 from .hf_callback import CodistillCallback, use_gloo_for_cpu_deepspeed
@@ -80,6 +81,7 @@ class CodistillTrainerMixin:
         super().__init__(*args, **kwargs)
         self.codistill = _find_callback(self.callback_handler.callbacks)
         self.codistill.end_model_init()
+        check_initialized(self.model)  # every rank of every group: no group may start from NaN
         self._check_engine()
         full = self.train_dataset
         run_dir = self.args.output_dir
