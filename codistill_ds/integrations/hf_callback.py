@@ -144,6 +144,10 @@ class CodistillCallback(TrainerCallback):
                  peer_timeout_s: float = 180.0) -> None:
         self.config = config or CodistillConfig()
         validate_for_trainer(self.config, env_world_size())  # before any collective can hang
+        if getattr(self.config, "transport", "world") != "world" and transport is None:
+            raise ConfigError("codistill.transport", f"{self.config.transport!r}: the Trainer path builds the "
+                              "one-job exchange (transport 'world') itself; for groups in separate jobs pass "
+                              "transport=<a Transport> to codistill_init")
         if peer_timeout_s <= 0:
             raise ConfigError("codistill_peer_timeout_s", f"must be > 0 seconds, got {peer_timeout_s}")
         self.layout = Layout(env_world_size(), self.config.groups, env_rank())

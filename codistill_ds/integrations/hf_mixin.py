@@ -8,6 +8,7 @@ Put first in the bases of a Trainer class (`CodistillTrainer` in hf_trainer.py i
     batch = micro x accum x world       -> x S (`get_total_train_batch_size`, DeepSpeed config)
     tokens averaged over the world      -> over the group (`_get_num_items_in_batch`, loss scale)
     "loss" logged as the world's mean   -> the group's mean, plus distill_loss, alpha, agreement
+                                           (no world-wide gather at logging steps; flos per group)
     global rank 0 reports               -> each group's leader reports (`report_to` as usual)
     global rank 0 saves                 -> each group's leader saves into output_dir/group{g}
                                            (model, tokenizer, state, metrics, checkpoints;
@@ -136,10 +137,30 @@ class CodistillTrainerMixin:
             return
         self._cd_patched = True
         try:
-            with engines_in_group(self._topology, self.is_deepspeed_enabled, self._fsdp_mesh):
+            with engines_in_group(self._topology, self.is_deepspeed_enabled, self._fsdp_mesh), self._logging_in_group():
                 yield
         finally:
             self._cd_patched = False
+
+    @contextmanager
+    def _logging_in_group(self) -> Iterator[None]:
+        """The Trainer all-gathers the training loss over the world at every logging step (a
+        world-wide collective whose mean `log` replaces by the group's anyway): gather in-group."""
+        import transformers.trainer as trainer_module
+
+        saved = trainer_module.nested_gather
+        trainer_module.nested_gather = lambda tensors, *args, **kwargs: gather_in_group(tensors, self._topology)
+        try:
+            yield
+        finally:
+            trainer_module.nested_gather = saved
+
+    def store_flos(self) -> None:
+        """Floating-point operations of my group's replica (the Trainer sums the world's)."""
+        flos = torch.tensor([float(self.current_flos)], dtype=torch.float64)
+        comm.all_reduce(flos, group=self._topology.group)
+        self.state.total_flos += flos.item()
+        self.current_flos = 0
 
     def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any):
         """`resume_from_checkpoint` (one value for every rank: True, `output_dir/checkpoint-N`, or

@@ -38,7 +38,8 @@ def faults() -> list[tuple[str, int, int]]:
 
 
 def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter in full: ZeRO-3 ones gathered over their own (group) process group."""
+    """Every parameter in full: ZeRO-3 ones gathered over their own (group) process group,
+    FSDP2 ones over their mesh."""
     params = dict(model.named_parameters())
     zero = [p for p in params.values() if hasattr(p, "ds_id")]
     if zero:
@@ -46,7 +47,7 @@ def gathered(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
         with deepspeed.zero.GatheredParameters(zero, modifier_rank=None):
             return {k: p.detach().clone().cpu() for k, p in params.items()}
-    return {k: p.detach().clone().cpu() for k, p in params.items()}
+    return {k: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().cpu() for k, p in params.items()}
 
 
 def partitions(trainer) -> dict:
@@ -56,6 +57,9 @@ def partitions(trainer) -> dict:
     params = dict(trainer.model.named_parameters())
     if any(hasattr(p, "ds_numel") for p in params.values()):
         facts["parts"] = {k: [int(p.ds_tensor.numel()), int(p.ds_numel)] for k, p in params.items()}
+    elif any(hasattr(p, "to_local") for p in params.values()):  # FSDP2 DTensors
+        facts["parts"] = {k: [int(p.to_local().numel()), int(p.numel())] for k, p in params.items()}
+        facts["dp_world_size"] = next(iter(params.values())).device_mesh.size()
     else:
         opt = engine.optimizer
         facts["flat_partitions"] = [int(t.numel()) for t in opt.single_partition_of_fp32_groups]
