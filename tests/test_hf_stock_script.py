@@ -269,13 +269,13 @@ def test_diverged_group_stops_and_its_peers_are_told(runs):
 
 def test_accelerate_keeps_fsdp_off_for_cpu_processes():
     """The reason FSDP2 is skipped below: an FSDP2 plugin on a CPU process group stays MULTI_CPU."""
-    code = ("from accelerate.state import AcceleratorState; from accelerate.utils import FullyShardedDataParallelPlugin\n"
-            "s = AcceleratorState(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))\n"
-            "print(s.distributed_type, s.fsdp_plugin)")
+    code = ("from accelerate import Accelerator; from accelerate.utils import FullyShardedDataParallelPlugin\n"
+            "a = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))\n"
+            "print(a.state.distributed_type, a.is_fsdp2)")
     env = child_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split()[-2:] == ["DistributedType.MULTI_CPU", "None"], proc.stdout
+    assert proc.stdout.split()[-2:] == ["DistributedType.MULTI_CPU", "False"], proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason=FSDP_ON_CPU + "; this check needs 4 GPUs")
