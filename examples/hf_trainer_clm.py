@@ -41,6 +41,7 @@ from transformers import (
 from codistill_ds.config import DataConfig
 from codistill_ds.data import build_corpus
 from codistill_ds.integrations.hf_trainer import CodistillArguments, CodistillTrainer, codistill_init  # codistill
+from codistill_ds.integrations.hf_trainer import use_gloo_for_cpu_deepspeed
 
 
 @dataclass
@@ -104,6 +105,7 @@ def main() -> None:
         codistill = codistill_init(codistill_args, args)  # codistill: group seed, ZeRO-3 init in-group
         trainer_cls, extra = CodistillTrainer, {"codistill": codistill}  # codistill
     else:  # the reference for group g: its data shard (rows g::K) and its init seed
+        use_gloo_for_cpu_deepspeed(args)  # a plain Trainer under `deepspeed` on CPU needs it too
         train_set = train_set.shard(num_shards=script.num_shards, index=script.data_shard, contiguous=False)
         set_seed(args.seed + script.data_shard)
         trainer_cls, extra = Trainer, {}

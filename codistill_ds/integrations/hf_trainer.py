@@ -42,11 +42,11 @@ from typing import Any
 from transformers import Trainer, TrainingArguments
 
 from .hf_args import CodistillArguments
-from .hf_callback import CodistillCallback, distill_mask
+from .hf_callback import CodistillCallback, distill_mask, use_gloo_for_cpu_deepspeed
 from .hf_mixin import CodistillTrainerMixin
 
 __all__ = ["CodistillArguments", "CodistillCallback", "CodistillTrainer", "CodistillTrainerMixin",
-           "codistill_init", "codistill_trainer", "distill_mask"]
+           "codistill_init", "codistill_trainer", "distill_mask", "use_gloo_for_cpu_deepspeed"]
 
 
 def codistill_init(codistill: Any, args: TrainingArguments, **kwargs: Any) -> CodistillCallback:
