@@ -40,8 +40,12 @@ from transformers import (
 
 from codistill_ds.config import DataConfig
 from codistill_ds.data import build_corpus
-from codistill_ds.integrations.hf_trainer import CodistillArguments, CodistillTrainer, codistill_init  # codistill
-from codistill_ds.integrations.hf_trainer import use_gloo_for_cpu_deepspeed
+from codistill_ds.integrations.hf_trainer import (  # codistill
+    CodistillArguments,
+    CodistillTrainer,
+    codistill_init,
+    use_gloo_for_cpu_deepspeed,
+)
 
 
 @dataclass
@@ -58,10 +62,11 @@ class ScriptArguments:
     """Write per-rank facts (partitions, checksum, logs) into this folder."""
 
 
-DEFAULTS = dict(output_dir="runs/hf_clm", per_device_train_batch_size=2, per_device_eval_batch_size=2,
-                max_steps=20, learning_rate=1e-2, lr_scheduler_type="constant", weight_decay=0.1,
-                logging_steps=1, eval_strategy="steps", eval_steps=5, save_strategy="no", report_to="none",
-                seed=7, disable_tqdm=True)
+DEFAULTS = {"output_dir": "runs/hf_clm", "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+            "max_steps": 20, "learning_rate": 1e-2, "lr_scheduler_type": "constant", "weight_decay": 0.1,
+            "logging_steps": 1, "eval_strategy": "steps", "eval_steps": 5, "save_strategy": "no",
+            "report_to": "none", "seed": 7, "disable_tqdm": True}
+"""This example's TrainingArguments defaults; any --flag overrides them."""
 
 
 def byte_datasets(script: ScriptArguments):

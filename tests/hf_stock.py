@@ -157,7 +157,7 @@ def readme_diff() -> list[str]:
     """The first ```diff block of the README's Trainer section."""
     text = (REPO / "README.md").read_text()
     section = text[text.index("### Codistillation in your Hugging Face Trainer script"):]
-    match = re.search(r"```diff\n(.*?)```", section, re.S)
+    match = re.search(r"```diff\n(.*?)```", section, re.DOTALL)
     assert match, "README's Trainer section has no ```diff block"
     return match.group(1).splitlines()
 

@@ -27,7 +27,14 @@ from pathlib import Path
 import pytest
 import torch
 from ckpt_runs import launch_ranks, wait_all
-from hf_stock import CONFIG_OVERRIDES, STOCK_SCRIPT, byte_tokenizer, reference_model, text_files, write_scripts
+from hf_stock import (
+    CONFIG_OVERRIDES,
+    STOCK_SCRIPT,
+    byte_tokenizer,
+    reference_model,
+    text_files,
+    write_scripts,
+)
 
 from codistill_ds.health import EXIT_NONFINITE, EXIT_PEER_LOST
 from launch import REPO, WORKERS, child_env, free_port

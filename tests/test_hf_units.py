@@ -13,7 +13,11 @@ from codistill_ds.config import CodistillConfig
 from codistill_ds.integrations.hf_args import PREFIX, CodistillArguments, field_docs
 from codistill_ds.integrations.hf_callback import distill_mask
 from codistill_ds.integrations.hf_outputs import group_checkpoint, group_leader_saves
-from codistill_ds.integrations.hf_trainer import CodistillTrainer, CodistillTrainerMixin, codistill_trainer
+from codistill_ds.integrations.hf_trainer import (
+    CodistillTrainer,
+    CodistillTrainerMixin,
+    codistill_trainer,
+)
 from codistill_ds.topology import Layout
 
 

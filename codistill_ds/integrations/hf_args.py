@@ -17,9 +17,10 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import textwrap
 import typing
-from typing import Any, Optional
+from typing import Any
 
 from ..config import BackendConfig, CodistillConfig, DataConfig
 
@@ -31,7 +32,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in itertools.pairwise(body):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
             docs[node.target.id] = " ".join(nxt.value.value.split())
@@ -67,7 +68,7 @@ def _build() -> type:
             raise TypeError(f"CodistillConfig.{f.name} needs a plain default to become a command-line flag")
         specs.append(_spec(f.name, hints[f.name], f.default, docs.get(f.name, "")))
     data_docs, backend_docs = field_docs(DataConfig), field_docs(BackendConfig)
-    specs.append(_spec("exchange_batch_size", Optional[int], None, data_docs["exchange_batch_size"].replace(
+    specs.append(_spec("exchange_batch_size", int | None, None, data_docs["exchange_batch_size"].replace(
         "micro_batch_size", "per_device_train_batch_size")))
     specs.append(_spec("peer_timeout_s", float, BackendConfig.peer_timeout_s, backend_docs["peer_timeout_s"].replace(
         "timeout_s instead", "TrainingArguments.ddp_timeout instead")))

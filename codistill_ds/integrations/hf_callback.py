@@ -30,7 +30,13 @@ from .. import comm
 from ..config import CodistillConfig, Config, ConfigError
 from ..data import EXCHANGE_STREAM_TAG, _EpochPermutation
 from ..dist import env_rank, env_world_size
-from ..engine import ExchangeBatch, ExchangeEngine, ExchangeSettings, TargetBatch, Transport
+from ..engine import (
+    ExchangeBatch,
+    ExchangeEngine,
+    ExchangeSettings,
+    TargetBatch,
+    Transport,
+)
 from ..schedules import alpha_at
 from ..topology import Layout, Topology, build_topology
 from ..validation import check_choices, check_numbers, check_topology

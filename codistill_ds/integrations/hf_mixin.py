@@ -32,7 +32,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from .. import comm
 from ..materialize import check_initialized
 from ..topology import Topology
-from .group_sharding import engines_in_group, gather_in_group, group_shard, reshard_loader
+from .group_sharding import (
+    engines_in_group,
+    gather_in_group,
+    group_shard,
+    reshard_loader,
+)
 from .hf_callback import CodistillCallback, use_gloo_for_cpu_deepspeed
 from .hf_outputs import (
     group_checkpoint,
