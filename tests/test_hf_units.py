@@ -96,3 +96,15 @@ def test_bad_settings_fail_before_any_collective(monkeypatch):
         CodistillCallback(CodistillConfig(groups=3))
     with pytest.raises(ConfigError, match="codistill.exchange_batch"):
         CodistillCallback(CodistillConfig(groups=2, exchange_batch="train"))
+
+
+@pytest.mark.timeout(240)
+def test_ranks_with_different_exchange_data_all_refuse(tmp_path):
+    """Two groups of one rank; the second builds a different row 5: both ranks raise the same error."""
+    from launch import run_worker
+
+    results = run_worker("exchange_data_check", 2, tmp_path)
+    messages = {r["raised"] for r in results}
+    assert len(messages) == 1 and None not in messages, messages
+    (message,) = messages
+    assert "config field 'train_dataset'" in message and "ranks [0]" in message and "ranks [1]" in message, message

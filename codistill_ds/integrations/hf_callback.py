@@ -16,6 +16,7 @@ arXiv 1804.03235). A callback cannot change the loss: the mixin adds `distill_te
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -103,6 +104,21 @@ def _logits(outputs: Any) -> torch.Tensor:
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
     return logits.flatten(0, 1)
 
+
+
+def check_same_exchange_data(dataset: Any, layout: Layout) -> None:
+    """Every rank must draw exchange batches from the same rows, or the groups distill toward
+    predictions on other tokens without any error: one small all-gather of the dataset's length
+    and a digest of three rows, the Trainer path's `health.check_peers_compatible`."""
+    n = len(dataset)
+    rows = [dataset[i] for i in sorted({0, n // 2, n - 1})] if n else []
+    mine = (n, hashlib.sha1(repr(rows).encode()).hexdigest()[:16])
+    everyone = comm.all_gather_object(mine)
+    if len(set(everyone)) > 1:
+        seen = {v: [r for r, w in enumerate(everyone) if w == v] for v in dict.fromkeys(everyone)}
+        detail = "; ".join(f"{v[0]} rows (digest {v[1]}) on ranks {ranks}" for v, ranks in seen.items())
+        raise ConfigError("train_dataset", f"ranks of a {layout.groups}-group job hold different exchange data: "
+                          f"{detail}; build the dataset the same way on every rank (same files, order and seed)")
 
 
 def use_gloo_for_cpu_deepspeed(args: Any) -> None:
@@ -230,6 +246,7 @@ class CodistillCallback(TrainerCallback):
         dataset = self.exchange_dataset if self.exchange_dataset is not None else train_dataset
         if dataset is None:
             raise ValueError("codistillation needs a train_dataset (or exchange_dataset) to draw exchange batches from")
+        check_same_exchange_data(dataset, t.layout)
         batch = self.exchange_batch_size or trainer.args.per_device_train_batch_size * t.group_size
         batches = ExchangeBatches(dataset, trainer.args.seed, batch, t, trainer.data_collator, self.device,
                                   self.config.ignore_index)
