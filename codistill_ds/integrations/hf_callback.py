@@ -111,7 +111,7 @@ def check_same_exchange_data(dataset: Any, layout: Layout) -> None:
     predictions on other tokens without any error: one small all-gather of the dataset's length
     and a digest of three rows, the Trainer path's `health.check_peers_compatible`."""
     n = len(dataset)
-    rows = [dataset[i] for i in sorted({0, n // 2, n - 1})] if n else []
+    rows = [_plain(dataset[i]) for i in sorted({0, n // 2, n - 1})] if n else []
     mine = (n, hashlib.sha1(repr(rows).encode()).hexdigest()[:16])
     everyone = comm.all_gather_object(mine)
     if len(set(everyone)) > 1:
@@ -119,6 +119,17 @@ def check_same_exchange_data(dataset: Any, layout: Layout) -> None:
         detail = "; ".join(f"{v[0]} rows (digest {v[1]}) on ranks {ranks}" for v, ranks in seen.items())
         raise ConfigError("train_dataset", f"ranks of a {layout.groups}-group job hold different exchange data: "
                           f"{detail}; build the dataset the same way on every rank (same files, order and seed)")
+
+
+def _plain(value: Any) -> Any:
+    """Tensors as lists (a tensor's repr names its device, which differs by rank on GPUs)."""
+    if torch.is_tensor(value):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def use_gloo_for_cpu_deepspeed(args: Any) -> None:

@@ -68,7 +68,11 @@ class TrainerGuard:
 
     def step_done(self, loss: float, group, step: int) -> None:
         """After optimizer step `step`: my group stops here if any of its ranks saw a NaN/Inf loss."""
-        check_finite_loss(loss, group, self.layout, step)
+        try:
+            check_finite_loss(loss, group, self.layout, step)
+        except NonFiniteLoss as err:  # the same check; the advice in TrainingArguments' words
+            raise NonFiniteLoss(str(err).replace("optim.lr", "learning_rate").replace(
+                "optim.warmup_steps", "warmup_steps")) from None
         if self.watchdog is not None:
             self.watchdog.completed(step)
 
