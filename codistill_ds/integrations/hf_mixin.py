@@ -87,7 +87,8 @@ class CodistillTrainerMixin:
         super().__init__(*args, **kwargs)
         self.codistill = _find_callback(self.callback_handler.callbacks)
         self.codistill.end_model_init()
-        check_initialized(self.model)  # every rank of every group: no group may start from NaN
+        if self.model is not None:  # every rank of every group: no group may start from NaN
+            check_initialized(self.model)
         self._check_engine()
         full = self.train_dataset
         run_dir = self.args.output_dir
@@ -111,8 +112,9 @@ class CodistillTrainerMixin:
     def _check_engine(self) -> None:
         if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise ValueError("codistillation shards each replica with DeepSpeed (TrainingArguments(deepspeed=...)"
-                             " under the deepspeed launcher) or FSDP2; plain DDP would all-reduce gradients over"
-                             " the whole world, which is synchronous training")
+                             " under the deepspeed launcher) or FSDP2 (accelerator devices only: Accelerate 1.15"
+                             " keeps FSDP off for CPU processes); plain DDP would all-reduce gradients over the"
+                             " whole world, which is synchronous training")
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
             raise ValueError("codistillation shards on an FSDP2 mesh: set fsdp_config={'fsdp_version': 2}")
