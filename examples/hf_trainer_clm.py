@@ -3,31 +3,33 @@
 Two groups of two ranks on CPU, ZeRO-3 inside each group (nothing is downloaded: the corpus is
 a local text file, or the installed Python standard library's source):
 
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 4 examples/hf_trainer_clm.py \
-        --deepspeed ds_configs/zero3.json --groups 2 --output-dir runs/hf_clm
+    deepspeed --num_gpus 4 examples/hf_trainer_clm.py --deepspeed ds_configs/zero3.json \
+        --codistill_groups 2 --output_dir runs/hf_clm
 
 With GPUs, FSDP2 inside each group (Accelerate runs FSDP only on accelerator devices):
 
-    torchrun --nproc_per_node 4 examples/hf_trainer_clm.py --fsdp --groups 2 --output-dir runs/hf_fsdp
+    torchrun --nproc_per_node 4 examples/hf_trainer_clm.py --fsdp full_shard \
+        --fsdp_config '{"fsdp_version": 2}' --codistill_groups 2 --output_dir runs/hf_fsdp
 
-`--groups 0` runs the very same script as a plain Trainer job (no callback, no mixin);
-`--data-shard g --num-shards K` then trains on group g's data, which is how the tests check that
-codistillation with alpha = 0 reproduces the plain Trainer's losses:
+Every `TrainingArguments` and `--codistill_*` flag works (`--help`). The codistillation lines are
+marked `# codistill`; everything else is a plain Trainer script. `--codistill_enabled false` runs
+the very same script as a plain Trainer job; `--data_shard g --num_shards K` then trains on group
+g's data with group g's seed, which is how the tests check that codistillation with alpha = 0
+reproduces the plain Trainer's losses:
 
     deepspeed --num_gpus 2 examples/hf_trainer_clm.py --deepspeed ds_configs/zero3.json \
-        --groups 0 --data-shard 1 --num-shards 2 --output-dir runs/hf_plain_g1
-
-The codistillation lines are marked `# codistill`; everything else is a plain Trainer script.
+        --codistill_enabled false --data_shard 1 --num_shards 2 --output_dir runs/hf_plain_g1
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import (
+    HfArgumentParser,
     LlamaConfig,
     LlamaForCausalLM,
     Trainer,
@@ -38,40 +40,43 @@ from transformers import (
 
 from codistill_ds.config import DataConfig
 from codistill_ds.data import build_corpus
+from codistill_ds.integrations.hf_trainer import (  # codistill
+    CodistillArguments,
+    CodistillTrainer,
+    codistill_init,
+    use_gloo_for_cpu_deepspeed,
+)
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", default="runs/hf_clm")
-    p.add_argument("--deepspeed", help="DeepSpeed JSON (ZeRO stage inside each group)")
-    p.add_argument("--fsdp", action="store_true", help="FSDP2 inside each group instead of DeepSpeed")
-    p.add_argument("--groups", type=int, default=2, help="codistillation groups K; 0 = plain Trainer")
-    p.add_argument("--data-shard", type=int, default=0, help="plain runs: train on shard g ...")
-    p.add_argument("--num-shards", type=int, default=1, help="... of this many (group g's data)")
-    p.add_argument("--text-file", help="local text corpus (default: the Python stdlib's source)")
-    p.add_argument("--max-bytes", type=int, default=300_000)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=2, help="per device")
-    p.add_argument("--max-steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--burn-in", type=int, default=5)
-    p.add_argument("--interval", type=int, default=1)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--report-to", default="none")
-    p.add_argument("--results-json", help="write per-rank facts (partitions, checksum, logs) here")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    return p.parse_args()
+@dataclass
+class ScriptArguments:
+    text_file: str | None = None
+    """Local text corpus (default: the Python standard library's source)."""
+    max_bytes: int = 300_000
+    seq_len: int = 32
+    data_shard: int = 0
+    """Plain runs (--codistill_enabled false): train on shard g ..."""
+    num_shards: int = 1
+    """... of this many, with seed + g (group g's data and initialization)."""
+    results_json: str | None = None
+    """Write per-rank facts (partitions, checksum, logs) into this folder."""
 
 
-def byte_datasets(args: argparse.Namespace):
+DEFAULTS = {"output_dir": "runs/hf_clm", "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+            "max_steps": 20, "learning_rate": 1e-2, "lr_scheduler_type": "constant", "weight_decay": 0.1,
+            "logging_steps": 1, "eval_strategy": "steps", "eval_steps": 5, "save_strategy": "no",
+            "report_to": "none", "seed": 7, "disable_tqdm": True}
+"""This example's TrainingArguments defaults; any --flag overrides them."""
+
+
+def byte_datasets(script: ScriptArguments):
     """Fixed-length byte windows as a `datasets.Dataset` (labels = inputs; the model shifts)."""
     from datasets import Dataset
 
-    data = DataConfig(train_files=[args.text_file] if args.text_file else [], seq_len=args.seq_len,
-                      max_bytes=args.max_bytes, val_fraction=0.02)
+    data = DataConfig(train_files=[script.text_file] if script.text_file else [], seq_len=script.seq_len,
+                      max_bytes=script.max_bytes, val_fraction=0.02)
     corpus = build_corpus(data)
+
     def as_dataset(rows: torch.Tensor) -> Dataset:
         ids = rows.tolist()
         return Dataset.from_dict({"input_ids": ids, "labels": ids})
@@ -85,46 +90,8 @@ def tiny_llama(vocab_size: int, seq_len: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def trainer_ds_config(path: str | None) -> dict | None:
-    """The ZeRO JSON with the batch/clipping keys the Trainer fills in set to "auto" (HF's rule)."""
-    if path is None:
-        return None
-    from codistill_ds.config import resolve_path
-
-    with open(resolve_path(path)) as f:
-        ds = json.load(f)
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                "gradient_clipping"):
-        ds[key] = "auto"
-    return ds
-
-
-def cpu_deepspeed_state() -> dict:
-    """On a CPU-only machine Accelerate 1.15 picks no backend for DeepSpeed and reports a world of
-    one process (so DeepSpeed's batch check fails); configuring its state with gloo first fixes it."""
-    if torch.cuda.is_available():
-        return {}
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    PartialState(backend="gloo")
-    return {"accelerator_config": {"use_configured_state": True}}
-
-
-def training_arguments(args: argparse.Namespace) -> TrainingArguments:
-    extra = cpu_deepspeed_state() if args.deepspeed else {}
-    if args.fsdp:  # FSDP2 through Accelerate needs GPUs: it does not enable FSDP for CPU processes
-        extra.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2, "reshard_after_forward": True})
-    return TrainingArguments(
-        output_dir=args.output_dir, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size, max_steps=args.max_steps, learning_rate=args.lr,
-        lr_scheduler_type="constant", weight_decay=0.1, logging_steps=1, eval_strategy="steps",
-        eval_steps=args.burn_in or args.max_steps, save_strategy="no", report_to=args.report_to,
-        seed=args.seed, deepspeed=trainer_ds_config(args.deepspeed), disable_tqdm=True, **extra)
-
-
 class RecordLogs(TrainerCallback):
-    """Keeps every log dict on every rank, for --results-json."""
+    """Keeps every log dict on every rank, for --results_json."""
 
     def __init__(self) -> None:
         self.logs: list[dict] = []
@@ -134,34 +101,25 @@ class RecordLogs(TrainerCallback):
 
 
 def main() -> None:
-    args = parse_args()
-    train_set, val_set, vocab = byte_datasets(args)
-    targs = training_arguments(args)
+    parser = HfArgumentParser((ScriptArguments, TrainingArguments, CodistillArguments))  # codistill
+    parser.set_defaults(**DEFAULTS)
+    script, args, codistill_args = parser.parse_args_into_dataclasses()  # codistill
+    train_set, val_set, vocab = byte_datasets(script)
     record = RecordLogs()
-    if args.groups:
-        from codistill_ds.config import CodistillConfig  # codistill
-        from codistill_ds.integrations.hf_trainer import (  # codistill
-            CodistillCallback,
-            CodistillTrainerMixin,
-        )
-
-        class CodistillTrainer(CodistillTrainerMixin, Trainer):  # codistill
-            pass
-
-        codistill = CodistillCallback(CodistillConfig(  # codistill
-            groups=args.groups, alpha=args.alpha, burn_in=args.burn_in, interval=args.interval, topk=args.topk))
-        set_seed(codistill.group_seed(args.seed))  # codistill: each group draws its own init
-        trainer_cls, callbacks = CodistillTrainer, [codistill, record]
+    if codistill_args.codistill_enabled:
+        codistill = codistill_init(codistill_args, args)  # codistill: group seed, ZeRO-3 init in-group
+        trainer_cls, extra = CodistillTrainer, {"codistill": codistill}  # codistill
     else:  # the reference for group g: its data shard (rows g::K) and its init seed
-        train_set = train_set.shard(num_shards=args.num_shards, index=args.data_shard, contiguous=False)
-        set_seed(args.seed + args.data_shard)
-        trainer_cls, callbacks = Trainer, [record]
-    model = tiny_llama(vocab, args.seq_len)
-    trainer = trainer_cls(model=model, args=targs, train_dataset=train_set, eval_dataset=val_set,
-                          callbacks=callbacks)
+        use_gloo_for_cpu_deepspeed(args)  # a plain Trainer under `deepspeed` on CPU needs it too
+        train_set = train_set.shard(num_shards=script.num_shards, index=script.data_shard, contiguous=False)
+        set_seed(args.seed + script.data_shard)
+        trainer_cls, extra = Trainer, {}
+    model = tiny_llama(vocab, script.seq_len)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_set, eval_dataset=val_set,
+                          callbacks=[record], **extra)
     trainer.train()
-    if args.results_json:
-        write_results(args.results_json, trainer, record.logs)
+    if script.results_json:
+        write_results(script.results_json, trainer, record.logs)
 
 
 def write_results(directory: str, trainer: Trainer, logs: list[dict]) -> None:
@@ -184,6 +142,7 @@ def write_results(directory: str, trainer: Trainer, logs: list[dict]) -> None:
     facts = {"rank": rank, "parts": parts, "checksum": checksum, "logs": logs,
              "train_rows": len(trainer.train_dataset), "output_dir": trainer.args.output_dir,
              "reports": trainer.state.is_world_process_zero,  # where report_to integrations write
+             "saves": trainer.args.should_save,
              "total_train_batch_size": trainer.get_total_train_batch_size(trainer.args),
              "engine_train_batch_size": engine.train_batch_size() if hasattr(engine, "train_batch_size") else None}
     os.makedirs(directory, exist_ok=True)

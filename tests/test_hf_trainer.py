@@ -5,7 +5,7 @@ One module-scoped set of launches, run side by side to keep the suite short:
          burn-in, exchange every 2 steps (at steps 1, 3, 5, so step 5 is the first to distill);
          every rank writes its ZeRO partition sizes, a weight checksum, the Trainer's batch
          bookkeeping and every log dict (--results-json)
-  P0, P1 the same script with codistillation not installed (--groups 0): a plain 2-rank ZeRO-3
+  P0, P1 the same script with codistillation not installed (--codistill_enabled false): a plain 2-rank ZeRO-3
          Trainer on group g's data shard, the reference for group g
   H      tests/workers/group_sharding_check.py: the hooks themselves (FSDP2 mesh injection, the
          DeepSpeed mpu, the global-mpu trap) on 4 ranks
@@ -29,15 +29,15 @@ STEPS, BURN_IN, INTERVAL, S = 6, 3, 2, 2
 FIRST_DISTILL = 5
 """Logged steps are 1-based; exchanges run at step indices 0, 2, 4 and alpha > 0 from index 3."""
 TOL = 1e-5
-COMMON = ["--deepspeed", "ds_configs/zero3.json", "--max-steps", str(STEPS), "--burn-in", str(BURN_IN), "--max-bytes", "100000",
-          "--interval", str(INTERVAL)]
+COMMON = ["--deepspeed", "ds_configs/zero3.json", "--max_steps", str(STEPS), "--codistill_burn_in", str(BURN_IN),
+          "--eval_steps", str(BURN_IN), "--max_bytes", "100000", "--codistill_interval", str(INTERVAL), "--codistill_topk", "8"]
 
 
 def example(nproc: int, out: Path, *args: str) -> list[dict]:
     """`deepspeed --num_gpus nproc examples/hf_trainer_clm.py ...`; returns each rank's facts."""
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-           str(free_port()), "examples/hf_trainer_clm.py", *COMMON, "--output-dir", str(out / "out"),
-           "--results-json", str(out / "res"), *args]
+           str(free_port()), "examples/hf_trainer_clm.py", *COMMON, "--output_dir", str(out / "out"),
+           "--results_json", str(out / "res"), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=420, check=False)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return [json.loads((out / "res" / f"rank{r}.json").read_text()) for r in range(nproc)]
@@ -48,9 +48,11 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf")
     with ThreadPoolExecutor(4) as pool:
         jobs = {
-            "C": pool.submit(example, 4, tmp / "C", "--groups", "2"),
-            "P0": pool.submit(example, 2, tmp / "P0", "--groups", "0", "--data-shard", "0", "--num-shards", "2"),
-            "P1": pool.submit(example, 2, tmp / "P1", "--groups", "0", "--data-shard", "1", "--num-shards", "2"),
+            "C": pool.submit(example, 4, tmp / "C", "--codistill_groups", "2"),
+            "P0": pool.submit(example, 2, tmp / "P0", "--codistill_enabled", "false", "--data_shard", "0",
+                              "--num_shards", "2"),
+            "P1": pool.submit(example, 2, tmp / "P1", "--codistill_enabled", "false", "--data_shard", "1",
+                              "--num_shards", "2"),
             "H": pool.submit(run_worker, "group_sharding_check", 4, tmp / "H", timeout=420),
         }
         return {name: job.result() for name, job in jobs.items()}
@@ -81,6 +83,7 @@ def test_groups_train_different_models(runs):
     assert c[0]["checksum"] != c[2]["checksum"]
     assert [f["output_dir"].rsplit(os.sep, 1)[-1] for f in c] == ["group0", "group0", "group1", "group1"]
     assert [f["reports"] for f in c] == [True, False, True, False]  # each group's leader reports
+    assert [f["saves"] for f in c] == [True, False, True, False]  # ... and saves (args.should_save)
 
 
 @pytest.mark.timeout(480)

@@ -1,0 +1,82 @@
+"""`CodistillArguments`: every codistillation setting as a command-line flag of a Trainer script.
+
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, TrainingArguments, CodistillArguments))
+    model_args, data_args, training_args, codistill_args = parser.parse_args_into_dataclasses()
+
+    python run_clm.py ... --codistill_groups 2 --codistill_alpha 1 --codistill_burn_in 100
+
+The dataclass is generated from `config.CodistillConfig`, one `codistill_<field>` per field with
+the field's docstring as its `--help`, so a field added to the config is a flag the same day and
+the two cannot drift apart. Two flags exist only on the Trainer path, where the CLI takes them
+from other config sections: `codistill_exchange_batch_size` (the CLI's
+`data.exchange_batch_size`) and `codistill_peer_timeout_s` (the CLI's `backend.peer_timeout_s`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import itertools
+import textwrap
+import typing
+from typing import Any
+
+from ..config import BackendConfig, CodistillConfig, DataConfig
+
+PREFIX = "codistill_"
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal under each field of a dataclass (config.py documents fields that way)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+class _CodistillArgumentsBase:
+    """Methods of the generated `CodistillArguments` dataclass."""
+
+    def to_config(self) -> CodistillConfig:
+        """The `CodistillConfig` these flags describe (the Trainer-only flags are not part of it)."""
+        names = [f.name for f in dataclasses.fields(CodistillConfig)]
+        return CodistillConfig(**{name: getattr(self, PREFIX + name) for name in names})
+
+    @classmethod
+    def from_config(cls, config: CodistillConfig, **extra: Any) -> Any:
+        """The flags of a `CodistillConfig`, plus `exchange_batch_size=` / `peer_timeout_s=`."""
+        values = {PREFIX + k: v for k, v in dataclasses.asdict(config).items()}
+        values.update({PREFIX + k: v for k, v in extra.items()})
+        return cls(**values)
+
+
+def _spec(name: str, tp: Any, default: Any, doc: str) -> tuple[str, Any, Any]:
+    return (PREFIX + name, tp, dataclasses.field(default=default, metadata={"help": doc}))
+
+
+def _build() -> type:
+    hints = typing.get_type_hints(CodistillConfig)
+    docs = field_docs(CodistillConfig)
+    specs = []
+    for f in dataclasses.fields(CodistillConfig):
+        if f.default is dataclasses.MISSING:
+            raise TypeError(f"CodistillConfig.{f.name} needs a plain default to become a command-line flag")
+        specs.append(_spec(f.name, hints[f.name], f.default, docs.get(f.name, "")))
+    data_docs, backend_docs = field_docs(DataConfig), field_docs(BackendConfig)
+    specs.append(_spec("exchange_batch_size", int | None, None, data_docs["exchange_batch_size"].replace(
+        "micro_batch_size", "per_device_train_batch_size")))
+    specs.append(_spec("peer_timeout_s", float, BackendConfig.peer_timeout_s, backend_docs["peer_timeout_s"].replace(
+        "timeout_s instead", "TrainingArguments.ddp_timeout instead")))
+    cls = dataclasses.make_dataclass("CodistillArguments", specs, bases=(_CodistillArgumentsBase,))
+    cls.__module__ = __name__
+    cls.__doc__ = ("Codistillation flags for `HfArgumentParser`: `--codistill_<field>` for every "
+                   "`CodistillConfig` field, plus `--codistill_exchange_batch_size` and `--codistill_peer_timeout_s`.")
+    return cls
+
+
+CodistillArguments = _build()

@@ -1,0 +1,359 @@
+"""`CodistillCallback`: one rank's codistillation state on the Hugging Face Trainer path.
+
+It owns the topology (the process groups), the exchange engine (`engine.py`, the same object
+the CLI loop drives: interval, staleness with asynchronous swaps, NaN peers skipped, agreement,
+bytes), the alpha schedule and the failure guard (`hf_health.py`). Built before the model by
+`codistill_init` (hf_trainer.py), so that the model is constructed with the group's seed and,
+under ZeRO-3, partitioned inside the group; `CodistillTrainerMixin` (hf_mixin.py) then drives it.
+
+Every `interval` steps all groups predict, in eval mode, on the same exchange batch (drawn from
+the full train set, or `exchange_dataset`), swap compressed predictions and add
+alpha(t) * 1/(K-1) * sum_j D(f_j || f_i) on that batch to their loss (Anil et al. 2018,
+arXiv 1804.03235). A callback cannot change the loss: the mixin adds `distill_term` in
+`compute_loss`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import TrainerCallback, set_seed
+
+from .. import comm
+from ..config import CodistillConfig, Config, ConfigError
+from ..data import EXCHANGE_STREAM_TAG, _EpochPermutation
+from ..dist import env_rank, env_world_size
+from ..engine import (
+    ExchangeBatch,
+    ExchangeEngine,
+    ExchangeSettings,
+    TargetBatch,
+    Transport,
+)
+from ..schedules import alpha_at
+from ..topology import Layout, Topology, build_topology
+from ..validation import check_choices, check_numbers, check_topology
+from .group_sharding import zero3_init_in_group
+from .hf_health import TrainerGuard
+
+MODEL_INPUTS = ("input_ids", "attention_mask")
+"""Columns of an exchange example fed to the model; labels are not needed to predict."""
+
+
+def validate_for_trainer(cfg: CodistillConfig, world_size: int) -> None:
+    """The library's checks of the codistill section, plus what the Trainer path cannot do."""
+    full = Config(codistill=cfg)
+    check_topology(full, world_size)
+    check_choices(full)
+    check_numbers(full)
+    if not cfg.enabled:
+        raise ConfigError("codistill.enabled", "the Trainer integration always codistills; for a plain "
+                          "run leave out CodistillCallback and CodistillTrainerMixin")
+    if cfg.exchange_batch != "shared":
+        raise ConfigError("codistill.exchange_batch", "the Trainer integration supports 'shared' only: "
+                          "a group cannot know its peers' Trainer batches")
+
+
+class ExchangeBatches:
+    """Exchange batch e: the same rows on every group (seeded order), rank r's 1/S slice of them."""
+
+    def __init__(self, dataset: Any, seed: int, batch: int, topology: Topology, collate: Any,
+                 device: torch.device, ignore_index: int = -100) -> None:
+        if batch % topology.group_size:
+            raise ConfigError("exchange_batch_size", f"{batch} is not divisible by the "
+                              f"{topology.group_size} ranks per group")
+        self.dataset, self.collate, self.device, self.ignore_index = dataset, collate, device, ignore_index
+        self.order = _EpochPermutation(len(dataset), seed + EXCHANGE_STREAM_TAG)
+        self.batch, self.slice, self.rank = batch, batch // topology.group_size, topology.group_rank
+
+    def __call__(self, step: int, e: int) -> ExchangeBatch:
+        start = e * self.batch + self.rank * self.slice
+        rows = [self.dataset[int(i)] for i in self.order(np.arange(start, start + self.slice))]
+        keys = [k for k in (*MODEL_INPUTS, "labels") if k in rows[0]]
+        batch = self.collate([{k: row[k] for k in keys} for row in rows])
+        inputs = {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUTS}
+        return ExchangeBatch(inputs, distill_mask(inputs, batch.get("labels"), self.ignore_index),
+                             range(self.rank * self.slice, (self.rank + 1) * self.slice))
+
+
+def distill_mask(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
+                 ignore_index: int) -> torch.Tensor | None:
+    """Positions whose prediction is distilled: attended, and not predicting an ignored label.
+
+    The logits at position t predict token t+1, so a label of `ignore_index` at t+1 (padding, a
+    prompt) masks position t, as it masks that token's cross-entropy; the last position has no
+    next label and is kept when attended."""
+    mask = inputs.get("attention_mask")
+    mask = None if mask is None else mask.bool()
+    if labels is not None:
+        labels = labels.to(inputs["input_ids"].device)
+        keep = torch.ones_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != ignore_index
+        mask = keep if mask is None else mask & keep
+    return None if mask is None else mask.flatten()
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    return logits.flatten(0, 1)
+
+
+
+def check_same_exchange_data(dataset: Any, layout: Layout) -> None:
+    """Every rank must draw exchange batches from the same rows, or the groups distill toward
+    predictions on other tokens without any error: one small all-gather of the dataset's length
+    and a digest of three rows, the Trainer path's `health.check_peers_compatible`."""
+    n = len(dataset)
+    rows = [_plain(dataset[i]) for i in sorted({0, n // 2, n - 1})] if n else []
+    mine = (n, hashlib.sha1(repr(rows).encode()).hexdigest()[:16])
+    everyone = comm.all_gather_object(mine)
+    if len(set(everyone)) > 1:
+        seen = {v: [r for r, w in enumerate(everyone) if w == v] for v in dict.fromkeys(everyone)}
+        detail = "; ".join(f"{v[0]} rows (digest {v[1]}) on ranks {ranks}" for v, ranks in seen.items())
+        raise ConfigError("train_dataset", f"ranks of a {layout.groups}-group job hold different exchange data: "
+                          f"{detail}; build the dataset the same way on every rank (same files, order and seed)")
+
+
+def _plain(value: Any) -> Any:
+    """Tensors as lists (a tensor's repr names its device, which differs by rank on GPUs)."""
+    if torch.is_tensor(value):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def use_gloo_for_cpu_deepspeed(args: Any) -> None:
+    """Let `deepspeed --num_gpus N` run a Trainer script on a machine without accelerators.
+
+    Accelerate 1.15 finds no device type there, so it picks no backend for a DeepSpeed run
+    (`PartialState._prepare_backend`) and reports a world of one process; TrainingArguments then
+    fills the "auto" train_batch_size for one process and DeepSpeed's batch check fails. The
+    process group itself exists (DeepSpeed created it with gloo), so Accelerate's state is
+    rebuilt on top of it with backend "gloo" (what a user would otherwise do by hand before
+    TrainingArguments: `PartialState(backend="gloo")` plus `accelerator_config={"use_configured_state":
+    True}`), and TrainingArguments' DeepSpeed step runs again from the untouched `args.deepspeed`.
+    A no-op with CUDA, without DeepSpeed, or when Accelerate already counts every process."""
+    if torch.cuda.is_available() or getattr(args, "deepspeed_plugin", None) is None or not dist.is_initialized():
+        return
+    state = args.distributed_state
+    if state is not None and state.num_processes == dist.get_world_size():
+        return
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets while it builds the state
+    try:
+        args.distributed_state = PartialState(backend="gloo", timeout=datetime.timedelta(seconds=args.ddp_timeout))
+    finally:
+        if previous is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = previous
+    if args.deepspeed:  # TrainingArguments.__post_init__, step "DeepSpeed (must be last)", with the right world
+        from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+        args.hf_deepspeed_config = HfTrainerDeepSpeedConfig(args.deepspeed)
+        args.hf_deepspeed_config.trainer_config_process(args)
+        args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
+
+
+class CodistillCallback(TrainerCallback):
+    """Codistillation state for one rank: topology, the exchange engine, the alpha schedule."""
+
+    def __init__(self, config: CodistillConfig | None = None, exchange_dataset: Any = None,
+                 exchange_batch_size: int | None = None, transport: Transport | None = None,
+                 peer_timeout_s: float = 180.0) -> None:
+        self.config = config or CodistillConfig()
+        validate_for_trainer(self.config, env_world_size())  # before any collective can hang
+        if getattr(self.config, "transport", "world") != "world" and transport is None:
+            raise ConfigError("codistill.transport", f"{self.config.transport!r}: the Trainer path builds the "
+                              "one-job exchange (transport 'world') itself; for groups in separate jobs pass "
+                              "transport=<a Transport> to codistill_init")
+        if peer_timeout_s <= 0:
+            raise ConfigError("codistill_peer_timeout_s", f"must be > 0 seconds, got {peer_timeout_s}")
+        self.layout = Layout(env_world_size(), self.config.groups, env_rank())
+        self.exchange_dataset, self.exchange_batch_size = exchange_dataset, exchange_batch_size
+        self.peer_timeout_s = peer_timeout_s
+        self.topology: Topology | None = None
+        self.engine: ExchangeEngine | None = None
+        self.guard: TrainerGuard | None = None
+        self._transport = transport
+        self._model_init = ExitStack()
+        self.model_init_done = False
+        """True once `begin_model_init` seeded this group (the model is built after it)."""
+        self.due: list[TargetBatch] = []
+        self.alpha = 0.0
+        self.start_step = 0
+        self.distill_value: torch.Tensor | None = None
+        self._step_loss: torch.Tensor | None = None
+        self.agreement: float | None = None
+        """Of the latest completed exchange: logged at every logging step, like distill_loss."""
+
+    @classmethod
+    def from_arguments(cls, arguments: Any, **kwargs: Any) -> CodistillCallback:
+        """From the `CodistillArguments` of `HfArgumentParser` (or a `CodistillConfig`)."""
+        if isinstance(arguments, CodistillConfig):
+            return cls(arguments, **kwargs)
+        return cls(arguments.to_config(), exchange_batch_size=arguments.codistill_exchange_batch_size,
+                   peer_timeout_s=arguments.codistill_peer_timeout_s, **kwargs)
+
+    def group_seed(self, seed: int) -> int:
+        """Seed for building this group's replica: its own init unless `same_init` (no collective)."""
+        return seed + (0 if self.config.same_init else self.layout.group_id)
+
+    def build_topology(self) -> Topology:
+        """Create the process groups once (a collective over the whole world)."""
+        if self.topology is None:
+            if not dist.is_initialized():
+                raise RuntimeError("create TrainingArguments first: it initializes torch.distributed")
+            self.topology = build_topology(self.config.groups)
+        return self.topology
+
+    @contextmanager
+    def zero3_init(self) -> Iterator[None]:
+        """Wrap `from_pretrained`/`from_config` under a ZeRO-3 TrainingArguments: partition in-group."""
+        with zero3_init_in_group(self.build_topology()):
+            yield
+
+    # ---- before the model: codistill_init -------------------------------------------------
+    def begin_model_init(self, args: Any) -> None:
+        """Everything the model's construction must see, from here until the Trainer is built:
+        Accelerate's CPU state fixed, process groups, this group's seed, and under ZeRO-3 the
+        in-group `deepspeed.zero.Init` that `from_config`/`from_pretrained` enter."""
+        use_gloo_for_cpu_deepspeed(args)
+        topology = self.build_topology()
+        set_seed(self.group_seed(args.seed))
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            self._model_init.enter_context(zero3_init_in_group(topology))
+        self.model_init_done = True
+
+    def end_model_init(self) -> None:
+        """The model exists (the Trainer is being built): restore `deepspeed.zero.Init`."""
+        self._model_init.close()
+
+    def setup(self, trainer: Any, train_dataset: Any, run_dir: str) -> None:
+        """Called by the mixin: the exchange stream draws from the full (unsharded) train set;
+        heartbeats and failure notes go under `run_dir/health`."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        from ..exchange import LogitExchange
+
+        t = self.build_topology()
+        self.trainer, self.device = trainer, trainer.args.device
+        dataset = self.exchange_dataset if self.exchange_dataset is not None else train_dataset
+        if dataset is None:
+            raise ValueError("codistillation needs a train_dataset (or exchange_dataset) to draw exchange batches from")
+        check_same_exchange_data(dataset, t.layout)
+        batch = self.exchange_batch_size or trainer.args.per_device_train_batch_size * t.group_size
+        batches = ExchangeBatches(dataset, trainer.args.seed, batch, t, trainer.data_collator, self.device,
+                                  self.config.ignore_index)
+        transport = self._transport or LogitExchange(t, self.config.route)
+        self.engine = ExchangeEngine(transport, ExchangeSettings.from_config(self.config, trainer.args.seed), t.group, t.group_id,
+                                     batches, leader=t.layout.is_leader)
+        self.guard = TrainerGuard(run_dir, t.layout, self.peer_timeout_s, trainer.args.ddp_timeout,
+                                  lambda: _last_checkpoint(trainer.args.output_dir, get_last_checkpoint))
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_path(self, checkpoint_dir: str) -> str:
+        return os.path.join(checkpoint_dir, f"codistill_rank{self.layout.rank}.pt")
+
+    def save_state(self, checkpoint_dir: str) -> None:
+        """The engine's queued peer targets (staleness > 0), byte and skipped-peer counts."""
+        torch.save(self.engine.state_dict(), self.state_path(checkpoint_dir))
+
+    def load_state(self, checkpoint_dir: str) -> bool:
+        path = self.state_path(checkpoint_dir)
+        if not os.path.isfile(path):
+            return False
+        self.engine.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        return True
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.engine is None:  # a callback alone cannot add a loss term or shard in-group
+            raise RuntimeError("CodistillCallback needs a Trainer with CodistillTrainerMixin first in its "
+                               "bases: use CodistillTrainer, or class MyTrainer(CodistillTrainerMixin, Trainer)")
+        self.start_step = state.global_step  # after a resume: the checkpoint's step
+        self.guard.started(state.global_step)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        cd, step = self.config, state.global_step
+        self.alpha = alpha_at(step, cd.alpha, cd.burn_in, cd.ramp)
+        self.due = self.engine.step(step, self._predict)
+        stats = self.engine.stats
+        if stats.distill_eval is not None:  # logged during burn-in too, like the CLI loop
+            self.distill_value = torch.tensor(stats.distill_eval)
+        if stats.agreement is not None:
+            self.agreement = stats.agreement
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Each micro-step's training loss (the mixin's training_step), summed over the step."""
+        loss = loss.detach()
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """After the optimizer step, before the next exchange: a group whose loss is NaN/Inf on
+        any of its ranks stops here and never sends predictions from the diverged weights."""
+        loss, self._step_loss = self._step_loss, None
+        if loss is not None:
+            self.guard.step_done(float(loss), self.topology.group, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.engine is not None:
+            self.engine.close()  # the last posted swaps finish (a later train() restarts the worker)
+
+    def _predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher side: eval mode (no dropout), no graph; the engine compresses and swaps."""
+        model = self.trainer.model_wrapped
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return _logits(model(**inputs))
+        finally:
+            model.train(was_training)
+
+    def distill_term(self, model: torch.nn.Module) -> torch.Tensor | None:
+        """alpha * D(peers || me) on the due exchange batches, in train mode; once per optimizer step."""
+        batches, self.due = self.due, []
+        if not batches or self.alpha == 0:
+            return None
+        students = [_logits(model(**b.inputs)) for b in batches]
+        d = self.engine.distill_loss(students, batches)
+        self.distill_value = d.detach()
+        return self.alpha * d
+
+    def log_metrics(self) -> dict[str, float]:
+        """Group-level figures for the Trainer's logs; a collective over my group (every rank calls it)."""
+        t, stats = self.topology, self.engine.stats
+        out = {"alpha": self.alpha, "group": t.group_id, "cross_group_bytes": self.engine.bytes_sent,
+               "exchange_ms": stats.exchange_ms, "exchange_compute_ms": stats.exchange_compute_ms,
+               "skipped_peers": self.engine.skipped_peers}
+        if stats.peers is not None:
+            out["peers"] = stats.peers
+        if self.distill_value is not None:
+            v = self.distill_value.detach().double().reshape(1).cpu()
+            comm.all_reduce(v, group=t.group)
+            out["distill_loss"] = (v / t.group_size).item()
+        if self.agreement is not None:
+            out["agreement"] = self.agreement
+        return out
+
+
+def _last_checkpoint(output_dir: str, find) -> str | None:
+    return find(output_dir) if os.path.isdir(output_dir) else None
