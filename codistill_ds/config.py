@@ -143,7 +143,11 @@ class CodistillConfig:
     temperature: float = 1.0
     """Softens both distributions before the divergence."""
     alpha: float = 1.0
-    """Weight of the distillation term once ramped in."""
+    """Weight of the distillation term once ramped in. Per group: with transport torchft each
+    group's job has its own config, so a large model can distill less from a small peer."""
+    peer_weights: list[tuple[int, float]] = field(default_factory=list)
+    """(peer group, weight) pairs: the distillation term is the weighted mean over the peers
+    present (unlisted peers weigh 1; a weight of 0 ignores that peer)."""
     burn_in: int = 0
     """Steps with alpha = 0: peers' early predictions are noise."""
     ramp: int = 0
@@ -163,9 +167,9 @@ class CodistillConfig:
     """transport torchft: the Lighthouse URL, http://host:port (`codistill-ds lighthouse`);
     None reads the TORCHFT_LIGHTHOUSE environment variable, as torchft does."""
     join_timeout_s: float = 120.0
-    """transport torchft: a fresh start waits up to this long for all `groups` groups before its
-    first step, so that every group's first exchange has every peer; a resumed group rejoins the
-    running rounds instead."""
+    """transport torchft: a job waits up to this long at start for all `groups` groups, so that
+    its first exchange has every peer (a group restarted while the others run finds them at their
+    next round); after it, the job starts with whoever is present."""
     exchange_timeout_s: float = 30.0
     """transport torchft: the longest one round may block on a peer that stopped answering (the
     gloo timeout of the cross-group process group, and the longest wait for a quorum). The round is

@@ -123,11 +123,16 @@ class ExchangeSettings:
     token_fraction: float = 1.0
     seed: int = 0
     """Keys the positions drawn under `token_fraction` (with the exchange index and row)."""
+    peer_weights: tuple[tuple[int, float], ...] = ()
+    """(peer group, weight): the distillation term's weighted mean over peers (unlisted: 1)."""
 
     @classmethod
     def from_config(cls, cd: CodistillConfig, seed: int = 0) -> ExchangeSettings:
         return cls(cd.interval, cd.staleness, cd.async_exchange, cd.topk, cd.dtype, cd.loss, cd.temperature,
-                   cd.index_dtype, cd.token_fraction, seed)
+                   cd.index_dtype, cd.token_fraction, seed, tuple(tuple(p) for p in cd.peer_weights))
+
+    def weight_of(self, group: int) -> float:
+        return dict(self.peer_weights).get(group, 1.0)
 
     @property
     def kind(self) -> str:
@@ -255,7 +260,8 @@ class ExchangeEngine:
         result = pending.result
         exchanges = self._exchanges(result, pending.exchange)
         keep = self._finite(pending.exchange, result)
-        peers = [(p, g, e) for p, g, e, ok in zip(result.peers, result.peer_groups, exchanges, keep) if ok]
+        peers = [(p, g, e) for p, g, e, ok in zip(result.peers, result.peer_groups, exchanges, keep)
+                 if ok and self.s.weight_of(g) > 0]
         self.stats.agreement = self._agreement(pending, [p for p, _, e in peers if e == pending.exchange])
         self.stats.peers = len(peers)
         return self._batches(pending, peers)
@@ -275,8 +281,9 @@ class ExchangeEngine:
         return out
 
     def distill_loss(self, students: list[torch.Tensor], batches: list[TargetBatch]) -> torch.Tensor:
-        """1/(#peers) * sum over peers of D(peer || student), the student's logits [N, V] per batch."""
-        return batched_peer_loss(students, batches, self.s.loss, self.s.temperature)
+        """The (weighted) mean over peers of D(peer || student), the student's logits [N, V] per batch."""
+        return batched_peer_loss(students, batches, self.s.loss, self.s.temperature,
+                                 self.s.weight_of if self.s.peer_weights else None)
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def _exchanges(self, result: ExchangeResult, e: int) -> list[int]:
@@ -347,17 +354,20 @@ class ExchangeEngine:
 
 
 def batched_peer_loss(students: list[torch.Tensor], batches: list[TargetBatch], loss: str,
-                      temperature: float) -> torch.Tensor:
-    """Mean over every peer of every batch; with one batch, exactly `peer_distill_loss`."""
+                      temperature: float, weight_of: Callable[[int], float] | None = None) -> torch.Tensor:
+    """(Weighted) mean over every peer of every batch; with one batch and no weights, exactly
+    `peer_distill_loss`."""
     if len(students) != len(batches) or not batches:
         raise ValueError(f"need one student logits tensor per target batch, got {len(students)} for {len(batches)}")
     students = [_at_positions(s, b.positions) for s, b in zip(students, batches)]
+    weights = [[1.0 if weight_of is None else weight_of(g) for g in b.peer_groups] for b in batches]
     if len(batches) == 1:
         b = batches[0]
-        return peer_distill_loss(students[0], b.peers, loss, temperature, _mask_on(b.mask, students[0]))
-    total = sum(len(b.peers) * peer_distill_loss(s, b.peers, loss, temperature, _mask_on(b.mask, s))
-                for s, b in zip(students, batches))
-    return total / sum(len(b.peers) for b in batches)
+        return peer_distill_loss(students[0], b.peers, loss, temperature, _mask_on(b.mask, students[0]),
+                                 None if weight_of is None else weights[0])
+    total = sum(sum(w) * peer_distill_loss(s, b.peers, loss, temperature, _mask_on(b.mask, s), w)
+                for s, b, w in zip(students, batches, weights))
+    return total / sum(sum(w) for w in weights)
 
 
 def _at_positions(student: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:

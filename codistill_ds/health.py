@@ -362,8 +362,10 @@ def check_peers_compatible(layout: Layout, mine: dict) -> None:
     for key, (field, what) in _FIELD.items():
         diff = _disagreement([fp[key] for fp in everyone], layout)
         if diff:
-            raise ConfigError(field, f"ranks disagree on {what}: {diff}; every group must use "
-                              "the same tokenizer, data and model")
+            raise ConfigError(field, f"ranks disagree on {what}: {diff}; in one job (codistill.transport "
+                              "'world') every group must use the same tokenizer, data and model (ZeRO-3 traces "
+                              "the first step over the whole world); groups with different models or sizes run "
+                              "as separate jobs: codistill.transport=torchft")
     keys = sorted(set().union(*(fp["config"] for fp in everyone)))
     for key in keys:
         diff = _disagreement([fp["config"].get(key) for fp in everyone], layout)

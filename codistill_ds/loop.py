@@ -127,7 +127,10 @@ class CodistillLoop:
             loss = ce
             if with_distill:
                 students = _students(logits, n, batches)
-                d = batched_peer_loss(students, batches, self.cfg.codistill.loss, self.cfg.codistill.temperature)
+                cd = self.cfg.codistill
+                weight_of = dict(cd.peer_weights).get if cd.peer_weights else None
+                d = batched_peer_loss(students, batches, cd.loss, cd.temperature,
+                                      None if weight_of is None else (lambda g: weight_of(g, 1.0)))
                 loss = ce + A * alpha * d
                 distill_value = d.item()
                 if self.weights is not None:

@@ -197,12 +197,17 @@ def distill_loss(student_logits: torch.Tensor, target: CompressedLogits, loss: s
 
 
 def peer_distill_loss(student_logits: torch.Tensor, targets: list[CompressedLogits], loss: str,
-                      temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+                      temperature: float, mask: torch.Tensor | None = None,
+                      weights: list[float] | None = None) -> torch.Tensor:
     """The 1/(K-1) * sum over peers of `distill_loss`, sharing the student's log-softmax.
 
-    Averaging (not summing) keeps alpha's meaning independent of the number of replicas K."""
+    Averaging (not summing) keeps alpha's meaning independent of the number of replicas K.
+    `weights` (one per target, >= 0, not all 0) make it the weighted mean sum_j w_j D_j / sum_j w_j:
+    a large model may learn less from a small peer than the small one from it."""
     if not targets:
         raise ValueError("peer_distill_loss needs at least one peer target")
+    if weights is not None and (len(weights) != len(targets) or min(weights) < 0 or sum(weights) <= 0):
+        raise ValueError(f"need one weight >= 0 per target, not all 0; got {weights} for {len(targets)} targets")
     for target in targets:
         _check_kind(loss, target)
         _check_inputs(student_logits, target, temperature, mask)
@@ -210,7 +215,10 @@ def peer_distill_loss(student_logits: torch.Tensor, targets: list[CompressedLogi
     log_q = _student_log_q(student, loss, temperature)
     terms = [_masked_mean(_per_token_loss(student, log_q, target, loss, temperature), mask)
              for target in targets]
-    return torch.stack(terms).sum() / len(terms)
+    if weights is None:
+        return torch.stack(terms).sum() / len(terms)
+    w = torch.tensor(weights, dtype=torch.float32, device=student.device)
+    return (torch.stack(terms) * w).sum() / w.sum()
 
 
 def top1_agreement(student_logits: torch.Tensor, target: CompressedLogits,

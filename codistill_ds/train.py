@@ -186,7 +186,7 @@ def _train(job: Job, resume: Resume, watchdog: Watchdog) -> dict:
     cfg = job.cfg
     with watchdog.slow("loading the checkpoint"):
         start_step, rng = restore(job, resume)
-    if job.transport is not None and resume.path is None:
+    if job.transport is not None:
         with watchdog.slow("waiting for the other groups"):
             _join_groups(job)
     watchdog.resumed(start_step)
@@ -215,8 +215,9 @@ def _train(job: Job, resume: Resume, watchdog: Watchdog) -> dict:
 
 
 def _join_groups(job: Job) -> None:
-    """A fresh start waits for every group, so that the first exchange already has all peers
-    (a resumed group skips this and rejoins the running rounds)."""
+    """Every start waits (up to `codistill.join_timeout_s`) until all groups are present: a fresh
+    or resumed experiment's first exchange then has every peer, and a group restarted while the
+    others run is present as soon as they reach their next round."""
     cd = job.cfg.codistill
     present = job.transport.join(cd.groups, cd.join_timeout_s)
     if job.topology.rank == 0:

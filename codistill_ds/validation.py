@@ -156,6 +156,12 @@ def check_numbers(cfg: Config) -> None:
     _require(opt.min_lr <= opt.lr, "optim.min_lr", f"min_lr {opt.min_lr} exceeds lr {opt.lr}")
     _check_milestones("optim.weight_decay_milestones", opt.weight_decay_milestones, False)
     _check_milestones("optim.dropout_milestones", opt.dropout_milestones, True)
+    cd = cfg.codistill
+    groups_named = [g for g, _ in cd.peer_weights]
+    _require(len(set(groups_named)) == len(groups_named) and all(0 <= g < cd.groups for g in groups_named),
+             "codistill.peer_weights", f"peer groups must be distinct ids in 0..{cd.groups - 1}, got {groups_named}")
+    _require(all(w >= 0 for _, w in cd.peer_weights), "codistill.peer_weights",
+             f"weights must be >= 0, got {[w for _, w in cd.peer_weights]}")
 
 
 def _check_model(cfg: Config) -> None:

@@ -381,3 +381,17 @@ def test_top1_tail_bucket_mass_is_exact(dtype: torch.dtype) -> None:
     torch.testing.assert_close(grad[:, 1:].double(),
                                t * (q[:, 1:] - tail_ref[:, None] * q[:, 1:] / q_tail[:, None]) / N,
                                rtol=0, atol=1e-7)
+
+
+def test_peer_weights_give_the_weighted_mean_of_each_peers_divergence():
+    """peer_distill_loss(..., weights) == sum_j w_j D_j / sum_j w_j with D_j computed peer by peer."""
+    torch.manual_seed(3)
+    student = torch.randn(12, 50, requires_grad=True)
+    peers = [compress(torch.randn(12, 50), 8, torch.bfloat16, "logprobs", 1.0) for _ in range(3)]
+    weights = [0.25, 1.0, 0.0]
+    got = peer_distill_loss(student, peers, "kl", 1.0, weights=weights)
+    each = [peer_distill_loss(student, [p], "kl", 1.0) for p in peers]
+    want = sum(w * d for w, d in zip(weights, each)) / sum(weights)
+    torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match="not all 0"):
+        peer_distill_loss(student, peers, "kl", 1.0, weights=[0.0, 0.0, 0.0])

@@ -1,0 +1,110 @@
+"""Heterogeneous groups: different architectures, sizes, backends and rank counts codistill together.
+
+Two jobs over `transport: torchft`, sharing only the exchange contract (byte tokenizer, corpus,
+shared-stream seed, exchange batch of 4 sequences, top-k and wire format):
+  group 0: a 4-layer Llama, DeepSpeed ZeRO-3 over 2 ranks;
+  group 1: a 2-layer GPT-2 shape, FSDP2 on 1 rank, distilling at half weight from group 0.
+Phase 1 trains 20 steps (checkpoints at 10 and 20); phase 2 resumes both to 30 steps while a
+third job, with another vocabulary (a BPE tokenizer built here), asks to join as group 1 and is
+refused naming `data.tokenizer`. Then both groups are exported and loaded with `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch import REPO, child_env, free_port, read_jsonl
+
+pytestmark = pytest.mark.timeout(900)
+
+CONFIG = str(REPO / "tests" / "tiny_test.yaml")
+COMMON = ["codistill.alpha=1", "codistill.transport=torchft", "data.exchange_batch_size=4", "train.save_interval=10",
+          "train.eval_interval=10", "codistill.exchange_timeout_s=20"]
+GROUP = {
+    0: (2, ["model.arch=llama", "model.num_layers=4", "backend.name=deepspeed", "backend.ds_config=ds_configs/zero3.json"]),
+    1: (1, ["model.arch=gpt2", "model.num_layers=2", "backend.name=fsdp", "codistill.peer_weights=[[0, 0.5]]"]),
+}
+
+
+def job(g: int, nproc: int, url: str, run: Path, extra: list[str], log: Path) -> subprocess.Popen:
+    sets = [*COMMON, *GROUP[g][1], f"codistill.group_id={g}", f"codistill.lighthouse={url}", f"run_dir={run}", *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "codistill_ds.cli", "train", "--config", CONFIG, "--set", *sets]
+    return subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def other_tokenizer(path: Path) -> Path:
+    """A 300-entry BPE tokenizer trained on a little text: a vocabulary unlike the byte one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    text = (REPO / "README.md").read_text()[:20000].splitlines()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hetero(tmp_path_factory):
+    from codistill_ds.lighthouse import start_lighthouse
+
+    tmp = tmp_path_factory.mktemp("hetero")
+    server, url = start_lighthouse(port=0, bind="127.0.0.1", join_timeout_ms=30000)
+    runs = {g: tmp / f"g{g}" for g in GROUP}
+    try:
+        first = {g: job(g, GROUP[g][0], url, runs[g], ["train.steps=20"], tmp / f"p1_g{g}.log") for g in GROUP}
+        codes = {g: p.wait(timeout=600) for g, p in first.items()}
+        assert codes == {0: 0, 1: 0}, {g: (tmp / f"p1_g{g}.log").read_text()[-3000:] for g in GROUP}
+        second = {g: job(g, GROUP[g][0], url, runs[g], ["train.steps=30", "train.resume=auto"], tmp / f"p2_g{g}.log")
+                  for g in GROUP}
+        tokenizer = other_tokenizer(tmp / "bpe300")
+        intruder = job(1, 1, url, tmp / "intruder", ["train.steps=30", f"data.tokenizer={tokenizer}"], tmp / "intruder.log")
+        intruder_code = intruder.wait(timeout=600)
+        codes = {g: p.wait(timeout=600) for g, p in second.items()}
+        assert codes == {0: 0, 1: 0}, {g: (tmp / f"p2_g{g}.log").read_text()[-3000:] for g in GROUP}
+    finally:
+        server.shutdown()
+    return {"tmp": tmp, "runs": runs, "intruder_code": intruder_code,
+            "intruder_log": (tmp / "intruder.log").read_text()}
+
+
+def test_different_models_exchange_save_and_resume(hetero):
+    for g, run in hetero["runs"].items():
+        recs = read_jsonl(run / "metrics.jsonl")
+        assert [r["step"] for r in recs] == list(range(1, 31))  # phase 2 continued from step 20
+        assert sum(r["peers"] == 1 for r in recs) >= 25, [r["peers"] for r in recs]
+        assert all(r["distill_loss"] > 0 for r in recs if r["peers"] == 1)
+        assert recs[-1]["val_loss"] < recs[0]["loss"]
+        assert recs[-1]["cross_group_bytes"] > 0
+    # Same exchange batch and format: both groups sent the same number of bytes per round.
+    last = [read_jsonl(run / "metrics.jsonl")[-1] for run in hetero["runs"].values()]
+    assert last[0]["cross_group_bytes"] == last[1]["cross_group_bytes"]
+
+
+def test_each_group_exports_its_own_architecture(hetero, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    kinds = {}
+    for g, run in hetero["runs"].items():
+        out = tmp_path / f"export{g}"
+        proc = subprocess.run([sys.executable, "-m", "codistill_ds.cli", "export", str(run), "--group", str(g), str(out)],
+                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        model = AutoModelForCausalLM.from_pretrained(out)
+        kinds[g] = (type(model).__name__, model.config.num_hidden_layers if g == 0 else model.config.n_layer)
+        assert json.loads((out / "config.json").read_text())["vocab_size"] == 256
+    assert kinds == {0: ("LlamaForCausalLM", 4), 1: ("GPT2LMHeadModel", 2)}
+
+
+def test_a_job_with_another_vocabulary_is_refused(hetero):
+    assert hetero["intruder_code"] != 0
+    errors = [ln for ln in hetero["intruder_log"].splitlines() if "codistill-ds: error" in ln]
+    assert errors and "data.tokenizer" in errors[0] and "vocab_size=300" in errors[0], hetero["intruder_log"][-3000:]
+    assert "exitcode  : 2" in hetero["intruder_log"]
