@@ -45,9 +45,15 @@ def example(nproc: int, out: Path, *args: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from codistill_ds.lighthouse import start_lighthouse
+
     tmp = tmp_path_factory.mktemp("hf")
-    with ThreadPoolExecutor(4) as pool:
+    server, url = start_lighthouse(port=0, bind="127.0.0.1", join_timeout_ms=60000)
+    ft = ["--codistill_transport", "torchft", "--codistill_lighthouse", url, "--codistill_staleness", "1"]
+    with ThreadPoolExecutor(6) as pool:
         jobs = {
+            # One Trainer job per group (transport torchft), asynchronous exchange one step stale.
+            **{f"F{g}": pool.submit(example, 1, tmp / f"F{g}", *ft, "--codistill_group_id", str(g)) for g in (0, 1)},
             "C": pool.submit(example, 4, tmp / "C", "--codistill_groups", "2"),
             "P0": pool.submit(example, 2, tmp / "P0", "--codistill_enabled", "false", "--data_shard", "0",
                               "--num_shards", "2"),
@@ -55,7 +61,10 @@ def runs(tmp_path_factory):
                               "--num_shards", "2"),
             "H": pool.submit(run_worker, "group_sharding_check", 4, tmp / "H", timeout=420),
         }
-        return {name: job.result() for name, job in jobs.items()}
+        try:
+            return {name: job.result() for name, job in jobs.items()}
+        finally:
+            server.shutdown()
 
 
 def train_logs(rank_facts: dict) -> dict[int, dict]:
@@ -152,3 +161,17 @@ def test_engine_hooks_shard_inside_the_group(runs):
         assert r["gathered"] == [2.0 * r["group"], 2.0 * r["group"] + 1]
         assert r["shard_rows"] == r["list_rows"] == list(range(r["group"], 10, 2))
         assert r["loader"] == [[4 * i + 2 * r["group_rank"], 4 * i + 2 * r["group_rank"] + 1] for i in range(3)]
+
+
+@pytest.mark.timeout(480)
+def test_one_trainer_job_per_group_over_torchft(runs):
+    """Each group its own Trainer job (transport torchft, exchange one step stale, async): both
+    groups exchange every round, distill after burn-in, and write output_dir/group{g}."""
+    for g in (0, 1):
+        (facts,) = runs[f"F{g}"]
+        logs = train_logs(facts)
+        assert sorted(logs) == list(range(1, STEPS + 1))
+        assert facts["output_dir"].endswith(f"group{g}")
+        assert all(logs[s]["peers"] == 1 for s in range(2, STEPS + 1)), [logs[s].get("peers") for s in logs]
+        assert logs[STEPS]["distill_loss"] > 0 and logs[STEPS]["cross_group_bytes"] > 0
+    assert train_logs(runs["F0"][0])[STEPS]["cross_group_bytes"] == train_logs(runs["F1"][0])[STEPS]["cross_group_bytes"]

@@ -26,7 +26,7 @@ def test_every_codistill_field_is_a_flag_with_its_docstring():
     flags = {f.name: f for f in dataclasses.fields(CodistillArguments)}
     docs = field_docs(CodistillConfig)
     for name in names:
-        assert flags[PREFIX + name].metadata["help"] == docs[name] != ""
+        assert flags[PREFIX + name].metadata["help"].startswith(docs[name]) and docs[name] != ""
     assert set(flags) == {PREFIX + n for n in names} | {"codistill_exchange_batch_size", "codistill_peer_timeout_s"}
 
 
@@ -35,9 +35,10 @@ def test_command_line_round_trip():
     parser = HfArgumentParser((CodistillArguments,))
     (args,) = parser.parse_args_into_dataclasses([
         "--codistill_groups", "4", "--codistill_alpha", "0.5", "--codistill_burn_in", "100", "--codistill_loss", "jsd",
-        "--codistill_same_init", "--no_codistill_async_exchange", "--codistill_exchange_batch_size", "8"])
+        "--codistill_same_init", "--no_codistill_async_exchange", "--codistill_exchange_batch_size", "8",
+        "--codistill_peer_weights", "[[1, 0.25]]"])
     expected = dataclasses.replace(CodistillConfig(), groups=4, alpha=0.5, burn_in=100, loss="jsd", same_init=True,
-                                   async_exchange=False)
+                                   async_exchange=False, peer_weights=[(1, 0.25)])
     assert args.to_config() == expected
     assert args.codistill_exchange_batch_size == 8 and args.codistill_peer_timeout_s == 180.0
     assert CodistillArguments.from_config(expected, exchange_batch_size=8).to_config() == expected

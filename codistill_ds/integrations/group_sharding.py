@@ -55,6 +55,8 @@ def reshard_loader(loader: Any, topology: Topology) -> Any:
         if isinstance(shard, BatchSamplerShard):
             shard.num_processes, shard.process_index = topology.group_size, topology.group_rank
             return loader
+    if topology.layout.world_size == 1:  # a one-rank job (one group per job): nothing to split
+        return loader
     raise GroupShardingError(
         f"cannot shard {type(loader).__name__} inside the codistillation group: expected Accelerate's "
         "BatchSamplerShard (a map-style dataset and dispatch_batches=False)")

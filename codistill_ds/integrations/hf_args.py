@@ -22,6 +22,8 @@ import textwrap
 import typing
 from typing import Any
 
+import yaml
+
 from ..config import BackendConfig, CodistillConfig, DataConfig
 
 PREFIX = "codistill_"
@@ -44,13 +46,26 @@ class _CodistillArgumentsBase:
 
     def to_config(self) -> CodistillConfig:
         """The `CodistillConfig` these flags describe (the Trainer-only flags are not part of it)."""
-        names = [f.name for f in dataclasses.fields(CodistillConfig)]
-        return CodistillConfig(**{name: getattr(self, PREFIX + name) for name in names})
+        from ..config import _apply
+
+        config = CodistillConfig()
+        values = {}
+        for f in dataclasses.fields(CodistillConfig):
+            value = getattr(self, PREFIX + f.name)
+            if f.default is dataclasses.MISSING:  # a list field given as YAML text (or left out)
+                if value is None:
+                    continue
+                value = yaml.safe_load(value) if isinstance(value, str) else value
+            values[f.name] = value
+        _apply(config, values, "codistill.")  # the config's own type checks and error messages
+        return config
 
     @classmethod
     def from_config(cls, config: CodistillConfig, **extra: Any) -> Any:
         """The flags of a `CodistillConfig`, plus `exchange_batch_size=` / `peer_timeout_s=`."""
-        values = {PREFIX + k: v for k, v in dataclasses.asdict(config).items()}
+        values = {PREFIX + k: (yaml.safe_dump([list(p) for p in v], default_flow_style=True).strip()
+                               if isinstance(v, list) else v)
+                  for k, v in dataclasses.asdict(config).items()}
         values.update({PREFIX + k: v for k, v in extra.items()})
         return cls(**values)
 
@@ -64,6 +79,10 @@ def _build() -> type:
     docs = field_docs(CodistillConfig)
     specs = []
     for f in dataclasses.fields(CodistillConfig):
+        if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            # A list field (peer_weights): one YAML string on the command line.
+            specs.append(_spec(f.name, str | None, None, docs.get(f.name, "") + " Given as YAML, e.g. '[[0, 0.5]]'."))
+            continue
         if f.default is dataclasses.MISSING:
             raise TypeError(f"CodistillConfig.{f.name} needs a plain default to become a command-line flag")
         specs.append(_spec(f.name, hints[f.name], f.default, docs.get(f.name, "")))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -39,7 +40,7 @@ from ..engine import (
     Transport,
 )
 from ..schedules import alpha_at
-from ..topology import Layout, Topology, build_topology
+from ..topology import Layout, Topology, build_group_job_topology, build_topology
 from ..validation import check_choices, check_numbers, check_topology
 from .group_sharding import zero3_init_in_group
 from .hf_health import TrainerGuard
@@ -107,7 +108,7 @@ def _logits(outputs: Any) -> torch.Tensor:
 
 
 
-def check_same_exchange_data(dataset: Any, layout: Layout) -> None:
+def check_same_exchange_data(dataset: Any, layout: Layout) -> str:
     """Every rank must draw exchange batches from the same rows, or the groups distill toward
     predictions on other tokens without any error: one small all-gather of the dataset's length
     and a digest of three rows, the Trainer path's `health.check_peers_compatible`."""
@@ -120,6 +121,7 @@ def check_same_exchange_data(dataset: Any, layout: Layout) -> None:
         detail = "; ".join(f"{v[0]} rows (digest {v[1]}) on ranks {ranks}" for v, ranks in seen.items())
         raise ConfigError("train_dataset", f"ranks of a {layout.groups}-group job hold different exchange data: "
                           f"{detail}; build the dataset the same way on every rank (same files, order and seed)")
+    return f"{mine[0]}:{mine[1]}"
 
 
 def _plain(value: Any) -> Any:
@@ -178,13 +180,17 @@ class CodistillCallback(TrainerCallback):
                  peer_timeout_s: float = 180.0) -> None:
         self.config = config or CodistillConfig()
         validate_for_trainer(self.config, env_world_size())  # before any collective can hang
-        if getattr(self.config, "transport", "world") != "world" and transport is None:
-            raise ConfigError("codistill.transport", f"{self.config.transport!r}: the Trainer path builds the "
-                              "one-job exchange (transport 'world') itself; for groups in separate jobs pass "
-                              "transport=<a Transport> to codistill_init")
+        self.separate_jobs = self.config.transport == "torchft"
+        """One Trainer job per group, meeting through a torchft Lighthouse (ft_transport.py)."""
         if peer_timeout_s <= 0:
             raise ConfigError("codistill_peer_timeout_s", f"must be > 0 seconds, got {peer_timeout_s}")
-        self.layout = Layout(env_world_size(), self.config.groups, env_rank())
+        if self.separate_jobs:
+            from ..ft_transport import check_reachable
+
+            check_reachable(self.lighthouse_url, 10.0)
+            self.layout = Layout(env_world_size(), 1, env_rank(), first_group=self.config.group_id)
+        else:
+            self.layout = Layout(env_world_size(), self.config.groups, env_rank())
         self.exchange_dataset, self.exchange_batch_size = exchange_dataset, exchange_batch_size
         self.peer_timeout_s = peer_timeout_s
         self.topology: Topology | None = None
@@ -219,8 +225,15 @@ class CodistillCallback(TrainerCallback):
         if self.topology is None:
             if not dist.is_initialized():
                 raise RuntimeError("create TrainingArguments first: it initializes torch.distributed")
-            self.topology = build_topology(self.config.groups)
+            if self.separate_jobs:
+                self.topology = build_group_job_topology(self.config.group_id, self.config.groups)
+            else:
+                self.topology = build_topology(self.config.groups)
         return self.topology
+
+    @property
+    def lighthouse_url(self) -> str:
+        return self.config.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"]
 
     @contextmanager
     def zero3_init(self) -> Iterator[None]:
@@ -258,15 +271,35 @@ class CodistillCallback(TrainerCallback):
         dataset = self.exchange_dataset if self.exchange_dataset is not None else train_dataset
         if dataset is None:
             raise ValueError("codistillation needs a train_dataset (or exchange_dataset) to draw exchange batches from")
-        check_same_exchange_data(dataset, t.layout)
+        digest = check_same_exchange_data(dataset, t.layout)
         batch = self.exchange_batch_size or trainer.args.per_device_train_batch_size * t.group_size
         batches = ExchangeBatches(dataset, trainer.args.seed, batch, t, trainer.data_collator, self.device,
                                   self.config.ignore_index)
-        transport = self._transport or LogitExchange(t, self.config.route)
+        transport = self._transport
+        if transport is None and self.separate_jobs:
+            transport = self._ft_transport(trainer, dataset, digest, batch)
+        transport = transport or LogitExchange(t, self.config.route)
         self.engine = ExchangeEngine(transport, ExchangeSettings.from_config(self.config, trainer.args.seed), t.group, t.group_id,
                                      batches, leader=t.layout.is_leader)
         self.guard = TrainerGuard(run_dir, t.layout, self.peer_timeout_s, trainer.args.ddp_timeout,
                                   lambda: _last_checkpoint(trainer.args.output_dir, get_last_checkpoint))
+
+    def _ft_transport(self, trainer: Any, dataset: Any, digest: str, batch: int) -> Transport:
+        """The group's leader joins the Lighthouse with this job's exchange contract: the exchange
+        data's digest stands for the corpus, the model's vocabulary for the tokenizer."""
+        from ..ft_transport import LighthouseMember, TorchFTTransport, exchange_contract
+
+        cd, t, member = self.config, self.topology, None
+        if t.layout.is_leader:
+            first = dataset[0] if len(dataset) else {}
+            seq_len = len(first["input_ids"]) if isinstance(first, dict) and "input_ids" in first else -1
+            model = trainer.model
+            vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+            contract = exchange_contract(vocab, digest, trainer.args.seed, batch, seq_len, cd.topk, cd.dtype,
+                                         "logits" if cd.loss == "mse" else "logprobs", cd.temperature,
+                                         cd.index_dtype, cd.token_fraction)
+            member = LighthouseMember(self.lighthouse_url, cd.group_id, contract, cd.exchange_timeout_s)
+        return TorchFTTransport(t, member)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_path(self, checkpoint_dir: str) -> str:
@@ -289,6 +322,12 @@ class CodistillCallback(TrainerCallback):
             raise RuntimeError("CodistillCallback needs a Trainer with CodistillTrainerMixin first in its "
                                "bases: use CodistillTrainer, or class MyTrainer(CodistillTrainerMixin, Trainer)")
         self.start_step = state.global_step  # after a resume: the checkpoint's step
+        transport = self.engine.transport
+        if hasattr(transport, "join"):  # groups in separate jobs: wait for the others first
+            present = transport.join(self.config.groups, self.config.join_timeout_s)
+            if self.topology.rank == 0:
+                print(f"codistill-ds: group {self.config.group_id}: {present} of {self.config.groups} groups "
+                      "present", file=sys.stderr, flush=True)
         self.guard.started(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
