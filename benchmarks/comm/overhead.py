@@ -1,6 +1,9 @@
 """Part (b) of the communication benchmark: a group's step time with codistillation against the
-same group training alone, exchange-batch compute excluded (the worker's probe, see
-`worker.install_overhead_probe`), arms alternated and reported per repeat."""
+same group training alone, exchange-batch compute excluded, arms alternated and reported per
+repeat. Everything comes from the run's own metrics.jsonl (one record per step): `step_ms`,
+`exchange_compute_ms` (the teacher forward and compression of the step's exchange, which the
+engine times) and `exchange_ms` (what the step waited for the swap); nothing of the library is
+patched. Main-thread CPU times come from the worker's wrap of the public `train_step`."""
 
 from __future__ import annotations
 
@@ -45,16 +48,21 @@ def overhead_arms(mode: Mode, runs: Path) -> list[dict]:
     return arms
 
 
-def _probe_steps(run: dict, ranks: list[int], skip: int) -> list[dict]:
+def _probe_steps(run: dict, groups: list[int], skip: int) -> list[dict]:
+    """Per-step timings of each group's leader from metrics.jsonl (log_interval 1), joined with
+    the worker's CPU times of the same step (rank = group: one rank per group)."""
+    cpu = {(r, p["step"]): p for r in groups for p in run["comm"][r]["probe"]}
     out = []
-    for r in ranks:
-        for p in run["comm"][r]["probe"]:
-            if p["step"] >= skip:
-                compute = max(0.0, p["post_ms"] - p["comm_call_ms"])
-                cpu_compute = max(0.0, p.get("post_cpu_ms", 0.0) - p.get("comm_call_cpu_ms", 0.0))
-                out.append({**p, "rank": r, "exchange_compute_ms": compute,
-                            "excl_ms": p["step_ms"] - compute,
-                            "excl_cpu_ms": p.get("cpu_ms", 0.0) - cpu_compute})
+    for rec in run["records"]:
+        step, g = rec["step"] - 1, rec["group"]
+        if g not in groups or step < skip or "step_ms" not in rec:
+            continue
+        compute = rec.get("exchange_compute_ms") or 0.0
+        extra = cpu.get((g, step), {})
+        out.append({"step": step, "rank": g, "step_ms": rec["step_ms"], "exchange_ms": rec["exchange_ms"] or 0.0,
+                    "exchange_compute_ms": compute, "excl_ms": rec["step_ms"] - compute,
+                    "cpu_ms": extra.get("cpu_ms", 0.0), "main_cpu_ms": extra.get("main_cpu_ms", 0.0),
+                    "excl_cpu_ms": extra.get("cpu_ms", 0.0) - compute})
     return out
 
 
@@ -121,8 +129,7 @@ def _interleaved(arms: list[dict], runs: dict, leaders: list[int], skip: int) ->
     if not period or len(by_phase) < period:
         return None
     wall = [median([p["excl_ms"] for p in by_phase[ph]]) for ph in range(period)]
-    cpu = [median([p.get("main_cpu_ms", 0.0) - max(0.0, p.get("post_cpu_ms", 0.0) - p.get("comm_call_cpu_ms", 0.0))
-                    for p in by_phase[ph]]) for ph in range(period)]
+    cpu = [median([p["main_cpu_ms"] - p["exchange_compute_ms"] for p in by_phase[ph]]) for ph in range(period)]
     over, over_cpu = sum(wall) - period * wall[-1], sum(cpu) - period * cpu[-1]
     return {
         "interval": period, "steps_per_phase": len(by_phase[0]),

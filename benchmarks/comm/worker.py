@@ -16,11 +16,10 @@ Around the product, and without changing it, the worker adds two instruments:
   and scatter: the root sends (n-1) x N, gather: non-roots send N) and filed by phase (inside
   `train_step`, on the exchange thread, elsewhere in the loop) and by scope ("cross": the
   process group spans more than one codistillation group of the arm's reference split);
-- a step timer on `CodistillLoop.train_step` (`install_phase_marks`, which also files the
-  counter's phase), and the overhead part's probe (`install_overhead_probe`: the one place that
-  wraps private loop methods, to be replaced by metrics.jsonl's `exchange_compute_ms`), so the
-  step time can be split into exchange-batch compute (the eval forward and compression) and the
-  rest.
+- process and main-thread CPU time per step around the public `CodistillLoop.train_step`
+  (`install_phase_marks`, which also files the counter's phase). The step's wall time and its
+  exchange-batch compute (eval forward and compression) come from metrics.jsonl, which the
+  engine fills; no private method of the library is wrapped.
 
 With `link_dir` set (two-node mode), global rank 0 asks the orchestrator to set the link rate
 before each arm (a request file, then it waits for the acknowledgement) and every rank waits on a
@@ -188,8 +187,7 @@ _PROBE: dict = {"steps": {}}
 
 
 def _new_step_entry() -> dict:
-    return {"post_ms": 0.0, "comm_call_ms": 0.0, "post_cpu_ms": 0.0, "comm_call_cpu_ms": 0.0,
-            "agreement_ms": 0.0}
+    return {}
 
 
 def install_phase_marks() -> None:
@@ -225,50 +223,6 @@ def install_phase_marks() -> None:
     Loop.train_step, Loop.run = train_step, run
 
 
-def _add(key: str, seconds: float) -> None:
-    if "current" in _PROBE:
-        _PROBE["current"][key] = _PROBE["current"].get(key, 0.0) + seconds * 1e3
-
-
-def install_overhead_probe() -> None:
-    """Time the exchange-batch compute: `CodistillLoop._post_exchange` (eval forward, compress,
-    post) minus the time inside `LogitExchange.exchange/start`, and `_agreement`.
-
-    The only place the benchmark patches private loop methods; it goes once the loop reports
-    `exchange_compute_ms` in metrics.jsonl (the overhead part then reads that instead)."""
-    from codistill_ds.exchange import LogitExchange as Exchange
-    from codistill_ds.loop import CodistillLoop as Loop
-
-    orig_post, orig_agreement = Loop._post_exchange, Loop._agreement
-    orig_exchange, orig_start = Exchange.exchange, Exchange.start
-
-    def post_exchange(self, step):
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = orig_post(self, step)
-        _add("post_ms", time.perf_counter() - t0)
-        _add("post_cpu_ms", time.process_time() - c0)
-        return out
-
-    def timed(fn):
-        def inner(self, local):
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = fn(self, local)
-            if threading.current_thread() is threading.main_thread():
-                _add("comm_call_ms", time.perf_counter() - t0)
-                _add("comm_call_cpu_ms", time.process_time() - c0)
-            return out
-        return inner
-
-    def agreement(self, mine, peers):
-        t0 = time.perf_counter()
-        out = orig_agreement(self, mine, peers)
-        _add("agreement_ms", time.perf_counter() - t0)
-        return out
-
-    Loop._post_exchange, Loop._agreement = post_exchange, agreement
-    Exchange.exchange, Exchange.start = timed(orig_exchange), timed(orig_start)
-
-
 # ----------------------------------------------------------------------------- link sync
 
 
@@ -298,7 +252,6 @@ def main() -> int:
     rankinfo.prepare_accelerator_env()
     rankinfo.init_distributed(float(job.get("timeout_s", 600)))
     install_phase_marks()
-    install_overhead_probe()
     import deepspeed.utils.groups as ds_groups
 
     from codistill_ds.config import load_config
