@@ -63,25 +63,48 @@ def tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
-def stop(procs: Sequence[subprocess.Popen], grace_s: float = 20.0) -> None:
-    """End the launched process groups (launcher and ranks): SIGTERM, then SIGKILL after grace_s.
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc). torchrun starts each rank in a session of its
+    own, so a process-group signal to the launcher misses the ranks; walking the tree does not."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
 
-    torchrun forwards SIGTERM to its ranks; the KILL is for a rank stuck in a collective."""
+
+def signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to a launched job's every process (launcher, ranks, their helpers)."""
+    for pid in process_tree(proc.pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop(procs: Sequence[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """End the launched jobs (launcher and ranks): SIGTERM, then SIGKILL after grace_s.
+
+    torchrun forwards SIGTERM to its ranks; the KILL is for a rank stuck in a collective, and
+    goes to every process of the tree (ranks live in sessions of their own)."""
     for p in procs:
         if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            signal_tree(p, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            signal_tree(p, signal.SIGKILL)
             p.wait()
 
 

@@ -55,31 +55,10 @@ def start_job(nproc: int, out: Path, overrides: list[str], log: Path, cli: bool 
                             start_new_session=True)
 
 
-def tree(pid: int) -> list[int]:
-    """A job's processes: torchrun's agent and its workers (which it starts in sessions of their
-    own, so a process-group kill would miss them)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
 def signal_job(job: subprocess.Popen, sig: int) -> None:
-    for pid in tree(job.pid):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+    from codistill_ds.launching import signal_tree
+
+    signal_tree(job, sig)
 
 
 def records(run_dir: Path) -> list[dict]:
