@@ -108,6 +108,20 @@ def all_gather(tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
     return [o.to(tensor.device) for o in out] if copied else out
 
 
+def all_to_all(parts: list[torch.Tensor], group: Any = None) -> list[torch.Tensor]:
+    """Rank i of `group` gets `parts[i]` from me; returns what each rank sent me, in group-rank
+    order. 1-D tensors of one dtype; the sizes may differ (my own part may be empty), but each
+    rank must send me as many elements as I send it (true of the exchange's symmetric payloads)."""
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    moved, copied = _on(flat, group)
+    sizes = [int(p.numel()) for p in parts]
+    out = torch.empty_like(moved)
+    dist.all_to_all_single(out, moved, output_split_sizes=sizes, input_split_sizes=sizes, group=group)
+    if copied:
+        out = out.to(flat.device)
+    return list(out.split(sizes))
+
+
 def gather(tensor: torch.Tensor, dst: int, group: Any = None) -> list[torch.Tensor] | None:
     """Every rank's `tensor` on global rank `dst` (None elsewhere), in group-rank order."""
     moved, copied = _on(tensor.contiguous(), group)

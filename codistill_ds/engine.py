@@ -159,14 +159,16 @@ class ExchangeEngine:
     """Schedule, bookkeeping and loss of logit codistillation over a transport."""
 
     def __init__(self, transport: Transport, settings: ExchangeSettings, group: Any, group_id: int,
-                 batch_for: Callable[[int, int], ExchangeBatch], *, own_rows: slice | None = None,
+                 batch_for: Callable[[int, int], ExchangeBatch], *, on_own_batch: bool = False,
                  leader: bool = True) -> None:
         """`group`: my group's process group (agreement and NaN agreement run over it).
         `batch_for(step, e)`: my slice of exchange batch e (step is -1 when a peer's batch is
-        rebuilt). `own_rows`: with exchange_batch "train", the rows of the predictions that
-        cover my own training batch (targets keep only those; the student reuses its CE logits)."""
+        rebuilt). `on_own_batch` (exchange_batch "train"): I predict on my peers' training
+        batches and receive their predictions on mine (the transport routes each to its owner),
+        so targets cover my own first micro-batch and the student reuses its CE logits; agreement
+        is then the driver's (student vs peers), there being no tokens both sides predicted on."""
         self.transport, self.s, self.group, self.group_id = transport, settings, group, group_id
-        self.batch_for, self.own_rows, self.leader = batch_for, own_rows, leader
+        self.batch_for, self.on_own_batch, self.leader = batch_for, on_own_batch, leader
         self.pending: dict[int, Pending] = {}
         self.skipped_peers = 0
         """Peer predictions dropped for being NaN/Inf (cumulative)."""
@@ -217,7 +219,7 @@ class ExchangeEngine:
         self._notify("received", step, result)
         self.pending[due] = Pending(e, batch, mine, result=result)
         stats.exchange_ms = result.seconds * 1e3
-        if s.staleness == 0:  # fresh targets: the eval-mode divergence is meaningful to log
+        if s.staleness == 0 and not self.on_own_batch:  # fresh targets on the same tokens: log it
             peers = [p for p, pe in zip(result.peers, self._exchanges(result, e)) if pe == e]
             if peers and all(bool(torch.isfinite(p.values.float()).all()) for p in peers):
                 stats.distill_eval = peer_distill_loss(logits, peers, s.loss, s.temperature, batch.mask).item()
@@ -262,7 +264,8 @@ class ExchangeEngine:
         keep = self._finite(pending.exchange, result)
         peers = [(p, g, e) for p, g, e, ok in zip(result.peers, result.peer_groups, exchanges, keep)
                  if ok and self.s.weight_of(g) > 0]
-        self.stats.agreement = self._agreement(pending, [p for p, _, e in peers if e == pending.exchange])
+        if not self.on_own_batch:
+            self.stats.agreement = self._agreement(pending, [p for p, _, e in peers if e == pending.exchange])
         self.stats.peers = len(peers)
         return self._batches(pending, peers)
 
@@ -274,8 +277,7 @@ class ExchangeEngine:
             chosen = [(p, g) for p, g, pe in peers if pe == e]
             preds = [p for p, _ in chosen]
             inputs = batch.inputs
-            if self.own_rows is not None:
-                preds = [_rows(p, self.own_rows) for p in preds]
+            if self.on_own_batch:
                 inputs = None
             out.append(TargetBatch(e, inputs, preds, [g for _, g in chosen], batch.mask, batch.positions))
         return out
@@ -389,10 +391,6 @@ def _sequence_length(inputs: Any) -> int:
 
 def _mask_on(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if mask is None else mask.to(like.device)
-
-
-def _rows(c: CompressedLogits, rows: slice) -> CompressedLogits:
-    return c.rows(rows.start, rows.stop)
 
 
 def _logits_state(c: CompressedLogits) -> dict:

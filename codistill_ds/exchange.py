@@ -37,10 +37,13 @@ class LogitExchange:
     that `Topology` built in one job. All groups are in lockstep, so every peer predicted on
     the exchange batch I posted."""
 
-    def __init__(self, topology: Topology, route: str) -> None:
+    def __init__(self, topology: Topology, route: str, to_owners: bool = False) -> None:
+        """`to_owners` (exchange_batch "train"): my predictions cover my peers' training batches,
+        one chunk per peer in group order, and each chunk goes only to the group that trains on
+        it (an all-to-all instead of an all-gather); I receive each peer's predictions on mine."""
         if route not in ("leaders", "rails"):
             raise ValueError(f"codistill.route must be 'leaders' or 'rails', got {route!r}")
-        self.t, self.route = topology, route
+        self.t, self.route, self.to_owners = topology, route, to_owners
         self.bytes_sent = 0
         self._worker: ThreadPoolExecutor | None = None
 
@@ -64,9 +67,16 @@ class LogitExchange:
 
     def _swap(self, buf: torch.Tensor, local: CompressedLogits) -> ExchangeResult:
         start, sent_before = time.perf_counter(), self.bytes_sent
-        slices = self._rails(buf) if self.route == "rails" else self._leaders(buf)
         fmt = local.wire_format()
         peer_groups = [g for g in range(self.t.groups) if g != self.t.group_id]
+        if self.to_owners:
+            rows = local.num_tokens() // len(peer_groups)
+            chunks = [pack(local.rows(i * rows, (i + 1) * rows)) for i in range(len(peer_groups))]
+            got = self._rails_to_owners(chunks) if self.route == "rails" else self._leaders_to_owners(chunks)
+            peers = [fmt.unpack(got[g], rows) for g in peer_groups]
+            return ExchangeResult(peers, peer_groups, time.perf_counter() - start,
+                                  bytes_sent=self.bytes_sent - sent_before)
+        slices = self._rails(buf) if self.route == "rails" else self._leaders(buf)
         peers = [fmt.unpack(slices[g], local.num_tokens()) for g in peer_groups]
         return ExchangeResult(peers, peer_groups, time.perf_counter() - start,
                               bytes_sent=self.bytes_sent - sent_before)
@@ -93,3 +103,36 @@ class LogitExchange:
         mine = torch.empty(K * n, dtype=buf.dtype, device=buf.device)
         comm.scatter(mine, scatter_list, src=leader, group=t.exchange_group)
         return list(mine.split(n))
+
+    # ---- exchange_batch "train": each prediction goes only to the group that trains on it ------
+    def _by_group(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """My chunks (peer order) as one part per group, mine empty."""
+        it = iter(chunks)
+        empty = chunks[0][:0]
+        return [empty if g == self.t.group_id else next(it) for g in range(self.t.groups)]
+
+    def _rails_to_owners(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All-to-all over my rail: entry g is group g's predictions on my batch slot."""
+        got = comm.all_to_all(self._by_group(chunks), group=self.t.rail)
+        self.bytes_sent += sum(c.numel() for c in chunks)
+        return got
+
+    def _leaders_to_owners(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Gather to the leader, all-to-all between leaders (each peer gets its rows of every
+        rank's slot), scatter back: entry g is group g's predictions on my batch slot."""
+        t = self.t
+        S, K, n = t.group_size, t.groups, chunks[0].numel()
+        leader = t.layout.leader_of(t.group_id)
+        gathered = comm.gather(torch.cat(chunks), dst=leader, group=t.exchange_group)
+        scatter_list = None
+        if t.layout.is_leader:
+            per_rank = [g.split(n) for g in gathered]  # rank r: its chunks, peer order
+            to_peer = [torch.cat([per_rank[r][i] for r in range(S)]) for i in range(K - 1)]
+            got = comm.all_to_all(self._by_group(to_peer), group=t.leaders)
+            self.bytes_sent += sum(p.numel() for p in to_peer)
+            scatter_list = [torch.cat([got[g][r * n:(r + 1) * n] for g in range(K) if g != t.group_id])
+                            for r in range(S)]
+        mine = torch.empty((K - 1) * n, dtype=chunks[0].dtype, device=chunks[0].device)
+        comm.scatter(mine, scatter_list, src=leader, group=t.exchange_group)
+        parts = iter(mine.split(n))
+        return [chunks[0][:0] if g == t.group_id else next(parts) for g in range(K)]

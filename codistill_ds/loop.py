@@ -88,17 +88,14 @@ class CodistillLoop:
     def _build_engine(self, transport: Transport | None) -> ExchangeEngine:
         """The exchange engine over this job's process groups, unless a transport is handed in
         (`transport: torchft`: groups are separate jobs)."""
-        cd, d = self.cfg.codistill, self.cfg.data
+        cd = self.cfg.codistill
         if transport is None:
             from .exchange import LogitExchange
 
-            transport = LogitExchange(self.t, cd.route)
-        own_rows = None
-        if cd.exchange_batch == "train":  # predictions cover every group's batch; mine are rows [lo, hi)
-            rows = d.micro_batch_size * d.seq_len
-            own_rows = slice(self.t.group_id * rows, (self.t.group_id + 1) * rows)
+            transport = LogitExchange(self.t, cd.route, to_owners=cd.exchange_batch == "train")
         return ExchangeEngine(transport, ExchangeSettings.from_config(cd, self.cfg.seed), self.t.group, self.t.group_id,
-                              self._exchange_batch, own_rows=own_rows, leader=self.t.group_rank == 0)
+                              self._exchange_batch, on_own_batch=cd.exchange_batch == "train",
+                              leader=self.t.group_rank == 0)
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -133,7 +130,7 @@ class CodistillLoop:
                                       None if weight_of is None else (lambda g: weight_of(g, 1.0)))
                 loss = ce + A * alpha * d
                 distill_value = d.item()
-                if self.weights is not None:
+                if self.weights is not None or self.cfg.codistill.exchange_batch == "train":
                     stats["agreement"] = self._student_agreement(students[0], batches[0].peers)
             self.backend.backward(loss)
             self.backend.step()
@@ -166,13 +163,15 @@ class CodistillLoop:
     def _exchange_batch(self, step: int, e: int) -> ExchangeBatch:
         """My slice of exchange batch e, identical across my rail.
 
-        "train": every group's current first micro-batch for my rank slot. Training streams
-        are pure functions of (group, step), so each group derives its peers' batches locally
-        and still only logits cross groups."""
+        "train": my peers' current first micro-batches for my rank slot, in group order (not
+        mine: nobody needs my predictions on my own batch). Training streams are pure functions
+        of (group, step), so each group derives its peers' batches locally and still only logits
+        cross groups; each prediction goes only to the group that trains on it."""
         if self.cfg.codistill.exchange_batch == "shared":
             ex = self.exchange_stream
             return ExchangeBatch(ex.batch_slice(e), rows=range(ex.rank * ex.slice, (ex.rank + 1) * ex.slice))
-        return ExchangeBatch(torch.cat([s.micro_batch(step, 0) for s in self.rail_streams]))
+        return ExchangeBatch(torch.cat([s.micro_batch(step, 0) for g, s in enumerate(self.rail_streams)
+                                        if g != self.t.group_id]))
 
     def _weight_step(self, step: int, stats: dict) -> list[TargetBatch]:
         """Refresh the teachers every `interval` steps; every step, their predictions on my

@@ -58,6 +58,16 @@ def test_cross_group_bytes_match_formula_for_every_wire_format(ranks):
         # Summed over every rank, both routes move exactly what `plan` predicts for one exchange.
         assert sum(row["rails_bytes"] for row in rows) == f["plan_exchange_bytes"], name
         assert sum(row["leaders_bytes"] for row in rows) == f["plan_exchange_bytes"], name
+    # exchange_batch "train": each rank's chunk reaches only its owner, exactly; the bytes are
+    # (K-1) chunks per rank (rails) or per group (leaders), no more than a shared exchange of
+    # the same batch: what `plan` states, with no copy of a group's own batch sent anywhere.
+    for r in res:
+        o = r["to_owners"]
+        assert o["rails_equal"] and o["leaders_equal"], r["rank"]
+        assert o["rails_bytes"] == (K - 1) * o["chunk_bytes"]
+        assert o["leaders_bytes"] == ((K - 1) * S * o["chunk_bytes"] if r["group_rank"] == 0 else 0)
+    assert sum(r["to_owners"]["rails_bytes"] for r in res) == res[0]["to_owners"]["plan_exchange_bytes"]
+    assert sum(r["to_owners"]["leaders_bytes"] for r in res) == res[0]["to_owners"]["plan_exchange_bytes"]
     sizes = {name: names[name]["payload"] // 15 for name in names}
     assert sizes["bf16-int32-top8"] == 48 and sizes["bf16-uint16-top8"] == 32
     assert sizes["fp8-uint16-top8"] == 25 and sizes["fp8-uint16-top1"] == 4

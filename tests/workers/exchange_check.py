@@ -83,6 +83,33 @@ def check_formats(top, logits: torch.Tensor) -> dict:
     return out
 
 
+def check_to_owners(top) -> dict:
+    """exchange_batch "train": my predictions cover my peers' batches (one 15-row chunk per peer,
+    group order) and each chunk reaches only its owner. The chunk group g computes for group h at
+    rail slot r is a pure function of (g, h, r), so the receiver knows what it must get."""
+    K, me = top.groups, top.group_id
+
+    def chunk(sender: int, owner: int) -> CompressedLogits:
+        gen = torch.Generator().manual_seed(10_000 * sender + 100 * owner + top.group_rank)
+        return compress(torch.randn(15, 300, generator=gen) * 3, 8, wire_dtype("bf16"), "logprobs", 1.0)
+
+    mine = [chunk(me, h) for h in range(K) if h != me]
+    local = CompressedLogits(torch.cat([c.values for c in mine]), torch.cat([c.indices for c in mine]),
+                             "logprobs", mine[0].fmt)
+    out = {"chunk_bytes": pack(mine[0]).numel()}
+    for route in ("leaders", "rails"):
+        ex = LogitExchange(top, route, to_owners=True)
+        res = ex.exchange(local)
+        want = [chunk(g, me) for g in res.peer_groups]
+        out[f"{route}_equal"] = res.peer_groups == [g for g in range(K) if g != me] and all(
+            same_content(p, w) for p, w in zip(res.peers, want))
+        out[f"{route}_bytes"] = ex.bytes_sent
+    plan = make_plan(params=1000, vocab=300, seq_len=5, batch=3 * top.group_size, topk=8, interval=1,
+                     groups=K, world=dist.get_world_size(), dtype="bf16", index_dtype="auto")
+    out["plan_exchange_bytes"] = plan.exchange_bytes_per_exchange
+    return out
+
+
 def main() -> None:
     out, K = Path(sys.argv[1]), int(sys.argv[2])
     dist.init_process_group("gloo")
@@ -96,6 +123,7 @@ def main() -> None:
     # Random logits whose values differ per rank; tokens per slice = 3 seqs x 5 positions.
     g = torch.Generator().manual_seed(1000 + top.rank)
     result["formats"] = check_formats(top, torch.randn(15, 300, generator=g) * 3)
+    result["to_owners"] = check_to_owners(top)
 
     # Streams on real text: group shards and the shared exchange batch.
     corpus = build_corpus(DataConfig(seq_len=16, max_bytes=200_000, micro_batch_size=2))
