@@ -15,6 +15,8 @@ smallest hooks that fix this without forking Accelerate:
   the whole world), so the engine is checked after creation: partitions must be 1/S.
 - `reshard_loader`: the `BatchSamplerShard` of a prepared loader serves my rank within my group
   (the Trainer itself does the same for its `BatchRebalanceSampler`).
+- `shuffle_in_group`: the loader's shuffle generator comes from my group's leader, not global
+  rank 0, and is not re-broadcast over the world every epoch.
 - `group_shard`: group g trains on rows g, g+K, ... of the dataset (the library's own rule in
   `data.TrainStream`), so a plain Trainer on that shard is the exact reference of group g.
 """
@@ -60,6 +62,29 @@ def reshard_loader(loader: Any, topology: Topology) -> Any:
     raise GroupShardingError(
         f"cannot shard {type(loader).__name__} inside the codistillation group: expected Accelerate's "
         "BatchSamplerShard (a map-style dataset and dispatch_batches=False)")
+
+
+def shuffle_in_group(loader: Any, topology: Topology) -> None:
+    """The shuffle order of a prepared loader, drawn from my group leader's generator.
+
+    By default (`use_seedable_sampler=False`) Accelerate broadcasts the sampler's generator from
+    global rank 0 over the whole world at the start of every epoch: a world-wide collective in
+    every group's data path, and every group shuffling with group 0's seed. The ranks of a group
+    must share one order (each takes its slice of the same batches), so the leader's generator
+    is broadcast inside the group once; every rank then draws the same numbers from it, epoch
+    after epoch. Other RNG types Accelerate would synchronize over the world are refused."""
+    types = list(getattr(loader, "rng_types", None) or [])
+    others = [t for t in types if str(getattr(t, "value", t)) != "generator"]
+    if others:
+        raise GroupShardingError(f"the Accelerator synchronizes RNG types {others} from global rank 0 over every "
+                                 "group; codistillation groups keep their own: leave `rng_types` at its default")
+    generator = getattr(loader, "synchronized_generator", None)
+    if not types or generator is None:
+        return
+    state = generator.get_state()
+    comm.broadcast(state, src=topology.layout.leader_of(topology.group_id), group=topology.group)
+    generator.set_state(state)
+    loader.rng_types = None
 
 
 def gather_in_group(data: Any, topology: Topology, gradient_state: Any = None) -> Any:
@@ -158,7 +183,8 @@ def _check_not_partitioned_over_world(model: Any, topology: Topology) -> None:
         raise GroupShardingError(
             f"{len(wrong)} parameter(s) (first: {name}) were partitioned by deepspeed.zero.Init over "
             f"{size} ranks, but a codistillation group has {topology.group_size}: build the model "
-            "with `with codistill.zero3_init():` (CodistillCallback) or before TrainingArguments")
+            "with `with codistill.zero3_init():` (CodistillCallback, or Codistill in an own Accelerate loop) "
+            "or before TrainingArguments")
 
 
 def check_engine_in_group(engine: Any, topology: Topology) -> None:
@@ -172,6 +198,29 @@ def check_engine_in_group(engine: Any, topology: Topology) -> None:
         name, size = wrong[0]
         raise GroupShardingError(f"ZeRO-3 partitions {len(wrong)} parameter(s) (first: {name}) over "
                                  f"{size} ranks, not the group's {S}: the groups would share one model")
+
+
+def check_fsdp_in_group(model: Any, topology: Topology) -> None:
+    """Every FSDP2 parameter is sharded on a mesh whose process group is exactly my group.
+
+    Checked per parameter: a module left out of `fully_shard`, or sharded on another mesh (a
+    `ParallelismConfig`'s), would be replicated or shared across groups without any error."""
+    mine = topology.layout.group_ranks(topology.group_id)
+    wrong, checked = [], {}
+    for name, p in model.named_parameters():
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is None:
+            wrong.append((name, "not sharded"))
+            continue
+        if id(mesh) not in checked:
+            ranks = dist.get_process_group_ranks(mesh.get_group()) if mesh.ndim == 1 else None
+            checked[id(mesh)] = ranks == mine
+        if not checked[id(mesh)]:
+            wrong.append((name, f"mesh {mesh.mesh_dim_names} of {mesh.size()} ranks"))
+    if wrong:
+        name, what = wrong[0]
+        raise GroupShardingError(f"{len(wrong)} FSDP2 parameter(s) (first: {name}, {what}) are not sharded over "
+                                 f"exactly my codistillation group of {topology.group_size} ranks")
 
 
 @contextmanager

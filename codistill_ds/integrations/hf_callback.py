@@ -16,123 +16,43 @@ arXiv 1804.03235). A callback cannot change the loss: the mixin adds `distill_te
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, set_seed
 
-from .. import comm
-from ..config import CodistillConfig, Config, ConfigError
-from ..data import EXCHANGE_STREAM_TAG, _EpochPermutation
+from ..config import CodistillConfig, ConfigError
 from ..dist import env_rank, env_world_size
-from ..engine import (
-    ExchangeBatch,
-    ExchangeEngine,
-    ExchangeSettings,
-    TargetBatch,
-    Transport,
-)
+from ..engine import ExchangeEngine, ExchangeSettings, TargetBatch, Transport
 from ..schedules import alpha_at
-from ..topology import Layout, Topology, build_group_job_topology, build_topology
-from ..validation import check_choices, check_numbers, check_topology
+from ..topology import Topology
+from .engine_driver import (  # noqa: F401 -- MODEL_INPUTS, distill_mask, check_same_exchange_data: moved here once
+    MODEL_INPUTS,
+    ExchangeBatches,
+    check_same_exchange_data,
+    distill_mask,
+    exchange_metrics,
+    group_job_transport,
+    join_groups,
+    layout_for,
+    lighthouse_url,
+    logits_of,
+    predict_logits,
+    topology_for,
+    validate_integration,
+)
 from .group_sharding import zero3_init_in_group
 from .hf_health import TrainerGuard
-
-MODEL_INPUTS = ("input_ids", "attention_mask")
-"""Columns of an exchange example fed to the model; labels are not needed to predict."""
 
 
 def validate_for_trainer(cfg: CodistillConfig, world_size: int) -> None:
     """The library's checks of the codistill section, plus what the Trainer path cannot do."""
-    full = Config(codistill=cfg)
-    check_topology(full, world_size)
-    check_choices(full)
-    check_numbers(full)
-    if not cfg.enabled:
-        raise ConfigError("codistill.enabled", "the Trainer integration always codistills; for a plain "
-                          "run leave out CodistillCallback and CodistillTrainerMixin")
-    if cfg.exchange_batch != "shared":
-        raise ConfigError("codistill.exchange_batch", "the Trainer integration supports 'shared' only: "
-                          "a group cannot know its peers' Trainer batches")
-
-
-class ExchangeBatches:
-    """Exchange batch e: the same rows on every group (seeded order), rank r's 1/S slice of them."""
-
-    def __init__(self, dataset: Any, seed: int, batch: int, topology: Topology, collate: Any,
-                 device: torch.device, ignore_index: int = -100) -> None:
-        if batch % topology.group_size:
-            raise ConfigError("exchange_batch_size", f"{batch} is not divisible by the "
-                              f"{topology.group_size} ranks per group")
-        self.dataset, self.collate, self.device, self.ignore_index = dataset, collate, device, ignore_index
-        self.order = _EpochPermutation(len(dataset), seed + EXCHANGE_STREAM_TAG)
-        self.batch, self.slice, self.rank = batch, batch // topology.group_size, topology.group_rank
-
-    def __call__(self, step: int, e: int) -> ExchangeBatch:
-        start = e * self.batch + self.rank * self.slice
-        rows = [self.dataset[int(i)] for i in self.order(np.arange(start, start + self.slice))]
-        keys = [k for k in (*MODEL_INPUTS, "labels") if k in rows[0]]
-        batch = self.collate([{k: row[k] for k in keys} for row in rows])
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUTS}
-        return ExchangeBatch(inputs, distill_mask(inputs, batch.get("labels"), self.ignore_index),
-                             range(self.rank * self.slice, (self.rank + 1) * self.slice))
-
-
-def distill_mask(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
-                 ignore_index: int) -> torch.Tensor | None:
-    """Positions whose prediction is distilled: attended, and not predicting an ignored label.
-
-    The logits at position t predict token t+1, so a label of `ignore_index` at t+1 (padding, a
-    prompt) masks position t, as it masks that token's cross-entropy; the last position has no
-    next label and is kept when attended."""
-    mask = inputs.get("attention_mask")
-    mask = None if mask is None else mask.bool()
-    if labels is not None:
-        labels = labels.to(inputs["input_ids"].device)
-        keep = torch.ones_like(labels, dtype=torch.bool)
-        keep[:, :-1] = labels[:, 1:] != ignore_index
-        mask = keep if mask is None else mask & keep
-    return None if mask is None else mask.flatten()
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    return logits.flatten(0, 1)
-
-
-
-def check_same_exchange_data(dataset: Any, layout: Layout) -> str:
-    """Every rank must draw exchange batches from the same rows, or the groups distill toward
-    predictions on other tokens without any error: one small all-gather of the dataset's length
-    and a digest of three rows, the Trainer path's `health.check_peers_compatible`."""
-    n = len(dataset)
-    rows = [_plain(dataset[i]) for i in sorted({0, n // 2, n - 1})] if n else []
-    mine = (n, hashlib.sha1(repr(rows).encode()).hexdigest()[:16])
-    everyone = comm.all_gather_object(mine)
-    if len(set(everyone)) > 1:
-        seen = {v: [r for r, w in enumerate(everyone) if w == v] for v in dict.fromkeys(everyone)}
-        detail = "; ".join(f"{v[0]} rows (digest {v[1]}) on ranks {ranks}" for v, ranks in seen.items())
-        raise ConfigError("train_dataset", f"ranks of a {layout.groups}-group job hold different exchange data: "
-                          f"{detail}; build the dataset the same way on every rank (same files, order and seed)")
-    return f"{mine[0]}:{mine[1]}"
-
-
-def _plain(value: Any) -> Any:
-    """Tensors as lists (a tensor's repr names its device, which differs by rank on GPUs)."""
-    if torch.is_tensor(value):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    validate_integration(cfg, world_size, "the Trainer integration",
+                         "leave out CodistillCallback and CodistillTrainerMixin")
 
 
 def use_gloo_for_cpu_deepspeed(args: Any) -> None:
@@ -188,9 +108,7 @@ class CodistillCallback(TrainerCallback):
             from ..ft_transport import check_reachable
 
             check_reachable(self.lighthouse_url, 10.0)
-            self.layout = Layout(env_world_size(), 1, env_rank(), first_group=self.config.group_id)
-        else:
-            self.layout = Layout(env_world_size(), self.config.groups, env_rank())
+        self.layout = layout_for(self.config, env_world_size(), env_rank())
         self.exchange_dataset, self.exchange_batch_size = exchange_dataset, exchange_batch_size
         self.peer_timeout_s = peer_timeout_s
         self.topology: Topology | None = None
@@ -223,17 +141,12 @@ class CodistillCallback(TrainerCallback):
     def build_topology(self) -> Topology:
         """Create the process groups once (a collective over the whole world)."""
         if self.topology is None:
-            if not dist.is_initialized():
-                raise RuntimeError("create TrainingArguments first: it initializes torch.distributed")
-            if self.separate_jobs:
-                self.topology = build_group_job_topology(self.config.group_id, self.config.groups)
-            else:
-                self.topology = build_topology(self.config.groups)
+            self.topology = topology_for(self.config)
         return self.topology
 
     @property
     def lighthouse_url(self) -> str:
-        return self.config.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"]
+        return lighthouse_url(self.config)
 
     @contextmanager
     def zero3_init(self) -> Iterator[None]:
@@ -285,21 +198,9 @@ class CodistillCallback(TrainerCallback):
                                   lambda: _last_checkpoint(trainer.args.output_dir, get_last_checkpoint))
 
     def _ft_transport(self, trainer: Any, dataset: Any, digest: str, batch: int) -> Transport:
-        """The group's leader joins the Lighthouse with this job's exchange contract: the exchange
-        data's digest stands for the corpus, the model's vocabulary for the tokenizer."""
-        from ..ft_transport import LighthouseMember, TorchFTTransport, exchange_contract
-
-        cd, t, member = self.config, self.topology, None
-        if t.layout.is_leader:
-            first = dataset[0] if len(dataset) else {}
-            seq_len = len(first["input_ids"]) if isinstance(first, dict) and "input_ids" in first else -1
-            model = trainer.model
-            vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
-            contract = exchange_contract(vocab, digest, trainer.args.seed, batch, seq_len, cd.topk, cd.dtype,
-                                         "logits" if cd.loss == "mse" else "logprobs", cd.temperature,
-                                         cd.index_dtype, cd.token_fraction)
-            member = LighthouseMember(self.lighthouse_url, cd.group_id, contract, cd.exchange_timeout_s)
-        return TorchFTTransport(t, member)
+        """One Trainer job per group: the torchft route, with the model's vocabulary in the contract."""
+        vocab = int(getattr(getattr(trainer.model, "config", None), "vocab_size", 0) or 0)
+        return group_job_transport(self.config, self.topology, dataset, digest, trainer.args.seed, batch, vocab)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_path(self, checkpoint_dir: str) -> str:
@@ -322,12 +223,7 @@ class CodistillCallback(TrainerCallback):
             raise RuntimeError("CodistillCallback needs a Trainer with CodistillTrainerMixin first in its "
                                "bases: use CodistillTrainer, or class MyTrainer(CodistillTrainerMixin, Trainer)")
         self.start_step = state.global_step  # after a resume: the checkpoint's step
-        transport = self.engine.transport
-        if hasattr(transport, "join"):  # groups in separate jobs: wait for the others first
-            present = transport.join(self.config.groups, self.config.join_timeout_s)
-            if self.topology.rank == 0:
-                print(f"codistill-ds: group {self.config.group_id}: {present} of {self.config.groups} groups "
-                      "present", file=sys.stderr, flush=True)
+        join_groups(self.engine, self.config, self.topology)  # groups in separate jobs: wait for the others
         self.guard.started(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -358,40 +254,21 @@ class CodistillCallback(TrainerCallback):
 
     def _predict(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher side: eval mode (no dropout), no graph; the engine compresses and swaps."""
-        model = self.trainer.model_wrapped
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return _logits(model(**inputs))
-        finally:
-            model.train(was_training)
+        return predict_logits(self.trainer.model_wrapped, inputs)
 
     def distill_term(self, model: torch.nn.Module) -> torch.Tensor | None:
         """alpha * D(peers || me) on the due exchange batches, in train mode; once per optimizer step."""
         batches, self.due = self.due, []
         if not batches or self.alpha == 0:
             return None
-        students = [_logits(model(**b.inputs)) for b in batches]
+        students = [logits_of(model(**b.inputs)) for b in batches]
         d = self.engine.distill_loss(students, batches)
         self.distill_value = d.detach()
         return self.alpha * d
 
     def log_metrics(self) -> dict[str, float]:
         """Group-level figures for the Trainer's logs; a collective over my group (every rank calls it)."""
-        t, stats = self.topology, self.engine.stats
-        out = {"alpha": self.alpha, "group": t.group_id, "cross_group_bytes": self.engine.bytes_sent,
-               "exchange_ms": stats.exchange_ms, "exchange_compute_ms": stats.exchange_compute_ms,
-               "skipped_peers": self.engine.skipped_peers}
-        if stats.peers is not None:
-            out["peers"] = stats.peers
-        if self.distill_value is not None:
-            v = self.distill_value.detach().double().reshape(1).cpu()
-            comm.all_reduce(v, group=t.group)
-            out["distill_loss"] = (v / t.group_size).item()
-        if self.agreement is not None:
-            out["agreement"] = self.agreement
-        return out
+        return exchange_metrics(self.engine, self.topology, self.alpha, self.distill_value, self.agreement)
 
 
 def _last_checkpoint(output_dir: str, find) -> str | None:
