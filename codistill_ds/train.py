@@ -38,7 +38,13 @@ from .integrations.accelerate import apply_launch_env
 from .loop import CodistillLoop
 from .metrics import MetricsWriter, write_summary
 from .model import ModelRecipe
-from .topology import Layout, Topology, TopologyError, build_group_job_topology, build_topology
+from .topology import (
+    Layout,
+    Topology,
+    TopologyError,
+    build_group_job_topology,
+    build_topology,
+)
 from .validation import validate
 
 

@@ -99,8 +99,8 @@ def check_group_job(cfg: Config) -> None:
              "lighthouse`) in codistill.lighthouse or TORCHFT_LIGHTHOUSE")
     for name, value, want, why in (
             ("codistill.mode", cd.mode, "logits", "weight exchange needs rails between jobs"),
-            ("codistill.exchange_batch", cd.exchange_batch, "shared", "a group cannot know the batches "
-             "of peers that run at their own pace"),
+            ("codistill.exchange_batch", cd.exchange_batch, "shared", ("a group cannot know the batches "
+                                                                       "of peers that run at their own pace")),
             ("codistill.route", cd.route, "leaders", "each group's leader takes part in the quorum")):
         _require(value == want, name, f"transport 'torchft' supports {name.split('.')[1]} {want!r} "
                  f"only ({why}), got {value!r}")
