@@ -296,7 +296,7 @@ class CodistillCallback(TrainerCallback):
             model = trainer.model
             vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
             contract = exchange_contract(vocab, digest, trainer.args.seed, batch, seq_len, cd.topk, cd.dtype,
-                                         "logits" if cd.loss == "mse" else "logprobs", cd.temperature,
+                                         ExchangeSettings.from_config(cd).kind, cd.temperature,
                                          cd.index_dtype, cd.token_fraction)
             member = LighthouseMember(self.lighthouse_url, cd.group_id, contract, cd.exchange_timeout_s)
         return TorchFTTransport(t, member)
