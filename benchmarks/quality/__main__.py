@@ -41,15 +41,15 @@ import argparse
 import json
 import signal
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from codistill_ds.launching import command_line
 
-from . import corpora, diloco
+from . import corpora, diloco, hetero
 from .plots import plot_regimes
 from .report import summarize_arm, write_reports
-from .runner import Run, RunFailed, cli_starter, run_once
+from .runner import Run, RunFailed, Starter, cli_starter, run_once
 from .settings import (
     ARMS,
     MODES,
@@ -87,16 +87,34 @@ def kind_of(arm: Arm) -> str:
     return "diloco" if arm.diloco else "codistill" if arm.codistill else "sync"
 
 
+def starter_of(arm: Arm, mode: Mode, regime: Regime, seed: int, files: list[str],
+               args: argparse.Namespace) -> tuple[list[str], Starter, int]:
+    """(the run's identifying overrides, how to start it, how many models it trains)."""
+    def sets_of(a: Arm) -> list[str]:
+        return arm_overrides(a, mode, regime, seed, files, args.steps) + args.set
+
+    sets = sets_of(arm)
+    if arm.diloco:
+        return sets, diloco.starter(sets, arm.diloco, 600.0), 2
+    if arm.special == "pair":
+        # The faster (small) group waits for the slower at every round: lockstep exchange.
+        by_group = [sets_of(replace(arm, small=small)) + ["codistill.join_timeout_s=600"]
+                    for small in (False, True)]
+        return by_group[0] + by_group[1], hetero.pair_starter(by_group), 2
+    if arm.special == "offline":
+        batch = 2 * mode.micro_batch  # the teacher is sync on one rank: its global batch
+        teacher = sets_of(ARMS["sync"]) + [f"data.micro_batch_size={batch}",
+                                           f"data.val_batches={regime.val_windows // batch}"]
+        return teacher + sets, hetero.offline_starter(teacher, sets), 1
+    return sets, cli_starter(sets, NPROC), 2 if arm.codistill else 1
+
+
 def run_one(arm: Arm, seed: int, mode: Mode, regime: Regime, files: list[str], args: argparse.Namespace,
             out: Path) -> Run:
     """One seed of one arm, as a resumable run."""
-    sets = arm_overrides(arm, mode, regime, seed, files, args.steps) + args.set
-    if arm.diloco:
-        start, models = diloco.starter(sets, arm.diloco, 600.0), 2
-    else:
-        start, models = cli_starter(sets, NPROC), 2 if arm.codistill else 1
+    sets, start, models = starter_of(arm, mode, regime, seed, files, args)
     run = run_once(out / "runs" / f"{arm.name}-s{seed}", arm_settings(arm, sets), start,
-                   mode.run_timeout_s, regime.stop, models, args.rerun)
+                   mode.run_timeout_s, regime.stop, models, args.rerun, reuse_root=out.parent)
     print(f"  {regime.name}/{arm.name} seed {seed}: {run.brief()}", flush=True)
     return run
 

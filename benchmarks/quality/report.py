@@ -31,7 +31,7 @@ def _mean(values: list[float | None]) -> float | None:
 def _bytes_at(run: Run, group: int, step: int, kind: str) -> float:
     """Boundary bytes this model's side of the run had sent by `step`."""
     if kind == "sync":
-        return step * ring_bytes(run.params)
+        return step * ring_bytes(run.params[group])
     sent = [r["cross_group_bytes"] for r in run.records
             if r["group"] == group and r["step"] <= step and r.get("cross_group_bytes") is not None]
     return float(sent[-1]) if sent else 0.0
@@ -45,7 +45,8 @@ def _model_entry(run: Run, group: int, kind: str) -> dict:
     agreements = [r["agreement"] for r in mine if r.get("agreement") is not None]
     sides = len(run.groups()) if kind != "sync" else 2
     entry = {
-        "seed": run.config["seed"], "group": group, "best_val_loss": best, "best_step": best_step,
+        "seed": run.config["seed"], "group": group, "params": run.params[group],
+        "best_val_loss": best, "best_step": best_step,
         "final_val_loss": hist[-1][1], "final_step": hist[-1][0], "stopped_at": run.stopped_at,
         "first_loss": mine[0]["loss"], "final_loss": mine[-1]["loss"],
         "agreement": agreements[-1] if agreements else None,
@@ -54,6 +55,12 @@ def _model_entry(run: Run, group: int, kind: str) -> dict:
         "val_history": hist,
         "bytes_history": [[s, sides * _bytes_at(run, group, s, kind)] for s, _ in hist],
     }
+    peers = [r.get("peers") for r in mine if "peers" in r]
+    if peers:  # the torchft pair runs at two paces: how many steps had a peer's predictions
+        entry["exchanged_fraction"] = sum(1 for p in peers if p) / len(peers)
+    teacher = run.run_dir / "teacher" / "metrics.jsonl"
+    if teacher.exists():  # the offline student's teacher (hetero.py)
+        entry["teacher_best_val_loss"] = min(json.loads(line)["val_loss"] for line in teacher.read_text().splitlines())
     glob = run.val_history(group, "global_val_loss")
     if glob:
         entry["global_val_history"] = glob
@@ -97,7 +104,7 @@ def summarize_arm(runs: list[Run], kind: str, note: str = "") -> dict:
         "cross_group_bytes": _mean([m["cross_group_bytes"] for m in models]),
         "bytes_counted": {"sync": "formula", "diloco": "formula"}.get(kind, "measured"),
         "process_s": _mean([run.process_s for run in runs]),
-        "params": runs[0].params, "seeds": len(runs),
+        "params": models[0]["params"], "seeds": len(runs),
         "per_group": models, "val_curve": curve, "bytes_curve": _mean_curve(models, "bytes_history"),
     }
     if any("best_global_val_loss" in m for m in models):
@@ -154,6 +161,60 @@ def markdown_table(results: dict) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
+def goals(arms: dict) -> list[str]:
+    """DESIGN.md's quality goals, met or not, for the arms this regime has."""
+    if "codistill" not in arms:
+        return []
+    c = arms["codistill"]
+    lines = []
+    if "sync" in arms:
+        ratio = c["best_val_loss"] / arms["sync"]["best_val_loss"]
+        lines.append(f"codistill best val <= 1.01 x sync's: {'met' if ratio <= 1.01 else 'missed'} "
+                     f"({c['best_val_loss']:.4f} vs {arms['sync']['best_val_loss']:.4f}, x{ratio:.4f}; final "
+                     f"{c['final_val_loss']:.4f} vs {arms['sync']['final_val_loss']:.4f})")
+    if "independent" in arms:
+        ind = arms["independent"]["best_val_loss"]
+        lines.append(f"codistill best val below independent's: {'met' if c['best_val_loss'] < ind else 'missed'} "
+                     f"({c['best_val_loss']:.4f} vs {ind:.4f})")
+    for name, a in arms.items():
+        if a["kind"] == "diloco":
+            best = min(a["best_val_loss"], a.get("best_global_val_loss", a["best_val_loss"]))
+            lines.append(f"codistill best val at or below {name}'s (workers' or shared model's, the lower): "
+                         f"{'met' if c['best_val_loss'] <= best else 'missed'} ({c['best_val_loss']:.4f} vs {best:.4f})")
+    return lines
+
+
+HETERO_ROWS = (
+    ("benchmark model alone (independent, group 0)", "independent", 0),
+    ("benchmark model + benchmark-size peer (codistill-shared, group 0)", "codistill-shared", 0),
+    ("benchmark model + small peer (hetero-pair, group 0)", "hetero-pair", 0),
+    ("benchmark model on all the data (sync: the offline teacher's recipe)", "sync", 0),
+    ("small model alone (small-independent, group 1)", "small-independent", 1),
+    ("small model + benchmark-size peer, online (hetero-pair, group 1)", "hetero-pair", 1),
+    ("small model distilled offline from the sync-trained model (small-offline)", "small-offline", 1),
+)
+
+
+def hetero_table(arms: dict) -> str:
+    """Model by model: does a small peer hurt the large model, and how does the online small
+    model compare with the same model alone and distilled offline (means over seeds)."""
+    lines = ["| model | params | seeds | best val loss | best at | final val loss | final at |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for label, arm, group in HETERO_ROWS:
+        models = [m for m in arms.get(arm, {}).get("per_group", []) if m["group"] == group]
+        if not models:
+            continue
+        teacher = _mean([m.get("teacher_best_val_loss") for m in models])
+        if teacher is not None:
+            label += f", teacher best val {teacher:.4f}"
+        lines.append(f"| {label} | {models[0]['params']:,} | {len(models)} | "
+                     f"{_mean([m['best_val_loss'] for m in models]):.4f} | "
+                     f"{_mean([m['best_step'] for m in models]):.0f} | "
+                     f"{_mean([m['final_val_loss'] for m in models]):.4f} | "
+                     f"{'/'.join(str(m['final_step']) for m in models)} |")
+    return "\n".join(lines)
+
+
 def write_reports(results: dict, out: Path) -> str:
     """OUT/results.json and OUT/results.md for one regime; returns the markdown."""
     add_gaps(results)
@@ -165,6 +226,9 @@ def write_reports(results: dict, out: Path) -> str:
             f"bytes, cap {r['steps']} updates per rank, stop rule {r['stop']}; the runs took "
             f"{results['runs_process_s'] / 60:.1f} min (launches included).\n\n"
             f"Command: `{results['command']}`\n")
-    text = f"{markdown_table(results)}\n\n{note}"
+    met = "".join(f"- {line}\n" for line in goals(results["arms"]))
+    if "hetero-pair" in results["arms"]:
+        met += f"\n{hetero_table(results['arms'])}\n"
+    text = f"{markdown_table(results)}\n\n{met}\n{note}" if met else f"{markdown_table(results)}\n\n{note}"
     (out / "results.md").write_text(text)
     return text

@@ -46,7 +46,9 @@ class Run:
     run_dir: Path
     records: list[dict]
     config: dict
-    params: int
+    """The resolved config (of group 0's job when the groups ran as separate jobs)."""
+    params: dict[int, int]
+    """Parameters of each group's model (groups of a hetero pair differ)."""
     process_s: float
     """Wall time of the whole launch (start-up included)."""
     stopped_at: int | None
@@ -67,20 +69,31 @@ class Run:
 
 
 def _logs(run_dir: Path) -> str:
-    return "\n".join(f"--- {p.name} tail:\n{tail(p, TAIL_CHARS)}" for p in sorted(run_dir.glob("*.log")))
+    return "\n".join(f"--- {p.relative_to(run_dir)} tail:\n{tail(p, TAIL_CHARS)}"
+                     for p in sorted(run_dir.glob("**/*.log")))
+
+
+def job_dirs(run_dir: Path) -> list[Path]:
+    """Where a run's jobs write: the run dir, or one `group<g>` dir per job (transport torchft)."""
+    return sorted(run_dir.glob("group*")) or [run_dir]
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """Every metrics.jsonl record the run's jobs have written so far."""
+    out = []
+    for d in job_dirs(run_dir):
+        path = d / "metrics.jsonl"
+        if path.exists():
+            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
 
 
 def val_histories(run_dir: Path) -> list[list[tuple[int, float]]]:
     """Every model's (step, val_loss) so far, from the records written up to now."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
     by_group: dict[int, list[tuple[int, float]]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            if r.get("val_loss") is not None:
-                by_group.setdefault(r["group"], []).append((r["step"], r["val_loss"]))
+    for r in read_records(run_dir):
+        if r.get("val_loss") is not None:
+            by_group.setdefault(r["group"], []).append((r["step"], r["val_loss"]))
     return list(by_group.values())
 
 
@@ -118,11 +131,13 @@ Starter = Callable[[Path], tuple[list[subprocess.Popen], Callable[[], None]]]
 
 
 def run_once(run_dir: Path, settings: dict, start: Starter, timeout_s: float, rule: StopRule | None,
-             models: int, rerun: bool = False) -> Run:
-    """The run in `run_dir`: reused when it finished with equal settings, else trained now."""
-    done = run_dir / "done.json"
-    if not rerun and done.exists() and _same(run_dir / "settings.json", settings):
-        return read_run(run_dir)
+             models: int, rerun: bool = False, reuse_root: Path | None = None) -> Run:
+    """The run in `run_dir`: reused when it (or, under `reuse_root`, another regime's run) finished
+    with equal settings and stop rule, else trained now."""
+    if not rerun:
+        found = finished(run_dir, settings, rule) or (reuse_root and find_finished(reuse_root, settings, rule))
+        if found:
+            return read_run(found)
     if run_dir.exists():
         shutil.rmtree(run_dir)  # metrics.jsonl is appended to: a stale one would mix two runs
     run_dir.mkdir(parents=True)
@@ -133,24 +148,42 @@ def run_once(run_dir: Path, settings: dict, start: Starter, timeout_s: float, ru
         stopped = watch(procs, run_dir, timeout_s, rule, models)
     finally:
         cleanup()
-    meta = {"process_s": time.perf_counter() - began, "stopped_at": stopped}
+    meta = {"process_s": time.perf_counter() - began, "stopped_at": stopped, "stop": str(rule)}
     (run_dir / "done.json").write_text(json.dumps(meta) + "\n")
     return read_run(run_dir)
 
 
-def _same(path: Path, settings: dict) -> bool:
-    return path.exists() and json.loads(path.read_text()) == json.loads(json.dumps(settings))
+def finished(run_dir: Path, settings: dict, rule: StopRule | None) -> Path | None:
+    """run_dir if it finished with these settings; a stopped run counts only under an equal
+    stop rule (a run that trained every update always counts)."""
+    done, path = run_dir / "done.json", run_dir / "settings.json"
+    if not done.exists() or not path.exists():
+        return None
+    if json.loads(path.read_text()) != json.loads(json.dumps(settings)):
+        return None
+    meta = json.loads(done.read_text())
+    if meta["stopped_at"] is not None and meta.get("stop") != str(rule):
+        return None
+    return run_dir
+
+
+def find_finished(root: Path, settings: dict, rule: StopRule | None) -> Path | None:
+    """A finished run with these settings anywhere under root/REGIME/runs (regimes share arms)."""
+    for path in sorted(root.glob("*/runs/*/settings.json")):
+        if finished(path.parent, settings, rule):
+            return path.parent
+    return None
 
 
 def read_run(run_dir: Path) -> Run:
-    path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = read_records(run_dir)
     if not any(r.get("val_loss") is not None for r in records):
         raise RunFailed(f"run {run_dir} wrote no validation records:\n{_logs(run_dir)}")
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    configs = {g: yaml.safe_load((d / "config.yaml").read_text()) for g, d in enumerate(job_dirs(run_dir))}
+    groups = sorted({r["group"] for r in records})
+    params = {g: model_params(json.dumps(configs.get(g, configs[0])["model"], sort_keys=True)) for g in groups}
     meta = json.loads((run_dir / "done.json").read_text())
-    return Run(run_dir, records, config, model_params(json.dumps(config["model"], sort_keys=True)),
-               meta["process_s"], meta["stopped_at"])
+    return Run(run_dir, records, configs[0], params, meta["process_s"], meta["stopped_at"])
 
 
 @cache

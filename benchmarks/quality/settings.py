@@ -127,6 +127,9 @@ class Arm:
     """Train the mode's small model instead of the benchmark model (hetero regime)."""
     sets: tuple[tuple[str, object], ...] = ()
     """Further `--set` overrides that define the arm (compression, tuning attempts)."""
+    special: str = ""
+    """"pair" (the benchmark model and the small one as two torchft jobs) or "offline" (the
+    small model distilled from a trained teacher): hetero.py runs these."""
     note: str = ""
 
 
@@ -173,8 +176,11 @@ ARMS: dict[str, Arm] = _arms(
     Arm("sync-b64", codistill=False, adjusted=False, batch_scale=4, note="global batch 8b, a quarter of the updates"),
     Arm("codistill-b64", batch_scale=4, note="batch 4b per group, a quarter of the updates"),
     # Hetero regime (hetero.py runs the pair and the offline student).
-    Arm("codistill-shared-small", small=True, alpha=0.0, sparse=True,
-        note="two small models alone (alpha 0)"),
+    Arm("small-independent", small=True, alpha=0.0, sparse=True, note="two small models alone (alpha 0)"),
+    Arm("hetero-pair", sets=SHARED, special="pair",
+        note="group 0 the benchmark model, group 1 the small one, two jobs over transport torchft"),
+    Arm("small-offline", small=True, special="offline",
+        note="the small model distilled every step from a frozen sync-trained benchmark model"),
 )
 
 GOAL_ARMS = ("sync", "codistill", "diloco-h10", "diloco-h50", "diloco-h100")
@@ -188,6 +194,7 @@ TOKEN = ("sync", "codistill", "independent", "diloco-h50", "codistill-alpha0.5",
          "sync-b32", "codistill-b32")
 SMOKE = ("sync", "codistill", "independent", "codistill-stale-weights", "diloco-h10", "codistill-top1-fp8")
 """One arm of each kind: the stale and unadjusted arms differ from these by flags only."""
+HETERO = ("sync", "independent", "codistill-shared", "hetero-pair", "small-independent", "small-offline")
 SIDE = ("codistill-unadjusted", "codistill-stale", "codistill-stale-weights")
 
 BENCH = ModelSize(128, 4, 512)
@@ -209,6 +216,8 @@ MODES: dict[str, Mode] = {
                       "token": Regime("token", "mixed", 400_000, 80, TOKEN, val_windows=64),
                       "stdlib": Regime("stdlib", "stdlib", 30_000, 300, FULL_MAIN[:3] + ("diloco-h50",),
                                        val_windows=32, val_fraction=0.15, stop=StopRule()),
+                      "hetero": Regime("hetero", "text", 30_000, 300, HETERO, val_windows=32,
+                                       val_fraction=0.15, stop=StopRule()),
                   }),
     "full": Mode("full", BENCH, ModelSize(128, 2, 256), seq_len=128, micro_batch=16,
                  eval_interval=25, stale_interval=50, regimes={
@@ -220,6 +229,9 @@ MODES: dict[str, Mode] = {
                      "token": Regime("token", "mixed", 2_230_788, 480, TOKEN, val_windows=128),
                      "stdlib": Regime("stdlib", "stdlib", 100_000, 1000, FULL_MAIN[:3] + ("diloco-h50",),
                                       stop=StopRule()),
+                     # The shakespeare regime's data and budget: its sync and independent runs
+                     # are reused.
+                     "hetero": Regime("hetero", "text", 100_000, 1000, HETERO, stop=StopRule()),
                  }),
 }
 
