@@ -137,7 +137,7 @@ def _steps(a: dict) -> str:
     return f"{steps} (stopped)" if a["stopped"] else steps
 
 
-COLUMNS = ("arm", "seeds", "best val loss", "sd over seeds", "best at (mean curve)", "final val loss",
+COLUMNS = ("arm", "seeds", "best val loss", "sd over seeds", "best at (update)", "final val loss",
            "final at", "best vs sync", "best vs independent", "best vs codistill", "final vs sync",
            "top-1 agreement", "boundary bytes/run", "bytes", "launch s/run", "best val per model")
 
@@ -150,7 +150,7 @@ def _row(name: str, a: dict) -> list[str]:
     if "best_global_val_loss" in a:
         best += f" (shared model {a['best_global_val_loss']:.4f})"
     return [name, str(a["seeds"]), best, _fmt(a["best_val_loss_seed_sd"], ".4f"),
-            str(a["mean_curve_best_step"]), f"{a['final_val_loss']:.4f}", _steps(a), *pct[:3], pct[3],
+            f"{a['best_step']:.0f}", f"{a['final_val_loss']:.4f}", _steps(a), *pct,
             _fmt(a["agreement"], ".3f"), f"{a['cross_group_bytes']:,.0f}", a["bytes_counted"],
             f"{a['process_s']:.0f}", ", ".join(f"{m['best_val_loss']:.4f}" for m in a["per_group"])]
 
