@@ -131,6 +131,11 @@ class CodistillConfig:
     index_dtype: str = "auto"
     """Wire dtype of top-k ids: "auto" (uint16 when the vocabulary has <= 65,536 entries, else
     int32) | "uint16" | "int32". Ids are lossless either way; uint16 halves their bytes."""
+    targets: str = "topk"
+    """What each position's prediction travels as: "topk" (the k largest entries, the rest of the
+    mass as one tail bucket) | "samples" (k ids drawn from the teacher at temperature T with their
+    log-probabilities: an unbiased estimate of the forward KL and its gradient, where top-k is
+    biased; Anshumann et al., ACL 2025; needs loss "kl" and topk >= 1 draws)."""
     token_fraction: float = 1.0
     """Fraction of each exchange sequence's positions whose predictions travel, in (0, 1]; the
     positions are drawn from (seed, exchange index), the same in every group (sampling.py)."""

@@ -123,20 +123,24 @@ class ExchangeSettings:
     token_fraction: float = 1.0
     seed: int = 0
     """Keys the positions drawn under `token_fraction` (with the exchange index and row)."""
+    targets: str = "topk"
+    """"topk" or "samples" (`sampling.sample_targets`: k ids drawn per position)."""
     peer_weights: tuple[tuple[int, float], ...] = ()
     """(peer group, weight): the distillation term's weighted mean over peers (unlisted: 1)."""
 
     @classmethod
     def from_config(cls, cd: CodistillConfig, seed: int = 0) -> ExchangeSettings:
         return cls(cd.interval, cd.staleness, cd.async_exchange, cd.topk, cd.dtype, cd.loss, cd.temperature,
-                   cd.index_dtype, cd.token_fraction, seed, tuple(tuple(p) for p in cd.peer_weights))
+                   cd.index_dtype, cd.token_fraction, seed, cd.targets, tuple(tuple(p) for p in cd.peer_weights))
 
     def weight_of(self, group: int) -> float:
         return dict(self.peer_weights).get(group, 1.0)
 
     @property
     def kind(self) -> str:
-        """MSE matches raw logits; the divergences compare log-probabilities."""
+        """MSE matches raw logits; the divergences compare log-probabilities; or sampled ids."""
+        if self.targets == "samples":
+            return "samples"
         return "logits" if self.loss == "mse" else "logprobs"
 
 
@@ -204,7 +208,7 @@ class ExchangeEngine:
         with torch.no_grad():
             logits = predict(batch.inputs)
         logits, batch = self._select(e, batch, logits)
-        mine = compress(logits, s.topk, wire_dtype(s.dtype), s.kind, s.temperature, s.index_dtype)
+        mine = self._payload(e, logits, batch)
         stats = self.stats
         stats.exchange_compute_ms = (time.perf_counter() - start) * 1e3
         self._notify("sent", step, mine)
@@ -223,6 +227,17 @@ class ExchangeEngine:
             peers = [p for p, pe in zip(result.peers, self._exchanges(result, e)) if pe == e]
             if peers and all(bool(torch.isfinite(p.values.float()).all()) for p in peers):
                 stats.distill_eval = peer_distill_loss(logits, peers, s.loss, s.temperature, batch.mask).item()
+
+    def _payload(self, e: int, logits: torch.Tensor, batch: ExchangeBatch) -> CompressedLogits:
+        """Top-k (or full) compression, or k draws from the teacher seeded by (seed, exchange, my
+        group, my rows), so a resumed run draws the same targets."""
+        s = self.s
+        if s.targets != "samples":
+            return compress(logits, s.topk, wire_dtype(s.dtype), s.kind, s.temperature, s.index_dtype)
+        from .sampling import sample_targets
+
+        gen = torch.Generator(device=logits.device).manual_seed(hash((s.seed, e, self.group_id, batch.rows.start if batch.rows else 0)) & (2**62))
+        return sample_targets(logits, s.topk, s.temperature, s.dtype, s.index_dtype, gen)
 
     def _select(self, e: int, batch: ExchangeBatch, logits: torch.Tensor) -> tuple[torch.Tensor, ExchangeBatch]:
         """Keep the `token_fraction` of positions that travel: the same draw in every group."""

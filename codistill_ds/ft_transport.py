@@ -205,6 +205,9 @@ class LighthouseMember:
         self._last_beat = time.monotonic()
         """When a heartbeat last reached the Lighthouse: while it cannot be reached, rounds are
         skipped at once instead of each waiting out a quorum timeout (training goes on alone)."""
+        self.last_heartbeat_error: Exception | None = None
+        self.last_quorum_error: Exception | None = None
+        """The latest failures of the background heartbeat and of the start-up join (for a report)."""
         self._stop = threading.Event()
         self._warned: set[str] = set()
         self._beat = threading.Thread(target=self._heartbeat, name="codistill-lighthouse-heartbeat",
@@ -216,8 +219,8 @@ class LighthouseMember:
             try:
                 self.client.heartbeat(self.replica_id, datetime.timedelta(seconds=1))
                 self._last_beat = time.monotonic()
-            except Exception:  # noqa: BLE001 -- a lost link: rounds are skipped until a beat gets through
-                pass
+            except Exception as err:  # noqa: BLE001 -- a lost link: rounds are skipped until a beat gets through
+                self.last_heartbeat_error = err
 
     def reachable(self) -> bool:
         """A heartbeat got through within the last UNREACHABLE_S seconds."""
@@ -269,8 +272,8 @@ class LighthouseMember:
                 present = len({m.data["group"] for m in members})
             except IncompatibleGroup:
                 raise
-            except Exception:  # noqa: BLE001 -- no quorum within the timeout: ask again until the deadline
-                pass
+            except Exception as err:  # noqa: BLE001 -- no quorum within the timeout: ask again until the deadline
+                self.last_quorum_error = err
             if present >= groups or time.monotonic() >= deadline:
                 return present
             time.sleep(0.05)

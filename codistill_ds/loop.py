@@ -125,9 +125,7 @@ class CodistillLoop:
             if with_distill:
                 students = _students(logits, n, batches)
                 cd = self.cfg.codistill
-                weight_of = dict(cd.peer_weights).get if cd.peer_weights else None
-                d = batched_peer_loss(students, batches, cd.loss, cd.temperature,
-                                      None if weight_of is None else (lambda g: weight_of(g, 1.0)))
+                d = batched_peer_loss(students, batches, cd.loss, cd.temperature, self._peer_weight)
                 loss = ce + A * alpha * d
                 distill_value = d.item()
                 if self.weights is not None or self.cfg.codistill.exchange_batch == "train":
@@ -143,6 +141,12 @@ class CodistillLoop:
             "exchange_compute_ms": stats.get("exchange_compute_ms", 0.0),
             "step_ms": (now - start) * 1e3, "wall_s": now - self._started,
         }
+
+    @property
+    def _peer_weight(self):
+        """`codistill.peer_weights` as a function of the peer group (None: all peers weigh 1)."""
+        weights = dict(self.cfg.codistill.peer_weights)
+        return (lambda g: weights.get(g, 1.0)) if weights else None
 
     def _apply_schedules(self, step: int) -> float:
         o, cd = self.cfg.optim, self.cfg.codistill

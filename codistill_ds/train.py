@@ -38,7 +38,13 @@ from .integrations.accelerate import apply_launch_env
 from .loop import CodistillLoop
 from .metrics import MetricsWriter, write_summary
 from .model import ModelRecipe
-from .topology import Layout, Topology, TopologyError, build_group_job_topology, build_topology
+from .topology import (
+    Layout,
+    Topology,
+    TopologyError,
+    build_group_job_topology,
+    build_topology,
+)
 from .validation import validate
 
 
@@ -78,6 +84,7 @@ def separate_group_jobs(cfg: Config) -> bool:
 def build_ft_transport(cfg: Config, topology: Topology, corpus, vocab_size: int):
     """The leader joins the Lighthouse with this group's exchange contract; every rank gets the
     transport (non-leaders only gather and scatter through it)."""
+    from .engine import ExchangeSettings
     from .ft_transport import LighthouseMember, TorchFTTransport, exchange_contract
     from .health import fingerprint
 
@@ -87,7 +94,7 @@ def build_ft_transport(cfg: Config, topology: Topology, corpus, vocab_size: int)
         contract = exchange_contract(
             vocab_size, fingerprint(cfg, vocab_size, 0, corpus.train)["corpus"], cfg.seed,
             d.exchange_batch_size or d.micro_batch_size * topology.group_size, d.seq_len,
-            cd.topk, cd.dtype, "logits" if cd.loss == "mse" else "logprobs", cd.temperature, cd.index_dtype,
+            cd.topk, cd.dtype, ExchangeSettings.from_config(cd).kind, cd.temperature, cd.index_dtype,
             cd.token_fraction)
         member = LighthouseMember(cd.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"], cd.group_id,
                                   contract, cd.exchange_timeout_s)

@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "codistill.exchange_backend": ("auto", "nccl", "gloo"),
     "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
     "codistill.transport": ("world", "torchft"),
+    "codistill.targets": ("topk", "samples"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "backend.name": ("deepspeed", "fsdp"),
     "backend.precision": ("auto", "fp32", "bf16"),
@@ -99,8 +100,8 @@ def check_group_job(cfg: Config) -> None:
              "lighthouse`) in codistill.lighthouse or TORCHFT_LIGHTHOUSE")
     for name, value, want, why in (
             ("codistill.mode", cd.mode, "logits", "weight exchange needs rails between jobs"),
-            ("codistill.exchange_batch", cd.exchange_batch, "shared", "a group cannot know the batches "
-             "of peers that run at their own pace"),
+            ("codistill.exchange_batch", cd.exchange_batch, "shared", ("a group cannot know the batches "
+                                                                       "of peers that run at their own pace")),
             ("codistill.route", cd.route, "leaders", "each group's leader takes part in the quorum")):
         _require(value == want, name, f"transport 'torchft' supports {name.split('.')[1]} {want!r} "
                  f"only ({why}), got {value!r}")
@@ -208,6 +209,9 @@ def _check_exchange(cfg: Config, world_size: int, vocab_size: int | None) -> Non
         )
     _require(0.0 < cd.token_fraction <= 1.0, "codistill.token_fraction",
              f"must be in (0, 1], got {cd.token_fraction}")
+    _require(cd.targets == "topk" or (cd.loss == "kl" and cd.topk >= 1), "codistill.targets",
+             f"sampled targets estimate the forward KL from topk >= 1 draws (loss 'kl'); got loss "
+             f"{cd.loss!r}, topk {cd.topk}")
     _require(cd.token_fraction == 1.0 or (cd.exchange_batch == "shared" and cd.mode == "logits"),
              "codistill.token_fraction", "a fraction of the positions travels only with mode 'logits' and "
              f"exchange_batch 'shared' (got mode {cd.mode!r}, exchange_batch {cd.exchange_batch!r})")

@@ -439,3 +439,14 @@ def test_exchange_backend_choices(base):
     with pytest.raises(ConfigError) as info:
         validate(load_config(None, ["codistill.exchange_backend=mpi"]), 4)
     assert "valid values: auto, nccl, gloo" in str(info.value)
+
+
+def test_readme_configuration_reference_is_generated_from_the_docstrings():
+    """The README's table is `python -m codistill_ds.config_doc`: every field, its default and its
+    docstring; regenerate it (and paste) when config.py changes."""
+    from pathlib import Path
+
+    from codistill_ds.config_doc import reference_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert reference_table() in readme

@@ -76,7 +76,7 @@ def hetero(tmp_path_factory):
 
 
 def test_different_models_exchange_save_and_resume(hetero):
-    for g, run in hetero["runs"].items():
+    for run in hetero["runs"].values():
         recs = read_jsonl(run / "metrics.jsonl")
         assert [r["step"] for r in recs] == list(range(1, 31))  # phase 2 continued from step 20
         assert sum(r["peers"] == 1 for r in recs) >= 25, [r["peers"] for r in recs]
@@ -94,7 +94,7 @@ def test_each_group_exports_its_own_architecture(hetero, tmp_path):
     kinds = {}
     for g, run in hetero["runs"].items():
         out = tmp_path / f"export{g}"
-        proc = subprocess.run([sys.executable, "-m", "codistill_ds.cli", "export", str(run), "--group", str(g), str(out)],
+        proc = subprocess.run([sys.executable, "-m", "codistill_ds.cli", "export", str(run), "--group", str(g), str(out)], check=False,
                               cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         model = AutoModelForCausalLM.from_pretrained(out)

@@ -28,7 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-from codistill_ds.launching import REPO, child_env, free_port, signal_tree, stop, torchrun_argv
+from codistill_ds.launching import (
+    REPO,
+    child_env,
+    signal_tree,
+    stop,
+    torchrun_argv,
+)
 from codistill_ds.lighthouse import start_lighthouse
 
 GROUPS = 3
@@ -203,8 +209,8 @@ def report(results: dict, out: Path) -> None:
             val = f"{row['last_val_loss']:.4f}" if row["last_val_loss"] is not None else "-"
             lines.append(f"| {name} | {g} | {row['goodput_steps_per_min']:.1f} | {ratio} | "
                          f"{row['steps_lost_to_restarts']} | {val} |")
-    lines += ["", "| arm | killed group at (s) | survivors' steps/min while it was down (vs clean) | "
-              "restart -> first step (s) | first step -> first exchange (s) |", "|---|---|---|---|---|"]
+    lines += ["", ("| arm | killed group at (s) | survivors' steps/min while it was down (vs clean) | "
+                   "restart -> first step (s) | first step -> first exchange (s) |"), "|---|---|---|---|---|"]
     for name, arm in results["arms"].items():
         clean = results["arms"].get(name.replace("faults", "clean"))
         for ev in arm["events"]:
@@ -212,7 +218,7 @@ def report(results: dict, out: Path) -> None:
             for h, rate in ev["survivor_steps_per_min"].items():
                 base = clean["groups"][h]["goodput_steps_per_min"] if clean else None
                 rates.append(f"g{h} {rate:.0f} ({rate / base:.2f})" if rate and base else f"g{h} -")
-            f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+            f = lambda x: "-" if x is None else f"{x:.1f}"
             lines.append(f"| {name} | g{ev['group']} at {ev['kill_s']:.0f} | {', '.join(rates)} | "
                          f"{f(ev['restart_to_first_step_s'])} | {f(ev['first_step_to_first_exchange_s'])} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")

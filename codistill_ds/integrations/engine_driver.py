@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .. import comm
 from ..config import CodistillConfig, Config, ConfigError
 from ..data import EXCHANGE_STREAM_TAG, _EpochPermutation
-from ..engine import ExchangeBatch, ExchangeEngine, Transport
+from ..engine import ExchangeBatch, ExchangeEngine, ExchangeSettings, Transport
 from ..topology import Layout, Topology, build_group_job_topology, build_topology
 from ..validation import check_choices, check_numbers, check_topology
 
@@ -155,7 +155,7 @@ def group_job_transport(cfg: CodistillConfig, topology: Topology, dataset: Any, 
         first = dataset[0] if len(dataset) else {}
         seq_len = len(first["input_ids"]) if isinstance(first, dict) and "input_ids" in first else -1
         contract = exchange_contract(vocab_size, digest, seed, batch, seq_len, cfg.topk, cfg.dtype,
-                                     "logits" if cfg.loss == "mse" else "logprobs", cfg.temperature,
+                                     ExchangeSettings.from_config(cfg).kind, cfg.temperature,
                                      cfg.index_dtype, cfg.token_fraction)
         member = LighthouseMember(lighthouse_url(cfg), cfg.group_id, contract, cfg.exchange_timeout_s)
     return TorchFTTransport(topology, member)

@@ -14,31 +14,16 @@ from other config sections: `codistill_exchange_batch_size` (the CLI's
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import itertools
-import textwrap
 import typing
 from typing import Any
 
 import yaml
 
 from ..config import BackendConfig, CodistillConfig, DataConfig
+from ..config_doc import field_docs
 
 PREFIX = "codistill_"
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The string literal under each field of a dataclass (config.py documents fields that way)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs: dict[str, str] = {}
-    for node, nxt in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 class _CodistillArgumentsBase:

@@ -1,0 +1,55 @@
+"""One figure for every regime: validation loss against update (top row) and against cumulative
+bytes across the boundary between the run's two halves (bottom row), one column per regime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MAX_LABELS = 12
+
+
+def _limits(arms: dict) -> tuple[float, float]:
+    lows = [min(v for _, v in a["val_curve"]) for a in arms.values()]
+    firsts = [a["val_curve"][0][1] for a in arms.values()]
+    low = min(lows)
+    return low - 0.02 * low, min(max(firsts), low * 1.25)  # the first evaluations flatten the tail
+
+
+def _panel(ax_steps, ax_bytes, results: dict) -> None:
+    arms = results["arms"]
+    for i, (name, arm) in enumerate(arms.items()):
+        style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "linewidth": 1.6}
+        steps, vals = zip(*arm["val_curve"])
+        ax_steps.plot(steps, vals, label=f"{name} ({min(vals):.3f})", **style)
+        xb, yb = zip(*[(b, v) for (_, b), (_, v) in zip(arm["bytes_curve"], arm["val_curve"]) if b > 0] or [(1, vals[0])])
+        ax_bytes.plot(xb, yb, **style)
+    low, high = _limits(arms)
+    r = results["regime"]
+    ax_steps.set_title(f"{r['name']}: {r['corpus']} {r['max_bytes'] / 1e3:,.0f} KB", fontsize=9)
+    for ax in (ax_steps, ax_bytes):
+        ax.set_ylim(low, high)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    ax_steps.set_xlabel("update (per rank)", fontsize=8)
+    ax_bytes.set_xscale("log")
+    ax_bytes.set_xlabel("cumulative boundary bytes (run)", fontsize=8)
+    ax_steps.legend(fontsize=6, ncol=1 if len(arms) <= MAX_LABELS // 2 else 2)
+
+
+def plot_regimes(all_results: list[dict], path: Path) -> None:
+    """`path`: a PNG with one column per regime's results."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(all_results)
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 7.2), squeeze=False)
+    for col, results in enumerate(all_results):
+        _panel(axes[0][col], axes[1][col], results)
+    axes[0][0].set_ylabel("validation loss (nats/byte), mean of models and seeds", fontsize=8)
+    axes[1][0].set_ylabel("validation loss (nats/byte)", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
