@@ -1,38 +1,41 @@
 """Codistillation in your own Accelerate training loop: `Codistill`.
 
 A loop of your own, written with `Accelerator.prepare` and `accelerator.backward` (not the
-project's CLI, not the Hugging Face Trainer), codistills with four lines added or changed
+project's CLI, not the Hugging Face Trainer), codistills with five lines added or changed
 (README, "Your own Accelerate loop", has the diff against a plain loop; examples/accelerate_loop.py
 runs it):
 
-    codistill = Codistill.from_accelerator(accelerator, CodistillConfig(groups=2), exchange_dataset=rows, seed=SEED)
+    codistill = Codistill.from_accelerator(accelerator, CodistillConfig(groups=2), exchange_dataset=rows)
     loader = DataLoader(codistill.shard(rows), batch_size=8, shuffle=True)
     model, optimizer, loader = codistill.prepare(model, optimizer, loader)
         loss = codistill.distill(loss, model, step)        # after the forward, before accelerator.backward
+        print(codistill.log_metrics())                     # where the loop logs (every rank calls it)
 
-and `codistill.log_metrics()` where the loop logs. The world splits into K contiguous groups
-(`topology.py`); each trains one replica, sharded inside the group only, on its own rows, and
-every `interval` steps all groups predict on the same exchange batch, swap compressed
-predictions and add alpha(t) * 1/(K-1) * sum_j D(f_j || f_i) to their loss (Anil et al. 2018,
-arXiv 1804.03235). The schedule is the exchange engine's (`engine.py`), the same object the CLI
-loop and the Trainer integration drive; what this module adds is where Accelerate assumes the
-world is one data-parallel group:
+The world splits into K contiguous groups (`topology.py`); each trains one replica, sharded
+inside the group only, on its own rows, and every `interval` steps all groups predict on the same
+exchange batch, swap compressed predictions and add alpha(t) * 1/(K-1) * sum_j D(f_j || f_i) to
+their loss (Anil et al. 2018, arXiv 1804.03235). The schedule is the exchange engine's
+(`engine.py`), the object the CLI loop and the Trainer integration drive too; what this module
+adds is where Accelerate assumes the world is one data-parallel group:
 
-    seed set once for the world        -> seed + g per group (`same_init`: one seed)
-    deepspeed.initialize without mpu   -> mpu = my group (`group_sharding.engines_in_group`);
-    fully_shard without a mesh         -> the ("codistill", "shard") mesh's shard dimension;
-                                          then every parameter checked: 1/S, over my group
+    set_seed once for the world        -> seed + g per group (`same_init`: one seed)
+    deepspeed.initialize without mpu   -> mpu = my group (`group_sharding.engines_in_group`), then
+                                          every parameter checked: partitioned over my group only
+    fully_shard without a mesh         -> the ("codistill", "shard") mesh's shard dimension, then
+                                          every parameter checked the same way
     loaders split over the world       -> over my group's S ranks, shuffled from my group
                                           leader's generator (`reshard_loader`, `shuffle_in_group`)
     one dataset                        -> rows g, g+K, ... for group g (`shard`)
+    gather_for_metrics over the world  -> over my group (`gather_for_metrics`)
     a NaN loss                         -> my group stops before its next exchange: one line, exit 4
 
-Engines: DeepSpeed ZeRO-1/2/3 (an `accelerate launch` DeepSpeed YAML) and FSDP2 (accelerator
-devices only: Accelerate 1.15 turns FSDP on for MULTI_GPU, MULTI_XPU, ... process types, never
-MULTI_CPU). Plain DDP over more than one group is refused: it all-reduces gradients over the
-world, which is synchronous training. On a machine without accelerators Accelerate 1.15 picks no
-process-group backend for DeepSpeed and counts one process; create the Accelerator with
-`kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]` there.
+Engines: DeepSpeed ZeRO-1/2/3 (an `accelerate launch` DeepSpeed YAML) and FSDP2 on accelerator
+devices. Accelerate 1.15 turns FSDP on only for accelerator process types (MULTI_GPU, MULTI_XPU,
+...): under launch/accelerate/fsdp2.yaml on a CPU-only machine it reports distributed type NO
+(checked by hand, 2 processes), so on CPU this path is DeepSpeed. Plain DDP over more than one
+group is refused: it all-reduces gradients over the world, which is synchronous training. On a
+machine without accelerators Accelerate 1.15 picks no process-group backend for DeepSpeed and
+counts one process: create the Accelerator with `kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]`.
 """
 
 from __future__ import annotations
@@ -66,9 +69,9 @@ from .engine_driver import (
     validate_integration,
 )
 from .group_sharding import (
-    check_engine_in_group,
     check_fsdp_in_group,
     engines_in_group,
+    gather_in_group,
     group_shard,
     reshard_loader,
     shuffle_in_group,
@@ -89,10 +92,11 @@ class Codistill:
         self.exchange_dataset, self.collate_fn, self.seed = exchange_dataset, collate_fn, seed
         self.exchange_batch_size, self._transport, self._digest = exchange_batch_size, transport, digest
         self.engine: ExchangeEngine | None = None
-        """Built by `prepare` (the exchange batch defaults to the loader's batch x S)."""
+        """Built by the first `prepare` that sees a DataLoader (or any, given `exchange_batch_size`)."""
         self.alpha = 0.0
         self.distill_value: torch.Tensor | None = None
         self.agreement: float | None = None
+        self._model: torch.nn.Module | None = None
         self._step: int | None = None
         self._joined = False
         self._loss_sum, self._loss_count = 0.0, 0
@@ -102,14 +106,14 @@ class Codistill:
                          collate_fn: Any = None, seed: int = 0, exchange_batch_size: int | None = None,
                          transport: Transport | None = None) -> Codistill:
         """Process groups, this group's seed, and the checks that must fail before any training
-        collective. Call it after creating the Accelerator and before building the model (the
-        model's initialization draws from the group's seed: `seed + g`, or `seed` with
-        `same_init`). Collective over the world.
+        collective. Call it after creating the Accelerator and before building the model: it
+        seeds the model's initialization with `seed + g` (`same_init`: `seed`), so do not call
+        `set_seed` after it. Collective over the world.
 
         `exchange_dataset`: map-style rows (dicts with `input_ids`, optionally `attention_mask`
         and `labels`), identical on every rank: exchange batches are drawn from it in a seeded
         order, the same in every group; `collate_fn` batches them (default: torch's).
-        `exchange_batch_size`: rows per exchange (default: the loader's batch size x S)."""
+        `exchange_batch_size`: rows per exchange (default: the training loader's batch size x S)."""
         from accelerate.utils import set_seed
 
         config = config or CodistillConfig()
@@ -138,7 +142,7 @@ class Codistill:
         return self.topology.layout.is_leader
 
     def shard(self, dataset: Any) -> Any:
-        """Group g's training rows: g, g+K, g+2K, ... (Accelerate then splits them over the S ranks)."""
+        """Group g's training rows: g, g+K, g+2K, ... (`prepare` then splits them over the S ranks)."""
         return group_shard(dataset, self.topology.group_id, self.topology.groups)
 
     def checkpoint_dir(self, base: str) -> str:
@@ -160,8 +164,8 @@ class Codistill:
 
     def prepare(self, *objects: Any) -> Any:
         """`accelerator.prepare(*objects)` with the engine and the loaders inside my group, then
-        checked: every parameter sharded over exactly my group (1/S each), none NaN on any rank
-        (a world-wide gather), loaders serving rank r of S. Builds the exchange engine."""
+        checked: every parameter sharded over exactly my group, none NaN on any rank (a gather
+        over the world), loaders serving rank r of S. Builds the exchange engine."""
         from accelerate.utils import DistributedType
 
         acc, t = self.accelerator, self.topology
@@ -173,37 +177,29 @@ class Codistill:
         with engines_in_group(t, acc.distributed_type == DistributedType.DEEPSPEED, mesh):
             prepared = acc.prepare(*objects)
         results = list(prepared) if len(objects) > 1 else [prepared]
-        for obj in results:
+        loader_batch = None
+        for before, obj in zip(objects, results):
             if isinstance(obj, torch.utils.data.DataLoader):
                 reshard_loader(obj, t)
                 shuffle_in_group(obj, t)
+                loader_batch = loader_batch or before.batch_size
             elif isinstance(obj, torch.nn.Module):
-                self._check_model(obj)
-        if self.engine is None:
-            loaders = [o for o in objects if isinstance(o, torch.utils.data.DataLoader)]
-            models = [o for o in results if isinstance(o, torch.nn.Module)]
-            self.engine = self._build_engine(loaders[0].batch_size if loaders else None, models[0] if models else None)
+                if acc.is_fsdp2:  # DeepSpeed engines were checked at creation (engines_in_group)
+                    check_fsdp_in_group(obj, t)
+                check_initialized(obj)  # every rank of every group: no group may start from NaN
+                self._model = self._model or obj
+        if self.engine is None and (loader_batch or self.exchange_batch_size):
+            self.engine = self._build_engine(self.exchange_batch_size or loader_batch * t.group_size)
         return prepared
 
-    def _check_model(self, model: torch.nn.Module) -> None:
-        if hasattr(model, "dp_world_size"):  # a DeepSpeed engine (checked at creation; cheap to repeat)
-            check_engine_in_group(model, self.topology)
-        elif self.accelerator.is_fsdp2:
-            check_fsdp_in_group(model, self.topology)
-        check_initialized(model)  # every rank of every group: no group may start from NaN
-
-    def _build_engine(self, loader_batch: int | None, model: torch.nn.Module | None) -> ExchangeEngine:
+    def _build_engine(self, batch: int) -> ExchangeEngine:
         cd, t = self.config, self.topology
-        batch = self.exchange_batch_size or (loader_batch * t.group_size if loader_batch else None)
-        if batch is None:
-            raise ValueError("prepare() got no DataLoader to size the exchange batch from: pass the training "
-                             "loader, or exchange_batch_size= to Codistill.from_accelerator")
         batches = ExchangeBatches(self.exchange_dataset, self.seed, batch, t, self.collate_fn,
                                   self.accelerator.device, cd.ignore_index)
         transport = self._transport
         if transport is None and cd.transport == "torchft":
-            config = getattr(self.accelerator.unwrap_model(model), "config", None) if model is not None else None
-            vocab = int(getattr(config, "vocab_size", 0) or 0)
+            model = self.accelerator.unwrap_model(self._model) if self._model is not None else None
+            vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
             transport = group_job_transport(cd, t, self.exchange_dataset, self._digest, self.seed, batch, vocab)
         if transport is None:
             from ..exchange import LogitExchange
@@ -211,6 +207,13 @@ class Codistill:
             transport = LogitExchange(t, cd.route)
         return ExchangeEngine(transport, ExchangeSettings.from_config(cd, self.seed), t.group, t.group_id,
                               batches, leader=t.layout.is_leader)
+
+    def _engine(self) -> ExchangeEngine:
+        if self.engine is None:
+            raise RuntimeError("the exchange engine is built by codistill.prepare(...) given the training "
+                               "DataLoader (its batch size x S rows per exchange), or exchange_batch_size= "
+                               "in Codistill.from_accelerator")
+        return self.engine
 
     # ---- every step -----------------------------------------------------------------------
     def distill(self, loss: torch.Tensor, model: Any, step: int) -> torch.Tensor:
@@ -223,26 +226,25 @@ class Codistill:
         because the backward averages micro-batches. Every call first stops my group if `loss`
         is NaN/Inf on any of its ranks: before the exchange, so the peers never receive
         predictions from diverged weights (one line, exit 4). Collective over my group."""
-        if self.engine is None:
-            raise RuntimeError("call codistill.prepare(model, optimizer, loader) before codistill.distill")
+        engine = self._engine()
         self._guard(loss, step)
         if step == self._step:  # a later micro-batch of the same optimizer step
             return loss
         self._step = step
         if not self._joined:  # groups in separate jobs wait for each other before the first exchange
-            join_groups(self.engine, self.config, self.topology)
+            join_groups(engine, self.config, self.topology)
             self._joined = True
         cd = self.config
         self.alpha = alpha_at(step, cd.alpha, cd.burn_in, cd.ramp)
-        due = self.engine.step(step, lambda inputs: predict_logits(model, inputs))
-        stats = self.engine.stats
+        due = engine.step(step, lambda inputs: predict_logits(model, inputs))
+        stats = engine.stats
         if stats.distill_eval is not None:  # logged during burn-in too, like the CLI loop
             self.distill_value = torch.tensor(stats.distill_eval)
         if stats.agreement is not None:
             self.agreement = stats.agreement
         if not due or self.alpha == 0:
             return loss
-        d = self.engine.distill_loss([logits_of(model(**b.inputs)) for b in due], due)
+        d = engine.distill_loss([logits_of(model(**b.inputs)) for b in due], due)
         self.distill_value = d.detach()
         return loss + self.accelerator.gradient_accumulation_steps * self.alpha * d
 
@@ -251,7 +253,7 @@ class Codistill:
         value = float(loss.detach())
         try:
             check_finite_loss(value, t.group, t.layout, step)
-        except NonFiniteLoss as err:
+        except NonFiniteLoss as err:  # the same check as the CLI's; the advice in this loop's words
             text = str(err).replace("optim.lr", "the learning rate").replace("optim.warmup_steps", "the warmup")
             stop_process(f"rank {t.rank} (group {t.group_id}): {text}", EXIT_NONFINITE)
         self._loss_sum += value
@@ -260,25 +262,28 @@ class Codistill:
     def log_metrics(self) -> dict[str, float]:
         """My group's figures since the last call: `loss` (the mean of the losses `distill` saw,
         over my group's ranks), `distill_loss`, `alpha`, `agreement`, `cross_group_bytes`,
-        `exchange_ms`, `peers`, `skipped_peers`, `group`. Collective over my group: every rank
-        calls it at the same steps (print on `is_leader`)."""
-        if self.engine is None:
-            raise RuntimeError("call codistill.prepare(...) first")
-        out = exchange_metrics(self.engine, self.topology, self.alpha, self.distill_value, self.agreement)
+        `exchange_ms`, `exchange_compute_ms`, `peers`, `skipped_peers`, `group`. Collective over
+        my group: every rank calls it at the same steps (print on `is_leader`)."""
+        out = exchange_metrics(self._engine(), self.topology, self.alpha, self.distill_value, self.agreement)
         if self._loss_count:
             out["loss"] = group_mean(self._loss_sum / self._loss_count, self.topology)
         self._loss_sum, self._loss_count = 0.0, 0
         return out
+
+    def gather_for_metrics(self, data: Any) -> Any:
+        """`accelerator.gather_for_metrics` over my group: evaluation figures stay per replica."""
+        return gather_in_group(data, self.topology, self.accelerator.gradient_state)
 
     # ---- checkpoints and the end ----------------------------------------------------------
     def state_dict(self) -> dict:
         """This rank's exchange state (peer targets waiting for their step when staleness > 0,
         byte and skipped-peer counts) and the last step seen: save one per rank beside the
         model's checkpoint (`checkpoint_dir`), e.g. `codistill_rank{r}.pt`."""
-        return {"engine": self.engine.state_dict(), "step": self._step}
+        return {"engine": self._engine().state_dict(), "step": self._step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.engine.load_state_dict(state["engine"])
+        """After `prepare`, before the first `distill` of the resumed run."""
+        self._engine().load_state_dict(state["engine"])
         self._step = state["step"]
 
     def close(self) -> None:
@@ -299,18 +304,27 @@ def _world(accelerator: Any) -> int:
 
 
 def _check_engine(accelerator: Any, config: CodistillConfig, world: int) -> None:
-    """An engine that shards inside a group, or no cross-group gradient traffic at all."""
+    """An engine that shards inside a group: DeepSpeed, or FSDP2 without world-wide loading."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise ValueError("codistillation shards on an FSDP2 mesh: set fsdp_version: 2 in the Accelerate config")
-    plugin = getattr(accelerator.state, "fsdp_plugin", None)
-    if kind == DistributedType.FSDP and getattr(plugin, "cpu_ram_efficient_loading", False):
-        raise ValueError("fsdp_cpu_ram_efficient_loading broadcasts global rank 0's weights over the world, so "
-                         "every group would start from group 0's: set it to false")
-    groups_here = layout_for(config, world, dist.get_rank() if dist.is_initialized() else 0).groups
-    if groups_here > 1 and kind not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        raise ValueError(f"Accelerate runs {kind.value} over {world} processes, which would all-reduce gradients "
-                         f"across the {groups_here} codistillation groups (synchronous training): launch with a "
-                         "DeepSpeed YAML (launch/accelerate/zero2.yaml, zero3.yaml) or FSDP2 on accelerator devices")
+    if kind == DistributedType.FSDP:
+        if not accelerator.is_fsdp2:
+            raise ValueError("codistillation shards on an FSDP2 mesh: set fsdp_version: 2 in the Accelerate config")
+        if getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False):
+            raise ValueError("fsdp_cpu_ram_efficient_loading broadcasts global rank 0's weights over the world, "
+                             "so every group would start from group 0's: set it to false")
+        return
+    if kind == DistributedType.DEEPSPEED or world == 1:
+        return
+    layout = layout_for(config, world, dist.get_rank())
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        why = ("the launch asks for FSDP, but Accelerate 1.15 enables FSDP on accelerator devices only "
+               f"(here: {kind.value}); on CPU use a DeepSpeed YAML")
+    elif kind == DistributedType.NO:
+        why = f"no engine would synchronize the {layout.group_size} ranks of a group"
+    else:
+        why = (f"{kind.value} all-reduces gradients over all {world} processes, across the {layout.groups} "
+               "codistillation groups (synchronous training)")
+    raise ValueError(f"Accelerate runs {kind.value} over {world} processes: {why}. Launch with a DeepSpeed "
+                     "YAML (launch/accelerate/zero2.yaml, zero3.yaml) or FSDP2 on accelerator devices")

@@ -188,7 +188,10 @@ def _check_not_partitioned_over_world(model: Any, topology: Topology) -> None:
 
 
 def check_engine_in_group(engine: Any, topology: Topology) -> None:
-    """Fail loudly on the global-mpu trap: every ZeRO partition must be 1/S of its parameter."""
+    """Fail loudly on the global-mpu trap: every ZeRO partition must be 1/S of its parameter.
+
+    ZeRO-3: each parameter's partition group; ZeRO-1/2: each optimizer parameter group's
+    partition group (every parameter belongs to one), both compared with my group's ranks."""
     S = topology.group_size
     if engine.dp_world_size != S:
         raise GroupShardingError(f"DeepSpeed data-parallel size is {engine.dp_world_size}, expected the "
@@ -198,6 +201,13 @@ def check_engine_in_group(engine: Any, topology: Topology) -> None:
         name, size = wrong[0]
         raise GroupShardingError(f"ZeRO-3 partitions {len(wrong)} parameter(s) (first: {name}) over "
                                  f"{size} ranks, not the group's {S}: the groups would share one model")
+    mine = topology.layout.group_ranks(topology.group_id)
+    groups = getattr(getattr(engine, "optimizer", None), "real_dp_process_group", None) or []
+    outside = [(i, dist.get_world_size(g)) for i, g in enumerate(groups) if dist.get_process_group_ranks(g) != mine]
+    if outside:
+        i, size = outside[0]
+        raise GroupShardingError(f"ZeRO-1/2 partitions {len(outside)} optimizer parameter group(s) (first: {i}) "
+                                 f"over {size} ranks, not the group's {S}: the groups would share one model")
 
 
 def check_fsdp_in_group(model: Any, topology: Topology) -> None:

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from partition_check import deepspeed_view, fsdp_view
+from partition_check import view
 
 from codistill_ds import cli, train
 
@@ -19,7 +19,7 @@ def recording(out: Path):
 
     def build_job(cfg):
         job = build(cfg)
-        parts, gathered, full = (fsdp_view if cfg.backend.name == "fsdp" else deepspeed_view)(job)
+        parts, gathered, full = view(job, cfg.backend.name)
         run = job.loop.run
 
         def run_and_record(*args, **kwargs):

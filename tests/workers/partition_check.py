@@ -14,12 +14,11 @@ from codistill_ds.dist import exit_process, shutdown
 from codistill_ds.train import build_job
 
 
-def deepspeed_view(job):
+def deepspeed_view(engine):
     """ZeRO-3: each parameter's partition; ZeRO-1/2 (parameters whole on every rank): each
     parameter group's flat fp32 optimizer partition (`"group": True`)."""
     import deepspeed
 
-    engine = job.backend.engine
     params = list(engine.module.parameters())
     if engine.zero_optimization_stage() < 3:
         opt = engine.optimizer
@@ -32,18 +31,23 @@ def deepspeed_view(job):
     return parts, lambda: deepspeed.zero.GatheredParameters(params), lambda: params
 
 
-def fsdp_view(job):
-    params = list(job.backend.module.parameters())
+def fsdp_view(module):
+    params = list(module.parameters())
     parts = [{"full": int(p.numel()), "local": int(p.to_local().numel()), "rows": int(p.shape[0]),
               "shard_size": p.device_mesh.size(), "mesh": list(p.device_mesh.mesh_dim_names)}
              for p in params]
     return parts, nullcontext, lambda: [p.full_tensor() for p in params]
 
 
+def view(job, backend: str):
+    """(parts, gathered, full) of the CLI job's replica, for either backend."""
+    return fsdp_view(job.backend.module) if backend == "fsdp" else deepspeed_view(job.backend.engine)
+
+
 def main() -> None:
     out, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
     job = build_job(cfg)
-    parts, gathered, full = (fsdp_view if cfg.backend.name == "fsdp" else deepspeed_view)(job)
+    parts, gathered, full = view(job, cfg.backend.name)
     job.loop.run()
     with gathered():
         tensors = full()

@@ -1,0 +1,45 @@
+"""Rank program: examples/accelerate_loop.py itself (under `accelerate launch`, or one plain
+process), plus a record of what it trained. Args: OUT ARGS... (the example's arguments). Writes
+OUT/rank{r}.json: the example's log records and, after training, each parameter's partition
+(ZeRO-3) or flat optimizer partition (ZeRO-1/2) and a checksum of the full weights gathered
+inside the group; a plain run records its logs and checksum only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from partition_check import deepspeed_view
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_loop.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("accelerate_loop_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    accelerator, model, logs, codistill = load_example().main(sys.argv[2:])
+    result = {"rank": accelerator.process_index, "logs": logs}
+    if codistill is None:
+        gathered, full = nullcontext, lambda: list(model.parameters())
+    else:
+        t = codistill.topology
+        parts, gathered, full = deepspeed_view(model)
+        result.update(group=t.group_id, group_rank=t.group_rank, S=t.group_size, parts=parts,
+                      dp_world_size=model.dp_world_size)
+    with gathered():
+        result["checksum"] = float(sum(p.detach().double().sum() for p in full()))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
