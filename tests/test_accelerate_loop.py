@@ -10,9 +10,11 @@ with different ones; alpha is 0 during burn-in, then the distillation loss is > 
 NaN; and while alpha = 0 each group's losses equal its plain reference's to 1e-5, which checks
 the group's seed, its data shard and order, and the in-group sharding at once.
 
-ZeRO-3 only: ZeRO-2 through the same hooks is exercised by tests/test_accelerate.py (the CLI),
-and FSDP2 through Accelerate cannot run on CPU (Accelerate 1.15 enables FSDP for accelerator
-process types only; under launch/accelerate/fsdp2.yaml on CPU it reports distributed type NO).
+ZeRO-3 only, to keep to one launch: ZeRO-2 through the same hook (`engines_in_group`) runs in
+tests/test_hf_stock_script.py (the Trainer). FSDP2 through Accelerate cannot run on CPU:
+Accelerate 1.15 enables FSDP for accelerator process types only (under
+launch/accelerate/fsdp2.yaml on CPU it reports distributed type NO); `check_fsdp_in_group` is
+tested directly in tests/workers/group_sharding_check.py.
 """
 
 from __future__ import annotations

@@ -151,6 +151,9 @@ def test_engine_hooks_shard_inside_the_group(runs):
     cannot run FSDP on CPU: Accelerate 1.15 enables FSDP only for accelerator processes.)"""
     for r in runs["H"]:
         assert r["fsdp_mesh_size"] == S and r["fsdp_local_rows"] * S == r["fsdp_rows"] and r["fsdp_restored"]
+        on_world, left_out = r["fsdp_refused"]  # check_fsdp_in_group: every parameter, not the first
+        assert on_world is not None and "of 4 ranks" in on_world, on_world
+        assert left_out is not None and "(first: model.layers.1.self_attn.q_proj.weight, not sharded)" in left_out
         assert r["ds_dp_size"] == S and r["ds_local"] * S == r["ds_full"]
         assert r["ds_train_batch_size"] == r["ds_config_batch"] == 2 * 1 * S
         assert r["trap_dp_size"] == S and r["trap_local"] * 4 == r["ds_full"] and r["trap_caught"]

@@ -10,8 +10,8 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from codistill_ds.config import CodistillConfig
+from codistill_ds.integrations.engine_driver import distill_mask
 from codistill_ds.integrations.hf_args import PREFIX, CodistillArguments, field_docs
-from codistill_ds.integrations.hf_callback import distill_mask
 from codistill_ds.integrations.hf_outputs import group_checkpoint, group_leader_saves
 from codistill_ds.integrations.hf_trainer import (
     CodistillTrainer,

@@ -1,15 +1,15 @@
 """Codistillation in your own Accelerate training loop: `Codistill`.
 
 A loop of your own, written with `Accelerator.prepare` and `accelerator.backward` (not the
-project's CLI, not the Hugging Face Trainer), codistills with five lines added or changed
-(README, "Your own Accelerate loop", has the diff against a plain loop; examples/accelerate_loop.py
-runs it):
+project's CLI, not the Hugging Face Trainer), codistills with eight lines added or changed:
+two imports, these five, and one to print the metrics on `is_leader` (README, "Your own
+Accelerate loop", has the diff against a plain loop; examples/accelerate_loop.py runs it):
 
-    codistill = Codistill.from_accelerator(accelerator, CodistillConfig(groups=2), exchange_dataset=rows)
+    codistill = Codistill.from_accelerator(accelerator, CodistillConfig(groups=2), exchange_dataset=rows, seed=SEED)
     loader = DataLoader(codistill.shard(rows), batch_size=8, shuffle=True)
     model, optimizer, loader = codistill.prepare(model, optimizer, loader)
         loss = codistill.distill(loss, model, step)        # after the forward, before accelerator.backward
-        print(codistill.log_metrics())                     # where the loop logs (every rank calls it)
+        metrics = codistill.log_metrics()                  # where the loop logs (every rank calls it)
 
 The world splits into K contiguous groups (`topology.py`); each trains one replica, sharded
 inside the group only, on its own rows, and every `interval` steps all groups predict on the same

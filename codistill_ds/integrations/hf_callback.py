@@ -30,11 +30,9 @@ from ..dist import env_rank, env_world_size
 from ..engine import ExchangeEngine, ExchangeSettings, TargetBatch, Transport
 from ..schedules import alpha_at
 from ..topology import Topology
-from .engine_driver import (  # noqa: F401 -- MODEL_INPUTS, distill_mask, check_same_exchange_data: moved here once
-    MODEL_INPUTS,
+from .engine_driver import (
     ExchangeBatches,
     check_same_exchange_data,
-    distill_mask,
     exchange_metrics,
     group_job_transport,
     join_groups,

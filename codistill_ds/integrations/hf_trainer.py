@@ -41,8 +41,9 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
+from .engine_driver import distill_mask
 from .hf_args import CodistillArguments
-from .hf_callback import CodistillCallback, distill_mask, use_gloo_for_cpu_deepspeed
+from .hf_callback import CodistillCallback, use_gloo_for_cpu_deepspeed
 from .hf_mixin import CodistillTrainerMixin
 
 __all__ = ["CodistillArguments", "CodistillCallback", "CodistillTrainer", "CodistillTrainerMixin",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from codistill_ds.config import ConfigError
 from codistill_ds.dist import exit_process, init_distributed, shutdown
-from codistill_ds.integrations.hf_callback import check_same_exchange_data
+from codistill_ds.integrations.engine_driver import check_same_exchange_data
 from codistill_ds.topology import Layout
 
 

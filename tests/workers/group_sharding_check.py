@@ -21,6 +21,7 @@ from codistill_ds.dist import exit_process, shutdown
 from codistill_ds.integrations.group_sharding import (
     GroupShardingError,
     check_engine_in_group,
+    check_fsdp_in_group,
     engines_in_group,
     gather_in_group,
     group_shard,
@@ -47,8 +48,30 @@ def fsdp_facts(t) -> dict:
             fully_shard(block, mesh=None, reshard_after_forward=True)
         fully_shard(model, mesh=None)
     p = model.model.embed_tokens.weight
+    check_fsdp_in_group(model, t)  # every parameter on my group's mesh: passes
     return {"fsdp_mesh_size": p.device_mesh.size(), "fsdp_local_rows": int(p.to_local().shape[0]),
-            "fsdp_rows": int(p.shape[0]), "fsdp_restored": fsdp_module.fully_shard is original}
+            "fsdp_rows": int(p.shape[0]), "fsdp_restored": fsdp_module.fully_shard is original,
+            "fsdp_refused": [_fsdp_refused(t, on_world) for on_world in (True, False)]}
+
+
+def _fsdp_refused(t, on_world: bool) -> str | None:
+    """The per-parameter check on a model sharded over the whole world, or in-group with its
+    last block alone left out of `fully_shard`: the message, or None if it passed."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = build_model(TINY, 256, 0.0, 1)
+    if on_world:
+        fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    else:
+        mesh = codistill_mesh(t, "cpu")["shard"]
+        for module in (model.model.embed_tokens, *model.model.layers[:-1], model.model.norm, model.lm_head):
+            fully_shard(module, mesh=mesh)
+    try:
+        check_fsdp_in_group(model, t)
+    except GroupShardingError as err:
+        return str(err)
+    return None
 
 
 def ds_config() -> dict:
