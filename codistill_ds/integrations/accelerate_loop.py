@@ -52,18 +52,16 @@ from ..config import CodistillConfig
 from ..engine import ExchangeEngine, ExchangeSettings, Transport
 from ..health import EXIT_NONFINITE, NonFiniteLoss, check_finite_loss, stop_process
 from ..materialize import check_initialized
-from ..schedules import alpha_at
 from ..topology import Topology
 from .engine_driver import (
+    DistillSteps,
     ExchangeBatches,
     check_same_exchange_data,
-    exchange_metrics,
     group_job_transport,
     group_mean,
     join_groups,
     layout_for,
     lighthouse_url,
-    logits_of,
     predict_logits,
     topology_for,
     validate_integration,
@@ -91,11 +89,9 @@ class Codistill:
         self.accelerator, self.config, self.topology = accelerator, config, topology
         self.exchange_dataset, self.collate_fn, self.seed = exchange_dataset, collate_fn, seed
         self.exchange_batch_size, self._transport, self._digest = exchange_batch_size, transport, digest
-        self.engine: ExchangeEngine | None = None
-        """Built by the first `prepare` that sees a DataLoader (or any, given `exchange_batch_size`)."""
-        self.alpha = 0.0
-        self.distill_value: torch.Tensor | None = None
-        self.agreement: float | None = None
+        self.steps: DistillSteps | None = None
+        """The exchange engine (`steps.engine`) and its schedule: built by the first `prepare` that
+        sees a DataLoader (or any, given `exchange_batch_size`)."""
         self._model: torch.nn.Module | None = None
         self._step: int | None = None
         self._joined = False
@@ -188,8 +184,9 @@ class Codistill:
                     check_fsdp_in_group(obj, t)
                 check_initialized(obj)  # every rank of every group: no group may start from NaN
                 self._model = self._model or obj
-        if self.engine is None and (loader_batch or self.exchange_batch_size):
-            self.engine = self._build_engine(self.exchange_batch_size or loader_batch * t.group_size)
+        if self.steps is None and (loader_batch or self.exchange_batch_size):
+            engine = self._build_engine(self.exchange_batch_size or loader_batch * t.group_size)
+            self.steps = DistillSteps(engine, self.config)
         return prepared
 
     def _build_engine(self, batch: int) -> ExchangeEngine:
@@ -208,12 +205,17 @@ class Codistill:
         return ExchangeEngine(transport, ExchangeSettings.from_config(cd, self.seed), t.group, t.group_id,
                               batches, leader=t.layout.is_leader)
 
-    def _engine(self) -> ExchangeEngine:
-        if self.engine is None:
+    @property
+    def engine(self) -> ExchangeEngine | None:
+        """The exchange engine (`engine.py`): `stats`, `bytes_sent`, ..."""
+        return None if self.steps is None else self.steps.engine
+
+    def _steps(self) -> DistillSteps:
+        if self.steps is None:
             raise RuntimeError("the exchange engine is built by codistill.prepare(...) given the training "
                                "DataLoader (its batch size x S rows per exchange), or exchange_batch_size= "
                                "in Codistill.from_accelerator")
-        return self.engine
+        return self.steps
 
     # ---- every step -----------------------------------------------------------------------
     def distill(self, loss: torch.Tensor, model: Any, step: int) -> torch.Tensor:
@@ -226,27 +228,17 @@ class Codistill:
         because the backward averages micro-batches. Every call first stops my group if `loss`
         is NaN/Inf on any of its ranks: before the exchange, so the peers never receive
         predictions from diverged weights (one line, exit 4). Collective over my group."""
-        engine = self._engine()
+        steps = self._steps()
         self._guard(loss, step)
         if step == self._step:  # a later micro-batch of the same optimizer step
             return loss
         self._step = step
         if not self._joined:  # groups in separate jobs wait for each other before the first exchange
-            join_groups(engine, self.config, self.topology)
+            join_groups(steps.engine, self.config, self.topology)
             self._joined = True
-        cd = self.config
-        self.alpha = alpha_at(step, cd.alpha, cd.burn_in, cd.ramp)
-        due = engine.step(step, lambda inputs: predict_logits(model, inputs))
-        stats = engine.stats
-        if stats.distill_eval is not None:  # logged during burn-in too, like the CLI loop
-            self.distill_value = torch.tensor(stats.distill_eval)
-        if stats.agreement is not None:
-            self.agreement = stats.agreement
-        if not due or self.alpha == 0:
-            return loss
-        d = engine.distill_loss([logits_of(model(**b.inputs)) for b in due], due)
-        self.distill_value = d.detach()
-        return loss + self.accelerator.gradient_accumulation_steps * self.alpha * d
+        due = steps.exchange(step, lambda inputs: predict_logits(model, inputs))
+        term = steps.term(model, due)
+        return loss if term is None else loss + self.accelerator.gradient_accumulation_steps * term
 
     def _guard(self, loss: torch.Tensor, step: int) -> None:
         t = self.topology
@@ -264,7 +256,7 @@ class Codistill:
         over my group's ranks), `distill_loss`, `alpha`, `agreement`, `cross_group_bytes`,
         `exchange_ms`, `exchange_compute_ms`, `peers`, `skipped_peers`, `group`. Collective over
         my group: every rank calls it at the same steps (print on `is_leader`)."""
-        out = exchange_metrics(self._engine(), self.topology, self.alpha, self.distill_value, self.agreement)
+        out = self._steps().metrics(self.topology)
         if self._loss_count:
             out["loss"] = group_mean(self._loss_sum / self._loss_count, self.topology)
         self._loss_sum, self._loss_count = 0.0, 0
@@ -279,11 +271,11 @@ class Codistill:
         """This rank's exchange state (peer targets waiting for their step when staleness > 0,
         byte and skipped-peer counts) and the last step seen: save one per rank beside the
         model's checkpoint (`checkpoint_dir`), e.g. `codistill_rank{r}.pt`."""
-        return {"engine": self._engine().state_dict(), "step": self._step}
+        return {"engine": self._steps().engine.state_dict(), "step": self._step}
 
     def load_state_dict(self, state: dict) -> None:
         """After `prepare`, before the first `distill` of the resumed run."""
-        self._engine().load_state_dict(state["engine"])
+        self._steps().engine.load_state_dict(state["engine"])
         self._step = state["step"]
 
     def close(self) -> None:

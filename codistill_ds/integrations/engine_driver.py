@@ -13,7 +13,7 @@ topology and transport, and report the same figures:
   rows in every group, rank r's 1/S slice of them;
 - `group_job_transport`, `join_groups`: the torchft route between group jobs;
 - `predict_logits`, `logits_of`: the teacher side of an exchange, eval mode, no graph;
-- `exchange_metrics`: the group-level figures each integration logs.
+- `DistillSteps`: alpha(t), the exchange of a step, the distillation term, the figures to log.
 """
 
 from __future__ import annotations
@@ -30,7 +30,14 @@ import torch.distributed as dist
 from .. import comm
 from ..config import CodistillConfig, Config, ConfigError
 from ..data import EXCHANGE_STREAM_TAG, _EpochPermutation
-from ..engine import ExchangeBatch, ExchangeEngine, ExchangeSettings, Transport
+from ..engine import (
+    ExchangeBatch,
+    ExchangeEngine,
+    ExchangeSettings,
+    TargetBatch,
+    Transport,
+)
+from ..schedules import alpha_at
 from ..topology import Layout, Topology, build_group_job_topology, build_topology
 from ..validation import check_choices, check_numbers, check_topology
 
@@ -196,21 +203,56 @@ def predict_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> t
         model.train(was_training)
 
 
-def exchange_metrics(engine: ExchangeEngine, topology: Topology, alpha: float,
-                     distill_value: torch.Tensor | None, agreement: float | None) -> dict[str, float]:
-    """Group-level figures of the exchange for a log record; a collective over my group when
-    there is a distillation value (every rank of the group calls it)."""
-    stats = engine.stats
-    out = {"alpha": alpha, "group": topology.group_id, "cross_group_bytes": engine.bytes_sent,
-           "exchange_ms": stats.exchange_ms, "exchange_compute_ms": stats.exchange_compute_ms,
-           "skipped_peers": engine.skipped_peers}
-    if stats.peers is not None:
-        out["peers"] = stats.peers
-    if distill_value is not None:
-        out["distill_loss"] = group_mean(distill_value, topology)
-    if agreement is not None:
-        out["agreement"] = agreement
-    return out
+class DistillSteps:
+    """One optimizer step of codistillation as an integration sees it: alpha(t), the exchange the
+    engine runs at this step, the distillation term on the peer targets due now, and the group
+    figures to log. The Trainer callback and the own-loop `Codistill` both drive the engine
+    through it (the CLI loop has its own, in loop.py)."""
+
+    def __init__(self, engine: ExchangeEngine, cfg: CodistillConfig) -> None:
+        self.engine, self.cfg = engine, cfg
+        self.alpha = 0.0
+        self.distill_value: torch.Tensor | None = None
+        """The latest distillation loss: the term's, or the engine's evaluation during burn-in."""
+        self.agreement: float | None = None
+        """Of the latest completed exchange: logged at every logging step, like distill_loss."""
+
+    def exchange(self, step: int, predict: Any) -> list[TargetBatch]:
+        """alpha(step), then the engine's step (an exchange when one is scheduled, `predict` the
+        teacher side); returns the peer targets due now."""
+        cd = self.cfg
+        self.alpha = alpha_at(step, cd.alpha, cd.burn_in, cd.ramp)
+        due = self.engine.step(step, predict)
+        stats = self.engine.stats
+        if stats.distill_eval is not None:  # logged during burn-in too, like the CLI loop
+            self.distill_value = torch.tensor(stats.distill_eval)
+        if stats.agreement is not None:
+            self.agreement = stats.agreement
+        return due
+
+    def term(self, model: Any, due: list[TargetBatch]) -> torch.Tensor | None:
+        """alpha * D(peers || me) on the due exchange batches, the student forward in train mode
+        (with its graph); None when nothing is due or alpha is 0."""
+        if not due or self.alpha == 0:
+            return None
+        d = self.engine.distill_loss([logits_of(model(**b.inputs)) for b in due], due)
+        self.distill_value = d.detach()
+        return self.alpha * d
+
+    def metrics(self, topology: Topology) -> dict[str, float]:
+        """Group-level figures of the exchange for a log record; a collective over my group when
+        there is a distillation value (every rank of the group calls it)."""
+        engine, stats = self.engine, self.engine.stats
+        out = {"alpha": self.alpha, "group": topology.group_id, "cross_group_bytes": engine.bytes_sent,
+               "exchange_ms": stats.exchange_ms, "exchange_compute_ms": stats.exchange_compute_ms,
+               "skipped_peers": engine.skipped_peers}
+        if stats.peers is not None:
+            out["peers"] = stats.peers
+        if self.distill_value is not None:
+            out["distill_loss"] = group_mean(self.distill_value, topology)
+        if self.agreement is not None:
+            out["agreement"] = self.agreement
+        return out
 
 
 def group_mean(value: torch.Tensor | float, topology: Topology) -> float:

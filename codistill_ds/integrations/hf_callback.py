@@ -28,17 +28,15 @@ from transformers import TrainerCallback, set_seed
 from ..config import CodistillConfig, ConfigError
 from ..dist import env_rank, env_world_size
 from ..engine import ExchangeEngine, ExchangeSettings, TargetBatch, Transport
-from ..schedules import alpha_at
 from ..topology import Topology
 from .engine_driver import (
+    DistillSteps,
     ExchangeBatches,
     check_same_exchange_data,
-    exchange_metrics,
     group_job_transport,
     join_groups,
     layout_for,
     lighthouse_url,
-    logits_of,
     predict_logits,
     topology_for,
     validate_integration,
@@ -116,13 +114,11 @@ class CodistillCallback(TrainerCallback):
         self._model_init = ExitStack()
         self.model_init_done = False
         """True once `begin_model_init` seeded this group (the model is built after it)."""
+        self.steps: DistillSteps | None = None
+        """alpha(t), each step's exchange and distillation term, the logged figures (with the engine)."""
         self.due: list[TargetBatch] = []
-        self.alpha = 0.0
         self.start_step = 0
-        self.distill_value: torch.Tensor | None = None
         self._step_loss: torch.Tensor | None = None
-        self.agreement: float | None = None
-        """Of the latest completed exchange: logged at every logging step, like distill_loss."""
 
     @classmethod
     def from_arguments(cls, arguments: Any, **kwargs: Any) -> CodistillCallback:
@@ -192,6 +188,7 @@ class CodistillCallback(TrainerCallback):
         transport = transport or LogitExchange(t, self.config.route)
         self.engine = ExchangeEngine(transport, ExchangeSettings.from_config(self.config, trainer.args.seed), t.group, t.group_id,
                                      batches, leader=t.layout.is_leader)
+        self.steps = DistillSteps(self.engine, self.config)
         self.guard = TrainerGuard(run_dir, t.layout, self.peer_timeout_s, trainer.args.ddp_timeout,
                                   lambda: _last_checkpoint(trainer.args.output_dir, get_last_checkpoint))
 
@@ -225,14 +222,7 @@ class CodistillCallback(TrainerCallback):
         self.guard.started(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        cd, step = self.config, state.global_step
-        self.alpha = alpha_at(step, cd.alpha, cd.burn_in, cd.ramp)
-        self.due = self.engine.step(step, self._predict)
-        stats = self.engine.stats
-        if stats.distill_eval is not None:  # logged during burn-in too, like the CLI loop
-            self.distill_value = torch.tensor(stats.distill_eval)
-        if stats.agreement is not None:
-            self.agreement = stats.agreement
+        self.due = self.steps.exchange(state.global_step, self._predict)
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Each micro-step's training loss (the mixin's training_step), summed over the step."""
@@ -257,16 +247,11 @@ class CodistillCallback(TrainerCallback):
     def distill_term(self, model: torch.nn.Module) -> torch.Tensor | None:
         """alpha * D(peers || me) on the due exchange batches, in train mode; once per optimizer step."""
         batches, self.due = self.due, []
-        if not batches or self.alpha == 0:
-            return None
-        students = [logits_of(model(**b.inputs)) for b in batches]
-        d = self.engine.distill_loss(students, batches)
-        self.distill_value = d.detach()
-        return self.alpha * d
+        return self.steps.term(model, batches)
 
     def log_metrics(self) -> dict[str, float]:
         """Group-level figures for the Trainer's logs; a collective over my group (every rank calls it)."""
-        return exchange_metrics(self.engine, self.topology, self.alpha, self.distill_value, self.agreement)
+        return self.steps.metrics(self.topology)
 
 
 def _last_checkpoint(output_dir: str, find) -> str | None:
