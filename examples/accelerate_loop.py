@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None):
         else:
             record = codistill.log_metrics()  # codistill: my group's loss, distill_loss, alpha, bytes, ...
         logs.append({"step": step + 1, **record})
-        if codistill.is_leader if codistill is not None else accelerator.is_main_process:
+        prints = accelerator.is_main_process if codistill is None else codistill.is_leader  # codistill: each group's leader
+        if prints:
             print(json.dumps(logs[-1]), flush=True)
     if codistill is not None:
         codistill.close()  # codistill: asynchronous exchanges finish
