@@ -35,7 +35,7 @@ demo-ft: $(STAMP)
 	launch/demo_ft.sh runs/demo-ft
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # For iterating: the single-process tests (losses, wire formats, config, plan, sampling,
 # schedules, the comm allowlist, Trainer units, streaming), ~1.5 min. `make test` runs everything.
