@@ -16,7 +16,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 # another environment's interrupted build from stalling every DeepSpeed start-up here.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: demo demo-ft test venv lint clean print-accelerator gpu-check
+.PHONY: demo demo-ft test test-fast venv lint clean print-accelerator gpu-check
 
 venv: $(STAMP)
 
@@ -35,7 +35,13 @@ demo-ft: $(STAMP)
 	launch/demo_ft.sh runs/demo-ft
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
+
+# For iterating: the single-process tests (losses, wire formats, config, plan, sampling,
+# schedules, the comm allowlist, Trainer units, streaming), ~1.5 min. `make test` runs everything.
+FAST_TESTS := compression config losses plan sampling schedules comm hf_units streaming
+test-fast: $(STAMP)
+	$(PY) -m pytest -q $(FAST_TESTS:%=tests/test_%.py)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -36,7 +36,7 @@ import torch
 from . import comm
 from .compression import CompressedLogits, compress, wire_dtype
 from .config import CodistillConfig
-from .losses import peer_distill_loss
+from .losses import peer_distill_loss, top1_agreement
 
 
 @dataclass
@@ -385,6 +385,22 @@ def batched_peer_loss(students: list[torch.Tensor], batches: list[TargetBatch], 
     total = sum(sum(w) * peer_distill_loss(s, b.peers, loss, temperature, _mask_on(b.mask, s), w)
                 for s, b, w in zip(students, batches, weights))
     return total / sum(sum(w) for w in weights)
+
+
+def student_agreement(students: list[torch.Tensor], batches: list[TargetBatch], group: Any) -> float | None:
+    """Top-1 agreement of the student's logits with its peers' predictions on the same tokens,
+    over `group` (my group): the measure where my own predictions do not travel (predictions on
+    my own training batch, weight exchange). Callers measure it whether or not alpha > 0, so
+    independent models (alpha 0) still report how far apart they are."""
+    agree, count = 0, 0
+    for s, b in zip(students, batches):
+        s = _at_positions(s.detach(), b.positions)
+        mask = _mask_on(b.mask, s)
+        for p in b.peers:
+            a, c = top1_agreement(s, p, mask)
+            agree, count = agree + a, count + c
+    total = comm.reduce_numbers([agree, count], group=group)
+    return total[0] / total[1] if total[1] > 0 else None
 
 
 def _at_positions(student: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:

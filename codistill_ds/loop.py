@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import comm
 from .backends.base import Backend, evaluating
-from .compression import CompressedLogits, compress
+from .compression import compress
 from .config import Config
 from .data import Corpus, ExchangeStream, TrainStream, val_micro_batches
 from .engine import (
@@ -35,8 +35,8 @@ from .engine import (
     TargetBatch,
     Transport,
     batched_peer_loss,
+    student_agreement,
 )
-from .losses import top1_agreement
 from .metrics import MetricsWriter
 from .model import set_dropout
 from .schedules import alpha_at, lr_at, piecewise_constant
@@ -128,8 +128,10 @@ class CodistillLoop:
                 d = batched_peer_loss(students, batches, cd.loss, cd.temperature, self._peer_weight)
                 loss = ce + A * alpha * d
                 distill_value = d.item()
-                if self.weights is not None or self.cfg.codistill.exchange_batch == "train":
-                    stats["agreement"] = self._student_agreement(students[0], batches[0].peers)
+            if m == 0 and batches and (self.weights is not None or self.cfg.codistill.exchange_batch == "train"):
+                # my own predictions did not travel: agreement is the student's, even at alpha 0
+                students = _students(logits, n, batches)
+                stats["agreement"] = student_agreement(students, batches, self.t.group)
             self.backend.backward(loss)
             self.backend.step()
             ce_total += ce.item()
@@ -188,11 +190,6 @@ class CodistillLoop:
         peers = [compress(p.flatten(0, 1), 0, torch.float32, self.kind, cd.temperature) for p in preds]
         stats["peers"] = len(peers)
         return [TargetBatch(step // cd.interval, None, peers, list(self.weights.peer_groups))]
-
-    def _student_agreement(self, student: torch.Tensor, peers: list[CompressedLogits]) -> float:
-        counts = [top1_agreement(student.detach(), p) for p in peers]
-        agree, total = comm.reduce_numbers([sum(a for a, _ in counts), sum(c for _, c in counts)], group=self.t.group)
-        return agree / total
 
     # ---- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> float:

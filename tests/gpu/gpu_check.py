@@ -13,6 +13,7 @@ the uninterrupted run (exact resume: 0).
   over gloo: `codistill-ds lighthouse --port P`, then per group `torchrun --nproc_per_node 1 -m
   codistill_ds.cli train ... --set codistill.transport=torchft --set codistill.group_id=G ...`.
 - `--cpu`: the same flow on CPU with gloo (2 groups x 1 rank, 6 steps): checks this script.
+- `--cpu-two-jobs`: the 1-GPU flow (two 1-rank jobs and a Lighthouse) on CPU, 6 steps.
 - `--dry-run`: print the commands only.
 
     python tests/gpu/gpu_check.py --gpus 1 --out runs/gpu_check
@@ -59,7 +60,7 @@ def train_cmd(nproc: int, run_dir: Path, sets: list[str]) -> list[str]:
 def jobs(mode: str, gpus: int, backend: str, run: Path, resume_step: int | None, sets: list[str]) -> list[tuple[list[str], Path]]:
     """(command, run dir) of every process of one training run; one entry per group in 1-GPU mode."""
     base = [*BACKENDS[backend], *sets]
-    if mode != "two_jobs":
+    if not mode.endswith("two_jobs"):
         extra = [] if resume_step is None else [f"train.resume={run.parent / 'straight' / 'checkpoints' / f'step_{resume_step}'}"]
         nproc = 2 if mode == "cpu" else gpus - gpus % 2
         return [(train_cmd(nproc, run, base + extra), run)]
@@ -75,20 +76,30 @@ def jobs(mode: str, gpus: int, backend: str, run: Path, resume_step: int | None,
 
 
 def launch(commands: list[tuple[list[str], Path]], mode: str, timeout: float, dry: bool) -> None:
-    """Start every process of one run (and the Lighthouse in 1-GPU mode); wait for all of them."""
-    port = free_port()
-    commands = [([a.replace("{port}", str(port)) for a in cmd], d) for cmd, d in commands]
-    lighthouse = [sys.executable, "-m", "codistill_ds.cli", "lighthouse", "--port", str(port)]
+    """Start every process of one run (and the Lighthouse in 1-GPU mode); wait for all of them.
+
+    The Lighthouse takes a port of its own choosing (--port 0) and prints its URL, which goes into
+    the group commands: a port picked in advance could be taken by then (a job's master port)."""
+    two = mode.endswith("two_jobs")
+    lighthouse = [sys.executable, "-m", "codistill_ds.cli", "lighthouse", "--port", "0", "--bind", "127.0.0.1"]
     if dry:
-        for cmd in ([lighthouse] if mode == "two_jobs" else []) + [c for c, _ in commands]:
+        for cmd in ([lighthouse] if two else []) + [c for c, _ in commands]:
             print("  $ " + " ".join(cmd))
         return
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    if mode == "cpu":
+    if mode.startswith("cpu"):
         env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    helper = subprocess.Popen(lighthouse, env=env, cwd=REPO) if mode == "two_jobs" else None
+    helper = None
+    if two:  # its per-request log goes to a file beside the groups' logs, its URL line to us
+        commands[0][1].parent.mkdir(parents=True, exist_ok=True)
+        with open(commands[0][1].parent / "lighthouse.log", "w") as log:
+            helper = subprocess.Popen(lighthouse, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
+    procs = []
     try:
-        procs = []
+        if helper is not None:
+            line = helper.stdout.readline()  # "codistill-ds lighthouse: listening on http://127.0.0.1:P ..."
+            url = line.split("listening on ")[1].split()[0]
+            commands = [([a.replace("http://127.0.0.1:{port}", url) for a in cmd], d) for cmd, d in commands]
         for cmd, run_dir in commands:
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(run_dir / "launch.log", "w") as log:  # the child keeps its own descriptor
@@ -100,6 +111,10 @@ def launch(commands: list[tuple[list[str], Path]], mode: str, timeout: float, dr
                 tail = (run_dir / "launch.log").read_text()[-3000:]
                 raise RuntimeError(f"{' '.join(proc.args[-8:])} exited {rc}; end of {run_dir / 'launch.log'}:\n{tail}")
     finally:
+        for proc, _ in procs:  # a failed group must not leave its peer waiting
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if helper is not None:
             helper.terminate()
 
@@ -146,7 +161,7 @@ def figures(straight: dict, resumed: dict, resume_step: int, peak: dict) -> list
 
 
 def check_backend(backend: str, mode: str, gpus: int, out: Path, dry: bool, sets: list[str]) -> bool:
-    half = 3 if mode == "cpu" else 15
+    half = 3 if mode.startswith("cpu") else 15
     ok = True
     straight, resumed = out / backend / "straight", out / backend / "resumed"
     for run, step in ((straight, None), (resumed, half)):
@@ -154,7 +169,7 @@ def check_backend(backend: str, mode: str, gpus: int, out: Path, dry: bool, sets
         if not dry and run.exists():
             shutil.rmtree(run)
         start = time.monotonic()
-        launch(cmds, mode, timeout=420 if mode == "cpu" else 240, dry=dry)
+        launch(cmds, mode, timeout=420 if mode.startswith("cpu") else 240, dry=dry)
         if not dry:
             print(f"gpu-check: {backend} {run.name} run took {time.monotonic() - start:.0f}s", flush=True)
     if dry:
@@ -180,24 +195,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, default=0, help="GPUs to use (default: all CUDA sees)")
     p.add_argument("--out", default=str(REPO / "runs" / "gpu_check"))
     p.add_argument("--cpu", action="store_true", help="run the same flow on CPU (checks this script)")
+    p.add_argument("--cpu-two-jobs", action="store_true",
+                   help="run the one-GPU flow (two 1-rank jobs and a Lighthouse) on CPU")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--backends", default="zero3,fsdp2")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     gpus = args.gpus
-    if not args.cpu and not gpus:
+    if not (args.cpu or args.cpu_two_jobs) and not gpus:
         import torch
 
         gpus = torch.cuda.device_count()
         if not gpus:
             print("gpu-check: no CUDA device visible to torch; nothing run", file=sys.stderr)
             return 2
-    mode = "cpu" if args.cpu else "two_jobs" if gpus == 1 else "one_job"
+    mode = ("cpu_two_jobs" if args.cpu_two_jobs else "cpu" if args.cpu
+            else "two_jobs" if gpus == 1 else "one_job")
     if mode == "two_jobs" and not has_torchft_transport() and not args.dry_run:
         print("gpu-check: one GPU needs each group as its own job (codistill.transport=torchft), which this "
               "checkout does not have yet; rerun on 2+ GPUs", file=sys.stderr)
         return 4
-    sets = CPU_SETS if mode == "cpu" else []
+    sets = CPU_SETS if mode.startswith("cpu") else []
     print(f"gpu-check: mode {mode}, {gpus or 'no'} GPU(s), backends {args.backends}, output {args.out}", flush=True)
     start, ok = time.monotonic(), True
     for backend in args.backends.split(","):
