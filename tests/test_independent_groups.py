@@ -221,6 +221,9 @@ def faults(tmp_path_factory):
                 signal_job(job, signal.SIGKILL)
         server.shutdown()
     facts["runs"], facts["tmp"], facts["alone"] = runs, tmp, alone
+    # The timeline's figures, for whoever reads a run (the closing notes quote them).
+    keep = {k: facts[k] for k in ("detect_s", "rejoin_s", "alone_steps", "marks", "stop", "rc", "bad_rc", "dup_rc") if k in facts}
+    (tmp / "facts.json").write_text(json.dumps(keep, indent=1, default=str))
     return facts
 
 
