@@ -354,7 +354,12 @@ def pack(c: CompressedLogits) -> torch.Tensor:
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     # Reinterpretation, not conversion: .view(uint8) keeps every bit, which is the point.
-    return t.contiguous().reshape(-1).view(torch.uint8)
+    # reshape and contiguous() keep the stride of a size-1 view (one token at k = 1: the low half
+    # of an int32 id, stride 2), which .view(uint8) refuses; such a tensor is copied.
+    flat = t.reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:
+        flat = torch.empty(flat.shape, dtype=flat.dtype, device=flat.device).copy_(flat)
+    return flat.view(torch.uint8)
 
 
 def _from_bytes(chunk: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
