@@ -58,6 +58,27 @@ def prepare_accelerator_env() -> None:
         os.environ["DS_ACCELERATOR"] = "cuda" if use_cuda() else "cpu"
 
 
+def skip_deepspeed_shm_op() -> None:
+    """Call before DeepSpeed's first collective (after `prepare_accelerator_env`). Keeps DeepSpeed's CPU accelerator from building and starting its shared-memory all-reduce.
+
+    On the CPU accelerator every DeepSpeed start JIT-compiles `deepspeed_shm_comm` (a C++ build
+    under one file lock per extensions directory) and each local rank maps a 69 MB /dev/shm
+    buffer that DeepSpeed 0.19 never unlinks (shm.cpp defines `shared_close`; nothing calls
+    it): every 4-rank launch left 277 MB of RAM in /dev/shm, and after a day of test runs this
+    machine OOM-killed a compiler. Training never uses the op (only `inference_all_reduce`
+    does, which falls back to the process group's all-reduce without it). DeepSpeed keeps its
+    op table as one dict meant to be edited (deepspeed/ops/__init__.py); marking the op
+    incompatible makes `build_shm_op` return None. Nothing happens on GPU machines or where
+    DeepSpeed is not installed."""
+    if os.environ.get("DS_ACCELERATOR") != "cpu":
+        return
+    try:
+        import deepspeed.ops
+    except ImportError:
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def device() -> torch.device:
     """This rank's compute device."""
     if use_cuda():

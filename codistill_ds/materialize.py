@@ -121,6 +121,7 @@ def group_init(group: Any, ds_config: dict | None = None) -> Iterator[list[torch
     initialized exactly (module docstring). Yields the list of parameters partitioned so far;
     collective over `group` (every rank of it must build the same modules)."""
     rankinfo.prepare_accelerator_env()
+    rankinfo.skip_deepspeed_shm_op()
     import deepspeed
 
     built: list[torch.nn.Parameter] = []

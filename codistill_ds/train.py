@@ -139,6 +139,8 @@ def build_job(cfg: Config) -> Job:
     rankinfo.prepare_accelerator_env()
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     layout, corpus = prepare(cfg)
+    if cfg.backend.name == "deepspeed" or cfg.codistill.mode == "weights":
+        rankinfo.skip_deepspeed_shm_op()
     rankinfo.init_distributed(cfg.backend.timeout_s)
     ft = separate_group_jobs(cfg)
     if ft:
