@@ -36,6 +36,7 @@ CODISTILL = {  # row: (topk, value dtype, token fraction)
     "codistill defaults (top-32, bf16 + uint16 ids)": (32, "bf16", 1.0),
     "codistill compact (top-1, fp8 + uint16 id + scale)": (1, "fp8", 1.0),
     "codistill compact, token_fraction 1/4": (1, "fp8", 0.25),
+    "codistill top-4 fp8, token_fraction 1/4 (at the default's quality)": (4, "fp8", 0.25),
 }
 BASELINES = {
     "sync ring all-reduce (bf16 grads)": "ring",

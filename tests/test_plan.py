@@ -268,6 +268,7 @@ def test_bytes_table_by_hand(tmp_path):
     for shape in bytes_table.SHAPES:
         assert rows["codistill defaults (top-32, bf16 + uint16 ids)"][shape] == 32 * 4
         assert rows["codistill compact (top-1, fp8 + uint16 id + scale)"][shape] == 1 + 2 + 1
+        assert rows["codistill top-4 fp8, token_fraction 1/4 (at the default's quality)"][shape] == (4 * (1 + 2) + 1) / 4
     assert bytes_table.main(["--out", str(tmp_path)]) == 0
     assert (tmp_path / "bytes_per_token.png").read_bytes().startswith(b"\x89PNG")
     assert "| 70B |" in (tmp_path / "results.md").read_text()
