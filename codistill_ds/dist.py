@@ -79,6 +79,31 @@ def skip_deepspeed_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def release_deepspeed_shm() -> None:
+    """Unlink this rank's DeepSpeed shared-memory buffer once every rank has mapped its peers'.
+
+    Where the process group was created before the library could run `skip_deepspeed_shm_op`
+    (TrainingArguments or an Accelerator start DeepSpeed's communication), DeepSpeed's CPU
+    accelerator has already created `/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`
+    (69 MB, only when every rank is on one node: LOCAL_SIZE == world size) and would leave it
+    behind after the job. Each rank maps every peer's buffer inside DeepSpeed's init, so after a
+    barrier the names can go: the mappings stay valid until the processes exit, and the memory is
+    returned then. Collective over the world when it acts; a no-op elsewhere (GPUs, torchrun's
+    launches, no DeepSpeed), decided from the environment alone so every rank agrees."""
+    if os.environ.get("DS_ACCELERATOR") != "cpu" or not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    if os.environ.get("LOCAL_SIZE") != str(world):
+        return
+    dist.barrier()
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:
+        pass
+
+
 def device() -> torch.device:
     """This rank's compute device."""
     if use_cuda():

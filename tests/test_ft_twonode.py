@@ -1,4 +1,4 @@
-"""Independent groups on two simulated nodes: the link between them goes down for 30 s.
+"""Independent groups on two simulated nodes: the link between them goes down for 15 s.
 
 Two network namespaces joined by a veth pair (benchmarks/comm/netns.py, as in the communication
 benchmark); the Lighthouse and group 0 in node 0, group 1 in node 1, one rank each. With the
@@ -21,7 +21,7 @@ from launch import REPO, WORKERS, child_env, read_jsonl
 
 pytestmark = pytest.mark.timeout(420)
 
-DOWN_S = 30.0
+DOWN_S = 15.0
 PORT = 29555  # inside node 0's own namespace: no other process can hold it
 
 

@@ -17,8 +17,10 @@ Trainer path runs FSDP2 only on GPUs.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +55,7 @@ class Run:
     def __init__(self, root: Path, nproc: int) -> None:
         self.root, self.nproc = root, nproc
         self.out, self.probe = root / "out", root / "probe"
+        self.shm_left: list[str] = []
 
     def facts(self, rank: int) -> dict:
         return json.loads((self.probe / f"rank{rank}.json").read_text())
@@ -88,12 +91,14 @@ def probe_env(run: Run, fault: str = "") -> dict:
 def deepspeed_launch(files: dict, run: Run, ds_config: str, *extra: str, fault: str = "") -> Run:
     """`deepspeed --num_gpus 4 hf_probe.py run_clm_codistill.py ...` from the test's folder."""
     run.root.mkdir(parents=True)
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(run.nproc), "--master_port",
-           str(free_port()), PROBE, str(files["script"]), *stock_args(files, run, ds_config), *extra]
+           str(port), PROBE, str(files["script"]), *stock_args(files, run, ds_config), *extra]
     proc = subprocess.run(cmd, cwd=run.root, env=child_env(**probe_env(run, fault)), capture_output=True,
                           text=True, timeout=600, check=False)
     (run.root / "launcher.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    run.shm_left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")
     return run
 
 
@@ -272,6 +277,13 @@ def test_diverged_group_stops_and_its_peers_are_told(runs):
     assert f"rank 1 (group 1) reported: group 1 stopped: training loss is not finite at step {NAN_LOSS_STEP + 1}" in line
     assert max(run.train_logs(0)) == NAN_LOSS_STEP + 1 and not run.train_logs(1).get(NAN_LOSS_STEP + 1)
     assert all(math.isfinite(log["loss"]) for log in run.train_logs(0).values())
+
+
+def test_no_shared_memory_left_behind(runs):
+    """DeepSpeed's CPU accelerator maps a 69 MB /dev/shm buffer per rank under the deepspeed
+    launcher and never unlinks it; `codistill_init` unlinks each rank's once all are mapped."""
+    for name in ("A", "B", "C"):
+        assert runs[name].shm_left == [], (name, runs[name].shm_left)
 
 
 def test_accelerate_keeps_fsdp_off_for_cpu_processes():

@@ -49,6 +49,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import CodistillConfig
+from ..dist import release_deepspeed_shm
 from ..engine import ExchangeEngine, ExchangeSettings, Transport
 from ..health import EXIT_NONFINITE, NonFiniteLoss, check_finite_loss, stop_process
 from ..materialize import check_initialized
@@ -120,6 +121,7 @@ class Codistill:
             from ..ft_transport import check_reachable
 
             check_reachable(lighthouse_url(config), 10.0)
+        release_deepspeed_shm()
         topology = topology_for(config)
         set_seed(seed + (0 if config.same_init else topology.group_id))
         digest = check_same_exchange_data(exchange_dataset, topology.layout)

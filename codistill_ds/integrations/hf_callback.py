@@ -26,7 +26,7 @@ import torch.distributed as dist
 from transformers import TrainerCallback, set_seed
 
 from ..config import CodistillConfig, ConfigError
-from ..dist import env_rank, env_world_size
+from ..dist import env_rank, env_world_size, release_deepspeed_shm
 from ..engine import ExchangeEngine, ExchangeSettings, TargetBatch, Transport
 from ..topology import Topology
 from .engine_driver import (
@@ -154,6 +154,7 @@ class CodistillCallback(TrainerCallback):
         Accelerate's CPU state fixed, process groups, this group's seed, and under ZeRO-3 the
         in-group `deepspeed.zero.Init` that `from_config`/`from_pretrained` enter."""
         use_gloo_for_cpu_deepspeed(args)
+        release_deepspeed_shm()
         topology = self.build_topology()
         set_seed(self.group_seed(args.seed))
         from transformers.integrations import is_deepspeed_zero3_enabled
