@@ -226,6 +226,9 @@ def report(results: dict, out: Path) -> None:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Steps against time, one line per group: widths shrink with the group id so groups that
+    run in step (the clean arms, world-faults) stay visible under one another; a kill is a solid
+    line and its restart a dashed one, in the killed group's colour (black: the whole job)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,15 +238,19 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(arms), figsize=(4.5 * len(arms), 3.6), sharey=True)
     for ax, name in zip(axes if len(arms) > 1 else [axes], arms):
         arm = results["arms"][name]
-        for g, row in arm["groups"].items():
+        groups = list(arm["groups"])
+        for i, (g, row) in enumerate(arm["groups"].items()):
             tl = row["timeline"]
-            ax.plot([t for t, _, _ in tl], [s for _, s, _ in tl], ".", ms=1.5, label=f"group {g}")
+            ax.plot([t for t, _, _ in tl], [s for _, s, _ in tl], "-", color=f"C{i}",
+                    lw=1.0 + 1.5 * (len(groups) - 1 - i), alpha=0.8, label=f"group {g}")
         for ev in arm["events"]:
-            ax.axvline(ev["kill_s"], color="red", lw=0.8)
-            ax.axvline(ev["restart_s"], color="green", lw=0.8, ls="--")
+            g = str(ev["group"])
+            color = f"C{groups.index(g)}" if name.startswith("ft") and g in groups else "black"
+            ax.axvline(ev["kill_s"], color=color, lw=0.8)
+            ax.axvline(ev["restart_s"], color=color, lw=0.8, ls="--")
         ax.set_title(name)
         ax.set_xlabel("seconds since launch")
-    (axes[0] if len(arms) > 1 else axes).set_ylabel("optimizer step (red: kill, green: restart)")
+    (axes[0] if len(arms) > 1 else axes).set_ylabel("optimizer step (solid: kill, dashed: restart)")
     (axes[0] if len(arms) > 1 else axes).legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
