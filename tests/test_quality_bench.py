@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.quality.diloco import ring_bytes
+from benchmarks.quality.report import add_gaps
 from benchmarks.quality.settings import SMOKE, StopRule
 from codistill_ds.compression import WireFormat
 from codistill_ds.launching import REPO
@@ -141,6 +142,30 @@ def test_stop_rule() -> None:
     assert not rule.passed([overfit, falling])  # every model must have passed its minimum
     assert not rule.passed([[(25, 2.0), (100, 1.5), (150, 1.6), (175, 1.6)]])  # best only 75 updates old
     assert not rule.passed([[(100, 1.5), (200, 1.6), (225, 1.52)]])  # last eval within 3%
+
+
+def test_paired_gaps_compare_seed_by_seed() -> None:
+    """Per-seed gaps pair seed s of an arm with seed s of the reference (sync, else codistill);
+    the arms' means hide that one arm is above its reference under both seeds."""
+    def models(*rows: tuple[int, float]) -> list[dict]:
+        return [{"seed": seed, "best_val_loss": v} for seed, v in rows]
+
+    def arm(*rows: tuple[int, float]) -> dict:
+        return {"per_group": models(*rows), "best_val_loss": 0.0, "final_val_loss": 0.0}
+
+    # seed 2 is an easier draw for every arm: spreads larger than the gaps
+    results = {"arms": {"sync": arm((1, 2.0), (2, 1.6)),
+                        "codistill": arm((1, 2.1), (1, 2.1), (2, 1.64), (2, 1.68)),
+                        "one-seed": arm((2, 1.5), (2, 1.7))}}
+    add_gaps(results)
+    arms = results["arms"]
+    assert arms["codistill"]["best_val_loss_paired_ref"] == "sync"
+    assert arms["codistill"]["best_val_loss_paired_pct"] == pytest.approx({1: 5.0, 2: 3.75})
+    assert arms["one-seed"]["best_val_loss_paired_pct"] == pytest.approx({2: 0.0})
+    assert arms["sync"]["best_val_loss_paired_pct"] == {1: 0.0, 2: 0.0}
+    del results["arms"]["sync"]
+    add_gaps(results)
+    assert results["arms"]["one-seed"]["best_val_loss_paired_pct"] == pytest.approx({2: (1.6 - 1.66) / 1.66 * 100})
 
 
 def test_a_failing_run_stops_the_benchmark(corpus: Path, tmp_path: Path) -> None:
