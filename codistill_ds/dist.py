@@ -95,7 +95,9 @@ def release_deepspeed_shm() -> None:
     world = dist.get_world_size()
     if os.environ.get("LOCAL_SIZE") != str(world):
         return
-    dist.barrier()
+    from .comm import barrier
+
+    barrier()
     name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
                      os.environ.get("MASTER_PORT", ""), str(dist.get_rank())])
     try:
