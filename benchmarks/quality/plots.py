@@ -21,8 +21,10 @@ def _panel(ax_steps, ax_bytes, results: dict) -> None:
         style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--", "linewidth": 1.6}
         steps, vals = zip(*arm["val_curve"])
         ax_steps.plot(steps, vals, label=f"{name} ({min(vals):.3f})", **style)
-        xb, yb = zip(*[(b, v) for (_, b), (_, v) in zip(arm["bytes_curve"], arm["val_curve"]) if b > 0] or [(1, vals[0])])
-        ax_bytes.plot(xb, yb, **style)
+        sent = [(b, v) for (_, b), (_, v) in zip(arm["bytes_curve"], arm["val_curve"]) if b > 0]
+        if sent:  # an arm that sends nothing (offline distillation) has no point on a log axis
+            xb, yb = zip(*sent)
+            ax_bytes.plot(xb, yb, **style)
     low, high = _limits(arms)
     r = results["regime"]
     ax_steps.set_title(f"{r['name']}: {r['corpus']} {r['max_bytes'] / 1e3:,.0f} KB", fontsize=9)
