@@ -228,7 +228,7 @@ MODES: dict[str, Mode] = {
                      # (sync) or 2 x 16 (two groups) read 15.4k of them: one pass.
                      "token": Regime("token", "mixed", 2_230_788, 480, TOKEN, val_windows=128),
                      "stdlib": Regime("stdlib", "stdlib", 100_000, 1000, FULL_MAIN[:3] + ("diloco-h50",),
-                                      stop=StopRule()),
+                                      seeds=2, stop=StopRule()),
                      # The shakespeare regime's data and budget: its sync and independent runs
                      # are reused.
                      "hetero": Regime("hetero", "text", 100_000, 1000, HETERO, stop=StopRule()),
