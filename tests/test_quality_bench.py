@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.quality.diloco import ring_bytes
-from benchmarks.quality.report import add_gaps
+from benchmarks.quality.report import add_gaps, paired_ref
 from benchmarks.quality.settings import SMOKE, StopRule
 from codistill_ds.compression import WireFormat
 from codistill_ds.launching import REPO
@@ -159,12 +159,13 @@ def test_paired_gaps_compare_seed_by_seed() -> None:
                         "one-seed": arm((2, 1.5), (2, 1.7))}}
     add_gaps(results)
     arms = results["arms"]
-    assert arms["codistill"]["best_val_loss_paired_ref"] == "sync"
+    assert paired_ref(arms) == "sync"
     assert arms["codistill"]["best_val_loss_paired_pct"] == pytest.approx({1: 5.0, 2: 3.75})
     assert arms["one-seed"]["best_val_loss_paired_pct"] == pytest.approx({2: 0.0})
     assert arms["sync"]["best_val_loss_paired_pct"] == {1: 0.0, 2: 0.0}
     del results["arms"]["sync"]
     add_gaps(results)
+    assert paired_ref(results["arms"]) == "codistill"
     assert results["arms"]["one-seed"]["best_val_loss_paired_pct"] == pytest.approx({2: (1.6 - 1.66) / 1.66 * 100})
 
 

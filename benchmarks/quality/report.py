@@ -130,8 +130,10 @@ def add_gaps(results: dict) -> None:
     """Relative gaps of every arm to sync and to independent (and to codistill in regimes that
     compare variants of it), for best and final val loss; and the gap of the best val loss to
     `paired_ref` seed by seed. Seed s of every arm shares the data split, the validation windows
-    and (for the same model) the initialization, so with seed spreads of 1-5% the paired gaps
-    show what the means cannot: whether an arm is above its reference under every seed."""
+    are the same for every seed, and seed s fixes the data order and the initialization (sync,
+    codistill's group 0 and DiLoCo start from the same weights), so with seed spreads of 1-5%
+    the paired gaps show what the means cannot: whether an arm is above its reference under
+    every seed."""
     arms = results["arms"]
     for ref in ("sync", "independent", "codistill"):
         if ref not in arms:
@@ -145,9 +147,12 @@ def add_gaps(results: dict) -> None:
     ref_means = _seed_means(arms[ref]["per_group"], "best_val_loss")
     for arm in arms.values():
         mine = _seed_means(arm["per_group"], "best_val_loss")
-        arm["best_val_loss_paired_ref"] = ref
         arm["best_val_loss_paired_pct"] = {seed: _gap(v, ref_means[seed]) for seed, v in mine.items()
                                            if seed in ref_means}
+
+
+def _per_seed(a: dict) -> str:
+    return ", ".join(f"{v:+.2f}%" for v in a.get("best_val_loss_paired_pct", {}).values()) or "-"
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -166,11 +171,8 @@ COLUMNS = ("arm", "seeds", "best val loss", "sd over seeds", "best at (update)",
 
 
 def _row(name: str, a: dict) -> list[str]:
-    pct = [_fmt(a.get(key), "+.2f", "%") for key in (
-        "best_val_loss_vs_sync_pct", "best_val_loss_vs_independent_pct", "best_val_loss_vs_codistill_pct",
-        "final_val_loss_vs_sync_pct")]
-    paired = ", ".join(f"{v:+.2f}%" for v in a.get("best_val_loss_paired_pct", {}).values()) or "-"
-    pct.insert(3, paired)
+    gap = [_fmt(a.get(f"best_val_loss_vs_{ref}_pct"), "+.2f", "%") for ref in ("sync", "independent", "codistill")]
+    pct = [*gap, _per_seed(a), _fmt(a.get("final_val_loss_vs_sync_pct"), "+.2f", "%")]
     best = f"{a['best_val_loss']:.4f}"
     if "best_global_val_loss" in a:
         best += f" (shared model {a['best_global_val_loss']:.4f})"
@@ -195,10 +197,9 @@ def goals(arms: dict) -> list[str]:
     lines = []
     if "sync" in arms:
         ratio = c["best_val_loss"] / arms["sync"]["best_val_loss"]
-        per_seed = ", ".join(f"{v:+.2f}%" for v in c.get("best_val_loss_paired_pct", {}).values())
         lines.append(f"codistill best val <= 1.01 x sync's: {'met' if ratio <= 1.01 else 'missed'} "
                      f"({c['best_val_loss']:.4f} vs {arms['sync']['best_val_loss']:.4f}, x{ratio:.4f}; seed by "
-                     f"seed {per_seed}; final {c['final_val_loss']:.4f} vs {arms['sync']['final_val_loss']:.4f})")
+                     f"seed {_per_seed(c)}; final {c['final_val_loss']:.4f} vs {arms['sync']['final_val_loss']:.4f})")
     if "independent" in arms:
         ind = arms["independent"]["best_val_loss"]
         lines.append(f"codistill best val below independent's: {'met' if c['best_val_loss'] < ind else 'missed'} "
