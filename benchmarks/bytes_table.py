@@ -1,6 +1,6 @@
 """Bytes per training token crossing the group boundary, like for like, for 125M to 70B models.
 
-Every figure is `codistill_ds.plan.make_plan` (the formulas of `codistill-ds plan`), laid over
+Every figure is `codistill_ds.plan.bytes.make_plan` (the formulas of `codistill-ds plan`), laid over
 the same 2 groups of 8 ranks, one group per node or site: what leaves one node per step divided
 by the training tokens one group consumes per step. Codistillation's rows assume every training
 token is also exchanged (exchange batch = training batch, every step: `exchange_batch: train`);
@@ -21,8 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from codistill_ds.launching import command_line
-from codistill_ds.plan import make_plan
+from codistill_ds.distributed.launching import command_line
+from codistill_ds.plan.bytes import make_plan
 
 SHAPES = {  # name: (parameters, vocabulary, training tokens per step, both groups)
     "125M": (125 * 10**6, 50_257, 2**19),   # GPT-2 vocabulary; GPT-3 125M: 0.5M tokens

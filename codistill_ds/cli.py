@@ -44,8 +44,8 @@ def _export_parser(sub) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .config import ConfigError
-    from .export import ExportError, export
+    from codistill_ds.config import ConfigError
+    from codistill_ds.commands.export import ExportError, export
 
     try:
         path = export(args.run_dir, args.group, args.out, args.step)
@@ -57,7 +57,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _tokenize_parser(sub) -> None:
-    from .tokenize import SHARD_TOKENS
+    from codistill_ds.data.tokenize import SHARD_TOKENS
 
     p = sub.add_parser("tokenize", help="text/JSONL files into memory-mapped token shards, once")
     p.add_argument("files", nargs="+", help="UTF-8 text or JSONL files, read in this order")
@@ -70,8 +70,8 @@ def _tokenize_parser(sub) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from .sources import DataError
-    from .tokenize import tokenize_files
+    from codistill_ds.data.sources import DataError
+    from codistill_ds.data.tokenize import tokenize_files
 
     try:
         index = tokenize_files(args.files, args.out, args.tokenizer, args.format, args.text_field,
@@ -91,7 +91,7 @@ def _plot_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .plan import add_plan_arguments
+    from codistill_ds.plan.bytes import add_plan_arguments
 
     parser = argparse.ArgumentParser(prog="codistill-ds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(sub.add_parser("plan", help="topology and per-step cross-group bytes"))
     _plot_parser(sub)
     _export_parser(sub)
-    from .lighthouse import add_lighthouse_arguments
+    from codistill_ds.commands.lighthouse import add_lighthouse_arguments
 
     add_lighthouse_arguments(sub.add_parser("lighthouse", help="meeting point of groups that run as "
                                             "separate jobs (codistill.transport=torchft)"))
@@ -143,7 +143,7 @@ def report_input_error(err: Exception) -> int:
     torchrun and the deepspeed launcher kill the remaining ranks as soon as one exits; waiting
     lets every rank reach its own validation and print the same message, so the user sees the
     cause from every rank rather than a wall of SIGTERMs (dist.wait_for_every_rank)."""
-    from .dist import wait_for_every_rank
+    from codistill_ds.distributed.env import wait_for_every_rank
 
     print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
     wait_for_every_rank("input_error", INPUT_ERROR_WAIT_S)
@@ -155,7 +155,7 @@ INPUT_ERROR_WAIT_S = 30.0
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
-    from .config import ConfigError, load_config
+    from codistill_ds.config import ConfigError, load_config
 
     if args.nproc:
         return spawn_local(args.nproc, argv)
@@ -165,8 +165,8 @@ def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
         cfg = load_config(args.config, overrides)
     except ConfigError as err:
         return report_input_error(err)
-    from .dist import exit_process
-    from .train import main_guarded
+    from codistill_ds.distributed.env import exit_process
+    from codistill_ds.run.job import main_guarded
 
     exit_process(main_guarded(cfg))  # skip finalization: see dist.exit_process
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return cmd_train(args, argv)
     if args.command == "plan":
-        from .plan import run_plan
+        from codistill_ds.plan.bytes import run_plan
 
         return run_plan(args)
     if args.command == "export":
@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "tokenize":
         return cmd_tokenize(args)
     if args.command == "lighthouse":
-        from .lighthouse import run_lighthouse
+        from codistill_ds.commands.lighthouse import run_lighthouse
 
         return run_lighthouse(args)
-    from .plot import plot_run
+    from codistill_ds.commands.plot import plot_run
 
     print(plot_run(args.run_dir, args.out))
     return 0

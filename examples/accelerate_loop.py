@@ -60,7 +60,7 @@ def byte_rows(path: str | None, max_bytes: int, seq_len: int) -> list[dict[str, 
         with open(path, "rb") as f:
             data = f.read(max_bytes)
     else:
-        from codistill_ds.sources import stdlib_sources
+        from codistill_ds.data.sources import stdlib_sources
 
         data = "\n".join(stdlib_sources(max_bytes)).encode()[:max_bytes]
     ids = torch.tensor(list(data), dtype=torch.long)

@@ -3,7 +3,7 @@
 Each worker script is an importable module with a `main()` (accelerate's test-script style);
 torchrun gives it RANK/WORLD_SIZE, it writes `OUT/rank{r}.json`, and the test asserts on those
 numbers. A timeout stops the whole launch (launcher and ranks) and fails the test instead of
-stalling CI. The launching itself is `codistill_ds.launching`, shared with the benchmarks."""
+stalling CI. The launching itself is `codistill_ds.distributed.launching`, shared with the benchmarks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from codistill_ds.launching import (
+from codistill_ds.distributed.launching import (
     REPO,
     child_env,
     free_port,

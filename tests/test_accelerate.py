@@ -23,7 +23,7 @@ import yaml
 from partitions import assert_sharded_within_groups
 
 from codistill_ds.config import Config, ConfigError
-from codistill_ds.integrations.accelerate import apply_launch_env
+from codistill_ds.config.accelerate_env import apply_launch_env
 from launch import REPO, WORKERS, child_env, read_jsonl
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")

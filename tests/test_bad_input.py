@@ -18,7 +18,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from codistill_ds import health
+from codistill_ds.run import watchdog as health
 from codistill_ds.config import (
     Config,
     ConfigError,
@@ -26,9 +26,9 @@ from codistill_ds.config import (
     config_to_dict,
     load_config,
 )
-from codistill_ds.data import DataError, build_corpus
-from codistill_ds.topology import Layout, TopologyError
-from codistill_ds.validation import ranks_per_group, validate
+from codistill_ds.data.streams import DataError, build_corpus
+from codistill_ds.distributed.topology import Layout, TopologyError
+from codistill_ds.config.validation import ranks_per_group, validate
 from launch import REPO, WORKERS, cli, torchrun
 
 

@@ -29,7 +29,7 @@ from ckpt_runs import (
     straight,
 )
 
-from codistill_ds import checkpoint
+from codistill_ds.run import checkpoint
 from codistill_ds.config import ConfigError, load_config
 from launch import REPO, child_env
 
@@ -154,7 +154,7 @@ def test_truncate_metrics_drops_abandoned_steps(tmp_path):
 
 
 def test_export_errors_name_the_cause(tmp_path):
-    from codistill_ds.export import ExportError, export
+    from codistill_ds.commands.export import ExportError, export
 
     with pytest.raises(ExportError, match="no complete checkpoint.*save_interval"):
         export(str(tmp_path), 0, str(tmp_path / "out"))

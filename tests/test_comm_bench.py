@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.comm.netns import netns_available
-from codistill_ds.launching import REPO
+from codistill_ds.distributed.launching import REPO
 
 
 def bench(out: Path, *extra: str, timeout: float) -> dict:
@@ -40,7 +40,7 @@ def bench(out: Path, *extra: str, timeout: float) -> dict:
 
 @pytest.mark.timeout(180)
 def test_smoke_bytes_equal_plan(tmp_path: Path) -> None:
-    from codistill_ds.plan import make_plan
+    from codistill_ds.plan.bytes import make_plan
 
     results = bench(tmp_path, timeout=100)
     b = results["bytes"]

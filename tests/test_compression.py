@@ -1,4 +1,4 @@
-"""Tests for codistill_ds.compression: the exchange payload must survive the wire bit-exactly."""
+"""Tests for codistill_ds.exchange.wire: the exchange payload must survive the wire bit-exactly."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from codistill_ds.compression import (
+from codistill_ds.exchange.wire import (
     CompressedLogits,
     WireFormat,
     choose_index_dtype,

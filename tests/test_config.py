@@ -20,7 +20,7 @@ from codistill_ds.config import (
     resolve_path,
     save_config,
 )
-from codistill_ds.validation import ranks_per_group, validate
+from codistill_ds.config.validation import ranks_per_group, validate
 
 
 @pytest.fixture
@@ -385,8 +385,8 @@ def test_resolve_path(tmp_path, monkeypatch):
     (tmp_path / "here.json").write_text("{}")
     assert resolve_path("here.json") == str(tmp_path / "here.json")
     # Not in the cwd: falls back to the package root (the parent of codistill_ds/).
-    assert resolve_path("codistill_ds/config.py") == str(PACKAGE_ROOT / "codistill_ds/config.py")
-    assert os.path.isabs(resolve_path("codistill_ds/config.py"))
+    assert resolve_path("codistill_ds/cli.py") == str(PACKAGE_ROOT / "codistill_ds/cli.py")
+    assert os.path.isabs(resolve_path("codistill_ds/config/schema.py"))
     assert resolve_path("no/such/file.json") == "no/such/file.json"
     assert resolve_path(str(tmp_path / "here.json")) == str(tmp_path / "here.json")
 
@@ -442,11 +442,11 @@ def test_exchange_backend_choices(base):
 
 
 def test_readme_configuration_reference_is_generated_from_the_docstrings():
-    """The README's table is `python -m codistill_ds.config_doc`: every field, its default and its
+    """The README's table is `python -m codistill_ds.config.doc`: every field, its default and its
     docstring; regenerate it (and paste) when config.py changes."""
     from pathlib import Path
 
-    from codistill_ds.config_doc import reference_table
+    from codistill_ds.config.doc import reference_table
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert reference_table() in readme

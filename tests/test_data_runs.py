@@ -20,7 +20,7 @@ import pytest
 from dashboard_logs import tensorboard_scalars, wandb_history
 
 from benchmarks.data.corpus import make_corpus
-from codistill_ds.tokenize import tokenize_files
+from codistill_ds.data.tokenize import tokenize_files
 from launch import REPO, WORKERS, cli, read_jsonl, torchrun
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")

@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from codistill_ds.config import load_config
-from codistill_ds.model import ModelRecipe
-from codistill_ds.validation import ranks_per_group, validate
+from codistill_ds.backends.model import ModelRecipe
+from codistill_ds.config.validation import ranks_per_group, validate
 from launch import REPO
 
 EXAMPLES = REPO / "examples" / "llama1b"

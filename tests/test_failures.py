@@ -36,7 +36,7 @@ from ckpt_runs import (
     wait_all,
 )
 
-from codistill_ds.health import EXIT_NONFINITE, EXIT_PEER_LOST, is_comm_error
+from codistill_ds.run.watchdog import EXIT_NONFINITE, EXIT_PEER_LOST, is_comm_error
 from launch import REPO, child_env
 
 
@@ -104,8 +104,8 @@ def test_watchdog_names_a_silent_peer(tmp_path):
     exits by itself after peer_timeout_s with a message naming the peer."""
     script = textwrap.dedent(f"""
         import json, os, time
-        from codistill_ds.health import Watchdog
-        from codistill_ds.topology import Layout
+        from codistill_ds.run.watchdog import Watchdog
+        from codistill_ds.distributed.topology import Layout
         run = {str(tmp_path)!r}
         os.makedirs(os.path.join(run, "health"), exist_ok=True)
         json.dump({{"rank": 1, "group": 1, "step": 41, "time": time.time() - 60, "pid": os.getppid(),
@@ -133,8 +133,8 @@ def test_comm_errors_are_recognised():
 
 
 def test_heartbeat_records_are_json(tmp_path):
-    from codistill_ds.health import Watchdog
-    from codistill_ds.topology import Layout
+    from codistill_ds.run.watchdog import Watchdog
+    from codistill_ds.distributed.topology import Layout
 
     w = Watchdog(str(tmp_path), Layout(4, 2, 3), 5, 5).start()
     time.sleep(0.3)  # beats from completed steps are rate-limited

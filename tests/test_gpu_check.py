@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from codistill_ds.config import load_config
-from codistill_ds.validation import validate
+from codistill_ds.config.validation import validate
 from launch import REPO
 
 SCRIPT = REPO / "tests" / "gpu" / "gpu_check.py"

@@ -66,7 +66,7 @@ def other_tokenizer(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def hetero(tmp_path_factory):
-    from codistill_ds.lighthouse import start_lighthouse
+    from codistill_ds.commands.lighthouse import start_lighthouse
 
     tmp = tmp_path_factory.mktemp("hetero")
     server, url = start_lighthouse(port=0, bind="127.0.0.1", join_timeout_ms=30000)

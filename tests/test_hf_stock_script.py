@@ -38,7 +38,7 @@ from hf_stock import (
     write_scripts,
 )
 
-from codistill_ds.health import EXIT_NONFINITE, EXIT_PEER_LOST
+from codistill_ds.run.watchdog import EXIT_NONFINITE, EXIT_PEER_LOST
 from launch import REPO, WORKERS, child_env, free_port
 
 STEPS, SAVE_STEPS, BURN_IN, SEED, S = 8, 4, 2, 11, 2

@@ -45,7 +45,7 @@ def example(nproc: int, out: Path, *args: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from codistill_ds.lighthouse import start_lighthouse
+    from codistill_ds.commands.lighthouse import start_lighthouse
 
     tmp = tmp_path_factory.mktemp("hf")
     server, url = start_lighthouse(port=0, bind="127.0.0.1", join_timeout_ms=60000)

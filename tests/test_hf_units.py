@@ -10,15 +10,15 @@ import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from codistill_ds.config import CodistillConfig
-from codistill_ds.integrations.engine_driver import distill_mask
-from codistill_ds.integrations.hf_args import PREFIX, CodistillArguments, field_docs
-from codistill_ds.integrations.hf_outputs import group_checkpoint, group_leader_saves
+from codistill_ds.exchange.setup import distill_mask
+from codistill_ds.integrations.hf_trainer.args import PREFIX, CodistillArguments, field_docs
+from codistill_ds.integrations.hf_trainer.outputs import group_checkpoint, group_leader_saves
 from codistill_ds.integrations.hf_trainer import (
     CodistillTrainer,
     CodistillTrainerMixin,
     codistill_trainer,
 )
-from codistill_ds.topology import Layout
+from codistill_ds.distributed.topology import Layout
 
 
 def test_every_codistill_field_is_a_flag_with_its_docstring():
@@ -87,7 +87,7 @@ def test_codistill_trainer_classes():
 def test_bad_settings_fail_before_any_collective(monkeypatch):
     """Checked at construction, from the launcher's environment alone (no process group yet)."""
     from codistill_ds.config import ConfigError
-    from codistill_ds.integrations.hf_callback import CodistillCallback
+    from codistill_ds.integrations.hf_trainer.callback import CodistillCallback
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")

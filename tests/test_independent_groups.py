@@ -36,7 +36,7 @@ CKPT_RUN = str(WORKERS / "ckpt_run.py")
 
 
 def lighthouse(**kw):
-    from codistill_ds.lighthouse import start_lighthouse
+    from codistill_ds.commands.lighthouse import start_lighthouse
 
     return start_lighthouse(port=0, bind="127.0.0.1", **kw)
 
@@ -55,7 +55,7 @@ def start_job(nproc: int, out: Path, overrides: list[str], log: Path, cli: bool 
 
 
 def signal_job(job: subprocess.Popen, sig: int) -> None:
-    from codistill_ds.launching import signal_tree
+    from codistill_ds.distributed.launching import signal_tree
 
     signal_tree(job, sig)
 

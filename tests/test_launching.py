@@ -1,4 +1,4 @@
-"""codistill_ds.launching: the shared launcher of tests and benchmarks leaves no process behind."""
+"""codistill_ds.distributed.launching: the shared launcher of tests and benchmarks leaves no process behind."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(120)
 
-from codistill_ds.launching import (
+from codistill_ds.distributed.launching import (
     REPO,
     LaunchFailed,
     child_env,

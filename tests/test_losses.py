@@ -1,4 +1,4 @@
-"""Tests for codistill_ds.losses against references computed another way, in float64."""
+"""Tests for codistill_ds.exchange.losses against references computed another way, in float64."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from codistill_ds.compression import CompressedLogits, compress
-from codistill_ds.losses import (
+from codistill_ds.exchange.wire import CompressedLogits, compress
+from codistill_ds.exchange.losses import (
     LOSSES,
     _teacher_log_probs,
     distill_loss,

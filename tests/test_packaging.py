@@ -29,7 +29,7 @@ def test_ds_configs_resolve_after_a_non_editable_install(tmp_path):
                           "--target", str(target), str(REPO)], capture_output=True, text=True, timeout=280, check=False)
     assert pip.returncode == 0, pip.stderr[-3000:]
     probe = ("import codistill_ds, json; from codistill_ds.config import resolve_path; "
-             "from codistill_ds.validation import validate; from codistill_ds.config import load_config; "
+             "from codistill_ds.config.validation import validate; from codistill_ds.config import load_config; "
              "validate(load_config(None), 4); p = resolve_path('ds_configs/zero3.json'); "
              "print(json.dumps([codistill_ds.__file__, p, json.load(open(p))['zero_optimization']['stage']]))")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, capture_output=True, text=True, timeout=120,

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from codistill_ds.plan import (
+from codistill_ds.plan.bytes import (
     add_plan_arguments,
     format_plan,
     human_bytes,
@@ -278,7 +278,7 @@ def test_memory_estimate_by_hand(capsys):
     """P = 1,600, S = 2: states 16 P / S = 12,800 B; gathered 2 x 2 P / n = 1,600 B (n = 4);
     activations 34 h b L n + 10 b L V = 34*8*2*4*4 + 10*2*4*50 = 8,704 + 4,000 B; build peak
     4 P / S + 4 max(V h, P / n) = 3,200 + 4*400 B; tokens 2 x 4 x W=4 = 32 per step."""
-    from codistill_ds.memory import memory_plan
+    from codistill_ds.plan.memory import memory_plan
 
     m = memory_plan(params=1600, world=4, groups=2, micro_batch=2, seq_len=4, hidden=8, layers=4, vocab=50)
     assert (m.model_state_bytes, m.gathered_bytes, m.activation_bytes) == (12800, 1600, 12704)

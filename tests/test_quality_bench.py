@@ -21,8 +21,8 @@ import pytest
 from benchmarks.quality.diloco import ring_bytes
 from benchmarks.quality.report import add_gaps, paired_ref
 from benchmarks.quality.settings import SMOKE, StopRule
-from codistill_ds.compression import WireFormat
-from codistill_ds.launching import REPO
+from codistill_ds.exchange.wire import WireFormat
+from codistill_ds.distributed.launching import REPO
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codistill_ds.compression import compress, pack
-from codistill_ds.losses import distill_loss
-from codistill_ds.sampling import (
+from codistill_ds.exchange.wire import compress, pack
+from codistill_ds.exchange.losses import distill_loss
+from codistill_ds.exchange.sampling import (
     gather_positions,
     positions_per_sequence,
     sample_targets,

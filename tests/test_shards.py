@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.data.corpus import make_corpus
 from codistill_ds.config import ConfigError, DataConfig, load_config
-from codistill_ds.data import (
+from codistill_ds.data.streams import (
     ByteTokenizer,
     DataError,
     ExchangeStream,
@@ -32,15 +32,15 @@ from codistill_ds.data import (
     corpus_digest,
     val_micro_batches,
 )
-from codistill_ds.shards import (
+from codistill_ds.data.shards import (
     ShardIndex,
     TokenShards,
     WindowView,
     stream_digest,
     token_dtype,
 )
-from codistill_ds.tokenize import ShardWriter, tokenize_files
-from codistill_ds.validation import validate
+from codistill_ds.data.tokenize import ShardWriter, tokenize_files
+from codistill_ds.config.validation import validate
 from launch import REPO, child_env
 
 SIZES = {"2mb": 2_000_000, "20mb": 20_000_000}

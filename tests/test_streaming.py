@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.data.corpus import SHAKESPEARE
 from codistill_ds.config import DataConfig
-from codistill_ds.data import (
+from codistill_ds.data.streams import (
     ByteTokenizer,
     DataError,
     ExchangeStream,
@@ -30,7 +30,7 @@ from codistill_ds.data import (
     corpus_digest,
     val_micro_batches,
 )
-from codistill_ds.streaming import DocumentStream, group_of, is_validation
+from codistill_ds.data.streaming import DocumentStream, group_of, is_validation
 
 SEQ, B, SEED = 64, 4, 11
 

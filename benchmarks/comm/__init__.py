@@ -1,12 +1,12 @@
 """Communication benchmark: what crosses codistillation groups, what it costs, and what it buys.
 
-DESIGN.md's communication targets, measured on the product itself (`codistill_ds.train.run`,
+DESIGN.md's communication targets, measured on the product itself (`codistill_ds.run.job.run`,
 the function behind `codistill-ds train`, with DeepSpeed ZeRO-2 inside each group):
 
 (a) bytes   Cross-group bytes per step for logit exchange, measured by the library's own
             counters (summary.json `cross_group_bytes`, per rank and per group) for both routes
             (leaders, rails) and several top-k sizes including the full vocabulary, checked
-            exactly against `codistill_ds.plan.make_plan`; and the gradient all-reduce of
+            exactly against `codistill_ds.plan.bytes.make_plan`; and the gradient all-reduce of
             synchronous data parallelism (`codistill.enabled=false`) on the same model, world
             and steps, measured by instrumenting the `torch.distributed` collectives DeepSpeed
             calls (ring model: all-reduce 2(W-1)/W x N per rank, all-gather (W-1) x N_in) next to
@@ -50,7 +50,7 @@ the function behind `codistill-ds train`, with DeepSpeed ZeRO-2 inside each grou
 
 Run from the checkout root. One module per part: bytes.py, overhead.py, twonode.py (with
 netns.py, the two namespaces), worker.py (the rank program), common.py (settings, launches, run
-records); launching is `codistill_ds.launching`, shared with the tests.
+records); launching is `codistill_ds.distributed.launching`, shared with the tests.
 
 Timing figures (b, c) are wall-clock on whatever else the machine runs: results.json and
 results.md record the load average around each part, and (b) alternates its arms and reports

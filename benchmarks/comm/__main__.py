@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from codistill_ds.launching import LaunchFailed, command_line
+from codistill_ds.distributed.launching import LaunchFailed, command_line
 
 from . import __doc__ as PACKAGE_DOC
 from .bytes import (

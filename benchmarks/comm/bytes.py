@@ -1,7 +1,7 @@
 """Part (a) of the communication benchmark: cross-group bytes through real training.
 
 The library's own counters (summary.json `cross_group_bytes`, per rank and per group) for both
-routes and several wire formats, checked exactly against `codistill_ds.plan.make_plan`; the
+routes and several wire formats, checked exactly against `codistill_ds.plan.bytes.make_plan`; the
 synchronous baseline's gradient all-reduce measured by the worker's collective counter; weights
 mode when it validates. The comparison is like for like (plan.py): one group per node, bytes
 per step leaving one node.
@@ -15,8 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from codistill_ds.launching import REPO, LaunchFailed, child_env
-from codistill_ds.plan import make_plan
+from codistill_ds.distributed.launching import REPO, LaunchFailed, child_env
+from codistill_ds.plan.bytes import make_plan
 
 from .common import (
     BYTE_VOCAB,
@@ -59,7 +59,7 @@ def weights_mode_status(mode: Mode) -> dict:
     """Try `codistill.mode=weights` (ZeRO-3, as the mode requires) through the library's own
     validation, without launching anything: the bytes part measures it only if it validates."""
     from codistill_ds.config import ConfigError, load_config
-    from codistill_ds.validation import validate
+    from codistill_ds.config.validation import validate
 
     cfg = load_config(None, sets_of(weights_sets(mode)))
     try:

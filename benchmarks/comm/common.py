@@ -1,6 +1,6 @@
 """Shared pieces of the communication benchmark: settings, arm overrides, local launches, run
 records. Each part (bytes.py, overhead.py, twonode.py) builds its arms from `base_sets` and
-reads its runs with `load_run`; launching is `codistill_ds.launching`, shared with the tests."""
+reads its runs with `load_run`; launching is `codistill_ds.distributed.launching`, shared with the tests."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from codistill_ds.launching import child_env, run_logged, torchrun_argv
+from codistill_ds.distributed.launching import child_env, run_logged, torchrun_argv
 
 ALONE_INTERVAL = 10**6
 """`codistill.interval` of the "alone" arm: one exchange at step 0, none after."""

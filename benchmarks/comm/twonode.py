@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from codistill_ds.launching import REPO, LaunchFailed, stop, tail
+from codistill_ds.distributed.launching import REPO, LaunchFailed, stop, tail
 
 from .common import (
     ALONE_INTERVAL,

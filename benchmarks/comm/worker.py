@@ -2,7 +2,7 @@
 
 Started by `python -m benchmarks.comm` under `torchrun` (loopback, or two network namespaces as
 two nodes) as ``-m benchmarks.comm.worker JOB.json``. For every arm of the job it loads the config the
-way the CLI does (`load_config(config, overrides)`) and calls `codistill_ds.train.run`, the
+way the CLI does (`load_config(config, overrides)`) and calls `codistill_ds.run.job.run`, the
 function behind `codistill-ds train`, so the arms train with the product's own loop, exchange,
 backend, metrics.jsonl and summary.json. Running the arms in one job pays the launch (imports,
 rendezvous, ~30 s on a loaded 2-core machine) once instead of once per arm.
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds.launching import REPO
+from codistill_ds.distributed.launching import REPO
 
 # ----------------------------------------------------------------------------- byte counter
 
@@ -193,7 +193,7 @@ def _new_step_entry() -> dict:
 def install_phase_marks() -> None:
     """Wrap the loop's public `run` and `train_step`: the counter's phase, and per-step wall,
     process-CPU and main-thread-CPU times with the step's own `exchange_ms`."""
-    from codistill_ds.loop import CodistillLoop as Loop
+    from codistill_ds.run.loop import CodistillLoop as Loop
 
     orig_step, orig_run = Loop.train_step, Loop.run
 
@@ -247,7 +247,7 @@ def main() -> int:
     job = json.loads(Path(sys.argv[1]).read_text())
     os.chdir(REPO)
     install_counter()
-    from codistill_ds import dist as rankinfo
+    from codistill_ds.distributed import env as rankinfo
 
     rankinfo.prepare_accelerator_env()
     rankinfo.init_distributed(float(job.get("timeout_s", 600)))
@@ -255,7 +255,7 @@ def main() -> int:
     import deepspeed.utils.groups as ds_groups
 
     from codistill_ds.config import load_config
-    from codistill_ds.train import run
+    from codistill_ds.run.job import run
 
     link_dir = Path(job["link_dir"]) if job.get("link_dir") else None
     world, me = dist.get_world_size(), dist.get_rank()

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from codistill_ds.tokenize import tokenize_files
+from codistill_ds.data.tokenize import tokenize_files
 
 from .corpus import make_corpus
 

@@ -12,7 +12,7 @@ import sys
 import time
 
 from codistill_ds.config import DataConfig
-from codistill_ds.data import (
+from codistill_ds.data.streams import (
     ExchangeStream,
     TrainStream,
     build_corpus,

@@ -28,14 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-from codistill_ds.launching import (
+from codistill_ds.distributed.launching import (
     REPO,
     child_env,
     signal_tree,
     stop,
     torchrun_argv,
 )
-from codistill_ds.lighthouse import start_lighthouse
+from codistill_ds.commands.lighthouse import start_lighthouse
 
 GROUPS = 3
 BASE = ["codistill.groups=3", "codistill.alpha=1", "codistill.staleness=1", "codistill.async_exchange=true",

@@ -44,7 +44,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from codistill_ds.launching import command_line
+from codistill_ds.distributed.launching import command_line
 
 from . import corpora, diloco, hetero
 from .plots import plot_regimes

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from codistill_ds.sources import stdlib_sources
+from codistill_ds.data.sources import stdlib_sources
 
 PIECE = 4096
 """Characters per interleaved piece: 32 sequences of 128 bytes, so the first validation windows

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from codistill_ds.config import load_config, save_config
-from codistill_ds.data import build_corpus
-from codistill_ds.metrics import MetricsWriter
+from codistill_ds.data.streams import build_corpus
+from codistill_ds.run.metrics import MetricsWriter
 
 from .plain import PlainTrainer
 
@@ -122,7 +122,7 @@ def train(args: argparse.Namespace) -> None:
 def starter(sets: list[str], sync_every: int, timeout_s: float):
     """A runner.Starter: the Lighthouse (in this process, shut down by the returned cleanup)
     and both workers."""
-    from codistill_ds.lighthouse import start_lighthouse
+    from codistill_ds.commands.lighthouse import start_lighthouse
 
     from .runner import popen
 

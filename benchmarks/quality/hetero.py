@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from codistill_ds.compression import compress, wire_dtype
+from codistill_ds.exchange.wire import compress, wire_dtype
 from codistill_ds.config import Config, load_config, save_config
-from codistill_ds.data import build_corpus
-from codistill_ds.losses import distill_loss
-from codistill_ds.metrics import MetricsWriter
+from codistill_ds.data.streams import build_corpus
+from codistill_ds.exchange.losses import distill_loss
+from codistill_ds.run.metrics import MetricsWriter
 
 from .plain import DistillTerm, PlainTrainer
 from .settings import StopRule
@@ -45,7 +45,7 @@ from .settings import StopRule
 def pair_starter(sets_by_group: list[list[str]]):
     """A runner.Starter: a Lighthouse in this process and one 1-rank CLI job per group, each
     writing under RUN_DIR/group<g>."""
-    from codistill_ds.lighthouse import start_lighthouse
+    from codistill_ds.commands.lighthouse import start_lighthouse
 
     from .runner import popen
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from codistill_ds.launching import REPO, child_env, stop, tail
+from codistill_ds.distributed.launching import REPO, child_env, stop, tail
 
 from .settings import StopRule
 
@@ -190,7 +190,7 @@ def read_run(run_dir: Path) -> Run:
 def model_params(model_section: str) -> int:
     """Parameters of the run's replica, rebuilt from its config (a stopped run has no summary)."""
     from codistill_ds.config import ModelConfig
-    from codistill_ds.model import build_model, count_parameters
+    from codistill_ds.backends.model import build_model, count_parameters
 
     return count_parameters(build_model(ModelConfig(**json.loads(model_section)), 256, 0.0, 0))
 

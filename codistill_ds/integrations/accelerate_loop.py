@@ -48,13 +48,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..config import CodistillConfig
-from ..dist import release_deepspeed_shm
-from ..engine import ExchangeEngine, ExchangeSettings, Transport
-from ..health import EXIT_NONFINITE, NonFiniteLoss, check_finite_loss, stop_process
-from ..materialize import check_initialized
-from ..topology import Topology
-from .engine_driver import (
+from codistill_ds.config import CodistillConfig
+from codistill_ds.distributed.env import release_deepspeed_shm
+from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings, Transport
+from codistill_ds.run.watchdog import EXIT_NONFINITE, NonFiniteLoss, check_finite_loss, stop_process
+from codistill_ds.backends.materialize import check_initialized
+from codistill_ds.distributed.topology import Topology
+from codistill_ds.exchange.setup import (
     DistillSteps,
     ExchangeBatches,
     check_same_exchange_data,
@@ -67,7 +67,7 @@ from .engine_driver import (
     topology_for,
     validate_integration,
 )
-from .group_sharding import (
+from codistill_ds.integrations.group_sharding import (
     check_fsdp_in_group,
     engines_in_group,
     gather_in_group,
@@ -118,7 +118,7 @@ class Codistill:
         validate_integration(config, world, WHO, "use the plain loop: leave out Codistill")
         _check_engine(accelerator, config, world)
         if config.transport == "torchft":
-            from ..ft_transport import check_reachable
+            from codistill_ds.exchange.transport.ft import check_reachable
 
             check_reachable(lighthouse_url(config), 10.0)
         release_deepspeed_shm()
@@ -169,7 +169,7 @@ class Codistill:
         acc, t = self.accelerator, self.topology
         mesh = None
         if acc.is_fsdp2:
-            from ..backends.fsdp_backend import codistill_mesh
+            from codistill_ds.backends.fsdp import codistill_mesh
 
             mesh = codistill_mesh(t, acc.device.type)["shard"]
         with engines_in_group(t, acc.distributed_type == DistributedType.DEEPSPEED, mesh):
@@ -201,7 +201,7 @@ class Codistill:
             vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
             transport = group_job_transport(cd, t, self.exchange_dataset, self._digest, self.seed, batch, vocab)
         if transport is None:
-            from ..exchange import LogitExchange
+            from codistill_ds.exchange.transport.world import LogitExchange
 
             transport = LogitExchange(t, cd.route)
         return ExchangeEngine(transport, ExchangeSettings.from_config(cd, self.seed), t.group, t.group_id,

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import comm
-from ..topology import GroupMPU, Topology
+from codistill_ds.distributed import comm
+from codistill_ds.distributed.topology import GroupMPU, Topology
 
 
 class GroupShardingError(RuntimeError):
@@ -251,8 +251,8 @@ def zero3_init_in_group(topology: Topology) -> Iterator[None]:
     import deepspeed
     from transformers.integrations.deepspeed import deepspeed_config
 
-    from ..materialize import cast_partitions, group_init
-    from .hf_zero3 import loading_in_group
+    from codistill_ds.backends.materialize import cast_partitions, group_init
+    from codistill_ds.integrations.hf_trainer.zero3 import loading_in_group
 
     saved = deepspeed.zero.Init
 

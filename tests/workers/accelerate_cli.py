@@ -11,7 +11,8 @@ from pathlib import Path
 
 from partition_check import view
 
-from codistill_ds import cli, train
+from codistill_ds import cli
+from codistill_ds.run import job as train
 
 
 def recording(out: Path):

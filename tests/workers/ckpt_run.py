@@ -1,4 +1,4 @@
-"""Rank program: `codistill_ds.train.run` with recorders and injected faults. Args: OUT CONFIG
+"""Rank program: `codistill_ds.run.job.run` with recorders and injected faults. Args: OUT CONFIG
 [overrides...]. Writes OUT/rank{r}.json: the step it started from, digests of the predictions
 it sent and received per step, a digest of its group's full weights at the end, and (leaders)
 OUT/logits_group{g}.pt: eval-mode logits of the trained replica on a fixed batch.
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from codistill_ds import train
-from codistill_ds.compression import pack
+from codistill_ds.run import job as train
+from codistill_ds.exchange.wire import pack
 from codistill_ds.config import load_config
-from codistill_ds.dist import exit_process, shutdown
-from codistill_ds.loop import CodistillLoop
+from codistill_ds.distributed.env import exit_process, shutdown
+from codistill_ds.run.loop import CodistillLoop
 
 STEP = [0]
 RECORD: dict = {"sent": {}, "recv": {}, "start_step": None}

@@ -10,8 +10,9 @@ import os
 import signal
 import sys
 
-from codistill_ds import cli, train
-from codistill_ds.dist import env_rank
+from codistill_ds import cli
+from codistill_ds.run import job as train
+from codistill_ds.distributed.env import env_rank
 
 
 def main() -> None:

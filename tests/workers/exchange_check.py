@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds.compression import CompressedLogits, compress, pack, wire_dtype
+from codistill_ds.exchange.wire import CompressedLogits, compress, pack, wire_dtype
 from codistill_ds.config import DataConfig
-from codistill_ds.data import ExchangeStream, TrainStream, build_corpus
-from codistill_ds.dist import exit_process, shutdown
-from codistill_ds.exchange import LogitExchange
-from codistill_ds.plan import make_plan
-from codistill_ds.sampling import sample_targets
-from codistill_ds.topology import build_topology
+from codistill_ds.data.streams import ExchangeStream, TrainStream, build_corpus
+from codistill_ds.distributed.env import exit_process, shutdown
+from codistill_ds.exchange.transport.world import LogitExchange
+from codistill_ds.plan.bytes import make_plan
+from codistill_ds.exchange.sampling import sample_targets
+from codistill_ds.distributed.topology import build_topology
 
 
 def members(pg) -> list[int]:

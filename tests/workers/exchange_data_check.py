@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from codistill_ds.config import ConfigError
-from codistill_ds.dist import exit_process, init_distributed, shutdown
-from codistill_ds.integrations.engine_driver import check_same_exchange_data
-from codistill_ds.topology import Layout
+from codistill_ds.distributed.env import exit_process, init_distributed, shutdown
+from codistill_ds.exchange.setup import check_same_exchange_data
+from codistill_ds.distributed.topology import Layout
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds import dist as rankinfo
-from codistill_ds.backends.fsdp_backend import codistill_mesh
+from codistill_ds.distributed import env as rankinfo
+from codistill_ds.backends.fsdp import codistill_mesh
 from codistill_ds.config import ModelConfig
-from codistill_ds.dist import exit_process, shutdown
+from codistill_ds.distributed.env import exit_process, shutdown
 from codistill_ds.integrations.group_sharding import (
     GroupShardingError,
     check_engine_in_group,
@@ -28,8 +28,8 @@ from codistill_ds.integrations.group_sharding import (
     reshard_loader,
     zero3_init_in_group,
 )
-from codistill_ds.model import build_model
-from codistill_ds.topology import GroupMPU, build_topology
+from codistill_ds.backends.model import build_model
+from codistill_ds.distributed.topology import GroupMPU, build_topology
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=64)
 

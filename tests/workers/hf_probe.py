@@ -94,8 +94,8 @@ class Probe(TrainerCallback):
 def install_faults(plan: list[tuple[str, int, int]]) -> None:
     """Patch the teacher output / the training loss of one group at one step (the inputs of the
     guards under test, as a diverging model would produce them)."""
-    from codistill_ds.integrations.hf_callback import CodistillCallback
-    from codistill_ds.integrations.hf_mixin import CodistillTrainerMixin
+    from codistill_ds.integrations.hf_trainer.callback import CodistillCallback
+    from codistill_ds.integrations.hf_trainer.mixin import CodistillTrainerMixin
 
     predict, compute_loss = CodistillCallback._predict, CodistillTrainerMixin.compute_loss
 

@@ -21,23 +21,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds import dist as rankinfo
-from codistill_ds.backends.fsdp_backend import build_sharded, codistill_mesh
+from codistill_ds.distributed import env as rankinfo
+from codistill_ds.backends.fsdp import build_sharded, codistill_mesh
 from codistill_ds.config import ModelConfig
-from codistill_ds.dist import exit_process, shutdown
+from codistill_ds.distributed.env import exit_process, shutdown
 from codistill_ds.integrations.group_sharding import (
     GroupShardingError,
     _check_not_partitioned_over_world,
     zero3_init_in_group,
 )
-from codistill_ds.materialize import (
+from codistill_ds.backends.materialize import (
     UninitializedModelError,
     build_zero3,
     check_initialized,
     gathered_state_dict,
 )
-from codistill_ds.model import ModelRecipe, build_hf_config, build_model
-from codistill_ds.topology import build_topology
+from codistill_ds.backends.model import ModelRecipe, build_hf_config, build_model
+from codistill_ds.distributed.topology import build_topology
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=64)
 VOCAB, SEED = 257, 11

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from codistill_ds.config import load_config
-from codistill_ds.dist import exit_process, shutdown
-from codistill_ds.train import build_job
-from codistill_ds.weights import digest
+from codistill_ds.distributed.env import exit_process, shutdown
+from codistill_ds.run.job import build_job
+from codistill_ds.exchange.weights import digest
 
 
 def main() -> None:

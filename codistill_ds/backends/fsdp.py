@@ -1,0 +1,172 @@
+"""FSDP2 backend: `fully_shard` per transformer block and on the root, over my group's shard mesh.
+
+The job is a 2-D DeviceMesh ("codistill", "shard") = (K, S), built from the topology's own rail
+and group process groups, so FSDP never creates a group that spans two codistillation groups:
+sharding, all-gathers and reduce-scatters run on mesh["shard"], i.e. inside my group only.
+Gradient accumulation, clipping and the optimizer are handled here because FSDP2, unlike the
+DeepSpeed engine, leaves them to the training loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from codistill_ds.config import Config
+from codistill_ds.backends.model import ModelRecipe
+from codistill_ds.distributed.topology import Topology
+from codistill_ds.backends.base import decay_param_groups, set_optimizer_hyperparameters
+
+
+def codistill_mesh(topology: Topology, device_type: str) -> DeviceMesh:
+    """(K, S) mesh over the existing groups: dim 0 = my rail, dim 1 = my group. K counts the
+    groups in this job: 1 when each group is its own job (dim 0 is then a one-rank group)."""
+    K, S = topology.layout.groups, topology.group_size
+    return DeviceMesh.from_group(
+        [topology.rail, topology.group], device_type,
+        mesh=torch.arange(K * S).view(K, S), mesh_dim_names=("codistill", "shard"),
+    )
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks Transformers marks as unsplittable (e.g. LlamaDecoderLayer)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def apply_fsdp(model: torch.nn.Module, shard_mesh: DeviceMesh, bf16: bool, cpu_offload: bool,
+               reshard_after_forward: bool) -> torch.nn.Module:
+    """torchtitan's recipe: shard each block, then the root (embeddings, norm, head)."""
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+    )
+
+    kwargs = {"mesh": shard_mesh, "reshard_after_forward": reshard_after_forward}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def build_sharded(recipe: ModelRecipe, shard_mesh: DeviceMesh, bf16: bool, cpu_offload: bool,
+                  reshard_after_forward: bool, device: torch.device) -> torch.nn.Module:
+    """The replica sharded over the mesh without ever being whole on a rank: a meta-device
+    skeleton is `fully_shard`ed, then each rank's shards come from a ZeRO-3 build over the same
+    group (materialize.py: exact init, no copy where ZeRO's slices are FSDP2's rows)."""
+    from codistill_ds.backends.materialize import build_zero3, fsdp_from_zero3
+
+    group = shard_mesh.get_group()
+    values = build_zero3(recipe.build, group)
+    skeleton = apply_fsdp(recipe.skeleton(), shard_mesh, bf16, cpu_offload, reshard_after_forward)
+    return fsdp_from_zero3(values, skeleton, group, torch.device("cpu") if cpu_offload else device)
+
+
+class FSDPBackend:
+    """`Backend` over an FSDP2-sharded module, a torch AdamW and manual accumulation."""
+
+    def __init__(self, recipe: ModelRecipe, cfg: Config, topology: Topology, bf16: bool) -> None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+        self._recipe, self._bf16 = recipe, bf16
+        self._offload, self._reshard = cfg.backend.fsdp_cpu_offload, cfg.backend.fsdp_reshard_after_forward
+        self.mesh = codistill_mesh(topology, device_type)
+        self.module = build_sharded(recipe, self.mesh["shard"], bf16, self._offload, self._reshard, self.device)
+        self.optimizer = torch.optim.AdamW(
+            decay_param_groups(self.module, cfg.optim.weight_decay),
+            lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+        )
+        self.accum, self.grad_clip = cfg.train.grad_accum, cfg.optim.grad_clip
+        self._micro = 0
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.module(input_ids=input_ids.to(self.device), use_cache=False).logits
+        self.compute_dtype = logits.dtype
+        return logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Same convention as DeepSpeed's engine: the loop passes the micro-step loss and the
+        # backend averages over the accumulation steps.
+        (loss / self.accum).backward()
+
+    def step(self) -> None:
+        """Count micro-steps; at the boundary clip (global norm over DTensor shards) and step."""
+        self._micro += 1
+        if self._micro % self.accum:
+            return
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_hyperparameters(self, lr: float, weight_decay: float) -> None:
+        set_optimizer_hyperparameters(self.optimizer.param_groups, lr, weight_decay)
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def save(self, directory: str, tag: str) -> None:
+        """Sharded model and optimizer state through `torch.distributed.checkpoint`, over my
+        group's process group only: each rank writes its own shards into directory/tag, and
+        `export` (or a different group size) reads them back as full tensors."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, tag),
+                 process_group=self.mesh["shard"].get_group())
+
+    def load(self, directory: str, tag: str) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_state_dict,
+            set_state_dict,
+        )
+
+        path = os.path.join(directory, tag)
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise FileNotFoundError(f"no FSDP checkpoint '{tag}' under {os.path.abspath(directory)}")
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path, process_group=self.mesh["shard"].get_group())
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        self._micro = 0  # checkpoints are taken at optimizer-step boundaries
+
+    # ---- weight exchange ------------------------------------------------------------------
+    def shards(self) -> list[torch.Tensor]:
+        """This rank's local DTensor shards, in parameter order."""
+        return [p.to_local() for p in self.module.parameters()]
+
+    def make_teacher(self) -> FSDPTeacher:
+        return FSDPTeacher(self)
+
+
+class FSDPTeacher:
+    """A frozen replica sharded on the same shard mesh, so shard r of a peer fits my rank r."""
+
+    def __init__(self, student: FSDPBackend) -> None:
+        s = student
+        self.module = build_sharded(s._recipe, s.mesh["shard"], s._bf16, s._offload, s._reshard, s.device)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.module.eval()
+        self.device = student.device
+
+    @torch.no_grad()
+    def load_shards(self, shards: list[torch.Tensor]) -> None:
+        for p, src in zip(self.module.parameters(), shards):
+            p.to_local().copy_(src.view_as(p.to_local()))
+
+    def shards(self) -> list[torch.Tensor]:
+        return [p.to_local() for p in self.module.parameters()]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids=input_ids.to(self.device), use_cache=False).logits
