@@ -37,11 +37,10 @@ demo-ft: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests
 
-# For iterating: the single-process tests (losses, wire formats, config, plan, sampling,
-# schedules, the comm allowlist, Trainer units, streaming), ~1.5 min. `make test` runs everything.
-FAST_TESTS := compression config losses plan sampling schedules comm hf_units streaming
+# For iterating: the unit tests (tests/unit: one process, no launch), ~1 min.
+# `make test` runs everything: tests/unit and tests/dist (real ranks, real launchers).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q $(FAST_TESTS:%=tests/test_%.py)
+	$(PY) -m pytest -q tests/unit
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -39,7 +39,7 @@ from transformers import (
 )
 
 from codistill_ds.config import DataConfig
-from codistill_ds.data.streams import build_corpus
+from codistill_ds.data.corpus import build_corpus
 from codistill_ds.integrations.hf_trainer import (  # codistill
     CodistillArguments,
     CodistillTrainer,

@@ -1,6 +1,6 @@
 """Communication benchmark: what crosses codistillation groups, what it costs, and what it buys.
 
-DESIGN.md's communication targets, measured on the product itself (`codistill_ds.run.job.run`,
+docs/design.md's communication targets, measured on the product itself (`codistill_ds.run.job.run`,
 the function behind `codistill-ds train`, with DeepSpeed ZeRO-2 inside each group):
 
 (a) bytes   Cross-group bytes per step for logit exchange, measured by the library's own
@@ -22,16 +22,15 @@ the function behind `codistill-ds train`, with DeepSpeed ZeRO-2 inside each grou
             "exchange-async-stale8": 8 steps later, more slack for a peer that falls behind).
             These arms use alpha 0, which removes the student forward on the exchange batch by
             configuration (the bytes on the wire are unchanged: alpha only weights the loss),
-            and the teacher forward + compression is timed in-process (a wrapper around
-            `CodistillLoop._post_exchange` minus the time inside `LogitExchange.exchange/start`)
-            and subtracted per step. Arms alternate, in an order rotated every repeat, so load
+            and the teacher forward + compression of each step is the engine's own
+            `exchange_compute_ms` in metrics.jsonl, subtracted per step. Arms alternate, in an order rotated every repeat, so load
             drift from other jobs hits all of them alike; the ratio is reported per repeat (each
             against the same repeat's alone arm), as the median of repeats (the headline) and
             pooled. One alpha-1 arm shows the raw step ratio with all exchange compute included.
             A second, same-moment estimate needs no separate arm: with interval 4 and staleness
             2 every 4-step cycle has an exchange-free step, which is the group training alone
             a few tens of ms away from the exchange steps, so bursts of load from other jobs
-            hit both alike (see `_comm_report._interleaved`).
+            hit both alike (see `overhead._interleaved`).
 (c) twonode Two simulated nodes: two network namespaces joined by a veth pair capped with a
             token bucket (`tc ... tbf rate R burst 64kb latency 50ms` on both ends), 2 ranks per
             node, launched as a real 2-node job (`torchrun --nnodes 2 --node_rank i

@@ -16,8 +16,8 @@ Around the product, and without changing it, the worker adds two instruments:
   and scatter: the root sends (n-1) x N, gather: non-roots send N) and filed by phase (inside
   `train_step`, on the exchange thread, elsewhere in the loop) and by scope ("cross": the
   process group spans more than one codistillation group of the arm's reference split);
-- process and main-thread CPU time per step around the public `CodistillLoop.train_step`
-  (`install_phase_marks`, which also files the counter's phase). The step's wall time and its
+- process and main-thread CPU time per step around `CodistillLoop.train_step`, through the
+  loop's hooks (`phase_marks`, which also files the counter's phase). The step's wall time and its
   exchange-batch compute (eval forward and compression) come from metrics.jsonl, which the
   engine fills; no private method of the library is wrapped.
 
@@ -190,37 +190,34 @@ def _new_step_entry() -> dict:
     return {}
 
 
-def install_phase_marks() -> None:
-    """Wrap the loop's public `run` and `train_step`: the counter's phase, and per-step wall,
-    process-CPU and main-thread-CPU times with the step's own `exchange_ms`."""
-    from codistill_ds.run.loop import CodistillLoop as Loop
+def phase_marks():
+    """A `LoopHooks` for the product's loop: the counter's phase, and per-step wall,
+    process-CPU and main-thread-CPU times around each `train_step` with the step's own
+    `exchange_ms` (no method of the library is replaced)."""
+    from codistill_ds.run.loop import LoopHooks
 
-    orig_step, orig_run = Loop.train_step, Loop.run
+    class PhaseMarks(LoopHooks):
+        def on_run_start(self, loop, start_step):
+            _STATE["phase"] = "loop"
 
-    def train_step(self, step):
-        _PROBE["current"] = _new_step_entry()
-        _IN_STEP.on = True
-        t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
-        try:
-            record = orig_step(self, step)
-        finally:
+        def on_step_start(self, loop, step):
+            _PROBE["current"] = _new_step_entry()
+            _IN_STEP.on = True
+            self.t0, self.c0, self.m0 = time.perf_counter(), time.process_time(), time.thread_time()
+
+        def on_step_end(self, loop, step, record):
             _IN_STEP.on = False
-        entry = _PROBE["current"]
-        entry["step_ms"] = (time.perf_counter() - t0) * 1e3
-        entry["cpu_ms"] = (time.process_time() - c0) * 1e3
-        entry["main_cpu_ms"] = (time.thread_time() - m0) * 1e3
-        entry["exchange_ms"] = record.get("exchange_ms", 0.0)
-        _PROBE["steps"][step] = entry
-        return record
+            entry = _PROBE["current"]
+            entry["step_ms"] = (time.perf_counter() - self.t0) * 1e3
+            entry["cpu_ms"] = (time.process_time() - self.c0) * 1e3
+            entry["main_cpu_ms"] = (time.thread_time() - self.m0) * 1e3
+            entry["exchange_ms"] = record.get("exchange_ms", 0.0)
+            _PROBE["steps"][step] = entry
 
-    def run(self, *args, **kwargs):
-        _STATE["phase"] = "loop"
-        try:
-            return orig_run(self, *args, **kwargs)
-        finally:
+        def on_run_end(self, loop, state):
             _STATE["phase"] = "after"
 
-    Loop.train_step, Loop.run = train_step, run
+    return PhaseMarks()
 
 
 # ----------------------------------------------------------------------------- link sync
@@ -251,7 +248,6 @@ def main() -> int:
 
     rankinfo.prepare_accelerator_env()
     rankinfo.init_distributed(float(job.get("timeout_s", 600)))
-    install_phase_marks()
     import deepspeed.utils.groups as ds_groups
 
     from codistill_ds.config import load_config
@@ -271,7 +267,7 @@ def main() -> int:
         ds_groups.mpu = None  # the previous arm's engine left its mpu there; start clean
         dist.barrier()
         t0 = time.time()
-        run(cfg)
+        run(cfg, hooks=[phase_marks()])
         t1 = time.time()
         out = {
             "arm": arm["name"], "rank": me, "world": world, "split": split,

@@ -12,13 +12,8 @@ import sys
 import time
 
 from codistill_ds.config import DataConfig
-from codistill_ds.data.streams import (
-    ExchangeStream,
-    TrainStream,
-    build_corpus,
-    corpus_digest,
-    val_micro_batches,
-)
+from codistill_ds.data.corpus import build_corpus, corpus_digest
+from codistill_ds.data.streams import ExchangeStream, TrainStream, val_micro_batches
 
 
 def status() -> dict[str, int]:

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from codistill_ds.commands.lighthouse import start_lighthouse
 from codistill_ds.distributed.launching import (
     REPO,
     child_env,
@@ -35,7 +36,6 @@ from codistill_ds.distributed.launching import (
     stop,
     torchrun_argv,
 )
-from codistill_ds.commands.lighthouse import start_lighthouse
 
 GROUPS = 3
 BASE = ["codistill.groups=3", "codistill.alpha=1", "codistill.staleness=1", "codistill.async_exchange=true",

@@ -1,6 +1,6 @@
 """Quality benchmark: 2-group codistillation against synchronous data parallelism and DiLoCo.
 
-DESIGN.md's quality targets, in the seed paper's regime (Sodhani et al., arXiv 2010.02838: equal
+docs/design.md's quality targets, in the seed paper's regime (Sodhani et al., arXiv 2010.02838: equal
 updates per rank, many passes over a limited corpus, every arm trained past its best validation
 loss): 2-group codistillation's best validation loss at most 1% above synchronous
 all-reduce's, below independent training, and at or below torchft's DiLoCo at H from 10 to 100.
@@ -16,7 +16,7 @@ validation windows:
     codistill-*           variants: wire formats (compression), stale peers, the token-limited
                           attempts (settings.py lists them all)
 
-Codistill arms use `codistill.exchange_batch=train` (DESIGN.md's reference setting, "fresh peer
+Codistill arms use `codistill.exchange_batch=train` (docs/design.md's reference setting, "fresh peer
 predictions on each model's own batch"): each model trains on its own half of the corpus and its
 peer predicts on that same batch. Regimes (settings.py): shakespeare (data-limited), compression,
 token (one pass, token-limited), stdlib (data-limited, another kind of text), hetero (a small

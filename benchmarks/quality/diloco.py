@@ -13,7 +13,7 @@ Records (metrics.jsonl, one writer per worker, as the CLI's groups): the worker'
 `val_loss` of the weights the worker holds (between outer steps they are local; right after
 one, the shared model), `global_val_loss` of the last shared model where the two differ, and
 `cross_group_bytes`: what a ring all-reduce of the fp32 pseudo-gradient puts on each worker's
-link per outer step, 2 (W - 1) / W x 4 x P bytes with W = 2 (DESIGN.md "Counting bytes").
+link per outer step, 2 (W - 1) / W x 4 x P bytes with W = 2 (docs/design.md "Counting bytes").
 
     python -m benchmarks.quality.diloco --run-dir D --replica 0 --lighthouse URL --sync-every H \\
         --set KEY=VALUE ...        # one worker; benchmarks/quality runs both through `starter`
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from codistill_ds.config import load_config, save_config
-from codistill_ds.data.streams import build_corpus
+from codistill_ds.data.corpus import build_corpus
 from codistill_ds.run.metrics import MetricsWriter
 
 from .plain import PlainTrainer

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import torch
 
-from codistill_ds.exchange.wire import compress, wire_dtype
 from codistill_ds.config import Config, load_config, save_config
-from codistill_ds.data.streams import build_corpus
+from codistill_ds.data.corpus import build_corpus
 from codistill_ds.exchange.losses import distill_loss
+from codistill_ds.exchange.wire import compress, wire_dtype
 from codistill_ds.run.metrics import MetricsWriter
 
 from .plain import DistillTerm, PlainTrainer

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from codistill_ds.backends.base import decay_param_groups, set_optimizer_hyperparameters
-from codistill_ds.config import Config
-from codistill_ds.data.streams import Corpus, TrainStream, val_micro_batches
 from codistill_ds.backends.model import build_model, count_parameters, set_dropout
+from codistill_ds.config import Config
+from codistill_ds.data.corpus import Corpus
+from codistill_ds.data.streams import TrainStream, val_micro_batches
 from codistill_ds.schedules import lr_at, piecewise_constant
 
 DistillTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

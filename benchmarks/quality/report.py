@@ -190,7 +190,7 @@ def markdown_table(results: dict) -> str:
 
 
 def goals(arms: dict) -> list[str]:
-    """DESIGN.md's quality goals, met or not, for the arms this regime has."""
+    """docs/design.md's quality goals, met or not, for the arms this regime has."""
     if "codistill" not in arms:
         return []
     c = arms["codistill"]

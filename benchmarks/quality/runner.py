@@ -189,8 +189,8 @@ def read_run(run_dir: Path) -> Run:
 @cache
 def model_params(model_section: str) -> int:
     """Parameters of the run's replica, rebuilt from its config (a stopped run has no summary)."""
-    from codistill_ds.config import ModelConfig
     from codistill_ds.backends.model import build_model, count_parameters
+    from codistill_ds.config import ModelConfig
 
     return count_parameters(build_model(ModelConfig(**json.loads(model_section)), 256, 0.0, 0))
 

@@ -31,7 +31,7 @@ workers of 1 rank."""
 BASE_SEED = 1234
 
 BASELINE_REG: dict[str, object] = {"optim.weight_decay": 0.1, "optim.dropout": 0.0}
-"""DESIGN.md's reference: AdamW weight decay 0.1, no dropout (sync, DiLoCo, unadjusted arms)."""
+"""docs/design.md's reference: AdamW weight decay 0.1, no dropout (sync, DiLoCo, unadjusted arms)."""
 ADJUSTED_REG: dict[str, object] = {"optim.weight_decay": 0.01, "optim.dropout": 0.0}
 """Codistillation regularizes by itself (Sodhani et al.): ten times less weight decay."""
 
@@ -198,7 +198,7 @@ HETERO = ("sync", "independent", "codistill-shared", "hetero-pair", "small-indep
 SIDE = ("codistill-unadjusted", "codistill-stale", "codistill-stale-weights")
 
 BENCH = ModelSize(128, 4, 512)
-"""DESIGN.md's reference model: a 1.1M-parameter byte-level Llama."""
+"""docs/design.md's reference model: a 1.1M-parameter byte-level Llama."""
 
 MODES: dict[str, Mode] = {
     # Tiny everything: the end-to-end test, seconds per arm; every kind of arm once.

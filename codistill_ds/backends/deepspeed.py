@@ -15,13 +15,13 @@ import os
 
 import torch
 
-from codistill_ds.config import Config, resolve_path
-from codistill_ds.backends.model import ModelRecipe
-from codistill_ds.distributed.topology import GroupMPU, Topology
 from codistill_ds.backends.base import decay_param_groups, set_optimizer_hyperparameters
+from codistill_ds.backends.model import ModelRecipe
+from codistill_ds.config import Config, resolve_path
+from codistill_ds.distributed.topology import GroupMPU, Topology
 
 
-def build_ds_config(cfg: Config, group_size: int, bf16: bool) -> dict:
+def build_ds_config(cfg: Config, data_size: int, bf16: bool) -> dict:
     """The user's ZeRO JSON with the run's batch, accumulation, clipping and precision written in."""
     with open(resolve_path(cfg.backend.ds_config)) as f:
         ds = json.load(f)
@@ -29,7 +29,7 @@ def build_ds_config(cfg: Config, group_size: int, bf16: bool) -> dict:
     ds.pop("scheduler", None)
     ds["train_micro_batch_size_per_gpu"] = cfg.data.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-    ds["train_batch_size"] = cfg.data.micro_batch_size * cfg.train.grad_accum * group_size
+    ds["train_batch_size"] = cfg.data.micro_batch_size * cfg.train.grad_accum * data_size
     ds["gradient_clipping"] = cfg.optim.grad_clip
     ds["bf16"] = {"enabled": bf16}
     ds.pop("fp16", None)
@@ -54,9 +54,9 @@ class DeepSpeedBackend:
         import deepspeed
 
         self._topology, self._recipe = topology, recipe
-        ds_config = build_ds_config(cfg, topology.group_size, bf16)
+        ds_config = build_ds_config(cfg, topology.data_size, bf16)
         self._ds_config, self._bf16 = ds_config, bf16
-        model = build_replica(recipe, ds_config, topology.group, bf16)
+        model = build_replica(recipe, ds_config, topology.dp_group, bf16)
         optimizer = torch.optim.AdamW(
             decay_param_groups(model, cfg.optim.weight_decay),
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -118,7 +118,7 @@ class DeepSpeedTeacher:
     def __init__(self, recipe: ModelRecipe, ds_config: dict, topology: Topology, bf16: bool) -> None:
         import deepspeed
 
-        model = build_replica(recipe, ds_config, topology.group, bf16)
+        model = build_replica(recipe, ds_config, topology.dp_group, bf16)
         for p in model.parameters():
             p.requires_grad_(False)
         self.engine, *_ = deepspeed.initialize(model=model, config=copy.deepcopy(ds_config),

@@ -1,8 +1,9 @@
 """FSDP2 backend: `fully_shard` per transformer block and on the root, over my group's shard mesh.
 
-The job is a 2-D DeviceMesh ("codistill", "shard") = (K, S), built from the topology's own rail
-and group process groups, so FSDP never creates a group that spans two codistillation groups:
-sharding, all-gathers and reduce-scatters run on mesh["shard"], i.e. inside my group only.
+The job's DeviceMesh (`Topology.mesh`: ("codistill", "dp_shard") = (K, S) when there is no HSDP
+or TP) is built from the topology's own rail and group process groups, so FSDP never creates a
+group that spans two codistillation groups: sharding, all-gathers and reduce-scatters run on
+`Topology.shard_mesh`, i.e. inside my group only.
 Gradient accumulation, clipping and the optimizer are handled here because FSDP2, unlike the
 DeepSpeed engine, leaves them to the training loop.
 """
@@ -14,20 +15,10 @@ import os
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from codistill_ds.config import Config
-from codistill_ds.backends.model import ModelRecipe
-from codistill_ds.distributed.topology import Topology
 from codistill_ds.backends.base import decay_param_groups, set_optimizer_hyperparameters
-
-
-def codistill_mesh(topology: Topology, device_type: str) -> DeviceMesh:
-    """(K, S) mesh over the existing groups: dim 0 = my rail, dim 1 = my group. K counts the
-    groups in this job: 1 when each group is its own job (dim 0 is then a one-rank group)."""
-    K, S = topology.layout.groups, topology.group_size
-    return DeviceMesh.from_group(
-        [topology.rail, topology.group], device_type,
-        mesh=torch.arange(K * S).view(K, S), mesh_dim_names=("codistill", "shard"),
-    )
+from codistill_ds.backends.model import ModelRecipe
+from codistill_ds.config import Config
+from codistill_ds.distributed.topology import Topology
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -77,8 +68,8 @@ class FSDPBackend:
         self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
         self._recipe, self._bf16 = recipe, bf16
         self._offload, self._reshard = cfg.backend.fsdp_cpu_offload, cfg.backend.fsdp_reshard_after_forward
-        self.mesh = codistill_mesh(topology, device_type)
-        self.module = build_sharded(recipe, self.mesh["shard"], bf16, self._offload, self._reshard, self.device)
+        self.shard_mesh = topology.shard_mesh(device_type)
+        self.module = build_sharded(recipe, self.shard_mesh, bf16, self._offload, self._reshard, self.device)
         self.optimizer = torch.optim.AdamW(
             decay_param_groups(self.module, cfg.optim.weight_decay),
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -121,7 +112,7 @@ class FSDPBackend:
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, tag),
-                 process_group=self.mesh["shard"].get_group())
+                 process_group=self.shard_mesh.get_group())
 
     def load(self, directory: str, tag: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -135,7 +126,7 @@ class FSDPBackend:
             raise FileNotFoundError(f"no FSDP checkpoint '{tag}' under {os.path.abspath(directory)}")
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path, process_group=self.mesh["shard"].get_group())
+        dcp.load(state, checkpoint_id=path, process_group=self.shard_mesh.get_group())
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         self._micro = 0  # checkpoints are taken at optimizer-step boundaries
@@ -154,7 +145,7 @@ class FSDPTeacher:
 
     def __init__(self, student: FSDPBackend) -> None:
         s = student
-        self.module = build_sharded(s._recipe, s.mesh["shard"], s._bf16, s._offload, s._reshard, s.device)
+        self.module = build_sharded(s._recipe, s.shard_mesh, s._bf16, s._offload, s._reshard, s.device)
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.module.eval()

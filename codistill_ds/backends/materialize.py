@@ -1,7 +1,7 @@
 """Build a replica sharded over its group from the start: no rank ever holds the whole model.
 
 ZeRO-3 and FSDP2 exist so that a model larger than one rank's memory can train; building it
-whole on every rank and sharding it afterwards caps the size at one rank again (DESIGN.md, "GPU
+whole on every rank and sharding it afterwards caps the size at one rank again (docs/design.md, "GPU
 notes"). Here each module is built under `deepspeed.zero.Init` over my *group's* process group
 (never the world: the groups train different replicas) and partitioned as soon as its
 constructor returns, so a rank holds 1/S of the model plus the module being built.
@@ -19,7 +19,7 @@ group holds the same replica because ZeRO broadcasts each new parameter from the
 
 Transformers' own ZeRO-3 route (`from_config` under a ZeRO-3 TrainingArguments) differs on both
 counts: it skips the constructors' draws and runs `_init_weights` on global rank 0 only, which
-leaves every group but group 0 uninitialized (NaN; DESIGN.md, "GPU notes"). `group_init` tells
+leaves every group but group 0 uninitialized (NaN; docs/design.md, "GPU notes"). `group_init` tells
 Transformers that a zero.Init is already open, so it takes neither.
 
 FSDP2 gets the same values: `fsdp_from_zero3` hands each rank's ZeRO partition to FSDP2 as its

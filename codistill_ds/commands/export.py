@@ -21,8 +21,8 @@ import os
 
 import torch
 
-from codistill_ds.run.checkpoint import ENGINE_TAG, complete_checkpoints, read_meta
 from codistill_ds.config import Config, load_config
+from codistill_ds.run.checkpoint import ENGINE_TAG, complete_checkpoints, read_meta
 
 
 class ExportError(ValueError):
@@ -100,3 +100,25 @@ def export(run_dir: str, group: int, out: str, step: int | None = None) -> str:
                    "checkpoint": os.path.abspath(path), "backend": meta["backend"],
                    "tokenizer": cfg.data.tokenizer}, f, indent=1)
     return path
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="one group's model as a Hugging Face save_pretrained folder")
+    p.add_argument("run_dir")
+    p.add_argument("out", help="output folder for AutoModelForCausalLM.from_pretrained")
+    p.add_argument("--group", type=int, required=True, help="which codistillation group's replica")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+
+
+def cmd_export(args) -> int:
+    import sys
+
+    from codistill_ds.config import ConfigError
+
+    try:
+        path = export(args.run_dir, args.group, args.out, args.step)
+    except (ExportError, ConfigError) as err:
+        print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    print(f"exported group {args.group} from {path} to {args.out}")
+    return 0

@@ -37,3 +37,14 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="PNG curves (loss, val loss, agreement) from a run dir")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+
+
+def cmd_plot(args) -> int:
+    print(plot_run(args.run_dir, args.out))
+    return 0

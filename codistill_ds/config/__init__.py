@@ -5,7 +5,12 @@ before any collective (`validation`), and the generated reference (`doc`).
 import path users have; it stays.
 """
 
-from codistill_ds.config.load import config_to_dict, load_config, resolve_path, save_config
+from codistill_ds.config.load import (
+    config_to_dict,
+    load_config,
+    resolve_path,
+    save_config,
+)
 from codistill_ds.config.schema import (
     PACKAGE_DIR,
     PACKAGE_ROOT,

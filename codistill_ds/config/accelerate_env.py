@@ -5,7 +5,7 @@
 
 `accelerate launch` starts the ranks (torchrun underneath: RANK, WORLD_SIZE, MASTER_ADDR, ...)
 and exports its YAML as environment variables. Accelerate has no field for a process group that
-is smaller than the world (DESIGN.md, "Platform facts"), so the library does not build an
+is smaller than the world (docs/design.md, "Platform facts"), so the library does not build an
 `Accelerator` at all: `train.prepare` calls `apply_launch_env` before validating the config, and
 the run then shards inside each codistillation group exactly as under torchrun or deepspeed.
 

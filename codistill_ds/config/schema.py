@@ -105,7 +105,7 @@ class CodistillConfig:
     next `staleness` steps; false blocks at posting time (the synchronous reference: same
     targets, same losses, no overlap)."""
     exchange_batch: str = "shared"
-    """Which tokens the groups predict on: "shared" (a common exchange stream, DESIGN.md's
+    """Which tokens the groups predict on: "shared" (a common exchange stream, docs/design.md's
     default: only logits cross groups) | "train" (each group's own current training batch, as in
     Anil et al.: peers predict on my batch and I distill on the logits I train on, no extra
     student forward; needs staleness 0)."""

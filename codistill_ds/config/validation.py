@@ -13,9 +13,15 @@ import json
 import os
 from typing import Any
 
-from codistill_ds.exchange.wire import UINT16_VOCAB
-from codistill_ds.config import PACKAGE_DIR, PACKAGE_ROOT, Config, ConfigError, resolve_path
+from codistill_ds.config import (
+    PACKAGE_DIR,
+    PACKAGE_ROOT,
+    Config,
+    ConfigError,
+    resolve_path,
+)
 from codistill_ds.data.shards import is_shard_dir
+from codistill_ds.exchange.wire import UINT16_VOCAB
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("llama", "gpt2"),

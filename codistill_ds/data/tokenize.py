@@ -22,9 +22,20 @@ from itertools import count
 
 import numpy as np
 
-from codistill_ds.data.streams import load_tokenizer
-from codistill_ds.data.shards import ShardIndex, is_shard_dir, stream_digest, token_dtype
-from codistill_ds.data.sources import DataError, check_text_file, load_local_dataset, read_error, resolve_format
+from codistill_ds.data.shards import (
+    ShardIndex,
+    is_shard_dir,
+    stream_digest,
+    token_dtype,
+)
+from codistill_ds.data.sources import (
+    DataError,
+    check_text_file,
+    load_local_dataset,
+    read_error,
+    resolve_format,
+)
+from codistill_ds.data.tokenizers import load_tokenizer
 
 SHARD_TOKENS = 1 << 28
 """Tokens per shard file by default: 512 MiB of uint16 ids, a few hundred files for 100 GB."""

@@ -177,3 +177,10 @@ def broadcast_object(obj: Any, src: int, group: Any = None) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def group_mean(value: torch.Tensor | float, group: Any) -> float:
+    """Mean of one number over the ranks of `group`, in float64 (every member calls it)."""
+    v = torch.as_tensor(value).detach().to("cpu", torch.float64).reshape(1).clone()
+    all_reduce(v, group=group)
+    return (v / dist.get_world_size(group)).item()

@@ -133,7 +133,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
     backend = DEFAULT_BACKEND_GPU if use_cuda() else "gloo"
     if use_cuda():
@@ -258,7 +258,7 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

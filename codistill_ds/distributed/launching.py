@@ -11,26 +11,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from codistill_ds.distributed.env import free_port
+
+REPO = Path(__file__).resolve().parents[2]
 """The checkout root: children get it on PYTHONPATH and run from it."""
 
 
 class LaunchFailed(RuntimeError):
     """A launched job exited non-zero or ran past its time limit; the message has its tail."""
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(force_cpu: bool = True, **extra: str) -> dict[str, str]:

@@ -1,173 +1,170 @@
-"""Codistillation topology: which ranks form a group, and the process groups built from that.
+"""The process groups and the DeviceMesh of a codistillation job, built once from its axes.
 
-    world = K codistillation groups x S shard ranks        (group-major, contiguous)
+`ParallelDims` (axes.py) is the arithmetic; `Topology` holds what that arithmetic turns into on
+a live world, and answers by role so that no other module computes ranks:
 
-Group g owns global ranks [g*S, (g+1)*S), so a group can be laid onto whole nodes and its
-ZeRO/FSDP traffic stays on intra-node links. Three kinds of process group are built once:
+| attribute        | members                                   | carries                                    |
+|------------------|-------------------------------------------|--------------------------------------------|
+| `group`          | all S ranks of my group                   | sharding and gradient reduction (T = 1), the group's bookkeeping (loss means, NaN flags) |
+| `exchange_group` | the same ranks, used only by the exchange | gathers/scatters of the `leaders` route, on the exchange's own thread |
+| `leaders`        | position 0 of every group                 | logit exchange, route `leaders`            |
+| `rail`           | position p of every group                 | logit exchange, route `rails`; weight exchange (the mesh's `codistill` axis) |
+| `tp_group`       | my T tensor-parallel ranks                | vocabulary-sliced exchange math, TP collectives |
+| `dp_group`       | my group's ranks with my TP rank          | ZeRO's data-parallel group under TP (= `group` when T = 1) |
+| `solo`           | this rank alone                           | DeepSpeed's model-parallel group when T = 1 (it all-reduces norms on it) |
 
-| name    | members                      | carries                                          |
-|---------|------------------------------|--------------------------------------------------|
-| group   | all S ranks of my group      | ZeRO/FSDP sharding, gradient reduction, gathers  |
-| leaders | local rank 0 of every group  | logit exchange, route `leaders`                  |
-| rail r  | local rank r of every group  | logit exchange, route `rails`; weight exchange   |
-
-`torch.distributed.new_group` is itself a collective over the whole world: every rank must
-create every group, in the same order, even the ones it is not a member of.
+`torch.distributed.new_group` is itself a collective over the whole world: every rank creates
+every group, in the same order, even the ones it is not a member of. The exchange has process
+groups of its own (`exchange_group`, `leaders`, `rail`): an asynchronous exchange runs on a
+background thread, and a process group must never carry collectives from two threads at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from codistill_ds.distributed.axes import AXES, ParallelDims, TopologyError
 
-class TopologyError(ValueError):
-    """A world size and group count that cannot be laid out."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Pure arithmetic of the layout; no process groups, so it is testable anywhere."""
-
-    world_size: int
-    groups: int
-    rank: int
-    first_group: int = 0
-    """Codistillation group id of this job's first group: 0 when one job holds every group
-    (`transport: world`); `codistill.group_id` when each group is its own job (`torchft`)."""
-
-    def __post_init__(self) -> None:
-        if self.groups < 1:
-            raise TopologyError(f"codistill.groups must be >= 1, got {self.groups}")
-        if self.world_size % self.groups:
-            raise TopologyError(
-                f"world size {self.world_size} is not divisible by codistill.groups={self.groups}"
-            )
-        if not 0 <= self.rank < self.world_size:
-            raise TopologyError(f"rank {self.rank} outside world of {self.world_size}")
-
-    @property
-    def group_size(self) -> int:
-        """S: ranks that shard one replica."""
-        return self.world_size // self.groups
-
-    @property
-    def group_id(self) -> int:
-        return self.group_of(self.rank)
-
-    def group_of(self, rank: int) -> int:
-        """Codistillation group id of a rank of this job."""
-        return self.first_group + rank // self.group_size
-
-    @property
-    def group_rank(self) -> int:
-        """Rank inside my group; also the index of my rail."""
-        return self.rank % self.group_size
-
-    @property
-    def is_leader(self) -> bool:
-        return self.group_rank == 0
-
-    def group_ranks(self, g: int) -> list[int]:
-        g -= self.first_group
-        return list(range(g * self.group_size, (g + 1) * self.group_size))
-
-    def rail_ranks(self, r: int) -> list[int]:
-        return [g * self.group_size + r for g in range(self.groups)]
-
-    def leader_ranks(self) -> list[int]:
-        return self.rail_ranks(0)
-
-    def leader_of(self, g: int) -> int:
-        return (g - self.first_group) * self.group_size
+__all__ = ["AXES", "GroupMPU", "ParallelDims", "Topology", "TopologyError", "build_topology", "world_topology"]
 
 
 @dataclass
 class Topology:
-    """The layout plus the live process groups for this rank."""
+    """The axes plus this rank's live process groups."""
 
-    layout: Layout
+    dims: ParallelDims
     group: dist.ProcessGroup
+    exchange_group: dist.ProcessGroup
+    rail: dist.ProcessGroup
     leaders: dist.ProcessGroup | None
     """None on non-leaders: they never talk across groups on the leaders route."""
-    rail: dist.ProcessGroup
-    model_parallel: dist.ProcessGroup
-    """A real one-rank group: DeepSpeed all-reduces gradient norms over it."""
-    exchange_group: dist.ProcessGroup
-    """Same members as `group`, used only by the exchange: an asynchronous exchange runs its
-    gathers on a background thread, and a process group must never carry collectives from two
-    threads at once (ranks could pair them in different orders)."""
-    total_groups: int | None = None
-    """K when this job holds only one of the groups (`transport: torchft`); None: the layout's."""
+    solo: dist.ProcessGroup
+    tp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    _meshes: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ---- who I am, by role ------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.dims.rank
 
     @property
     def groups(self) -> int:
         """K, the number of codistillation groups (in this job or across jobs)."""
-        return self.total_groups if self.total_groups is not None else self.layout.groups
+        return self.dims.codistill_groups
 
     @property
     def group_id(self) -> int:
-        return self.layout.group_id
-
-    @property
-    def group_rank(self) -> int:
-        return self.layout.group_rank
+        return self.dims.group_id
 
     @property
     def group_size(self) -> int:
-        return self.layout.group_size
+        """S: ranks that hold one replica."""
+        return self.dims.group_size
 
     @property
-    def rank(self) -> int:
-        return self.layout.rank
+    def position(self) -> int:
+        """My place in my group: my rail, my slot of each exchange batch."""
+        return self.dims.position
+
+    @property
+    def data_rank(self) -> int:
+        return self.dims.data_rank
+
+    @property
+    def data_size(self) -> int:
+        return self.dims.data_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.dims.tp_rank
+
+    @property
+    def tp(self) -> int:
+        return self.dims.tp
+
+    @property
+    def is_leader(self) -> bool:
+        return self.dims.is_leader
+
+    # ---- meshes -------------------------------------------------------------------------------
+    def mesh(self, device_type: str):
+        """The job's DeviceMesh over the axes with more than one rank (codistill and dp_shard are
+        always present), built once from this topology's own process groups, so that no FSDP or
+        TP collective can ever span two codistillation groups."""
+        if device_type not in self._meshes:
+            self._meshes[device_type] = self._build_mesh(device_type)
+        return self._meshes[device_type]
+
+    def shard_mesh(self, device_type: str):
+        """What FSDP2 shards over: `dp_shard`, or (`replicate`, `dp_shard`) for HSDP."""
+        mesh = self.mesh(device_type)
+        return mesh["replicate", "dp_shard"] if self.dims.replicate > 1 else mesh["dp_shard"]
+
+    def tp_mesh(self, device_type: str):
+        """The `tp` axis, for DTensor tensor parallelism (None when T = 1)."""
+        return self.mesh(device_type)["tp"] if self.dims.tp > 1 else None
+
+    def _build_mesh(self, device_type: str):
+        from torch.distributed.device_mesh import DeviceMesh
+
+        d = self.dims
+        names = [a for a in AXES if a in ("codistill", "dp_shard") or dict(zip(AXES, d.shape))[a] > 1]
+        groups = {"codistill": self.rail, "dp_shard": self._axis_group("dp_shard"),
+                  "replicate": self._axis_group("replicate"), "tp": self.tp_group}
+        shape = [dict(zip(AXES, d.shape))[a] for a in names]
+        full = torch.arange(d.world_size).view(*d.shape)
+        keep = tuple(slice(None) if a in names else 0 for a in AXES)
+        return DeviceMesh.from_group([groups[a] for a in names], device_type,
+                                     mesh=full[keep].reshape(shape), mesh_dim_names=tuple(names))
+
+    def _axis_group(self, axis: str) -> dist.ProcessGroup:
+        """My process group along `replicate` or `dp_shard` (built on first use, by every rank)."""
+        key = f"pg:{axis}"
+        if key not in self._meshes:
+            if axis == "dp_shard" and self.dims.replicate == 1 and self.dims.tp == 1:
+                self._meshes[key] = self.group
+            else:
+                self._meshes[key] = _my_groups(self.dims, self.dims.axis_partitions(axis))
+        return self._meshes[key]
 
 
-def build_topology(groups: int, exchange_backend: str | None = None) -> Topology:
+def _my_groups(dims: ParallelDims, partitions: list[list[int]], backend: str | None = None):
+    """Create every group of a partition of the world (a world collective); return mine."""
+    mine = None
+    for ranks in partitions:
+        pg = dist.new_group(ranks, backend=backend)
+        if dims.rank in ranks:
+            mine = pg
+    return mine
+
+
+def build_topology(dims: ParallelDims, exchange_backend: str | None = None) -> Topology:
     """Create every process group of the layout; collective over the whole world.
 
     `exchange_backend` ("nccl" | "gloo", None = the default group's) is given to the groups that
     carry the cross-group exchange only (leaders, rails, `exchange_group`): "gloo" sends the small
     exchange payload from host memory (across sites, or two groups on one GPU), while `group`
-    keeps the default backends for ZeRO/FSDP traffic."""
-    layout = Layout(dist.get_world_size(), groups, dist.get_rank())
-    mine: dict[str, dist.ProcessGroup | None] = {
-        "group": None, "leaders": None, "rail": None, "mp": None, "exchange": None}
-    for key, backend in (("group", None), ("exchange", exchange_backend)):
-        for g in range(layout.groups):
-            pg = dist.new_group(layout.group_ranks(g), backend=backend)
-            if g == layout.group_id:
-                mine[key] = pg
-    leaders = dist.new_group(layout.leader_ranks(), backend=exchange_backend)
-    if layout.is_leader:
-        mine["leaders"] = leaders
-    for r in range(layout.group_size):
-        pg = dist.new_group(layout.rail_ranks(r), backend=exchange_backend)
-        if r == layout.group_rank:
-            mine["rail"] = pg
-    for rank in range(layout.world_size):
-        pg = dist.new_group([rank])
-        if rank == layout.rank:
-            mine["mp"] = pg
-    return Topology(layout, mine["group"], mine["leaders"], mine["rail"], mine["mp"], mine["exchange"])
-
-
-def build_group_job_topology(group_id: int, groups: int) -> Topology:
-    """The topology of a job that is one codistillation group (`transport: torchft`).
-
-    The whole world is my group (ZeRO/FSDP shard over all of it, so DeepSpeed's world-wide
-    barriers touch no other group); the cross-group links are not process groups of this job
-    but torchft quorums (`ft_transport.py`). Collective over the world, like `build_topology`."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    layout = Layout(world, 1, rank, first_group=group_id)
-    group = dist.new_group(list(range(world)))
-    exchange_group = dist.new_group(list(range(world)))
-    mine = None
-    for r in range(world):
-        pg = dist.new_group([r])
-        if r == rank:
-            mine = pg
-    return Topology(layout, group, None, mine, mine, exchange_group, total_groups=groups)
+    keeps the default backends for ZeRO/FSDP traffic. When the job is one group of several
+    (`transport: torchft`), the cross-group links are torchft quorums, not process groups of
+    this job, and the rail and leaders groups have one member."""
+    if dims.world_size != dist.get_world_size() or dims.rank != dist.get_rank():
+        raise TopologyError(f"axes laid out for rank {dims.rank} of {dims.world_size}, but this process is "
+                            f"rank {dist.get_rank()} of {dist.get_world_size()}")
+    groups = [dims.group_ranks(dims.first_group + g) for g in range(dims.groups)]
+    group = _my_groups(dims, groups)
+    exchange_group = _my_groups(dims, groups, exchange_backend)
+    leaders = dist.new_group(dims.leader_ranks(), backend=exchange_backend)
+    rail = _my_groups(dims, [dims.rail_ranks(p) for p in range(dims.group_size)], exchange_backend)
+    solo = _my_groups(dims, [[r] for r in range(dims.world_size)])
+    tp_group = _my_groups(dims, dims.axis_partitions("tp")) if dims.tp > 1 else solo
+    dp_group = group if dims.tp == 1 else _my_groups(
+        dims, list({tuple(dims.data_parallel_ranks(r)): None for r in range(dims.world_size)}))
+    return Topology(dims, group, exchange_group, rail, leaders if dims.is_leader else None, solo, tp_group, dp_group)
 
 
 class GroupMPU:
@@ -184,24 +181,31 @@ class GroupMPU:
         self._t = topology
 
     def get_data_parallel_group(self) -> dist.ProcessGroup:
-        return self._t.group
+        return self._t.dp_group
 
     def get_data_parallel_world_size(self) -> int:
-        return self._t.group_size
+        return self._t.data_size
 
     def get_data_parallel_rank(self) -> int:
-        return self._t.group_rank
+        return self._t.data_rank
 
     def get_model_parallel_group(self) -> dist.ProcessGroup:
-        return self._t.model_parallel
+        return self._t.tp_group
 
     def get_model_parallel_world_size(self) -> int:
-        return 1
+        return self._t.tp
 
     def get_model_parallel_rank(self) -> int:
-        return 0
+        return self._t.tp_rank
 
     # Newer DeepSpeed code paths ask for the tensor-parallel names.
     get_tensor_model_parallel_group = get_model_parallel_group
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
     get_tensor_model_parallel_rank = get_model_parallel_rank
+
+
+def world_topology(groups: int, *, replicate: int = 1, tp: int = 1, exchange_backend: str | None = None) -> Topology:
+    """`build_topology` for the live world split into `groups` groups (tests, benchmarks)."""
+    dims = ParallelDims(world_size=dist.get_world_size(), groups=groups, rank=dist.get_rank(),
+                        replicate=replicate, tp=tp)
+    return build_topology(dims, exchange_backend)

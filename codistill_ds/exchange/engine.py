@@ -1,7 +1,7 @@
 """The exchange engine: when groups swap predictions, and what each group learns from them.
 
 One object owns the schedule of logit codistillation (Anil et al. 2018, arXiv 1804.03235;
-DESIGN.md "Exchange"), whatever loop drives it and whatever carries the bytes:
+docs/design.md "Exchange"), whatever loop drives it and whatever carries the bytes:
 
 - every `interval` steps, `post` runs the driver's eval-mode `predict` on exchange batch
   e = step // interval, compresses the logits and hands them to the transport (blocking, or on
@@ -13,9 +13,9 @@ DESIGN.md "Exchange"), whatever loop drives it and whatever carries the bytes:
   1/(#peers) * sum_j D(f_j || f_i).
 
 It is handed its communicators (the transport, my group's process group) like torchft's
-`LocalSGD(manager, ...)`: the CLI loop (`loop.py`) and the Hugging Face Trainer integration
-(`integrations/hf_trainer.py`) drive the same engine, so async exchange, NaN filtering,
-agreement and byte accounting behave the same in both.
+`LocalSGD(manager, ...)`, so a unit test can drive it with a transport of its own. The CLI loop,
+the Hugging Face Trainer and the own-Accelerate-loop API all drive it through one
+`Distiller` (distiller.py), built in one place (setup.py).
 
 Peers may send predictions on a different exchange batch than mine (independent groups
 that are not in lockstep, `transport: torchft`): exchange batches are pure functions of e, so
@@ -24,91 +24,32 @@ the receiver rebuilds batch e' locally (`batch_for`) and distills on it; only lo
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from codistill_ds.distributed import comm
-from codistill_ds.exchange.wire import CompressedLogits, compress, wire_dtype
 from codistill_ds.config import CodistillConfig
-from codistill_ds.exchange.losses import peer_distill_loss, top1_agreement
+from codistill_ds.distributed import comm
+from codistill_ds.exchange.batches import (
+    ExchangeBatch,
+    TargetBatch,
+    batched_peer_loss,
+    with_positions,
+)
+from codistill_ds.exchange.losses import peer_distill_loss
+from codistill_ds.exchange.sampling import draw_seed, gather_positions, sample_targets
+from codistill_ds.exchange.state import Pending, pending_from_state, pending_state
+from codistill_ds.exchange.transport.base import ExchangeResult, Transport
+from codistill_ds.exchange.wire import CompressedLogits, compress, wire_dtype
+
+log = logging.getLogger(__name__)
 
 
-@dataclass
-class ExchangeResult:
-    """What one round delivered to this rank: peers' predictions for my slice, group order."""
-
-    peers: list[CompressedLogits]
-    peer_groups: list[int]
-    seconds: float
-    peer_exchanges: list[int] | None = None
-    """Exchange index each peer predicted on; None: all on the batch I posted (lockstep)."""
-    bytes_sent: int = 0
-    """What this rank handed to other groups in this round."""
-
-
-class Transport(Protocol):
-    """Carries one round of compressed predictions between groups (`exchange.py`: one job's
-    process groups; `ft_transport.py`: torchft quorums between separate jobs)."""
-
-    bytes_sent: int
-
-    def exchange(self, local: CompressedLogits, e: int) -> ExchangeResult:
-        """Blocking swap of my predictions on exchange batch e."""
-
-    def start(self, local: CompressedLogits, e: int) -> Future:
-        """Post the swap; `.result()` gives the `ExchangeResult`. Rounds run in posting order."""
-
-    def close(self) -> None: ...
-
-
-@dataclass
-class ExchangeBatch:
-    """Model inputs of one exchange batch slice, and which positions count (None: all)."""
-
-    inputs: Any
-    """What `predict` and the student take: a token tensor [B, L+1] (CLI) or a dict (HF)."""
-    mask: torch.Tensor | None = None
-    """[B*L] bool over the prediction rows; padding and ignore_index positions are False."""
-    rows: range | None = None
-    """Which rows of exchange batch e these are (global, the same numbering in every group):
-    the token positions that travel under `token_fraction` are drawn per row."""
-    positions: torch.Tensor | None = None
-    """[B, m] positions whose predictions travel (None: every position); set by the engine."""
-
-
-@dataclass
-class TargetBatch:
-    """Peers' predictions for one exchange batch, due at a step."""
-
-    exchange: int
-    inputs: Any
-    """Inputs to run the student on; None: the rows are my own first training micro-batch."""
-    peers: list[CompressedLogits]
-    peer_groups: list[int]
-    mask: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-    """[B, m]: the peers' predictions cover only these positions of each sequence; the student's
-    logits are taken at the same ones (`distill_loss`)."""
-
-
-@dataclass
-class Pending:
-    """An exchange posted at some step, waiting for its consumption step."""
-
-    exchange: int
-    batch: ExchangeBatch
-    mine: CompressedLogits
-    result: ExchangeResult | None = None
-    future: Future | None = None
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExchangeSettings:
     """The engine's plain arguments, turned from the config in one place (`from_config`)."""
 
@@ -122,7 +63,7 @@ class ExchangeSettings:
     index_dtype: str = "auto"
     token_fraction: float = 1.0
     seed: int = 0
-    """Keys the positions drawn under `token_fraction` (with the exchange index and row)."""
+    """Keys the positions drawn under `token_fraction` and the sampled targets."""
     targets: str = "topk"
     """"topk" or "samples" (`sampling.sample_targets`: k ids drawn per position)."""
     peer_weights: tuple[tuple[int, float], ...] = ()
@@ -130,11 +71,18 @@ class ExchangeSettings:
 
     @classmethod
     def from_config(cls, cd: CodistillConfig, seed: int = 0) -> ExchangeSettings:
-        return cls(cd.interval, cd.staleness, cd.async_exchange, cd.topk, cd.dtype, cd.loss, cd.temperature,
-                   cd.index_dtype, cd.token_fraction, seed, cd.targets, tuple(tuple(p) for p in cd.peer_weights))
+        return cls(interval=cd.interval, staleness=cd.staleness, async_exchange=cd.async_exchange,
+                   topk=cd.topk, dtype=cd.dtype, loss=cd.loss, temperature=cd.temperature,
+                   index_dtype=cd.index_dtype, token_fraction=cd.token_fraction, seed=seed,
+                   targets=cd.targets, peer_weights=tuple(tuple(p) for p in cd.peer_weights))
 
     def weight_of(self, group: int) -> float:
         return dict(self.peer_weights).get(group, 1.0)
+
+    @property
+    def weights(self) -> Callable[[int], float] | None:
+        """`weight_of`, or None when every peer weighs 1 (the plain mean)."""
+        return self.weight_of if self.peer_weights else None
 
     @property
     def kind(self) -> str:
@@ -159,26 +107,41 @@ Observer = Callable[[str, int, Any], None]
 """`observer(event, step, payload)`: "sent" (my CompressedLogits) or "received" (ExchangeResult)."""
 
 
+@dataclass(kw_only=True)
 class ExchangeEngine:
-    """Schedule, bookkeeping and loss of logit codistillation over a transport."""
+    """Schedule, bookkeeping and loss of logit codistillation over a transport.
 
-    def __init__(self, transport: Transport, settings: ExchangeSettings, group: Any, group_id: int,
-                 batch_for: Callable[[int, int], ExchangeBatch], *, on_own_batch: bool = False,
-                 leader: bool = True) -> None:
-        """`group`: my group's process group (agreement and NaN agreement run over it).
-        `batch_for(step, e)`: my slice of exchange batch e (step is -1 when a peer's batch is
-        rebuilt). `on_own_batch` (exchange_batch "train"): I predict on my peers' training
-        batches and receive their predictions on mine (the transport routes each to its owner),
-        so targets cover my own first micro-batch and the student reuses its CE logits; agreement
-        is then the driver's (student vs peers), there being no tokens both sides predicted on."""
-        self.transport, self.s, self.group, self.group_id = transport, settings, group, group_id
-        self.batch_for, self.on_own_batch, self.leader = batch_for, on_own_batch, leader
-        self.pending: dict[int, Pending] = {}
-        self.skipped_peers = 0
-        """Peer predictions dropped for being NaN/Inf (cumulative)."""
-        self.stats = RoundStats()
-        self.observers: list[Observer] = []
-        self._bytes = 0
+    Args:
+        transport: carries each round between the groups (`transport/`).
+        settings: interval, staleness, wire format, loss (`ExchangeSettings.from_config`).
+        group: my group's process group (NaN agreement and agreement run over it).
+        group_id: my codistillation group.
+        batch_for: `batch_for(step, e)` gives my slice of exchange batch e (step is -1 when a
+            peer's batch is rebuilt).
+        on_own_batch: `exchange_batch: train`: I predict on my peers' training batches and
+            receive their predictions on mine (the transport routes each to its owner), so
+            targets cover my own first micro-batch and the student reuses its CE logits;
+            agreement is then the driver's (student vs peers).
+        leader: whether I print my group's warnings.
+    """
+
+    transport: Transport
+    settings: ExchangeSettings
+    group: Any
+    group_id: int
+    batch_for: Callable[[int, int], ExchangeBatch]
+    on_own_batch: bool = False
+    leader: bool = True
+    pending: dict[int, Pending] = field(default_factory=dict)
+    skipped_peers: int = 0
+    """Peer predictions dropped for being NaN/Inf (cumulative)."""
+    stats: RoundStats = field(default_factory=RoundStats)
+    observers: list[Observer] = field(default_factory=list)
+    _bytes: int = 0
+
+    @property
+    def s(self) -> ExchangeSettings:
+        return self.settings
 
     # ---- schedule -------------------------------------------------------------------------
     def step(self, step: int, predict: Callable[[Any], torch.Tensor]) -> list[TargetBatch]:
@@ -207,7 +170,9 @@ class ExchangeEngine:
         start = time.perf_counter()
         with torch.no_grad():
             logits = predict(batch.inputs)
-        logits, batch = self._select(e, batch, logits)
+        batch = with_positions(batch, e, s.seed, s.token_fraction)
+        if batch.positions is not None:
+            logits = gather_positions(logits.view(batch.positions.shape[0], -1, logits.shape[-1]), batch.positions)
         mine = self._payload(e, logits, batch)
         stats = self.stats
         stats.exchange_compute_ms = (time.perf_counter() - start) * 1e3
@@ -230,39 +195,14 @@ class ExchangeEngine:
 
     def _payload(self, e: int, logits: torch.Tensor, batch: ExchangeBatch) -> CompressedLogits:
         """Top-k (or full) compression, or k draws from the teacher seeded by (seed, exchange, my
-        group, my rows), so a resumed run draws the same targets."""
+        group, my first row), so every exchange and every group draws anew and a resumed run
+        draws the same targets."""
         s = self.s
         if s.targets != "samples":
             return compress(logits, s.topk, wire_dtype(s.dtype), s.kind, s.temperature, s.index_dtype)
-        from codistill_ds.exchange.sampling import sample_targets
-
-        gen = torch.Generator(device=logits.device).manual_seed(hash((s.seed, e, self.group_id, batch.rows.start if batch.rows else 0)) & (2**62))
+        row = batch.rows.start if batch.rows is not None else 0
+        gen = torch.Generator(device=logits.device).manual_seed(draw_seed(s.seed, "samples", e, self.group_id, row))
         return sample_targets(logits, s.topk, s.temperature, s.dtype, s.index_dtype, gen)
-
-    def _select(self, e: int, batch: ExchangeBatch, logits: torch.Tensor) -> tuple[torch.Tensor, ExchangeBatch]:
-        """Keep the `token_fraction` of positions that travel: the same draw in every group."""
-        if self.s.token_fraction >= 1.0 or batch.rows is None:
-            return logits, batch
-        from codistill_ds.exchange.sampling import gather_positions, select_positions
-
-        b = len(batch.rows)
-        length = logits.shape[0] // b
-        pos = select_positions(self.s.seed, e, batch.rows, length, self.s.token_fraction)
-        mask = None if batch.mask is None else gather_positions(batch.mask.view(b, length), pos)
-        return gather_positions(logits.view(b, length, -1), pos), ExchangeBatch(batch.inputs, mask, batch.rows, pos)
-
-    def _rebuild(self, e: int) -> ExchangeBatch:
-        """A peer's exchange batch e' rebuilt locally (tokens, mask and positions)."""
-        batch = self.batch_for(-1, e)
-        if self.s.token_fraction >= 1.0 or batch.rows is None:
-            return batch
-        from codistill_ds.exchange.sampling import gather_positions, select_positions
-
-        b = len(batch.rows)
-        length = batch.mask.numel() // b if batch.mask is not None else _sequence_length(batch.inputs)
-        pos = select_positions(self.s.seed, e, batch.rows, length, self.s.token_fraction)
-        mask = None if batch.mask is None else gather_positions(batch.mask.view(b, length), pos)
-        return ExchangeBatch(batch.inputs, mask, batch.rows, pos)
 
     def due(self, step: int) -> list[TargetBatch]:
         """The targets to distill on at `step` (empty when none are due or no peer was usable).
@@ -285,29 +225,31 @@ class ExchangeEngine:
         return self._batches(pending, peers)
 
     def _batches(self, pending: Pending, peers: list[tuple[CompressedLogits, int, int]]) -> list[TargetBatch]:
-        """One TargetBatch per exchange index the usable peers predicted on, mine first."""
+        """One TargetBatch per exchange index the usable peers predicted on, mine first; a peer's
+        batch e' is rebuilt locally (tokens, mask and positions)."""
         out: list[TargetBatch] = []
         for e in sorted({e for _, _, e in peers}, key=lambda x: (x != pending.exchange, x)):
-            batch = pending.batch if e == pending.exchange else self._rebuild(e)
+            if e == pending.exchange:
+                batch = pending.batch
+            else:
+                batch = with_positions(self.batch_for(-1, e), e, self.s.seed, self.s.token_fraction)
             chosen = [(p, g) for p, g, pe in peers if pe == e]
-            preds = [p for p, _ in chosen]
-            inputs = batch.inputs
-            if self.on_own_batch:
-                inputs = None
-            out.append(TargetBatch(e, inputs, preds, [g for _, g in chosen], batch.mask, batch.positions))
+            inputs = None if self.on_own_batch else batch.inputs
+            out.append(TargetBatch(e, inputs, [p for p, _ in chosen], [g for _, g in chosen], batch.mask,
+                                   batch.positions))
         return out
 
     def distill_loss(self, students: list[torch.Tensor], batches: list[TargetBatch]) -> torch.Tensor:
         """The (weighted) mean over peers of D(peer || student), the student's logits [N, V] per batch."""
-        return batched_peer_loss(students, batches, self.s.loss, self.s.temperature,
-                                 self.s.weight_of if self.s.peer_weights else None)
+        return batched_peer_loss(students, batches, self.s.loss, self.s.temperature, self.s.weights)
 
     # ---- bookkeeping ----------------------------------------------------------------------
     def _exchanges(self, result: ExchangeResult, e: int) -> list[int]:
         return result.peer_exchanges if result.peer_exchanges is not None else [e] * len(result.peers)
 
     def _finite(self, e: int, result: ExchangeResult) -> list[bool]:
-        """Drop a peer whose predictions hold NaN/Inf on any rank of my group, this round only."""
+        """Drop a peer whose predictions hold NaN/Inf on any rank of my group, this round only:
+        agreed over the group, so every rank of it distills on the same peers."""
         bad = torch.tensor([0.0 if bool(torch.isfinite(p.values.float()).all()) else 1.0 for p in result.peers],
                            dtype=torch.float64)
         if len(result.peers):
@@ -318,9 +260,8 @@ class ExchangeEngine:
             self.skipped_peers += skipped
             if self.leader:
                 bad_groups = [g for g, ok in zip(result.peer_groups, keep) if not ok]
-                print(f"codistill-ds: warning: group {self.group_id} skipped the predictions of peer "
-                      f"group(s) {bad_groups} for exchange {e}: they contain NaN/Inf "
-                      f"(skipped_peers={self.skipped_peers})", file=sys.stderr, flush=True)
+                log.warning("group %d skipped the predictions of peer group(s) %s for exchange %d: they "
+                            "contain NaN/Inf (skipped_peers=%d)", self.group_id, bad_groups, e, self.skipped_peers)
         return keep
 
     def _agreement(self, pending: Pending, peers: list[CompressedLogits]) -> float | None:
@@ -356,101 +297,15 @@ class ExchangeEngine:
         self.drain()
         self.transport.close()
 
-    # ---- checkpoint state -----------------------------------------------------------------
+    # ---- checkpoint state (state.py) --------------------------------------------------------
     def state_dict(self) -> dict:
         """Targets waiting for their consumption step (in-flight swaps are completed first),
         the byte counter and the skipped-peer count. Plain tensors and numbers only."""
         self.drain()
-        pending = {step: _pending_state(p) for step, p in self.pending.items()}
+        pending = {step: pending_state(p) for step, p in self.pending.items()}
         return {"pending": pending, "bytes_sent": self._bytes, "skipped_peers": self.skipped_peers}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pending = {int(step): _pending_from_state(item) for step, item in state["pending"].items()}
+        self.pending = {int(step): pending_from_state(item) for step, item in state["pending"].items()}
         self._bytes = state["bytes_sent"]
         self.skipped_peers = state["skipped_peers"]
-
-
-def batched_peer_loss(students: list[torch.Tensor], batches: list[TargetBatch], loss: str,
-                      temperature: float, weight_of: Callable[[int], float] | None = None) -> torch.Tensor:
-    """(Weighted) mean over every peer of every batch; with one batch and no weights, exactly
-    `peer_distill_loss`."""
-    if len(students) != len(batches) or not batches:
-        raise ValueError(f"need one student logits tensor per target batch, got {len(students)} for {len(batches)}")
-    students = [_at_positions(s, b.positions) for s, b in zip(students, batches)]
-    weights = [[1.0 if weight_of is None else weight_of(g) for g in b.peer_groups] for b in batches]
-    if len(batches) == 1:
-        b = batches[0]
-        return peer_distill_loss(students[0], b.peers, loss, temperature, _mask_on(b.mask, students[0]),
-                                 None if weight_of is None else weights[0])
-    total = sum(sum(w) * peer_distill_loss(s, b.peers, loss, temperature, _mask_on(b.mask, s), w)
-                for s, b, w in zip(students, batches, weights))
-    return total / sum(sum(w) for w in weights)
-
-
-def student_agreement(students: list[torch.Tensor], batches: list[TargetBatch], group: Any) -> float | None:
-    """Top-1 agreement of the student's logits with its peers' predictions on the same tokens,
-    over `group` (my group): the measure where my own predictions do not travel (predictions on
-    my own training batch, weight exchange). Callers measure it whether or not alpha > 0, so
-    independent models (alpha 0) still report how far apart they are."""
-    agree, count = 0, 0
-    for s, b in zip(students, batches):
-        s = _at_positions(s.detach(), b.positions)
-        mask = _mask_on(b.mask, s)
-        for p in b.peers:
-            a, c = top1_agreement(s, p, mask)
-            agree, count = agree + a, count + c
-    total = comm.reduce_numbers([agree, count], group=group)
-    return total[0] / total[1] if total[1] > 0 else None
-
-
-def _at_positions(student: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    """The student's [B*L, V] logits at the positions whose predictions travelled."""
-    if positions is None:
-        return student
-    from codistill_ds.exchange.sampling import gather_positions
-
-    b = positions.shape[0]
-    return gather_positions(student.view(b, student.shape[0] // b, -1), positions)
-
-
-def _sequence_length(inputs: Any) -> int:
-    """L of the predictions on `inputs`: the CLI's tokens hold L+1 (the last is only a label)."""
-    if isinstance(inputs, dict):
-        return int(inputs["input_ids"].shape[1])
-    return int(inputs.shape[1]) - 1
-
-
-def _mask_on(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if mask is None else mask.to(like.device)
-
-
-def _logits_state(c: CompressedLogits) -> dict:
-    """Own copies: received values and indices are views of one packed uint8 wire buffer."""
-    fmt = c.wire_format()
-    return {"values": c.values.clone(), "kind": c.kind,
-            "indices": None if c.indices is None else c.indices.clone(),
-            "fmt": [fmt.k, fmt.value_dtype, fmt.index_dtype, fmt.kind]}
-
-
-def _logits_from_state(d: dict) -> CompressedLogits:
-    from codistill_ds.exchange.wire import WireFormat
-
-    fmt = WireFormat(*d["fmt"]) if d.get("fmt") else None
-    return CompressedLogits(d["values"], d["indices"], d["kind"], fmt)
-
-
-def _pending_state(p: Pending) -> dict:
-    r = p.result
-    return {"exchange": p.exchange, "inputs": p.batch.inputs, "mask": p.batch.mask,
-            "rows": None if p.batch.rows is None else [p.batch.rows.start, p.batch.rows.stop],
-            "positions": p.batch.positions,
-            "mine": _logits_state(p.mine), "peers": [_logits_state(c) for c in r.peers],
-            "peer_groups": list(r.peer_groups), "peer_exchanges": r.peer_exchanges, "seconds": r.seconds}
-
-
-def _pending_from_state(d: dict) -> Pending:
-    result = ExchangeResult([_logits_from_state(c) for c in d["peers"]], list(d["peer_groups"]),
-                            0.0, d["peer_exchanges"])
-    rows = None if d.get("rows") is None else range(*d["rows"])
-    batch = ExchangeBatch(d["inputs"], d["mask"], rows, d.get("positions"))
-    return Pending(d["exchange"], batch, _logits_from_state(d["mine"]), result)

@@ -1,7 +1,7 @@
 """Token sampling for the exchange: fewer positions and sampled targets, both unbiased.
 
 Top-k on every position of the exchange batch costs k (value + id) bytes per token; two
-independent knobs go below that (DESIGN.md "Counting bytes honestly"):
+independent knobs go below that (docs/design.md "Counting bytes honestly"):
 
 1. **Positions** (`codistill.token_fraction` f): predictions travel for m = round(f L) positions
    of each length-L sequence. The positions are a pseudo-random draw keyed by (seed, exchange
@@ -24,7 +24,12 @@ import hashlib
 
 import torch
 
-from codistill_ds.exchange.wire import CompressedLogits, WireFormat, choose_index_dtype, to_wire_values
+from codistill_ds.exchange.wire import (
+    CompressedLogits,
+    WireFormat,
+    choose_index_dtype,
+    to_wire_values,
+)
 
 
 def positions_per_sequence(seq_len: int, fraction: float) -> int:
@@ -34,9 +39,13 @@ def positions_per_sequence(seq_len: int, fraction: float) -> int:
     return max(1, round(fraction * seq_len))
 
 
-def _row_seed(seed: int, exchange: int, row: int) -> int:
-    # A hash, not seed + row arithmetic: neighbouring (exchange, row) pairs must not share draws.
-    digest = hashlib.blake2b(f"{seed}:{exchange}:{row}".encode(), digest_size=8).digest()
+def draw_seed(*keys: object) -> int:
+    """A 63-bit generator seed from a tuple of keys (seed, exchange index, row, ...).
+
+    A hash, not arithmetic on the keys: neighbouring (exchange, row) pairs must not share draws;
+    and not Python's `hash`, which is salted per process for strings and would differ between
+    ranks and runs."""
+    digest = hashlib.blake2b(":".join(map(str, keys)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
@@ -49,7 +58,7 @@ def select_positions(seed: int, exchange: int, rows: range, seq_len: int,
     m = positions_per_sequence(seq_len, fraction)
     out = torch.empty(len(rows), m, dtype=torch.long)
     for i, row in enumerate(rows):
-        g = torch.Generator().manual_seed(_row_seed(seed, exchange, row))
+        g = torch.Generator().manual_seed(draw_seed(seed, exchange, row))
         out[i] = torch.randperm(seq_len, generator=g)[:m].sort().values
     return out
 

@@ -1,256 +1,119 @@
-"""Driving the exchange engine from a user's model and dataset, outside the project's CLI loop.
+"""Setting up a codistillation job, once for every driver: axes, seed, transport, engine, join.
 
-The Hugging Face Trainer integration (`hf_callback.py`) and the own-Accelerate-loop one
-(`accelerate_loop.py`) both hand the exchange engine (`engine.py`) a map-style dataset of
-tokenized rows and a model that takes `input_ids`/`attention_mask`, and both run in a job whose
-world is either every group (`transport: world`) or one group (`transport: torchft`). What they
-share lives here, so that the two integrations draw the same exchange batches, build the same
-topology and transport, and report the same figures:
+The CLI job (`run/job.py`), the Hugging Face Trainer (`integrations/hf_trainer`) and the
+own-Accelerate-loop API (`integrations/accelerate_loop.py`) differ in who builds the model and
+the data; everything about the codistillation itself is built here, in this order:
 
-- `validate_integration`: the library's config checks, before any collective can hang;
-- `topology_for`: the process groups of either transport;
-- `ExchangeBatches` (+ `distill_mask`, `check_same_exchange_data`): exchange batch e, the same
-  rows in every group, rank r's 1/S slice of them;
-- `group_job_transport`, `join_groups`: the torchft route between group jobs;
-- `predict_logits`, `logits_of`: the teacher side of an exchange, eval mode, no graph;
-- `DistillSteps`: alpha(t), the exchange of a step, the distillation term, the figures to log.
+    dims = parallel_dims(cd, world, rank)         pure: fails on a bad topology before any collective
+    check_lighthouse(cd)                          transport torchft: the Lighthouse answers at all
+    topology = build_job_topology(cd, dims)       the process groups (a world collective)
+    seed = group_seed(seed, cd, group_id)         this group's initialization
+    transport = build_transport(cd, topology, contract)
+    engine = build_engine(cd, topology, transport, batch_for, seed)
+    join_groups(transport, cd, topology)          separate group jobs wait for each other
+
+One job holds every group (`transport: world`): the job's world is K x S ranks and the exchange
+runs over its process groups. Or this job is one group (`transport: torchft`): its world is
+the group, and the groups meet through a torchft Lighthouse (`transport/ft.py`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
-import sys
-from typing import Any
+from collections.abc import Callable
 
-import numpy as np
-import torch
-import torch.distributed as dist
+from codistill_ds.config import CodistillConfig
+from codistill_ds.distributed.axes import ParallelDims
+from codistill_ds.distributed.topology import Topology, build_topology
+from codistill_ds.exchange.batches import ExchangeBatch
+from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings
+from codistill_ds.exchange.transport.base import Transport
 
-from codistill_ds.distributed import comm
-from codistill_ds.config import CodistillConfig, Config, ConfigError
-from codistill_ds.data.streams import EXCHANGE_STREAM_TAG, _EpochPermutation
-from codistill_ds.exchange.engine import ExchangeBatch, ExchangeEngine, ExchangeSettings, TargetBatch, Transport
-from codistill_ds.schedules import alpha_at
-from codistill_ds.distributed.topology import Layout, Topology, build_group_job_topology, build_topology
-from codistill_ds.config.validation import check_choices, check_numbers, check_topology
+log = logging.getLogger(__name__)
 
-MODEL_INPUTS = ("input_ids", "attention_mask")
-"""Columns of an exchange example fed to the model; labels are not needed to predict."""
+LIGHTHOUSE_CONNECT_S = 10.0
+"""How long a group job tries to reach the Lighthouse at start before it gives up."""
 
 
-def validate_integration(cfg: CodistillConfig, world_size: int, who: str, plain_run: str) -> None:
-    """The library's checks of the codistill section, plus what an integration cannot do.
-
-    `who` names the integration in the messages; `plain_run` says how to train without
-    codistillation there (these integrations always codistill)."""
-    full = Config(codistill=cfg)
-    check_topology(full, world_size)
-    check_choices(full)
-    check_numbers(full)
-    if not cfg.enabled:
-        raise ConfigError("codistill.enabled", f"{who} always codistills; for a plain run {plain_run}")
-    if cfg.exchange_batch != "shared":
-        raise ConfigError("codistill.exchange_batch", f"{who} supports 'shared' only: a group cannot "
-                          "know its peers' batches")
+def separate_group_jobs(cd: CodistillConfig) -> bool:
+    """`transport: torchft`: this job is one codistillation group; its peers are other jobs."""
+    return cd.enabled and cd.transport == "torchft"
 
 
-def lighthouse_url(cfg: CodistillConfig) -> str:
+def parallel_dims(cd: CodistillConfig, world_size: int, rank: int, *, replicate: int = 1,
+                  tp: int = 1) -> ParallelDims:
+    """The axes of this job: every group in it (`world`), or group `group_id` of `groups`
+    (`torchft`); `codistill.enabled: false` makes the whole world one group (the baseline)."""
+    if separate_group_jobs(cd):
+        return ParallelDims(world_size=world_size, groups=1, rank=rank, replicate=replicate, tp=tp,
+                            first_group=cd.group_id, total_groups=cd.groups)
+    return ParallelDims(world_size=world_size, groups=cd.groups if cd.enabled else 1, rank=rank,
+                        replicate=replicate, tp=tp)
+
+
+def lighthouse_url(cd: CodistillConfig) -> str:
     """`transport: torchft`: the Lighthouse from the config, else torchft's own variable."""
-    return cfg.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"]
+    return cd.lighthouse or os.environ["TORCHFT_LIGHTHOUSE"]
 
 
-def layout_for(cfg: CodistillConfig, world_size: int, rank: int) -> Layout:
-    """One job holds every group (`world`), or this job is group `group_id` (`torchft`)."""
-    if cfg.transport == "torchft":
-        return Layout(world_size, 1, rank, first_group=cfg.group_id)
-    return Layout(world_size, cfg.groups, rank)
+def check_lighthouse(cd: CodistillConfig) -> None:
+    """On every rank before anything heavy starts: a Lighthouse address that is wrong or down
+    fails within seconds with one line, not after the model is built."""
+    if separate_group_jobs(cd):
+        from codistill_ds.exchange.transport.contract import check_reachable
+
+        check_reachable(lighthouse_url(cd), LIGHTHOUSE_CONNECT_S)
 
 
-def topology_for(cfg: CodistillConfig) -> Topology:
-    """Create the process groups (a collective over the whole world; once per job)."""
-    if not dist.is_initialized():
-        raise RuntimeError("torch.distributed is not initialized: create the Accelerator (or "
-                           "TrainingArguments) first, under a distributed launcher")
-    if cfg.transport == "torchft":
-        return build_group_job_topology(cfg.group_id, cfg.groups)
-    return build_topology(cfg.groups)
+def build_job_topology(cd: CodistillConfig, dims: ParallelDims, cuda: bool = False) -> Topology:
+    """The process groups of `dims` (a collective over the whole world; once per job), with the
+    cross-group groups on `codistill.exchange_backend`."""
+    from codistill_ds.distributed import comm
+
+    return build_topology(dims, comm.resolve_exchange_backend(cd.exchange_backend, cuda))
 
 
-class ExchangeBatches:
-    """Exchange batch e: the same rows on every group (seeded order), rank r's 1/S slice of them."""
-
-    def __init__(self, dataset: Any, seed: int, batch: int, topology: Topology, collate: Any,
-                 device: torch.device, ignore_index: int = -100) -> None:
-        if batch % topology.group_size:
-            raise ConfigError("exchange_batch_size", f"{batch} is not divisible by the "
-                              f"{topology.group_size} ranks per group")
-        self.dataset, self.collate, self.device, self.ignore_index = dataset, collate, device, ignore_index
-        self.order = _EpochPermutation(len(dataset), seed + EXCHANGE_STREAM_TAG)
-        self.batch, self.slice, self.rank = batch, batch // topology.group_size, topology.group_rank
-
-    def __call__(self, step: int, e: int) -> ExchangeBatch:
-        start = e * self.batch + self.rank * self.slice
-        rows = [self.dataset[int(i)] for i in self.order(np.arange(start, start + self.slice))]
-        keys = [k for k in (*MODEL_INPUTS, "labels") if k in rows[0]]
-        batch = self.collate([{k: row[k] for k in keys} for row in rows])
-        inputs = {k: v.to(self.device) for k, v in batch.items() if k in MODEL_INPUTS}
-        return ExchangeBatch(inputs, distill_mask(inputs, batch.get("labels"), self.ignore_index),
-                             range(self.rank * self.slice, (self.rank + 1) * self.slice))
+def group_seed(seed: int, cd: CodistillConfig, group_id: int) -> int:
+    """The seed that builds group g's replica: its own initialization, unless `same_init`."""
+    return seed + (0 if cd.same_init else group_id)
 
 
-def distill_mask(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None,
-                 ignore_index: int) -> torch.Tensor | None:
-    """Positions whose prediction is distilled: attended, and not predicting an ignored label.
+def build_transport(cd: CodistillConfig, topology: Topology, contract: Callable[[], dict] | None = None) -> Transport:
+    """`world`: the routes over this job's process groups (`exchange_batch: train` sends each
+    prediction to its owner). `torchft`: the leader joins the Lighthouse with this group's
+    exchange contract (`contract()`, only evaluated on the leader); every rank gets the
+    transport (non-leaders gather and scatter through it)."""
+    if not separate_group_jobs(cd):
+        from codistill_ds.exchange.transport.world import LogitExchange
 
-    The logits at position t predict token t+1, so a label of `ignore_index` at t+1 (padding, a
-    prompt) masks position t, as it masks that token's cross-entropy; the last position has no
-    next label and is kept when attended."""
-    mask = inputs.get("attention_mask")
-    mask = None if mask is None else mask.bool()
-    if labels is not None:
-        labels = labels.to(inputs["input_ids"].device)
-        keep = torch.ones_like(labels, dtype=torch.bool)
-        keep[:, :-1] = labels[:, 1:] != ignore_index
-        mask = keep if mask is None else mask & keep
-    return None if mask is None else mask.flatten()
-
-
-def check_same_exchange_data(dataset: Any, layout: Layout) -> str:
-    """Every rank must draw exchange batches from the same rows, or the groups distill toward
-    predictions on other tokens without any error: one small all-gather of the dataset's length
-    and a digest of three rows, the integrations' `health.check_peers_compatible`."""
-    n = len(dataset)
-    rows = [_plain(dataset[i]) for i in sorted({0, n // 2, n - 1})] if n else []
-    mine = (n, hashlib.sha1(repr(rows).encode()).hexdigest()[:16])
-    everyone = comm.all_gather_object(mine)
-    if len(set(everyone)) > 1:
-        seen = {v: [r for r, w in enumerate(everyone) if w == v] for v in dict.fromkeys(everyone)}
-        detail = "; ".join(f"{v[0]} rows (digest {v[1]}) on ranks {ranks}" for v, ranks in seen.items())
-        raise ConfigError("train_dataset", f"ranks of a {layout.groups}-group job hold different exchange data: "
-                          f"{detail}; build the dataset the same way on every rank (same files, order and seed)")
-    return f"{mine[0]}:{mine[1]}"
-
-
-def _plain(value: Any) -> Any:
-    """Tensors as lists (a tensor's repr names its device, which differs by rank on GPUs)."""
-    if torch.is_tensor(value):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-# ---- transport torchft: one job per group -------------------------------------------------
-
-def group_job_transport(cfg: CodistillConfig, topology: Topology, dataset: Any, digest: str, seed: int,
-                        batch: int, vocab_size: int) -> Transport:
-    """The group's leader joins the Lighthouse with this job's exchange contract: the exchange
-    data's digest stands for the corpus, the model's vocabulary for the tokenizer."""
-    from codistill_ds.exchange.transport.ft import LighthouseMember, TorchFTTransport, exchange_contract
+        return LogitExchange(topology, cd.route, to_owners=cd.exchange_batch == "train")
+    from codistill_ds.exchange.transport.ft import TorchFTTransport
+    from codistill_ds.exchange.transport.lighthouse import LighthouseMember
 
     member = None
-    if topology.layout.is_leader:
-        first = dataset[0] if len(dataset) else {}
-        seq_len = len(first["input_ids"]) if isinstance(first, dict) and "input_ids" in first else -1
-        contract = exchange_contract(vocab_size, digest, seed, batch, seq_len, cfg.topk, cfg.dtype,
-                                     ExchangeSettings.from_config(cfg).kind, cfg.temperature,
-                                     cfg.index_dtype, cfg.token_fraction)
-        member = LighthouseMember(lighthouse_url(cfg), cfg.group_id, contract, cfg.exchange_timeout_s)
+    if topology.is_leader:
+        if contract is None:
+            raise ValueError("transport torchft needs the exchange contract of this group")
+        member = LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s)
     return TorchFTTransport(topology, member)
 
 
-def join_groups(engine: ExchangeEngine, cfg: CodistillConfig, topology: Topology) -> None:
-    """Groups in separate jobs wait for each other before the first exchange (up to
-    `join_timeout_s`); a no-op for one job holding every group."""
-    transport = engine.transport
-    if not hasattr(transport, "join"):
-        return
-    present = transport.join(cfg.groups, cfg.join_timeout_s)
-    if topology.rank == 0:
-        print(f"codistill-ds: group {cfg.group_id}: {present} of {cfg.groups} groups present",
-              file=sys.stderr, flush=True)
+def build_engine(cd: CodistillConfig, topology: Topology, transport: Transport,
+                 batch_for: Callable[[int, int], ExchangeBatch], seed: int) -> ExchangeEngine:
+    """The exchange engine of this rank: the only place one is constructed."""
+    return ExchangeEngine(transport=transport, settings=ExchangeSettings.from_config(cd, seed),
+                          group=topology.group, group_id=topology.group_id, batch_for=batch_for,
+                          on_own_batch=cd.exchange_batch == "train", leader=topology.is_leader)
 
 
-# ---- the model's side ----------------------------------------------------------------------
-
-def logits_of(outputs: Any) -> torch.Tensor:
-    """[B*L, V] logits of a model's output: a Hugging Face output, a tuple, or a tensor."""
-    if torch.is_tensor(outputs):
-        logits = outputs
-    else:
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    return logits.flatten(0, 1)
-
-
-def predict_logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The teacher side of an exchange: eval mode (no dropout), no graph; the mode is restored.
-    The engine compresses and swaps what this returns."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return logits_of(model(**inputs))
-    finally:
-        model.train(was_training)
-
-
-class DistillSteps:
-    """One optimizer step of codistillation as an integration sees it: alpha(t), the exchange the
-    engine runs at this step, the distillation term on the peer targets due now, and the group
-    figures to log. The Trainer callback and the own-loop `Codistill` both drive the engine
-    through it (the CLI loop has its own, in loop.py)."""
-
-    def __init__(self, engine: ExchangeEngine, cfg: CodistillConfig) -> None:
-        self.engine, self.cfg = engine, cfg
-        self.alpha = 0.0
-        self.distill_value: torch.Tensor | None = None
-        """The latest distillation loss: the term's, or the engine's evaluation during burn-in."""
-        self.agreement: float | None = None
-        """Of the latest completed exchange: logged at every logging step, like distill_loss."""
-
-    def exchange(self, step: int, predict: Any) -> list[TargetBatch]:
-        """alpha(step), then the engine's step (an exchange when one is scheduled, `predict` the
-        teacher side); returns the peer targets due now."""
-        cd = self.cfg
-        self.alpha = alpha_at(step, cd.alpha, cd.burn_in, cd.ramp)
-        due = self.engine.step(step, predict)
-        stats = self.engine.stats
-        if stats.distill_eval is not None:  # logged during burn-in too, like the CLI loop
-            self.distill_value = torch.tensor(stats.distill_eval)
-        if stats.agreement is not None:
-            self.agreement = stats.agreement
-        return due
-
-    def term(self, model: Any, due: list[TargetBatch]) -> torch.Tensor | None:
-        """alpha * D(peers || me) on the due exchange batches, the student forward in train mode
-        (with its graph); None when nothing is due or alpha is 0."""
-        if not due or self.alpha == 0:
-            return None
-        d = self.engine.distill_loss([logits_of(model(**b.inputs)) for b in due], due)
-        self.distill_value = d.detach()
-        return self.alpha * d
-
-    def metrics(self, topology: Topology) -> dict[str, float]:
-        """Group-level figures of the exchange for a log record; a collective over my group when
-        there is a distillation value (every rank of the group calls it)."""
-        engine, stats = self.engine, self.engine.stats
-        out = {"alpha": self.alpha, "group": topology.group_id, "cross_group_bytes": engine.bytes_sent,
-               "exchange_ms": stats.exchange_ms, "exchange_compute_ms": stats.exchange_compute_ms,
-               "skipped_peers": engine.skipped_peers}
-        if stats.peers is not None:
-            out["peers"] = stats.peers
-        if self.distill_value is not None:
-            out["distill_loss"] = group_mean(self.distill_value, topology)
-        if self.agreement is not None:
-            out["agreement"] = self.agreement
-        return out
-
-
-def group_mean(value: torch.Tensor | float, topology: Topology) -> float:
-    """Mean of one number over the ranks of my group, in float64 (a collective over it)."""
-    v = torch.as_tensor(value).detach().to("cpu", torch.float64).reshape(1).clone()
-    comm.all_reduce(v, group=topology.group)
-    return (v / topology.group_size).item()
+def join_groups(transport: Transport, cd: CodistillConfig, topology: Topology) -> int:
+    """Groups in separate jobs wait (up to `codistill.join_timeout_s`) until all are present, so
+    a fresh or resumed experiment's first exchange has every peer, and a group restarted while
+    the others run is present as soon as they reach their next round. One job holding every
+    group has them all at once. Returns how many groups are present; every rank calls it."""
+    present = transport.join(cd.groups, cd.join_timeout_s)
+    if separate_group_jobs(cd) and topology.rank == 0:
+        note = "" if present >= cd.groups else f" after {cd.join_timeout_s:.0f}s; starting without the others"
+        log.info("group %d: %d of %d groups present%s", cd.group_id, present, cd.groups, note)
+    return present

@@ -18,6 +18,8 @@ import torch
 
 from codistill_ds.distributed import comm
 from codistill_ds.distributed.topology import Topology
+from codistill_ds.exchange.engine import ExchangeSettings
+from codistill_ds.exchange.wire import CompressedLogits, compress
 
 
 def flatten(shards: list[torch.Tensor]) -> torch.Tensor:
@@ -34,10 +36,11 @@ def digest(shards: list[torch.Tensor]) -> str:
 
 
 class WeightExchange:
-    """Keeps one teacher per peer group and refreshes them from the rail."""
+    """Keeps one teacher per peer group and refreshes them from the rail every `interval` steps
+    (the loop's `Teachers`)."""
 
-    def __init__(self, topology: Topology, backend) -> None:
-        self.t, self.backend = topology, backend
+    def __init__(self, topology: Topology, backend, interval: int, settings: ExchangeSettings) -> None:
+        self.t, self.backend, self.interval, self.settings = topology, backend, interval, settings
         self.peer_groups = [g for g in range(topology.groups) if g != topology.group_id]
         self.teachers = {g: backend.make_teacher() for g in self.peer_groups}
         self.bytes_sent = 0
@@ -55,6 +58,17 @@ class WeightExchange:
         for g, teacher in self.teachers.items():
             teacher.load_shards(list(out[g].split(sizes)))
         return time.perf_counter() - start
+
+    def refresh(self, step: int) -> float | None:
+        """Swap weights at exchange steps; milliseconds taken, or None between exchanges."""
+        return self.exchange() * 1e3 if step % self.interval == 0 else None
+
+    def targets(self, input_ids: torch.Tensor) -> list[CompressedLogits]:
+        """Each teacher's full-vocabulary fp32 predictions on my batch: the teachers are local,
+        so nothing is compressed away."""
+        kind = "logits" if self.settings.loss == "mse" else "logprobs"
+        return [compress(p.flatten(0, 1), 0, torch.float32, kind, self.settings.temperature)
+                for p in self.predictions(input_ids)]
 
     @torch.no_grad()
     def predictions(self, input_ids: torch.Tensor) -> list[torch.Tensor]:

@@ -48,22 +48,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from codistill_ds.config import CodistillConfig
-from codistill_ds.distributed.env import release_deepspeed_shm
-from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings, Transport
-from codistill_ds.run.watchdog import EXIT_NONFINITE, NonFiniteLoss, check_finite_loss, stop_process
 from codistill_ds.backends.materialize import check_initialized
+from codistill_ds.config import CodistillConfig
+from codistill_ds.distributed import comm
+from codistill_ds.distributed.env import release_deepspeed_shm
 from codistill_ds.distributed.topology import Topology
-from codistill_ds.exchange.setup import (
-    DistillSteps,
-    ExchangeBatches,
+from codistill_ds.exchange import setup
+from codistill_ds.exchange.distiller import Distiller
+from codistill_ds.exchange.engine import ExchangeEngine
+from codistill_ds.exchange.transport.base import Transport
+from codistill_ds.integrations.exchange_data import (
     check_same_exchange_data,
-    group_job_transport,
-    group_mean,
-    join_groups,
-    layout_for,
-    lighthouse_url,
+    engine_for_dataset,
+    integration_metrics,
+    model_vocab_size,
     predict_logits,
+    student_term,
     topology_for,
     validate_integration,
 )
@@ -76,6 +76,8 @@ from codistill_ds.integrations.group_sharding import (
     shuffle_in_group,
     zero3_init_in_group,
 )
+from codistill_ds.run.guards import NonFiniteLoss, check_finite_loss
+from codistill_ds.run.watchdog import EXIT_NONFINITE, stop_process
 
 WHO = "the Accelerate loop integration"
 
@@ -90,9 +92,9 @@ class Codistill:
         self.accelerator, self.config, self.topology = accelerator, config, topology
         self.exchange_dataset, self.collate_fn, self.seed = exchange_dataset, collate_fn, seed
         self.exchange_batch_size, self._transport, self._digest = exchange_batch_size, transport, digest
-        self.steps: DistillSteps | None = None
-        """The exchange engine (`steps.engine`) and its schedule: built by the first `prepare` that
-        sees a DataLoader (or any, given `exchange_batch_size`)."""
+        self.distiller: Distiller | None = None
+        """The exchange engine (`distiller.engine`) and its schedule: built by the first `prepare`
+        that sees a DataLoader (or any, given `exchange_batch_size`)."""
         self._model: torch.nn.Module | None = None
         self._step: int | None = None
         self._joined = False
@@ -117,14 +119,11 @@ class Codistill:
         world = _world(accelerator)
         validate_integration(config, world, WHO, "use the plain loop: leave out Codistill")
         _check_engine(accelerator, config, world)
-        if config.transport == "torchft":
-            from codistill_ds.exchange.transport.ft import check_reachable
-
-            check_reachable(lighthouse_url(config), 10.0)
+        setup.check_lighthouse(config)
         release_deepspeed_shm()
-        topology = topology_for(config)
-        set_seed(seed + (0 if config.same_init else topology.group_id))
-        digest = check_same_exchange_data(exchange_dataset, topology.layout)
+        topology = topology_for(config, setup.parallel_dims(config, world, dist.get_rank() if world > 1 else 0))
+        set_seed(setup.group_seed(seed, config, topology.group_id))
+        digest = check_same_exchange_data(exchange_dataset, topology.dims)
         collate_fn = collate_fn or torch.utils.data.default_collate
         return cls(accelerator, config, topology, exchange_dataset, collate_fn, seed, exchange_batch_size,
                    transport, digest)
@@ -137,7 +136,7 @@ class Codistill:
     @property
     def is_leader(self) -> bool:
         """Rank 0 of my group: the rank that prints or writes my group's records."""
-        return self.topology.layout.is_leader
+        return self.topology.is_leader
 
     def shard(self, dataset: Any) -> Any:
         """Group g's training rows: g, g+K, g+2K, ... (`prepare` then splits them over the S ranks)."""
@@ -169,9 +168,7 @@ class Codistill:
         acc, t = self.accelerator, self.topology
         mesh = None
         if acc.is_fsdp2:
-            from codistill_ds.backends.fsdp import codistill_mesh
-
-            mesh = codistill_mesh(t, acc.device.type)["shard"]
+            mesh = t.shard_mesh(acc.device.type)
         with engines_in_group(t, acc.distributed_type == DistributedType.DEEPSPEED, mesh):
             prepared = acc.prepare(*objects)
         results = list(prepared) if len(objects) > 1 else [prepared]
@@ -186,38 +183,30 @@ class Codistill:
                     check_fsdp_in_group(obj, t)
                 check_initialized(obj)  # every rank of every group: no group may start from NaN
                 self._model = self._model or obj
-        if self.steps is None and (loader_batch or self.exchange_batch_size):
-            engine = self._build_engine(self.exchange_batch_size or loader_batch * t.group_size)
-            self.steps = DistillSteps(engine, self.config)
+        if self.distiller is None and (loader_batch or self.exchange_batch_size):
+            batch = self.exchange_batch_size or loader_batch * t.data_size
+            engine = engine_for_dataset(self.config, t, dataset=self.exchange_dataset, digest=self._digest,
+                                        seed=self.seed, batch=batch, collate=self.collate_fn,
+                                        device=self.accelerator.device, vocab_size=self._vocab_size,
+                                        transport=self._transport)
+            self.distiller = Distiller(self.config, engine, self.seed)
         return prepared
 
-    def _build_engine(self, batch: int) -> ExchangeEngine:
-        cd, t = self.config, self.topology
-        batches = ExchangeBatches(self.exchange_dataset, self.seed, batch, t, self.collate_fn,
-                                  self.accelerator.device, cd.ignore_index)
-        transport = self._transport
-        if transport is None and cd.transport == "torchft":
-            model = self.accelerator.unwrap_model(self._model) if self._model is not None else None
-            vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
-            transport = group_job_transport(cd, t, self.exchange_dataset, self._digest, self.seed, batch, vocab)
-        if transport is None:
-            from codistill_ds.exchange.transport.world import LogitExchange
-
-            transport = LogitExchange(t, cd.route)
-        return ExchangeEngine(transport, ExchangeSettings.from_config(cd, self.seed), t.group, t.group_id,
-                              batches, leader=t.layout.is_leader)
+    def _vocab_size(self) -> int:
+        model = self.accelerator.unwrap_model(self._model) if self._model is not None else None
+        return model_vocab_size(model)
 
     @property
     def engine(self) -> ExchangeEngine | None:
-        """The exchange engine (`engine.py`): `stats`, `bytes_sent`, ..."""
-        return None if self.steps is None else self.steps.engine
+        """The exchange engine (`exchange/engine.py`): `stats`, `bytes_sent`, ..."""
+        return None if self.distiller is None else self.distiller.engine
 
-    def _steps(self) -> DistillSteps:
-        if self.steps is None:
+    def _distiller(self) -> Distiller:
+        if self.distiller is None:
             raise RuntimeError("the exchange engine is built by codistill.prepare(...) given the training "
                                "DataLoader (its batch size x S rows per exchange), or exchange_batch_size= "
                                "in Codistill.from_accelerator")
-        return self.steps
+        return self.distiller
 
     # ---- every step -----------------------------------------------------------------------
     def distill(self, loss: torch.Tensor, model: Any, step: int) -> torch.Tensor:
@@ -230,23 +219,23 @@ class Codistill:
         because the backward averages micro-batches. Every call first stops my group if `loss`
         is NaN/Inf on any of its ranks: before the exchange, so the peers never receive
         predictions from diverged weights (one line, exit 4). Collective over my group."""
-        steps = self._steps()
+        distiller = self._distiller()
         self._guard(loss, step)
         if step == self._step:  # a later micro-batch of the same optimizer step
             return loss
         self._step = step
         if not self._joined:  # groups in separate jobs wait for each other before the first exchange
-            join_groups(steps.engine, self.config, self.topology)
+            setup.join_groups(distiller.engine.transport, self.config, self.topology)
             self._joined = True
-        due = steps.exchange(step, lambda inputs: predict_logits(model, inputs))
-        term = steps.term(model, due)
+        due = distiller.begin(step, lambda inputs: predict_logits(model, inputs))
+        term = student_term(distiller, model, due)
         return loss if term is None else loss + self.accelerator.gradient_accumulation_steps * term
 
     def _guard(self, loss: torch.Tensor, step: int) -> None:
         t = self.topology
         value = float(loss.detach())
         try:
-            check_finite_loss(value, t.group, t.layout, step)
+            check_finite_loss(value, t.group, step)
         except NonFiniteLoss as err:  # the same check as the CLI's; the advice in this loop's words
             text = str(err).replace("optim.lr", "the learning rate").replace("optim.warmup_steps", "the warmup")
             stop_process(f"rank {t.rank} (group {t.group_id}): {text}", EXIT_NONFINITE)
@@ -258,9 +247,9 @@ class Codistill:
         over my group's ranks), `distill_loss`, `alpha`, `agreement`, `cross_group_bytes`,
         `exchange_ms`, `exchange_compute_ms`, `peers`, `skipped_peers`, `group`. Collective over
         my group: every rank calls it at the same steps (print on `is_leader`)."""
-        out = self._steps().metrics(self.topology)
+        out = integration_metrics(self._distiller(), self.topology)
         if self._loss_count:
-            out["loss"] = group_mean(self._loss_sum / self._loss_count, self.topology)
+            out["loss"] = comm.group_mean(self._loss_sum / self._loss_count, self.topology.group)
         self._loss_sum, self._loss_count = 0.0, 0
         return out
 
@@ -273,11 +262,11 @@ class Codistill:
         """This rank's exchange state (peer targets waiting for their step when staleness > 0,
         byte and skipped-peer counts) and the last step seen: save one per rank beside the
         model's checkpoint (`checkpoint_dir`), e.g. `codistill_rank{r}.pt`."""
-        return {"engine": self._steps().engine.state_dict(), "step": self._step}
+        return {"engine": self._distiller().engine.state_dict(), "step": self._step}
 
     def load_state_dict(self, state: dict) -> None:
         """After `prepare`, before the first `distill` of the resumed run."""
-        self._steps().engine.load_state_dict(state["engine"])
+        self._distiller().engine.load_state_dict(state["engine"])
         self._step = state["step"]
 
     def close(self) -> None:
@@ -311,14 +300,14 @@ def _check_engine(accelerator: Any, config: CodistillConfig, world: int) -> None
         return
     if kind == DistributedType.DEEPSPEED or world == 1:
         return
-    layout = layout_for(config, world, dist.get_rank())
+    dims = setup.parallel_dims(config, world, dist.get_rank())
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         why = ("the launch asks for FSDP, but Accelerate 1.15 enables FSDP on accelerator devices only "
                f"(here: {kind.value}); on CPU use a DeepSpeed YAML")
     elif kind == DistributedType.NO:
-        why = f"no engine would synchronize the {layout.group_size} ranks of a group"
+        why = f"no engine would synchronize the {dims.group_size} ranks of a group"
     else:
-        why = (f"{kind.value} all-reduces gradients over all {world} processes, across the {layout.groups} "
+        why = (f"{kind.value} all-reduces gradients over all {world} processes, across the {dims.groups} "
                "codistillation groups (synchronous training)")
     raise ValueError(f"Accelerate runs {kind.value} over {world} processes: {why}. Launch with a DeepSpeed "
                      "YAML (launch/accelerate/zero2.yaml, zero3.yaml) or FSDP2 on accelerator devices")

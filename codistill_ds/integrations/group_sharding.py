@@ -1,7 +1,7 @@
 """Make the engines and data loaders that Accelerate builds shard inside one codistillation group.
 
 Accelerate (and so the Hugging Face Trainer) assumes the whole world is one data-parallel group
-and has no field for a custom process group (DESIGN.md, "Platform facts"): it calls
+and has no field for a custom process group (docs/design.md, "Platform facts"): it calls
 `deepspeed.initialize(...)` without an `mpu`, FSDP2's `fully_shard(...)` without a mesh unless a
 `ParallelismConfig` made one (and that one is HSDP: gradients all-reduced across replicas, which
 is synchronous training, not codistillation), and shards data loaders over every rank. The
@@ -49,15 +49,15 @@ def group_shard(dataset: Any, group: int, groups: int) -> Any:
 
 
 def reshard_loader(loader: Any, topology: Topology) -> Any:
-    """Serve rank `group_rank` of `group_size` instead of global rank of world size."""
+    """Serve data rank `data_rank` of `data_size` instead of global rank of world size."""
     from accelerate.data_loader import BatchSamplerShard
 
     for attr in ("batch_sampler", "sampler"):
         shard = getattr(loader, attr, None)
         if isinstance(shard, BatchSamplerShard):
-            shard.num_processes, shard.process_index = topology.group_size, topology.group_rank
+            shard.num_processes, shard.process_index = topology.data_size, topology.data_rank
             return loader
-    if topology.layout.world_size == 1:  # a one-rank job (one group per job): nothing to split
+    if topology.dims.world_size == 1:  # a one-rank job (one group per job): nothing to split
         return loader
     raise GroupShardingError(
         f"cannot shard {type(loader).__name__} inside the codistillation group: expected Accelerate's "
@@ -82,7 +82,7 @@ def shuffle_in_group(loader: Any, topology: Topology) -> None:
     if not types or generator is None:
         return
     state = generator.get_state()
-    comm.broadcast(state, src=topology.layout.leader_of(topology.group_id), group=topology.group)
+    comm.broadcast(state, src=topology.dims.leader_of(topology.group_id), group=topology.group)
     generator.set_state(state)
     loader.rng_types = None
 
@@ -120,7 +120,7 @@ def engines_in_group(topology: Topology, use_deepspeed: bool, fsdp_mesh: Any = N
                                      "needs DeepSpeed's mpu for the group and cannot combine them")
         model = kwargs.get("model", args[1] if len(args) > 1 else None)
         _check_not_partitioned_over_world(model, topology)
-        _group_sized_batch(kwargs.get("config_params", kwargs.get("config")), topology.group_size)
+        _group_sized_batch(kwargs.get("config_params", kwargs.get("config")), topology.data_size)
         result = saved_init(*args, **{**kwargs, "mpu": GroupMPU(topology)})
         check_engine_in_group(result[0], topology)
         return result
@@ -160,7 +160,7 @@ def _group_sized_batch(ds_config: Any, group_size: int) -> None:
 def _partitioned_over_other_group(model: Any, topology: Topology) -> list[tuple[str, int]]:
     """(name, partition world size) of every ZeRO-3 parameter not partitioned over exactly my
     group: every parameter is checked, since a model can mix modules built in different ways."""
-    mine = topology.layout.group_ranks(topology.group_id)
+    mine = topology.dims.group_ranks(topology.group_id)
     wrong, checked = [], {}
     for name, p in model.named_parameters():
         group = getattr(p, "ds_process_group", None)
@@ -201,7 +201,7 @@ def check_engine_in_group(engine: Any, topology: Topology) -> None:
         name, size = wrong[0]
         raise GroupShardingError(f"ZeRO-3 partitions {len(wrong)} parameter(s) (first: {name}) over "
                                  f"{size} ranks, not the group's {S}: the groups would share one model")
-    mine = topology.layout.group_ranks(topology.group_id)
+    mine = topology.dims.group_ranks(topology.group_id)
     groups = getattr(getattr(engine, "optimizer", None), "real_dp_process_group", None) or []
     outside = [(i, dist.get_world_size(g)) for i, g in enumerate(groups) if dist.get_process_group_ranks(g) != mine]
     if outside:
@@ -215,7 +215,7 @@ def check_fsdp_in_group(model: Any, topology: Topology) -> None:
 
     Checked per parameter: a module left out of `fully_shard`, or sharded on another mesh (a
     `ParallelismConfig`'s), would be replicated or shared across groups without any error."""
-    mine = topology.layout.group_ranks(topology.group_id)
+    mine = topology.dims.group_ranks(topology.group_id)
     wrong, checked = [], {}
     for name, p in model.named_parameters():
         mesh = getattr(p, "device_mesh", None)
@@ -237,7 +237,7 @@ def check_fsdp_in_group(model: Any, topology: Topology) -> None:
 def zero3_init_in_group(topology: Topology) -> Iterator[None]:
     """`from_config`/`from_pretrained` inside build every group's replica partitioned over that
     group and initialized (or loaded) in full, which Transformers' ZeRO-3 route does for
-    global rank 0's group only (DESIGN.md, "GPU notes"):
+    global rank 0's group only (docs/design.md, "GPU notes"):
 
     - construction runs under `materialize.group_init` (zero.Init over my group, in fp32, with
       the init draws of an unsharded construction, so group g's weights equal

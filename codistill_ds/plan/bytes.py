@@ -1,4 +1,4 @@
-"""`codistill-ds plan`: the bytes one step sends across the group boundary, like for like.
+"""The bytes one step sends across the group boundary, like for like (`codistill-ds plan`).
 
 What a user pays for is what crosses the slow boundary between groups (nodes, racks, sites).
 The plan lays every method over the same K nodes, one codistillation group of S = W / K ranks per
@@ -36,30 +36,15 @@ decimal (1 KB = 1,000 bytes).
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from codistill_ds.exchange.wire import WireFormat
-from codistill_ds.plan.format import format_plan, human_bytes, parse_count
-
-__all__ = [
-    "DTYPE_BYTES",
-    "Plan",
-    "add_plan_arguments",
-    "format_plan",
-    "human_bytes",
-    "make_plan",
-    "parse_count",
-    "run_plan",
-]
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 """Bytes per gradient, parameter or pseudo-gradient element."""
 
 STREAMING_DILOCO_PAPER = {"params": 10**9, "tokens": 100 * 10**9, "bytes": 4.42e12}
-"""arXiv 2501.18512, Table 1 as DESIGN.md quotes it: 1B parameters, 100B tokens, 4.42 TB
+"""arXiv 2501.18512, Table 1 as docs/design.md quotes it: 1B parameters, 100B tokens, 4.42 TB
 exchanged in all at parity with data parallel: 44.2 bytes per training token."""
 
 RATIO_OF = ("bytes per step leaving one node (one group per node) for each baseline, divided by "
@@ -245,77 +230,3 @@ def make_plan(params: int, vocab: int, seq_len: int, batch: int, topk: int, inte
         layout=[{"group": g, "ranks": list(range(g * s, (g + 1) * s)), "leader": g * s}
                 for g in range(groups)],
     )
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `codistill-ds plan`; exchange defaults are the training config's defaults."""
-    from codistill_ds.exchange.wire import INDEX_DTYPES, VALUE_DTYPES
-    from codistill_ds.config import CodistillConfig
-
-    defaults = CodistillConfig()
-    add = parser.add_argument
-    add("--params", type=parse_count, default=10**9, help="parameters: 1e9, 1B, 350M, 1100000")
-    add("--vocab", type=parse_count, default=32000, help="vocabulary size")
-    add("--seq-len", type=int, default=2048, help="tokens per sequence")
-    add("--batch", type=int, default=16, help="exchange sequences per group per exchange")
-    add("--train-batch", type=int, default=None,
-        help="training sequences per group per optimizer step (default: --batch)")
-    add("--topk", type=int, default=defaults.topk, help="logit entries kept per token; 0 = full vocab")
-    add("--interval", type=int, default=defaults.interval, help="optimizer steps per exchange")
-    add("--groups", type=int, default=2, help="codistillation groups K, one per node")
-    add("--world", type=int, default=16, help="total ranks W")
-    add("--dtype", choices=list(VALUE_DTYPES), default=defaults.dtype, help="exchanged value dtype")
-    add("--index-dtype", choices=INDEX_DTYPES, default=defaults.index_dtype, help="top-k id dtype")
-    add("--token-fraction", type=float, default=defaults.token_fraction,
-        help="fraction of each exchange sequence's positions sent")
-    add("--grad-dtype", choices=sorted(DTYPE_BYTES), default="bf16",
-        help="gradient dtype of the synchronous baselines")
-    add("--diloco-h", type=int, default=500, help="DiLoCo inner steps per outer step")
-    add("--streaming-h", type=int, default=100, help="Streaming DiLoCo steps per full sync")
-    add("--micro-batch", type=int, default=0,
-        help="training sequences per rank per micro-step: adds the memory estimate (memory.py)")
-    add("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (memory estimate)")
-    add("--hidden", type=int, default=0, help="hidden size (memory estimate)")
-    add("--layers", type=int, default=0, help="transformer blocks (memory estimate)")
-    add("--json", action="store_true", help="print one JSON object instead of the table")
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    """Print the plan for parsed flags; 2 with one line on stderr for impossible inputs."""
-    try:
-        plan = make_plan(
-            params=args.params, vocab=args.vocab, seq_len=args.seq_len, batch=args.batch,
-            topk=args.topk, interval=args.interval, groups=args.groups, world=args.world,
-            dtype=args.dtype, grad_dtype=args.grad_dtype, index_dtype=args.index_dtype,
-            token_fraction=args.token_fraction, train_batch=args.train_batch,
-            diloco_h=args.diloco_h, streaming_h=args.streaming_h,
-        )
-        memory = None
-        if getattr(args, "micro_batch", 0):
-            from codistill_ds.plan.memory import memory_plan
-
-            memory = memory_plan(args.params, args.world, args.groups, args.micro_batch, args.seq_len,
-                                 args.hidden, args.layers, args.vocab, args.grad_accum)
-    except ValueError as exc:
-        print(f"codistill-ds plan: error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps({**asdict(plan), **({"memory": asdict(memory)} if memory else {})}))
-    else:
-        print(format_plan(plan))
-        if memory is not None:
-            from codistill_ds.plan.memory import format_memory
-
-            print("\n".join(format_memory(memory, plan.exchange_bytes_per_step, human_bytes)))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m codistill_ds.plan.bytes --params 1B``."""
-    parser = argparse.ArgumentParser(prog="codistill-ds plan", description=__doc__.split("\n")[0])
-    add_plan_arguments(parser)
-    return run_plan(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -39,9 +39,9 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 import numpy as np
 import torch
 
+from codistill_ds.config import Config, ConfigError, config_to_dict
 from codistill_ds.distributed import comm
 from codistill_ds.distributed import env as rankinfo
-from codistill_ds.config import Config, ConfigError, config_to_dict
 from codistill_ds.run.metrics import METRICS_FILE
 
 CHECKPOINTS = "checkpoints"
@@ -197,10 +197,10 @@ def save(job, step: int) -> str:
     group_dir = os.path.join(tmp, f"group_{t.group_id}")
     os.makedirs(group_dir, exist_ok=True)
     job.backend.save(group_dir, ENGINE_TAG)
-    rank_file = os.path.join(group_dir, f"rank_{t.group_rank}.pt")
+    rank_file = os.path.join(group_dir, f"rank_{t.position}.pt")
     torch.save({"step": step, "rank": t.rank, "rng": rng_state(), "loop": loop_state}, rank_file)
     comm.barrier(t.group)
-    if t.layout.is_leader:
+    if t.is_leader:
         fsync_tree(group_dir)
     comm.barrier()  # every rank of every group has written and synced
     if t.rank == 0:
@@ -212,7 +212,7 @@ def save(job, step: int) -> str:
 
 def _meta(job, step: int) -> dict:
     t = job.topology
-    return {"step": step, "world_size": t.layout.world_size, "groups": t.groups,
+    return {"step": step, "world_size": t.dims.world_size, "groups": t.groups,
             "group_size": t.group_size, "backend": job.cfg.backend.name,
             "vocab_size": int(job.backend.module.config.vocab_size), "engine_tag": ENGINE_TAG,
             "schedules": "lr, alpha, weight decay and dropout are functions of the step",
@@ -276,7 +276,7 @@ def restore(job, resume: Resume) -> tuple[int, dict | None]:
         # Our own file: RNG tuples and pending targets. Read onto the CPU (RNG states must stay
         # there), then the loop's tensors go where the model computes: restored peer targets
         # meet CUDA log-probabilities in the distillation loss and in the next exchange.
-        state = torch.load(os.path.join(group_dir, f"rank_{t.group_rank}.pt"), map_location="cpu",
+        state = torch.load(os.path.join(group_dir, f"rank_{t.position}.pt"), map_location="cpu",
                            weights_only=False)
         job.loop.load_state_dict(to_device(state["loop"], rankinfo.device()))
         step, rng = state["step"], state["rng"]

@@ -1,46 +1,54 @@
 """The codistillation training loop, written once for every backend.
 
-Per optimizer step t of group i (Anil et al. 2018, eq. 1; DESIGN.md):
+Per optimizer step t of group i (Anil et al. 2018, eq. 1; docs/design.md):
 
     loss_i = CE(y, f_i(x)) + alpha(t) * 1/(K-1) * sum_{j != i} D(f_j(x_e) || f_i(x_e))
 
 where x is group i's own training batch and x_e the exchange batch shared by all groups. The
 schedule of the swap (every `interval` steps, consumed `staleness` steps later, NaN peers
-dropped, agreement measured) is the exchange engine's (`engine.py`), the same object the
-Hugging Face Trainer integration drives; this loop supplies the teacher forward (eval mode on
-x_e) and the student forward (train mode on the same tokens), so the distillation gradient
-always comes from the current weights and the (possibly stale) peers only provide targets.
+dropped, agreement measured) is the `Distiller`'s (exchange/distiller.py), the same object the
+Hugging Face Trainer and the own-loop API drive; this loop supplies the teacher forward (eval
+mode on x_e) and the student forward (train mode on the same tokens), so the distillation
+gradient always comes from the current weights and the (possibly stale) peers only provide
+targets.
 
 The distillation forward is batched with the first micro-batch of the step (one forward, one
 backward), and scaled by the accumulation count because the backend averages micro-steps.
+
+Hooks (`LoopHooks`) let a caller watch or extend the run without replacing a method: the CLI
+job's loss check, watchdog and checkpoints, a benchmark's timers and byte counters, DiLoCo's
+extra figures.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from codistill_ds.distributed import comm
 from codistill_ds.backends.base import Backend, evaluating
-from codistill_ds.exchange.wire import compress
-from codistill_ds.config import Config
-from codistill_ds.data.streams import Corpus, ExchangeStream, TrainStream, val_micro_batches
-from codistill_ds.exchange.engine import (
-    ExchangeBatch,
-    ExchangeEngine,
-    ExchangeSettings,
-    TargetBatch,
-    Transport,
-    batched_peer_loss,
-    student_agreement,
-)
-from codistill_ds.run.metrics import MetricsWriter
 from codistill_ds.backends.model import set_dropout
-from codistill_ds.schedules import alpha_at, lr_at, piecewise_constant
+from codistill_ds.config import Config
+from codistill_ds.data.corpus import Corpus
+from codistill_ds.data.streams import ExchangeStream, TrainStream, val_micro_batches
+from codistill_ds.distributed import comm
 from codistill_ds.distributed.topology import Topology
+from codistill_ds.exchange.batches import (
+    ExchangeBatch,
+    TargetBatch,
+    student_agreement,
+    students_of,
+)
+from codistill_ds.exchange.distiller import Distiller
+from codistill_ds.exchange.engine import ExchangeSettings
+from codistill_ds.exchange.setup import build_engine, build_transport
+from codistill_ds.exchange.transport.base import Transport
+from codistill_ds.run.metrics import MetricsWriter
+from codistill_ds.schedules import lr_at, piecewise_constant
 
 
 @dataclass
@@ -52,113 +60,148 @@ class GroupState:
     val_history: list = field(default_factory=list)
 
 
+class LoopHooks:
+    """Points where a caller joins the loop; every method is optional (a no-op here).
+
+    Order per step: `on_step_start(loop, step)`, the step, `on_step_end(loop, step, record)`
+    (the record may gain fields), evaluation when due, `on_record(loop, record)` just before a
+    record is written (every field final: losses as group means, bytes), then
+    `after_step(loop, steps_done, record)` (checkpoints, watchdog: after logging)."""
+
+    def on_run_start(self, loop: CodistillLoop, start_step: int) -> None: ...
+
+    def on_step_start(self, loop: CodistillLoop, step: int) -> None: ...
+
+    def on_step_end(self, loop: CodistillLoop, step: int, record: dict) -> None: ...
+
+    def on_record(self, loop: CodistillLoop, record: dict) -> None: ...
+
+    def after_step(self, loop: CodistillLoop, steps_done: int, record: dict) -> None: ...
+
+    def on_run_end(self, loop: CodistillLoop, state: GroupState) -> None: ...
+
+
+class Teachers:
+    """Peers whose predictions are computed here, not exchanged: weight exchange's frozen
+    copies (`exchange/weights.py`) or a benchmark's offline teacher. `refresh(step)` returns
+    the milliseconds a refresh took (None when nothing was refreshed)."""
+
+    peer_groups: list[int]
+    bytes_sent: int
+
+    def refresh(self, step: int) -> float | None: ...
+
+    def targets(self, input_ids: torch.Tensor) -> list: ...
+
+
 class CodistillLoop:
-    """Owns the streams and the schedules and drives the exchange engine; the backend owns the
-    sharded replica."""
+    """Owns the streams and the schedules and drives the `Distiller`; the backend owns the
+    sharded replica.
+
+    Args:
+        cfg: the run's config.
+        topology: the job's axes and process groups.
+        backend: the sharded replica (`backends/`).
+        corpus: token windows (`data/`).
+        writer: metrics.jsonl (and dashboards) of my group's leader.
+        device: where batches go.
+        transport: the cross-group transport; None builds `transport: world`'s.
+        hooks: `LoopHooks` to call, in order.
+        teachers: local teachers instead of an exchange (weight exchange, or a benchmark's).
+    """
 
     def __init__(self, cfg: Config, topology: Topology, backend: Backend, corpus: Corpus,
-                 writer: MetricsWriter, device: torch.device, transport: Transport | None = None) -> None:
+                 writer: MetricsWriter, device: torch.device, transport: Transport | None = None,
+                 hooks: Sequence[LoopHooks] = (), teachers: Teachers | None = None) -> None:
         self.cfg, self.t, self.backend, self.writer, self.device = cfg, topology, backend, writer, device
+        self.hooks = list(hooks)
         d, cd = cfg.data, cfg.codistill
-        self.train_stream = TrainStream(corpus, cfg.seed, topology.group_id, topology.groups,
-                                        topology.group_rank, topology.group_size,
+        t = topology
+        self.train_stream = TrainStream(corpus, cfg.seed, t.group_id, t.groups, t.data_rank, t.data_size,
                                         d.micro_batch_size, cfg.train.grad_accum)
-        self.codistill = cd.enabled and topology.groups > 1
-        ex_batch = d.exchange_batch_size or d.micro_batch_size * topology.group_size
-        self.exchange_stream = ExchangeStream(corpus, cfg.seed, ex_batch, topology.group_rank, topology.group_size)
-        self.weights = None
-        if self.codistill and cd.mode == "weights":
+        self.codistill = (cd.enabled and t.groups > 1) or teachers is not None
+        ex_batch = d.exchange_batch_size or d.micro_batch_size * t.data_size
+        self.exchange_stream = ExchangeStream(corpus, cfg.seed, ex_batch, t.data_rank, t.data_size)
+        if teachers is None and self.codistill and cd.mode == "weights":
             from codistill_ds.exchange.weights import WeightExchange
 
-            self.weights = WeightExchange(topology, backend)
+            teachers = WeightExchange(t, backend, cd.interval, ExchangeSettings.from_config(cd, cfg.seed))
+        self.teachers = teachers
         self.rail_streams = [
-            TrainStream(corpus, cfg.seed, g, topology.groups, topology.group_rank, topology.group_size,
-                        d.micro_batch_size, cfg.train.grad_accum)
-            for g in range(topology.groups)
+            TrainStream(corpus, cfg.seed, g, t.groups, t.data_rank, t.data_size, d.micro_batch_size,
+                        cfg.train.grad_accum)
+            for g in range(t.groups)
         ] if cd.exchange_batch == "train" else []
-        self.engine = self._build_engine(transport) if self.codistill and not self.weights else None
-        self.kind = "logits" if cd.loss == "mse" else "logprobs"
-        self.val_batches = val_micro_batches(corpus, topology.group_rank, topology.group_size,
-                                             d.micro_batch_size, d.val_batches)
+        engine = None
+        if self.codistill and teachers is None:
+            transport = transport or build_transport(cd, t)
+            engine = build_engine(cd, t, transport, self._exchange_batch, cfg.seed)
+        self.distiller = Distiller(cd, engine, cfg.seed)
+        self.val_batches = val_micro_batches(corpus, t.data_rank, t.data_size, d.micro_batch_size, d.val_batches)
         self.state = GroupState()
         self.tokens_per_step = self.train_stream.sequences_per_step() * d.seq_len
         self._dropout = None
+        self._stop = False
         self._started = time.perf_counter()
 
-    def _build_engine(self, transport: Transport | None) -> ExchangeEngine:
-        """The exchange engine over this job's process groups, unless a transport is handed in
-        (`transport: torchft`: groups are separate jobs)."""
-        cd = self.cfg.codistill
-        if transport is None:
-            from codistill_ds.exchange.transport.world import LogitExchange
-
-            transport = LogitExchange(self.t, cd.route, to_owners=cd.exchange_batch == "train")
-        return ExchangeEngine(transport, ExchangeSettings.from_config(cd, self.cfg.seed), self.t.group, self.t.group_id,
-                              self._exchange_batch, on_own_batch=cd.exchange_batch == "train",
-                              leader=self.t.group_rank == 0)
+    @property
+    def engine(self):
+        """The exchange engine (None without codistillation, or with local teachers)."""
+        return self.distiller.engine
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self, step: int) -> dict:
         start = time.perf_counter()
-        alpha = self._apply_schedules(step)
-        stats: dict = {}
-        if self.weights is not None:
-            batches = self._weight_step(step, stats)
-        elif self.engine is not None:
-            batches = self.engine.step(step, self._predict)
-            es = self.engine.stats
-            stats = {"agreement": es.agreement, "exchange_ms": es.exchange_ms, "peers": es.peers,
-                     "exchange_compute_ms": es.exchange_compute_ms, "distill_eval": es.distill_eval}
+        self._apply_schedules(step)
+        dist = self.distiller
+        refresh_ms = None
+        if self.teachers is not None:
+            dist.begin(step, None)
+            refresh_ms = self.teachers.refresh(step)
+            batches = self._teacher_targets(step)
+        elif dist.engine is not None:
+            batches = dist.begin(step, self._predict)
         else:
             batches = []
+        if not self.codistill:
+            dist.alpha = 0.0
         A = self.cfg.train.grad_accum
-        ce_total, distill_value = 0.0, stats.get("distill_eval")
+        ce_total = 0.0
         for m in range(A):
             batch = self.train_stream.micro_batch(step, m).to(self.device)
-            with_distill = m == 0 and bool(batches) and alpha > 0
+            with_distill = m == 0 and bool(batches) and dist.alpha > 0
             extra = [b.inputs.to(self.device) for b in batches if b.inputs is not None] if with_distill else []
             ids = torch.cat([batch, *extra]) if extra else batch
             logits = self.backend.forward(ids[:, :-1])
             n = batch.shape[0]
             ce = F.cross_entropy(logits[:n].flatten(0, 1).float(), batch[:, 1:].flatten())
             loss = ce
-            if with_distill:
-                students = _students(logits, n, batches)
-                cd = self.cfg.codistill
-                d = batched_peer_loss(students, batches, cd.loss, cd.temperature, self._peer_weight)
-                loss = ce + A * alpha * d
-                distill_value = d.item()
-            if m == 0 and batches and (self.weights is not None or self.cfg.codistill.exchange_batch == "train"):
-                # my own predictions did not travel: agreement is the student's, even at alpha 0
-                students = _students(logits, n, batches)
-                stats["agreement"] = student_agreement(students, batches, self.t.group)
+            if m == 0 and batches:
+                students = students_of(logits, n, batches)
+                if with_distill:
+                    loss = ce + A * dist.loss(students, batches)
+                if self.teachers is not None or self.cfg.codistill.exchange_batch == "train":
+                    # my own predictions did not travel: agreement is the student's, even at alpha 0
+                    dist.agree(student_agreement(students, batches, self.t.group))
             self.backend.backward(loss)
             self.backend.step()
             ce_total += ce.item()
         now = time.perf_counter()
-        return {
-            "step": step + 1, "loss": ce_total / A, "distill_loss": distill_value, "alpha": alpha,
-            "agreement": stats.get("agreement"), "peers": stats.get("peers"),
-            "exchange_ms": stats.get("exchange_ms", 0.0),
-            "exchange_compute_ms": stats.get("exchange_compute_ms", 0.0),
-            "step_ms": (now - start) * 1e3, "wall_s": now - self._started,
-        }
+        figures = dist.figures()
+        if self.teachers is not None:
+            figures.update(peers=len(batches[0].peers) if batches else 0, exchange_ms=refresh_ms or 0.0)
+        return {"step": step + 1, "loss": ce_total / A, **{k: figures[k] for k in (
+                    "distill_loss", "alpha", "agreement", "peers", "exchange_ms", "exchange_compute_ms")},
+                "step_ms": (now - start) * 1e3, "wall_s": now - self._started}
 
-    @property
-    def _peer_weight(self):
-        """`codistill.peer_weights` as a function of the peer group (None: all peers weigh 1)."""
-        weights = dict(self.cfg.codistill.peer_weights)
-        return (lambda g: weights.get(g, 1.0)) if weights else None
-
-    def _apply_schedules(self, step: int) -> float:
-        o, cd = self.cfg.optim, self.cfg.codistill
+    def _apply_schedules(self, step: int) -> None:
+        o = self.cfg.optim
         lr = lr_at(step, o.lr, o.warmup_steps, self.cfg.train.steps, o.schedule, o.min_lr)
         self.backend.set_hyperparameters(lr, piecewise_constant(step, o.weight_decay, o.weight_decay_milestones))
         p = piecewise_constant(step, o.dropout, o.dropout_milestones)
         if p != self._dropout:
             set_dropout(self.backend.module, p)
             self._dropout = p
-        return alpha_at(step, cd.alpha, cd.burn_in, cd.ramp) if self.codistill else 0.0
 
     # ---- exchange -----------------------------------------------------------------------
     def _predict(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -169,7 +212,7 @@ class CodistillLoop:
     def _exchange_batch(self, step: int, e: int) -> ExchangeBatch:
         """My slice of exchange batch e, identical across my rail.
 
-        "train": my peers' current first micro-batches for my rank slot, in group order (not
+        "train": my peers' current first micro-batches for my data rank, in group order (not
         mine: nobody needs my predictions on my own batch). Training streams are pure functions
         of (group, step), so each group derives its peers' batches locally and still only logits
         cross groups; each prediction goes only to the group that trains on it."""
@@ -179,17 +222,12 @@ class CodistillLoop:
         return ExchangeBatch(torch.cat([s.micro_batch(step, 0) for g, s in enumerate(self.rail_streams)
                                         if g != self.t.group_id]))
 
-    def _weight_step(self, step: int, stats: dict) -> list[TargetBatch]:
-        """Refresh the teachers every `interval` steps; every step, their predictions on my
-        first micro-batch become the targets (full vocabulary: the teachers are local)."""
-        cd = self.cfg.codistill
-        if step % cd.interval == 0:
-            stats["exchange_ms"] = self.weights.exchange() * 1e3
+    def _teacher_targets(self, step: int) -> list[TargetBatch]:
+        """Every step, the local teachers' predictions on my first micro-batch become the targets."""
         batch = self.train_stream.micro_batch(step, 0).to(self.device)
-        preds = self.weights.predictions(batch[:, :-1])
-        peers = [compress(p.flatten(0, 1), 0, torch.float32, self.kind, cd.temperature) for p in preds]
-        stats["peers"] = len(peers)
-        return [TargetBatch(step // cd.interval, None, peers, list(self.weights.peer_groups))]
+        peers = self.teachers.targets(batch[:, :-1])
+        interval = max(1, self.cfg.codistill.interval)
+        return [TargetBatch(step // interval, None, peers, list(self.teachers.peer_groups))] if peers else []
 
     # ---- evaluation ---------------------------------------------------------------------
     def evaluate(self) -> float:
@@ -205,14 +243,18 @@ class CodistillLoop:
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
     # ---- the run --------------------------------------------------------------------------
-    def run(self, start_step: int = 0, progress=None, after_step=None) -> GroupState:
-        """Steps start_step..train.steps-1; `after_step(steps_done, record)` runs after each
-        step's logging (train.py: loss check, watchdog, checkpoints)."""
+    def run(self, start_step: int = 0, progress=None,
+            after_step: Callable[[int, dict], None] | None = None) -> GroupState:
+        """Steps start_step..train.steps-1, calling the hooks; `after_step(steps_done, record)` is
+        a shorthand for a hook's `after_step`."""
         tc = self.cfg.train
+        self._call("on_run_start", start_step)
         for step in range(start_step, tc.steps):
+            self._call("on_step_start", step)
             record = self.train_step(step)
             record.update(group=self.t.group_id, tokens=(step + 1) * self.tokens_per_step,
-                          skipped_peers=self.engine.skipped_peers if self.engine is not None else 0)
+                          skipped_peers=self.distiller.figures()["skipped_peers"])
+            self._call("on_step_end", step, record)
             last = step + 1 == tc.steps
             if last:  # exchanges posted past the end complete first: the last record's bytes are final
                 self.drain()
@@ -225,15 +267,28 @@ class CodistillLoop:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            self._call("after_step", step + 1, record)
             if after_step is not None:
                 after_step(step + 1, record)
+            if self._stop:
+                break
         self.close()
+        self._call("on_run_end", self.state)
         return self.state
+
+    def request_stop(self) -> None:
+        """End the run after the current step (a hook's early stop: a benchmark's stop rule)."""
+        self._stop = True
+
+    def _call(self, name: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, name)(self, *args)
 
     def cross_group_bytes(self) -> int:
         """Bytes this rank has handed to other groups (logits or weight shards)."""
-        sender = self.engine or self.weights
-        return sender.bytes_sent if sender is not None else 0
+        if self.teachers is not None:
+            return self.teachers.bytes_sent
+        return self.distiller.bytes_sent
 
     def drain(self) -> None:
         """Finish exchanges posted for steps past the end, so no collective outlives the run.
@@ -253,6 +308,7 @@ class CodistillLoop:
         if record["distill_loss"] is not None:
             record["distill_loss"] = (vals[1] / self.t.group_size).item()
         record["cross_group_bytes"] = self.cross_group_bytes()
+        self._call("on_record", record)
         self.state.last = dict(record)
         self.writer.write(record)
 
@@ -273,17 +329,3 @@ class CodistillLoop:
         if self.engine is not None:
             self.engine.load_state_dict(state)
         self.state = GroupState(dict(state["last"]), state["best_val"], list(state["val_history"]))
-
-
-def _students(logits: torch.Tensor, n: int, batches: list[TargetBatch]) -> list[torch.Tensor]:
-    """The student's [N, V] logits for each target batch: rows of my own micro-batch (inputs
-    None) or of the exchange tokens appended after it, in order."""
-    out, offset = [], n
-    for b in batches:
-        if b.inputs is None:
-            out.append(logits[:n].flatten(0, 1))
-        else:
-            k = b.inputs.shape[0]
-            out.append(logits[offset:offset + k].flatten(0, 1))
-            offset += k
-    return out

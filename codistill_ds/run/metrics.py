@@ -2,7 +2,7 @@
 
 Each group's leader appends its group's records; every line is written with a single `write`
 on a file opened with O_APPEND, so lines from different groups never interleave mid-record.
-Record fields (DESIGN.md): step, group, loss, distill_loss, alpha, val_loss (when evaluated),
+Record fields (docs/design.md): step, group, loss, distill_loss, alpha, val_loss (when evaluated),
 agreement, cross_group_bytes (cumulative, sent by the writing rank), exchange_ms, step_ms, tokens,
 skipped_peers (cumulative count of peer predictions dropped for holding NaN/Inf, see engine.py),
 peers (peer groups whose predictions the latest completed exchange delivered; with independent
@@ -40,8 +40,8 @@ class MetricsWriter:
         self.enabled = enabled
         self.sinks: list = []
         if enabled and any(name != "none" for name in report_to):
-            from codistill_ds.run.dashboards import open_sinks
             from codistill_ds.distributed.env import on_exit
+            from codistill_ds.run.dashboards import open_sinks
 
             self.sinks = open_sinks(list(report_to), run_dir, group)
             on_exit(self.close)

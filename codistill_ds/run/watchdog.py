@@ -1,30 +1,24 @@
-"""Failure handling: no rank may hang silently, and no group may poison its peers.
+"""No rank may hang silently: heartbeats, a deadline per step, and one line naming who failed.
 
-A codistillation job is K loosely coupled replicas, so the failures that matter are partial:
+A codistillation job is K loosely coupled replicas, so the failures that matter are partial.
+**A rank dies** (OOM kill, node loss): its peers see a broken connection in their next
+collective, or nothing at all (a blocked receive, a shared-memory spin). Each rank runs a
+`Watchdog`: a heartbeat file under RUN_DIR/health every second, and a deadline per step
+(`backend.peer_timeout_s`; startup, checkpoint save and load get `backend.timeout_s`). On a
+collective error or a missed deadline the rank reads its peers' heartbeats, names the rank that
+is gone (exited process, or no heartbeat for `STALE_S`), prints ONE line and exits with
+`EXIT_PEER_LOST`, leaving the last complete checkpoint untouched (torchrun `--max-restarts` then
+restarts the job, which resumes from it).
 
-- **A rank dies** (OOM kill, node loss). Its peers see a broken connection in their next
-  collective, or nothing at all (a blocked receive, a shared-memory spin). Each rank runs a
-  `Watchdog`: a heartbeat file under RUN_DIR/health every second, and a deadline per step
-  (`backend.peer_timeout_s`; startup, checkpoint save and load get `backend.timeout_s`). On a
-  collective error or a missed deadline the rank reads its peers' heartbeats, names the rank
-  that is gone (exited process, or no heartbeat for `STALE_S`), prints ONE line and exits with
-  `EXIT_PEER_LOST`, leaving the last complete checkpoint untouched (torchrun `--max-restarts`
-  then restarts the job, which resumes from it).
-- **A group diverges** (loss NaN/Inf). It must stop before its next exchange sends predictions
-  from the diverged weights: `check_finite_loss` runs after every step, agreed over the group,
-  and raises `NonFiniteLoss`; the group leaves a failure note its peers quote in their message.
-- **A peer's predictions are not finite** (fp16 overflow on the wire, a bad rank):
-  `finite_peers` drops that peer for that exchange (the loop counts `skipped_peers`).
-- **Groups disagree** on the vocabulary, the model or the data (different tokenizer files or
-  command lines per node): `check_peers_compatible` compares every rank's fingerprint once at
-  start, and every rank raises the same `ConfigError` before any training collective.
+The other guards: a diverged group stops before its next exchange (`guards.py`); peers'
+non-finite predictions are dropped per round (the exchange engine); ranks that disagree on the
+vocabulary, the model or the data are stopped at start (`handshake.py`).
 """
 
 from __future__ import annotations
 
 import faulthandler
 import json
-import math
 import os
 import re
 import socket
@@ -34,13 +28,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 import torch.distributed as dist
 
-from codistill_ds.distributed import comm
-from codistill_ds.exchange.wire import CompressedLogits
-from codistill_ds.config import Config, ConfigError, config_to_dict
-from codistill_ds.distributed.topology import Layout
+from codistill_ds.distributed.axes import ParallelDims
+from codistill_ds.run.guards import NonFiniteLoss
 
 EXIT_PEER_LOST = 3
 """Exit status of a rank that stopped because a peer rank or group failed."""
@@ -58,10 +49,6 @@ CAUSE, REACTION = "cause", "reaction"
 
 _COMM_ERROR_MARKERS = ("connection closed", "connection reset", "broken pipe", "gloo", "nccl",
                        "timed out", "timeout", "processgroup", "socket", "peer")
-
-
-class NonFiniteLoss(RuntimeError):
-    """My group's training loss is NaN/Inf: stop before sending predictions to the peers."""
 
 
 def _heartbeat_path(run_dir: str, rank: int) -> str:
@@ -123,9 +110,9 @@ def stop_process(message: str, code: int) -> None:
 class Watchdog:
     """Heartbeats for my peers to read, and a deadline per step that turns a hang into an exit."""
 
-    def __init__(self, run_dir: str, layout: Layout, peer_timeout_s: float, slow_timeout_s: float,
+    def __init__(self, run_dir: str, dims: ParallelDims, peer_timeout_s: float, slow_timeout_s: float,
                  latest_checkpoint=None) -> None:
-        self.run_dir, self.layout = run_dir, layout
+        self.run_dir, self.dims = run_dir, dims
         self.peer_timeout_s, self.slow_timeout_s = peer_timeout_s, slow_timeout_s
         self._latest = latest_checkpoint or (lambda: None)
         self.step = 0
@@ -140,7 +127,7 @@ class Watchdog:
     # ---- the main thread's side ------------------------------------------------------
     def start(self) -> Watchdog:
         os.makedirs(os.path.join(self.run_dir, HEALTH_DIR), exist_ok=True)
-        note = _note_path(self.run_dir, self.layout.rank)
+        note = _note_path(self.run_dir, self.dims.rank)
         if os.path.exists(note):  # left by an earlier attempt of this rank
             os.remove(note)
         self._beat()
@@ -191,8 +178,8 @@ class Watchdog:
     def stop_group(self, err: NonFiniteLoss) -> None:
         """My group diverged: leave a note for the peers, then exit."""
         self.stop()
-        self._note(CAUSE, f"group {self.layout.group_id} stopped: {err}")
-        stop_process(f"rank {self.layout.rank} (group {self.layout.group_id}): {err}; "
+        self._note(CAUSE, f"group {self.dims.group_id} stopped: {err}")
+        stop_process(f"rank {self.dims.rank} (group {self.dims.group_id}): {err}; "
                      f"{self._checkpoint_hint()}", EXIT_NONFINITE)
 
     # ---- diagnosis ------------------------------------------------------------------------
@@ -201,7 +188,7 @@ class Watchdog:
         show (a peer killed a moment ago still has a recent heartbeat)."""
         until = time.monotonic() + wait_s
         while True:
-            lost = [d for r in range(self.layout.world_size) if r != self.layout.rank
+            lost = [d for r in range(self.dims.world_size) if r != self.dims.rank
                     for d in [self._diagnose(r)] if d]
             if any(kind == CAUSE for kind, _ in lost):
                 return lost
@@ -213,13 +200,13 @@ class Watchdog:
         """Tell the peers why I stop, before diagnosing: ranks that stop in reaction to the same
         failure then tell each other apart from its cause."""
         try:
-            _write_json(_note_path(self.run_dir, self.layout.rank), {"kind": kind, "text": text})
+            _write_json(_note_path(self.run_dir, self.dims.rank), {"kind": kind, "text": text})
         except OSError:
             pass
 
     def _diagnose(self, rank: int) -> tuple[str, str] | None:
         """(CAUSE or REACTION, description) for a rank that is gone; None if it is alive."""
-        who = f"rank {rank} (group {self.layout.group_of(rank)})"
+        who = f"rank {rank} (group {self.dims.group_of(rank)})"
         try:
             with open(_note_path(self.run_dir, rank)) as f:
                 note = json.load(f)
@@ -248,7 +235,7 @@ class Watchdog:
             f"{os.path.join(self.run_dir, HEALTH_DIR)})")
         if echoes:
             who += f" ({', '.join(echoes)} stopped in reaction)"
-        return (f"rank {self.layout.rank} (group {self.layout.group_id}) stopping in {self.phase}: "
+        return (f"rank {self.dims.rank} (group {self.dims.group_id}) stopping in {self.phase}: "
                 f"{what}; {who}. Last completed step: {self.step}; {self._checkpoint_hint()}")
 
     def _checkpoint_hint(self) -> str:
@@ -262,8 +249,8 @@ class Watchdog:
     def _beat(self) -> None:
         self._last_beat = time.monotonic()
         try:
-            _write_json(_heartbeat_path(self.run_dir, self.layout.rank), {
-                "rank": self.layout.rank, "group": self.layout.group_id, "step": self.step,
+            _write_json(_heartbeat_path(self.run_dir, self.dims.rank), {
+                "rank": self.dims.rank, "group": self.dims.group_id, "step": self.step,
                 "time": time.time(), "pid": os.getpid(), "host": self._host})
         except OSError:
             pass  # a full or flaky disk must not kill training; peers then see a stale beat
@@ -280,95 +267,3 @@ class Watchdog:
         # Backstop for a collective that spins while holding the GIL (this thread then never
         # runs): faulthandler's C thread dumps every stack and exits.
         faulthandler.dump_traceback_later(seconds + 2 * STALE_S + 30, exit=True)
-
-
-def check_finite_loss(loss: float, group: dist.ProcessGroup, layout: Layout, step: int) -> None:
-    """Raise `NonFiniteLoss` on every rank of my group when any of them saw a NaN/Inf loss.
-
-    Runs after the optimizer step and before the next exchange: the diverged weights never
-    produce predictions for the peers. Agreed over the group so all of its ranks stop together."""
-    flags = torch.tensor([0.0 if math.isfinite(loss) else 1.0], dtype=torch.float64)
-    comm.all_reduce(flags, op=comm.ReduceOp.MAX, group=group)
-    if flags.item() > 0:
-        raise NonFiniteLoss(
-            f"training loss is not finite at step {step} (this rank's loss: {loss}); stopped "
-            "before sending predictions to the peer groups. Lower optim.lr, raise "
-            "optim.warmup_steps or check the data, then resume from the last checkpoint")
-
-
-def finite_peers(peers: list[CompressedLogits], group: dist.ProcessGroup | None) -> list[bool]:
-    """Which peers' predictions are finite on every rank of my group (one tiny all-reduce)."""
-    bad = torch.tensor([0 if bool(torch.isfinite(p.values.float()).all()) else 1 for p in peers],
-                       dtype=torch.int32)
-    if group is not None and len(peers):
-        comm.all_reduce(bad, op=comm.ReduceOp.MAX, group=group)
-    return [int(b) == 0 for b in bad]
-
-
-# ---- start-of-run handshake -------------------------------------------------------------------
-
-_NOT_COMPARED = ("run_dir", "data.train_files", "data.tokenizer", "model.name_or_path",
-                 "backend.ds_config", "train.resume")
-"""Paths may differ per node; what they load (vocabulary, corpus, model) is compared instead."""
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def fingerprint(cfg: Config, vocab_size: int, n_params: int, corpus_train) -> dict:
-    """What must be identical on every rank for the exchanged predictions to be comparable.
-    `corpus_train` is `Corpus.train`; its digest never reads a whole shard corpus (data.py)."""
-    from codistill_ds.data.streams import corpus_digest
-
-    digest = corpus_digest(corpus_train)
-    flat = {k: v for k, v in _flat(config_to_dict(cfg)).items() if k not in _NOT_COMPARED}
-    return {"vocab_size": vocab_size, "params": n_params, "corpus": digest, "config": flat}
-
-
-_FIELD = {"vocab_size": ("data.tokenizer", ("the vocabulary size (so the exchanged predictions "
-                                            "and the model heads have different shapes)")),
-          "params": ("model", "the model's parameter count"),
-          "corpus": ("data.train_files", ("the tokenized training corpus (so the shared "
-                                          "exchange batches differ)"))}
-
-
-def _ranks_text(ranks: list[int], layout: Layout) -> str:
-    groups = sorted({layout.group_of(r) for r in ranks})
-    return f"ranks {ranks} (group{'s' if len(groups) > 1 else ''} {', '.join(map(str, groups))})"
-
-
-def _disagreement(values_by_rank: list, layout: Layout) -> str | None:
-    seen: dict[str, list[int]] = {}
-    for r, v in enumerate(values_by_rank):
-        seen.setdefault(repr(v), []).append(r)
-    if len(seen) < 2:
-        return None
-    return "; ".join(f"{v} on {_ranks_text(ranks, layout)}" for v, ranks in seen.items())
-
-
-def check_peers_compatible(layout: Layout, mine: dict) -> None:
-    """One world all-gather at start; every rank raises the same `ConfigError` on a mismatch.
-
-    Without it, a peer group with another vocabulary fails deep inside the first exchange (or
-    inside ZeRO-3's world-wide trace) with a shape error, or trains on nonsense targets."""
-    everyone = comm.all_gather_object(mine)
-    for key, (field, what) in _FIELD.items():
-        diff = _disagreement([fp[key] for fp in everyone], layout)
-        if diff:
-            raise ConfigError(field, f"ranks disagree on {what}: {diff}; in one job (codistill.transport "
-                              "'world') every group must use the same tokenizer, data and model (ZeRO-3 traces "
-                              "the first step over the whole world); groups with different models or sizes run "
-                              "as separate jobs: codistill.transport=torchft")
-    keys = sorted(set().union(*(fp["config"] for fp in everyone)))
-    for key in keys:
-        diff = _disagreement([fp["config"].get(key) for fp in everyone], layout)
-        if diff:
-            raise ConfigError(key, f"ranks were started with different values: {diff}; start "
-                              "every rank with the same config and --set overrides")

@@ -8,7 +8,7 @@ the uninterrupted run (exact resume: 0).
 
 - 2+ GPUs: one job (`transport: world`), 2 groups x (GPUs // 2) ranks, NCCL inside groups and
   for the exchange (`exchange_backend: auto`).
-- 1 GPU: two ranks cannot share one NCCL communicator (DESIGN.md, "GPU notes"), so each group is
+- 1 GPU: two ranks cannot share one NCCL communicator (docs/design.md, "GPU notes"), so each group is
   its own 1-rank job on the same GPU, meeting through a torchft Lighthouse, with the exchange
   over gloo: `codistill-ds lighthouse --port P`, then per group `torchrun --nproc_per_node 1 -m
   codistill_ds.cli train ... --set codistill.transport=torchft --set codistill.group_id=G ...`.

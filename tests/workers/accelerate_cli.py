@@ -28,7 +28,7 @@ def recording(out: Path):
             with gathered():
                 checksum = float(sum(t.detach().double().sum() for t in full()))
             t = job.topology
-            result = {"rank": t.rank, "group": t.group_id, "group_rank": t.group_rank, "S": t.group_size,
+            result = {"rank": t.rank, "group": t.group_id, "group_rank": t.position, "S": t.group_size,
                       "parts": parts, "checksum": checksum}
             (out / f"rank{t.rank}.json").write_text(json.dumps(result))
             return state

@@ -33,7 +33,7 @@ def main() -> None:
     else:
         t = codistill.topology
         parts, gathered, full = deepspeed_view(model)
-        result.update(group=t.group_id, group_rank=t.group_rank, S=t.group_size, parts=parts,
+        result.update(group=t.group_id, group_rank=t.position, S=t.group_size, parts=parts,
                       dp_world_size=model.dp_world_size)
     with gathered():
         result["checksum"] = float(sum(p.detach().double().sum() for p in full()))

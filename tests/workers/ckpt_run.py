@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from codistill_ds.run import job as train
-from codistill_ds.exchange.wire import pack
 from codistill_ds.config import load_config
 from codistill_ds.distributed.env import exit_process, shutdown
+from codistill_ds.exchange.wire import pack
+from codistill_ds.run import job as train
 from codistill_ds.run.loop import CodistillLoop
 
 STEP = [0]
@@ -143,7 +143,7 @@ def main() -> None:
     with evaluating(job.backend):
         logits = job.backend.forward(batch[:, :-1]).float()
     t = job.topology
-    if t.layout.is_leader:
+    if t.dims.is_leader:
         torch.save({"tokens": batch, "logits": logits}, out / f"logits_group{t.group_id}.pt")
     result = {"rank": t.rank, "group": t.group_id, "start_step": RECORD["start_step"],
               "checkpoints_at_start": RECORD["checkpoints_at_start"],

@@ -11,8 +11,8 @@ import signal
 import sys
 
 from codistill_ds import cli
-from codistill_ds.run import job as train
 from codistill_ds.distributed.env import env_rank
+from codistill_ds.run import job as train
 
 
 def main() -> None:

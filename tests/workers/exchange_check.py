@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds.exchange.wire import CompressedLogits, compress, pack, wire_dtype
 from codistill_ds.config import DataConfig
-from codistill_ds.data.streams import ExchangeStream, TrainStream, build_corpus
+from codistill_ds.data.corpus import build_corpus
+from codistill_ds.data.streams import ExchangeStream, TrainStream
 from codistill_ds.distributed.env import exit_process, shutdown
-from codistill_ds.exchange.transport.world import LogitExchange
-from codistill_ds.plan.bytes import make_plan
+from codistill_ds.distributed.topology import world_topology
 from codistill_ds.exchange.sampling import sample_targets
-from codistill_ds.distributed.topology import build_topology
+from codistill_ds.exchange.transport.world import LogitExchange
+from codistill_ds.exchange.wire import CompressedLogits, compress, pack, wire_dtype
+from codistill_ds.plan.bytes import make_plan
 
 
 def members(pg) -> list[int]:
@@ -65,7 +66,7 @@ def check_formats(top, logits: torch.Tensor) -> dict:
         buf = pack(local)
         world = [torch.empty_like(buf) for _ in range(dist.get_world_size())]
         dist.all_gather(world, buf)
-        ref = [fmt.unpack(world[p], n_tokens) for p in top.layout.rail_ranks(top.group_rank)
+        ref = [fmt.unpack(world[p], n_tokens) for p in top.dims.rail_ranks(top.position)
                if p != top.rank]
         row = {"k": fmt.k, "value_dtype": fmt.value_dtype, "index_dtype": fmt.index_dtype,
                "payload": fmt.payload_bytes(n_tokens), "packed": buf.numel()}
@@ -90,7 +91,7 @@ def check_to_owners(top) -> dict:
     K, me = top.groups, top.group_id
 
     def chunk(sender: int, owner: int) -> CompressedLogits:
-        gen = torch.Generator().manual_seed(10_000 * sender + 100 * owner + top.group_rank)
+        gen = torch.Generator().manual_seed(10_000 * sender + 100 * owner + top.position)
         return compress(torch.randn(15, 300, generator=gen) * 3, 8, wire_dtype("bf16"), "logprobs", 1.0)
 
     mine = [chunk(me, h) for h in range(K) if h != me]
@@ -113,10 +114,10 @@ def check_to_owners(top) -> dict:
 def main() -> None:
     out, K = Path(sys.argv[1]), int(sys.argv[2])
     dist.init_process_group("gloo")
-    top = build_topology(K)
-    result = {"rank": top.rank, "group": top.group_id, "group_rank": top.group_rank,
+    top = world_topology(K)
+    result = {"rank": top.rank, "group": top.group_id, "group_rank": top.position,
               "group_members": members(top.group), "rail_members": members(top.rail),
-              "mp_members": members(top.model_parallel)}
+              "mp_members": members(top.solo)}
     # leaders group: only leaders hold it; build_topology gives None elsewhere
     result["leaders_members"] = members(top.leaders)
 
@@ -127,8 +128,8 @@ def main() -> None:
 
     # Streams on real text: group shards and the shared exchange batch.
     corpus = build_corpus(DataConfig(seq_len=16, max_bytes=200_000, micro_batch_size=2))
-    train = TrainStream(corpus, 7, top.group_id, K, top.group_rank, top.group_size, 2, 1)
-    ex = ExchangeStream(corpus, 7, 2 * top.group_size, top.group_rank, top.group_size)
+    train = TrainStream(corpus, 7, top.group_id, K, top.position, top.group_size, 2, 1)
+    ex = ExchangeStream(corpus, 7, 2 * top.group_size, top.position, top.group_size)
     result["train_digests"] = [digest(train.micro_batch(s, 0)) for s in range(5)]
     result["exchange_digests"] = [digest(ex.batch_slice(e)) for e in range(5)]
     result["train_rows"] = [[digest(r) for r in train.micro_batch(s, 0)] for s in range(5)]

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from codistill_ds.config import ConfigError
+from codistill_ds.distributed.axes import ParallelDims
 from codistill_ds.distributed.env import exit_process, init_distributed, shutdown
-from codistill_ds.exchange.setup import check_same_exchange_data
-from codistill_ds.distributed.topology import Layout
+from codistill_ds.integrations.exchange_data import check_same_exchange_data
 
 
 def main() -> None:
@@ -18,7 +18,7 @@ def main() -> None:
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    layout = Layout(world, world, rank)
+    layout = ParallelDims(world_size=world, groups=world, rank=rank)
     rows = [{"input_ids": [i, i + 1]} for i in range(10)]
     check_same_exchange_data(rows, layout)  # equal everywhere: passes
     if rank == world - 1:

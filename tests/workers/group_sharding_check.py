@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds.distributed import env as rankinfo
-from codistill_ds.backends.fsdp import codistill_mesh
+from codistill_ds.backends.model import build_model
 from codistill_ds.config import ModelConfig
+from codistill_ds.distributed import env as rankinfo
 from codistill_ds.distributed.env import exit_process, shutdown
+from codistill_ds.distributed.topology import GroupMPU, world_topology
 from codistill_ds.integrations.group_sharding import (
     GroupShardingError,
     check_engine_in_group,
@@ -28,8 +29,6 @@ from codistill_ds.integrations.group_sharding import (
     reshard_loader,
     zero3_init_in_group,
 )
-from codistill_ds.backends.model import build_model
-from codistill_ds.distributed.topology import GroupMPU, build_topology
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=64)
 
@@ -39,7 +38,7 @@ def fsdp_facts(t) -> dict:
 
     original = fsdp_module.fully_shard
     model = build_model(TINY, 256, 0.0, 1)
-    with engines_in_group(t, use_deepspeed=False, fsdp_mesh=codistill_mesh(t, "cpu")["shard"]):
+    with engines_in_group(t, use_deepspeed=False, fsdp_mesh=t.shard_mesh("cpu")):
         from torch.distributed.fsdp import (
             fully_shard,  # looked up at call time, as Accelerate does
         )
@@ -64,7 +63,7 @@ def _fsdp_refused(t, on_world: bool) -> str | None:
     if on_world:
         fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     else:
-        mesh = codistill_mesh(t, "cpu")["shard"]
+        mesh = t.shard_mesh("cpu")
         for module in (model.model.embed_tokens, *model.model.layers[:-1], model.model.norm, model.lm_head):
             fully_shard(module, mesh=mesh)
     try:
@@ -150,8 +149,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     rankinfo.prepare_accelerator_env()
     rankinfo.init_distributed()
-    t = build_topology(2)
-    result = {"rank": t.rank, "group": t.group_id, "group_rank": t.group_rank}
+    t = world_topology(2)
+    result = {"rank": t.rank, "group": t.group_id, "group_rank": t.position}
     result.update(fsdp_facts(t))
     result.update(deepspeed_facts(t))
     result.update(zero_init_facts(t))

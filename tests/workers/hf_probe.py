@@ -75,7 +75,7 @@ class Probe(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         trainer = TRAINERS[-1]
         t = trainer.codistill.topology
-        self.facts = {"rank": RANK, "group": t.group_id, "group_rank": t.group_rank, "start_step": state.global_step,
+        self.facts = {"rank": RANK, "group": t.group_id, "group_rank": t.position, "start_step": state.global_step,
                       "output_dir": args.output_dir, "should_save": args.should_save,
                       "train_rows": len(trainer.train_dataset), **partitions(trainer)}
 

@@ -21,15 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds.distributed import env as rankinfo
-from codistill_ds.backends.fsdp import build_sharded, codistill_mesh
-from codistill_ds.config import ModelConfig
-from codistill_ds.distributed.env import exit_process, shutdown
-from codistill_ds.integrations.group_sharding import (
-    GroupShardingError,
-    _check_not_partitioned_over_world,
-    zero3_init_in_group,
-)
+from codistill_ds.backends.fsdp import build_sharded
 from codistill_ds.backends.materialize import (
     UninitializedModelError,
     build_zero3,
@@ -37,7 +29,15 @@ from codistill_ds.backends.materialize import (
     gathered_state_dict,
 )
 from codistill_ds.backends.model import ModelRecipe, build_hf_config, build_model
-from codistill_ds.distributed.topology import build_topology
+from codistill_ds.config import ModelConfig
+from codistill_ds.distributed import env as rankinfo
+from codistill_ds.distributed.env import exit_process, shutdown
+from codistill_ds.distributed.topology import world_topology
+from codistill_ds.integrations.group_sharding import (
+    GroupShardingError,
+    _check_not_partitioned_over_world,
+    zero3_init_in_group,
+)
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_seq_len=64)
 VOCAB, SEED = 257, 11
@@ -69,7 +69,7 @@ def zero3_facts(t, seed: int, ref: dict) -> dict:
 
 
 def fsdp_facts(t, seed: int, ref: dict) -> dict:
-    mesh = codistill_mesh(t, "cpu")["shard"]
+    mesh = t.shard_mesh("cpu")
     recipe = ModelRecipe(TINY, VOCAB, 0.0, seed)
     model = build_sharded(recipe, mesh, bf16=False, cpu_offload=False, reshard_after_forward=True,
                           device=torch.device("cpu"))
@@ -150,7 +150,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     rankinfo.prepare_accelerator_env()
     rankinfo.init_distributed()
-    t = build_topology(2)
+    t = world_topology(2)
     seed = SEED + t.group_id
     ref = reference(seed)
     facts = {"rank": t.rank, "group": t.group_id, "half_numel": [math.ceil(v.numel() / 2) for v in ref.values()]}

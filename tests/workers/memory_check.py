@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds.distributed import env as rankinfo
-from codistill_ds.backends.fsdp import build_sharded, codistill_mesh
-from codistill_ds.config import ModelConfig
-from codistill_ds.distributed.env import exit_process, shutdown
+from codistill_ds.backends.fsdp import build_sharded
 from codistill_ds.backends.materialize import build_zero3
 from codistill_ds.backends.model import ModelRecipe, count_parameters
-from codistill_ds.distributed.topology import build_topology
+from codistill_ds.config import ModelConfig
+from codistill_ds.distributed import env as rankinfo
+from codistill_ds.distributed.env import exit_process, shutdown
+from codistill_ds.distributed.topology import world_topology
 
 BIG = ModelConfig(hidden_size=768, num_layers=8, num_heads=12, intermediate_size=3072, max_seq_len=128)
 WARM = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_seq_len=32)
@@ -58,8 +58,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     rankinfo.prepare_accelerator_env()
     rankinfo.init_distributed()
-    t = build_topology(1)
-    mesh = codistill_mesh(t, "cpu")["shard"]
+    t = world_topology(1)
+    mesh = t.shard_mesh("cpu")
     big, warm = ModelRecipe(BIG, VOCAB, 0.0, 5), ModelRecipe(WARM, VOCAB, 0.0, 5)
 
     def fsdp(recipe):

@@ -53,7 +53,7 @@ def main() -> None:
         tensors = full()
         checksum = float(sum(t.detach().double().sum() for t in tensors))
     result = {"rank": job.topology.rank, "group": job.topology.group_id,
-              "group_rank": job.topology.group_rank, "S": job.topology.group_size,
+              "group_rank": job.topology.position, "S": job.topology.group_size,
               "parts": parts, "checksum": checksum}
     (out / f"rank{job.topology.rank}.json").write_text(json.dumps(result))
     shutdown()  # the same end as `codistill-ds train`

@@ -20,10 +20,11 @@ import deepspeed
 
 from codistill_ds.backends.base import decay_param_groups
 from codistill_ds.backends.deepspeed import build_ds_config
-from codistill_ds.config import load_config
-from codistill_ds.data.streams import TrainStream, build_corpus
-from codistill_ds.distributed.env import exit_process, shutdown
 from codistill_ds.backends.model import build_model
+from codistill_ds.config import load_config
+from codistill_ds.data.corpus import build_corpus
+from codistill_ds.data.streams import TrainStream
+from codistill_ds.distributed.env import exit_process, shutdown
 from codistill_ds.schedules import lr_at
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from codistill_ds.config import load_config
 from codistill_ds.distributed.env import exit_process, shutdown
-from codistill_ds.run.job import build_job
 from codistill_ds.exchange.weights import digest
+from codistill_ds.run.job import build_job
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
     job.loop.run()
     w = job.loop.weights
     result = {
-        "rank": job.topology.rank, "group": job.topology.group_id, "group_rank": job.topology.group_rank,
+        "rank": job.topology.rank, "group": job.topology.group_id, "group_rank": job.topology.position,
         "sent": w.last_sent_digest, "current": digest(job.backend.shards()),
         "teachers": {str(g): digest(t.shards()) for g, t in w.teachers.items()},
         "bytes": w.bytes_sent, "shard_numel": sum(s.numel() for s in job.backend.shards()),

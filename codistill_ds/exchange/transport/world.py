@@ -27,9 +27,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from codistill_ds.distributed import comm
-from codistill_ds.exchange.wire import CompressedLogits, pack
-from codistill_ds.exchange.engine import ExchangeResult
 from codistill_ds.distributed.topology import Topology
+from codistill_ds.exchange.transport.base import ExchangeResult
+from codistill_ds.exchange.wire import CompressedLogits, pack
 
 
 class LogitExchange:
@@ -59,6 +59,10 @@ class LogitExchange:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-exchange")
         return self._worker.submit(self._swap, pack(local), local)
+
+    def join(self, groups: int, wait_s: float) -> int:
+        """Every group is in this job: all are present once the process groups exist."""
+        return self.t.groups
 
     def close(self) -> None:
         if self._worker is not None:
@@ -91,10 +95,10 @@ class LogitExchange:
         """Gather to the leader, swap between leaders, scatter back; entry g is group g's slice."""
         t = self.t
         S, K, n = t.group_size, t.groups, buf.numel()
-        leader = t.layout.leader_of(t.group_id)
+        leader = t.dims.leader_of(t.group_id)
         gathered = comm.gather(buf, dst=leader, group=t.exchange_group)
         scatter_list = None
-        if t.layout.is_leader:
+        if t.is_leader:
             payload = torch.cat(gathered)  # my group's whole exchange batch, rank order
             everyone = comm.all_gather(payload, group=t.leaders)
             self.bytes_sent += payload.numel() * (K - 1)
@@ -122,10 +126,10 @@ class LogitExchange:
         rank's slot), scatter back: entry g is group g's predictions on my batch slot."""
         t = self.t
         S, K, n = t.group_size, t.groups, chunks[0].numel()
-        leader = t.layout.leader_of(t.group_id)
+        leader = t.dims.leader_of(t.group_id)
         gathered = comm.gather(torch.cat(chunks), dst=leader, group=t.exchange_group)
         scatter_list = None
-        if t.layout.is_leader:
+        if t.is_leader:
             per_rank = [g.split(n) for g in gathered]  # rank r: its chunks, peer order
             to_peer = [torch.cat([per_rank[r][i] for r in range(S)]) for i in range(K - 1)]
             got = comm.all_to_all(self._by_group(to_peer), group=t.leaders)

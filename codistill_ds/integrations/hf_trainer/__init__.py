@@ -41,9 +41,12 @@ from typing import Any
 
 from transformers import Trainer, TrainingArguments
 
-from codistill_ds.exchange.setup import distill_mask
+from codistill_ds.integrations.exchange_data import distill_mask
 from codistill_ds.integrations.hf_trainer.args import CodistillArguments
-from codistill_ds.integrations.hf_trainer.callback import CodistillCallback, use_gloo_for_cpu_deepspeed
+from codistill_ds.integrations.hf_trainer.callback import (
+    CodistillCallback,
+    use_gloo_for_cpu_deepspeed,
+)
 from codistill_ds.integrations.hf_trainer.mixin import CodistillTrainerMixin
 
 __all__ = ["CodistillArguments", "CodistillCallback", "CodistillTrainer", "CodistillTrainerMixin",

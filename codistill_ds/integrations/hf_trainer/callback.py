@@ -27,17 +27,19 @@ from transformers import TrainerCallback, set_seed
 
 from codistill_ds.config import CodistillConfig, ConfigError
 from codistill_ds.distributed.env import env_rank, env_world_size, release_deepspeed_shm
-from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings, TargetBatch, Transport
 from codistill_ds.distributed.topology import Topology
-from codistill_ds.exchange.setup import (
-    DistillSteps,
-    ExchangeBatches,
+from codistill_ds.exchange import setup
+from codistill_ds.exchange.batches import TargetBatch
+from codistill_ds.exchange.distiller import Distiller
+from codistill_ds.exchange.engine import ExchangeEngine
+from codistill_ds.exchange.transport.base import Transport
+from codistill_ds.integrations.exchange_data import (
     check_same_exchange_data,
-    group_job_transport,
-    join_groups,
-    layout_for,
-    lighthouse_url,
+    engine_for_dataset,
+    integration_metrics,
+    model_vocab_size,
     predict_logits,
+    student_term,
     topology_for,
     validate_integration,
 )
@@ -96,15 +98,10 @@ class CodistillCallback(TrainerCallback):
                  peer_timeout_s: float = 180.0) -> None:
         self.config = config or CodistillConfig()
         validate_for_trainer(self.config, env_world_size())  # before any collective can hang
-        self.separate_jobs = self.config.transport == "torchft"
-        """One Trainer job per group, meeting through a torchft Lighthouse (ft_transport.py)."""
         if peer_timeout_s <= 0:
             raise ConfigError("codistill_peer_timeout_s", f"must be > 0 seconds, got {peer_timeout_s}")
-        if self.separate_jobs:
-            from codistill_ds.exchange.transport.ft import check_reachable
-
-            check_reachable(self.lighthouse_url, 10.0)
-        self.layout = layout_for(self.config, env_world_size(), env_rank())
+        setup.check_lighthouse(self.config)
+        self.dims = setup.parallel_dims(self.config, env_world_size(), env_rank())
         self.exchange_dataset, self.exchange_batch_size = exchange_dataset, exchange_batch_size
         self.peer_timeout_s = peer_timeout_s
         self.topology: Topology | None = None
@@ -114,7 +111,7 @@ class CodistillCallback(TrainerCallback):
         self._model_init = ExitStack()
         self.model_init_done = False
         """True once `begin_model_init` seeded this group (the model is built after it)."""
-        self.steps: DistillSteps | None = None
+        self.distiller: Distiller | None = None
         """alpha(t), each step's exchange and distillation term, the logged figures (with the engine)."""
         self.due: list[TargetBatch] = []
         self.start_step = 0
@@ -130,17 +127,13 @@ class CodistillCallback(TrainerCallback):
 
     def group_seed(self, seed: int) -> int:
         """Seed for building this group's replica: its own init unless `same_init` (no collective)."""
-        return seed + (0 if self.config.same_init else self.layout.group_id)
+        return setup.group_seed(seed, self.config, self.dims.group_id)
 
     def build_topology(self) -> Topology:
         """Create the process groups once (a collective over the whole world)."""
         if self.topology is None:
-            self.topology = topology_for(self.config)
+            self.topology = topology_for(self.config, self.dims)
         return self.topology
-
-    @property
-    def lighthouse_url(self) -> str:
-        return lighthouse_url(self.config)
 
     @contextmanager
     def zero3_init(self) -> Iterator[None]:
@@ -172,35 +165,24 @@ class CodistillCallback(TrainerCallback):
         heartbeats and failure notes go under `run_dir/health`."""
         from transformers.trainer_utils import get_last_checkpoint
 
-        from codistill_ds.exchange.transport.world import LogitExchange
-
         t = self.build_topology()
         self.trainer, self.device = trainer, trainer.args.device
         dataset = self.exchange_dataset if self.exchange_dataset is not None else train_dataset
         if dataset is None:
             raise ValueError("codistillation needs a train_dataset (or exchange_dataset) to draw exchange batches from")
-        digest = check_same_exchange_data(dataset, t.layout)
-        batch = self.exchange_batch_size or trainer.args.per_device_train_batch_size * t.group_size
-        batches = ExchangeBatches(dataset, trainer.args.seed, batch, t, trainer.data_collator, self.device,
-                                  self.config.ignore_index)
-        transport = self._transport
-        if transport is None and self.separate_jobs:
-            transport = self._ft_transport(trainer, dataset, digest, batch)
-        transport = transport or LogitExchange(t, self.config.route)
-        self.engine = ExchangeEngine(transport, ExchangeSettings.from_config(self.config, trainer.args.seed), t.group, t.group_id,
-                                     batches, leader=t.layout.is_leader)
-        self.steps = DistillSteps(self.engine, self.config)
-        self.guard = TrainerGuard(run_dir, t.layout, self.peer_timeout_s, trainer.args.ddp_timeout,
+        digest = check_same_exchange_data(dataset, t.dims)
+        batch = self.exchange_batch_size or trainer.args.per_device_train_batch_size * t.data_size
+        self.engine = engine_for_dataset(self.config, t, dataset=dataset, digest=digest, seed=trainer.args.seed,
+                                         batch=batch, collate=trainer.data_collator, device=self.device,
+                                         vocab_size=lambda: model_vocab_size(trainer.model),
+                                         transport=self._transport)
+        self.distiller = Distiller(self.config, self.engine, trainer.args.seed)
+        self.guard = TrainerGuard(run_dir, t.dims, self.peer_timeout_s, trainer.args.ddp_timeout,
                                   lambda: _last_checkpoint(trainer.args.output_dir, get_last_checkpoint))
-
-    def _ft_transport(self, trainer: Any, dataset: Any, digest: str, batch: int) -> Transport:
-        """One Trainer job per group: the torchft route, with the model's vocabulary in the contract."""
-        vocab = int(getattr(getattr(trainer.model, "config", None), "vocab_size", 0) or 0)
-        return group_job_transport(self.config, self.topology, dataset, digest, trainer.args.seed, batch, vocab)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_path(self, checkpoint_dir: str) -> str:
-        return os.path.join(checkpoint_dir, f"codistill_rank{self.layout.rank}.pt")
+        return os.path.join(checkpoint_dir, f"codistill_rank{self.dims.rank}.pt")
 
     def save_state(self, checkpoint_dir: str) -> None:
         """The engine's queued peer targets (staleness > 0), byte and skipped-peer counts."""
@@ -219,11 +201,11 @@ class CodistillCallback(TrainerCallback):
             raise RuntimeError("CodistillCallback needs a Trainer with CodistillTrainerMixin first in its "
                                "bases: use CodistillTrainer, or class MyTrainer(CodistillTrainerMixin, Trainer)")
         self.start_step = state.global_step  # after a resume: the checkpoint's step
-        join_groups(self.engine, self.config, self.topology)  # groups in separate jobs: wait for the others
+        setup.join_groups(self.engine.transport, self.config, self.topology)  # separate group jobs wait for each other
         self.guard.started(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.due = self.steps.exchange(state.global_step, self._predict)
+        self.due = self.distiller.begin(state.global_step, self._predict)
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Each micro-step's training loss (the mixin's training_step), summed over the step."""
@@ -248,11 +230,11 @@ class CodistillCallback(TrainerCallback):
     def distill_term(self, model: torch.nn.Module) -> torch.Tensor | None:
         """alpha * D(peers || me) on the due exchange batches, in train mode; once per optimizer step."""
         batches, self.due = self.due, []
-        return self.steps.term(model, batches)
+        return student_term(self.distiller, model, batches)
 
     def log_metrics(self) -> dict[str, float]:
         """Group-level figures for the Trainer's logs; a collective over my group (every rank calls it)."""
-        return self.steps.metrics(self.topology)
+        return integration_metrics(self.distiller, self.topology)
 
 
 def _last_checkpoint(output_dir: str, find) -> str | None:

@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from codistill_ds.run.watchdog import NonFiniteLoss, Watchdog, check_finite_loss
-from codistill_ds.distributed.topology import Layout
+from codistill_ds.distributed.axes import ParallelDims
+from codistill_ds.run.guards import NonFiniteLoss, check_finite_loss
+from codistill_ds.run.watchdog import Watchdog
 
 
 class TrainerWatchdog(Watchdog):
@@ -38,9 +39,9 @@ class TrainerWatchdog(Watchdog):
 class TrainerGuard:
     """Owns the watchdog of one rank for the duration of `Trainer.train()`."""
 
-    def __init__(self, run_dir: str, layout: Layout, peer_timeout_s: float, slow_timeout_s: float,
+    def __init__(self, run_dir: str, dims: ParallelDims, peer_timeout_s: float, slow_timeout_s: float,
                  latest_checkpoint=None) -> None:
-        self.run_dir, self.layout = run_dir, layout
+        self.run_dir, self.dims = run_dir, dims
         self.peer_timeout_s, self.slow_timeout_s = peer_timeout_s, slow_timeout_s
         self._latest = latest_checkpoint
         self.watchdog: TrainerWatchdog | None = None
@@ -48,7 +49,7 @@ class TrainerGuard:
     @contextmanager
     def training(self) -> Iterator[None]:
         """Around `Trainer.train()`: a diverged group exits 4, a lost peer exits 3 (one line each)."""
-        self.watchdog = TrainerWatchdog(self.run_dir, self.layout, self.peer_timeout_s, self.slow_timeout_s,
+        self.watchdog = TrainerWatchdog(self.run_dir, self.dims, self.peer_timeout_s, self.slow_timeout_s,
                                         self._latest).start()
         try:
             yield
@@ -69,7 +70,7 @@ class TrainerGuard:
     def step_done(self, loss: float, group, step: int) -> None:
         """After optimizer step `step`: my group stops here if any of its ranks saw a NaN/Inf loss."""
         try:
-            check_finite_loss(loss, group, self.layout, step)
+            check_finite_loss(loss, group, step)
         except NonFiniteLoss as err:  # the same check; the advice in TrainingArguments' words
             raise NonFiniteLoss(str(err).replace("optim.lr", "learning_rate").replace(
                 "optim.warmup_steps", "warmup_steps")) from None

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from codistill_ds.distributed import comm
 from codistill_ds.backends.materialize import check_initialized
+from codistill_ds.distributed import comm
 from codistill_ds.distributed.topology import Topology
 from codistill_ds.integrations.group_sharding import (
     engines_in_group,
@@ -38,7 +38,10 @@ from codistill_ds.integrations.group_sharding import (
     group_shard,
     reshard_loader,
 )
-from codistill_ds.integrations.hf_trainer.callback import CodistillCallback, use_gloo_for_cpu_deepspeed
+from codistill_ds.integrations.hf_trainer.callback import (
+    CodistillCallback,
+    use_gloo_for_cpu_deepspeed,
+)
 from codistill_ds.integrations.hf_trainer.outputs import (
     group_checkpoint,
     group_leader_saves,
@@ -99,14 +102,12 @@ class CodistillTrainerMixin:
             self.train_dataset = group_shard(full, t.group_id, t.groups)
         if os.path.basename(os.path.normpath(run_dir)) != f"group{t.group_id}":
             self.args.output_dir = os.path.join(run_dir, f"group{t.group_id}")
-        group_leader_saves(self.args, t.layout)
-        if t.layout.is_leader:  # save_metrics/save_state may come before any save_model
+        group_leader_saves(self.args, t.dims)
+        if t.is_leader:  # save_metrics/save_state may come before any save_model
             os.makedirs(self.args.output_dir, exist_ok=True)
         self._fsdp_mesh = None
         if self.is_fsdp_enabled:
-            from codistill_ds.backends.fsdp import codistill_mesh
-
-            self._fsdp_mesh = codistill_mesh(t, "cuda" if torch.cuda.is_available() else "cpu")["shard"]
+            self._fsdp_mesh = t.shard_mesh("cuda" if torch.cuda.is_available() else "cpu")
         self._cd_window, self._cd_total, self._cd_logged_step, self._cd_patched = None, 0.0, 0, False
 
     def _check_engine(self) -> None:
@@ -202,7 +203,7 @@ class CodistillTrainerMixin:
         if not self._zero3_gathers_on_save():
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        state_dict = group_state_dict(self.model, self._topology.layout.is_leader)
+        state_dict = group_state_dict(self.model, self._topology.is_leader)
         self._save(output_dir, state_dict=state_dict)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
@@ -248,7 +249,7 @@ class CodistillTrainerMixin:
         return reshard_loader(super().get_eval_dataloader(eval_dataset), self._topology)
 
     def get_total_train_batch_size(self, args) -> int:
-        return self._train_batch_size * args.gradient_accumulation_steps * self._topology.group_size
+        return self._train_batch_size * args.gradient_accumulation_steps * self._topology.data_size
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         """Token count summed over my group, not the world (the world mixes other groups' batches)."""
@@ -279,7 +280,7 @@ class CodistillTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self._world_scaled(num_items_in_batch):  # sum / group tokens x S: the group's mean after averaging
-            loss = loss * (self._topology.group_size / self.accelerator.num_processes)
+            loss = loss * (self._topology.data_size / self.accelerator.num_processes)
         if model.training:
             term = self.codistill.distill_term(model)
             if term is not None:
@@ -321,7 +322,7 @@ class CodistillTrainerMixin:
     def is_local_process_zero(self) -> bool:
         """Each group's leader also prints its group's logs (PrinterCallback prints where this holds)."""
         cd = getattr(self, "codistill", None)
-        leader = cd is not None and cd.topology is not None and cd.topology.layout.is_leader
+        leader = cd is not None and cd.topology is not None and cd.topology.is_leader
         return leader or super().is_local_process_zero()
 
     def is_world_process_zero(self) -> bool:
@@ -329,4 +330,4 @@ class CodistillTrainerMixin:
         cd = getattr(self, "codistill", None)
         if cd is None or cd.topology is None:
             return super().is_world_process_zero()
-        return cd.topology.layout.is_leader
+        return cd.topology.is_leader

@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 
-from codistill_ds.distributed.topology import Layout
+from codistill_ds.distributed.axes import ParallelDims
 
 _GROUP_ARGUMENT_CLASSES: dict[type, type] = {}
 
 
-def group_leader_saves(args: Any, layout: Layout) -> None:
+def group_leader_saves(args: Any, dims: ParallelDims) -> None:
     """Make `args.should_save` true on my group's leader only (in place: the Trainer and the
     script share one arguments object). Pickles as the original class (`training_args.bin`)."""
     base = type(args)
@@ -57,7 +57,7 @@ def group_leader_saves(args: Any, layout: Layout) -> None:
             "__reduce_ex__": reduce_ex, "_codistill_base": base, "__module__": base.__module__})
         _GROUP_ARGUMENT_CLASSES[base] = cls
     args.__class__ = cls
-    args._codistill_leader = layout.is_leader
+    args._codistill_leader = dims.is_leader
 
 
 def _rebuild(cls: type, state: dict) -> Any:

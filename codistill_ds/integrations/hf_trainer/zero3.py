@@ -5,7 +5,7 @@ Transformers 5.23 loads a ZeRO-3 model on *global* rank 0 only: it reads the che
 `GatheredParameters(modifier_rank=0)` when `torch.distributed.get_rank() == 0`, and broadcasts
 buffers from global rank 0 over the world. With codistillation groups the parameters are
 partitioned over the group, so rank 0's values reach group 0 only and every other group keeps
-whatever it had (DESIGN.md, "GPU notes"). Inside `loading_in_group(topology)`:
+whatever it had (docs/design.md, "GPU notes"). Inside `loading_in_group(topology)`:
 
 - the checkpoint is read for real on every group leader (local rank 0 of each group);
 - `_load_state_dict_into_zero3_model` is replaced by `load_into_zero3_in_group`, the same walk
@@ -45,7 +45,7 @@ def load_into_zero3_in_group(model: torch.nn.Module, state_dict: dict, load_conf
 
         state_dicts = _apply_weight_conversions_to_state_dict(model, state_dicts[0], mapping)
         model._weight_conversions = mapping
-    leader = topology.layout.is_leader
+    leader = topology.is_leader
     errors: list[str] = []
     own = model.state_dict()
     missing = set(own)
@@ -69,7 +69,7 @@ def load_into_zero3_in_group(model: torch.nn.Module, state_dict: dict, load_conf
             if key in sd and buf is not None:
                 missing.discard(key)
                 value = sd[key].to(buf.device) if leader else torch.empty(sd[key].shape, dtype=sd[key].dtype, device=buf.device)
-                comm.broadcast(value, src=topology.layout.leader_of(topology.group_id), group=topology.group)
+                comm.broadcast(value, src=topology.dims.leader_of(topology.group_id), group=topology.group)
                 with torch.no_grad():
                     buf.copy_(value)
                 buf._is_hf_initialized = True
@@ -94,7 +94,7 @@ def loading_in_group(topology: Topology) -> Iterator[None]:
     read = saved["load_state_dict"]
 
     def load_state_dict(checkpoint_file, map_location="cpu", *args, **kwargs):
-        if map_location == "meta" and topology.layout.is_leader:
+        if map_location == "meta" and topology.is_leader:
             map_location = "cpu"  # the group leader needs the values, not only the shapes
         return read(checkpoint_file, map_location, *args, **kwargs)
 

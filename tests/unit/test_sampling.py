@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codistill_ds.exchange.wire import compress, pack
 from codistill_ds.exchange.losses import distill_loss
 from codistill_ds.exchange.sampling import (
     gather_positions,
@@ -14,6 +13,7 @@ from codistill_ds.exchange.sampling import (
     sample_targets,
     select_positions,
 )
+from codistill_ds.exchange.wire import compress, pack
 
 
 def _logits(n: int, v: int, seed: int, scale: float = 2.0) -> torch.Tensor:

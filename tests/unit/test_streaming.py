@@ -20,17 +20,11 @@ import torch
 
 from benchmarks.data.corpus import SHAKESPEARE
 from codistill_ds.config import DataConfig
-from codistill_ds.data.streams import (
-    ByteTokenizer,
-    DataError,
-    ExchangeStream,
-    TrainStream,
-    _windows,
-    build_corpus,
-    corpus_digest,
-    val_micro_batches,
-)
+from codistill_ds.data.corpus import _windows, build_corpus, corpus_digest
+from codistill_ds.data.sources import DataError
 from codistill_ds.data.streaming import DocumentStream, group_of, is_validation
+from codistill_ds.data.streams import ExchangeStream, TrainStream, val_micro_batches
+from codistill_ds.data.tokenizers import ByteTokenizer
 
 SEQ, B, SEED = 64, 4, 11
 

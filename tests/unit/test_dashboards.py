@@ -8,9 +8,9 @@ import pytest
 from dashboard_logs import tensorboard_scalars
 
 from codistill_ds.config import ConfigError, load_config
+from codistill_ds.config.validation import check_report_to, validate
 from codistill_ds.run.dashboards import scalars
 from codistill_ds.run.metrics import MetricsWriter, read_metrics
-from codistill_ds.config.validation import check_report_to, validate
 
 
 def test_every_numeric_field_is_a_scalar():

@@ -73,7 +73,7 @@ def test_smoke_bytes_equal_plan(tmp_path: Path) -> None:
     assert b["tiny_ratio"]["measured_allreduce_over_exchange"] == pytest.approx(
         b["tiny_ratio"]["plan_ratio_fp32_grads"], rel=1e-3)
 
-    # DESIGN.md's goal at 1B: <= 1/10 of Streaming DiLoCo's 44.2 B per training token
+    # docs/design.md's goal at 1B: <= 1/10 of Streaming DiLoCo's 44.2 B per training token
     assert b["plan_1b"]["params"] == 10**9 and b["goal_bytes_per_token"] == pytest.approx(4.42)
     assert b["plan_1b"]["per_token"]["codistill"] == 128.0 and not b["plan_1b_goal_met"]
     assert b["plan_1b_compact"]["per_token"]["codistill"] == 4.0 and b["plan_1b_compact_goal_met"]

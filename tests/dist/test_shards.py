@@ -23,15 +23,10 @@ import torch
 
 from benchmarks.data.corpus import make_corpus
 from codistill_ds.config import ConfigError, DataConfig, load_config
-from codistill_ds.data.streams import (
-    ByteTokenizer,
-    DataError,
-    ExchangeStream,
-    TrainStream,
-    build_corpus,
-    corpus_digest,
-    val_micro_batches,
-)
+from codistill_ds.data.corpus import build_corpus, corpus_digest
+from codistill_ds.data.sources import DataError
+from codistill_ds.data.streams import ExchangeStream, TrainStream, val_micro_batches
+from codistill_ds.data.tokenizers import ByteTokenizer
 from codistill_ds.data.shards import (
     ShardIndex,
     TokenShards,

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from codistill_ds.distributed import comm
 
-PACKAGE = Path(__file__).resolve().parents[1] / "codistill_ds"
+PACKAGE = Path(__file__).resolve().parents[2] / "codistill_ds"
 
 COLLECTIVES = {
     "all_reduce", "all_reduce_coalesced", "reduce", "all_gather", "all_gather_into_tensor",

@@ -105,12 +105,12 @@ def test_watchdog_names_a_silent_peer(tmp_path):
     script = textwrap.dedent(f"""
         import json, os, time
         from codistill_ds.run.watchdog import Watchdog
-        from codistill_ds.distributed.topology import Layout
+        from codistill_ds.distributed.topology import ParallelDims
         run = {str(tmp_path)!r}
         os.makedirs(os.path.join(run, "health"), exist_ok=True)
         json.dump({{"rank": 1, "group": 1, "step": 41, "time": time.time() - 60, "pid": os.getppid(),
                    "host": "elsewhere"}}, open(os.path.join(run, "health", "rank_1.json"), "w"))
-        w = Watchdog(run, Layout(2, 2, 0), peer_timeout_s=2, slow_timeout_s=60).start()
+        w = Watchdog(run, ParallelDims(world_size=2, groups=2, rank=0), peer_timeout_s=2, slow_timeout_s=60).start()
         w.completed(42)
         time.sleep(60)  # a collective that never returns
     """)
@@ -134,9 +134,9 @@ def test_comm_errors_are_recognised():
 
 def test_heartbeat_records_are_json(tmp_path):
     from codistill_ds.run.watchdog import Watchdog
-    from codistill_ds.distributed.topology import Layout
+    from codistill_ds.distributed.axes import ParallelDims
 
-    w = Watchdog(str(tmp_path), Layout(4, 2, 3), 5, 5).start()
+    w = Watchdog(str(tmp_path), ParallelDims(world_size=4, groups=2, rank=3), 5, 5).start()
     time.sleep(0.3)  # beats from completed steps are rate-limited
     w.completed(7)
     w.stop()

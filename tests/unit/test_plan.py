@@ -7,14 +7,10 @@ import json
 
 import pytest
 
-from codistill_ds.plan.bytes import (
-    add_plan_arguments,
-    format_plan,
-    human_bytes,
-    make_plan,
-    parse_count,
-    run_plan,
-)
+from codistill_ds.commands.plan import add_plan_arguments, run_plan
+from codistill_ds.plan.bytes import make_plan
+from codistill_ds.plan.format import format_plan
+from codistill_ds.plan.units import human_bytes, parse_count
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from codistill_ds.exchange.wire import CompressedLogits, compress
 from codistill_ds.exchange.losses import (
     LOSSES,
     _teacher_log_probs,
@@ -17,6 +16,7 @@ from codistill_ds.exchange.losses import (
     peer_distill_loss,
     top1_agreement,
 )
+from codistill_ds.exchange.wire import CompressedLogits, compress
 
 N, V, K = 6, 64, 8
 DIVERGENCES = ("kl", "reverse_kl", "jsd")

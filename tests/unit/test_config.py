@@ -393,7 +393,7 @@ def test_resolve_path(tmp_path, monkeypatch):
 
 def test_ds_config_found_under_package_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rel = os.path.relpath(__file__, PACKAGE_ROOT)  # tests/test_config.py exists under the root
+    rel = os.path.relpath(__file__, PACKAGE_ROOT)  # tests/unit/test_config.py exists under the root
     validate(load_config(None, [f"backend.ds_config={rel}"]), 2)
 
 
@@ -448,5 +448,5 @@ def test_readme_configuration_reference_is_generated_from_the_docstrings():
 
     from codistill_ds.config.doc import reference_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert reference_table() in readme
