@@ -34,11 +34,9 @@ import torch
 
 from codistill_ds.config import Config, load_config, save_config
 from codistill_ds.data.corpus import build_corpus
-from codistill_ds.exchange.losses import distill_loss
-from codistill_ds.exchange.wire import compress, wire_dtype
 from codistill_ds.run.metrics import MetricsWriter
 
-from .plain import DistillTerm, PlainTrainer
+from .plain import OfflineTeacher, PlainTrainer
 from .settings import StopRule
 
 
@@ -106,21 +104,6 @@ def train_teacher(cfg: Config, corpus, run_dir: Path, rule: StopRule) -> torch.n
     return teacher.model.eval()
 
 
-def teacher_term(teacher: torch.nn.Module, cfg: Config) -> DistillTerm:
-    """The distillation term of the online pair, with a frozen teacher predicting on the
-    student's own batch: the same compression (top-k, wire dtype, ids) and divergence."""
-    cd = cfg.codistill
-    kind = "logits" if cd.loss == "mse" else "logprobs"
-
-    def term(batch: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            logits = teacher(input_ids=batch[:, :-1], use_cache=False).logits.flatten(0, 1)
-        target = compress(logits, cd.topk, wire_dtype(cd.dtype), kind, cd.temperature, cd.index_dtype)
-        return distill_loss(student_logits.flatten(0, 1), target, cd.loss, cd.temperature)
-
-    return term
-
-
 def offline(args: argparse.Namespace) -> None:
     tcfg, cfg = load_config(None, args.teacher_set), load_config(None, args.set)
     run_dir = Path(args.run_dir)
@@ -128,12 +111,13 @@ def offline(args: argparse.Namespace) -> None:
     corpus = build_corpus(cfg.data)
     teacher = train_teacher(tcfg, corpus, run_dir, StopRule())
     group = 1  # the small model's half and initialization in the pair
-    student = PlainTrainer(cfg, corpus, group, cfg.codistill.groups, init_seed=cfg.seed + group)
-    term, tc, alpha = teacher_term(teacher, cfg), cfg.train, cfg.codistill.alpha
+    student = PlainTrainer(cfg, corpus, group, cfg.codistill.groups, init_seed=cfg.seed + group,
+                           teachers=OfflineTeacher(teacher, cfg))
+    tc, alpha = cfg.train, cfg.codistill.alpha
     writer = MetricsWriter(str(run_dir), enabled=True)
     started = time.perf_counter()
     for step in range(tc.steps):
-        loss = student.train_step(step, term, alpha)
+        loss = student.train_step(step)
         done = step + 1
         record = {"step": done, "group": group, "loss": loss, "alpha": alpha, "cross_group_bytes": 0,
                   "wall_s": time.perf_counter() - started}
