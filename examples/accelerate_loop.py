@@ -10,7 +10,7 @@ is a local file, or the installed Python standard library's source):
 (`Accelerator`, `accelerator.prepare`, `accelerator.backward`, AdamW, gradient clipping); the
 codistillation lines are marked `# codistill`. `--plain` runs the same loop without them on rows
 `data_shard::num_shards` with group `data_shard`'s seed: one process with S x the batch is group
-g's exact reference while alpha = 0 (tests/test_accelerate_loop.py checks it):
+g's exact reference while alpha = 0 (tests/dist/test_accelerate_loop.py checks it):
 
     python examples/accelerate_loop.py --plain --data_shard 1 --num_shards 2 --batch_size 4
 """

@@ -18,6 +18,7 @@ from codistill_ds.distributed.launching import (
     run_captured,
     torchrun_argv,
 )
+from codistill_ds.run.metrics import read_records
 
 __all__ = ["REPO", "WORKERS", "child_env", "cli", "free_port", "read_jsonl", "run_worker", "torchrun"]
 
@@ -44,4 +45,6 @@ def cli(nproc: int, *args: str, timeout: float = 240, **env: str) -> subprocess.
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """A JSONL file's complete records; [] before it exists. Safe on a file a running job is
+    appending to (`codistill_ds.run.metrics.read_records`: a torn last line is left out)."""
+    return read_records(path)

@@ -1,5 +1,5 @@
 """One process, no ranks: the resident memory and time of one rank's data streams, for
-`python -m benchmarks.data` and tests/test_shards.py. Args: OUT TRAIN_FILE STEPS. Builds the corpus
+`python -m benchmarks.data` and tests/dist/test_shards.py. Args: OUT TRAIN_FILE STEPS. Builds the corpus
 (a token-shard directory, or a text file tokenized in memory), the streams of rank 0 of group 0
 of 2 groups x 2 ranks (training, exchange, validation; seq_len 128, 8 sequences per rank) and
 the start-up fingerprint digest, draws STEPS steps of batches, and writes /proc/self/status

@@ -36,6 +36,7 @@ from codistill_ds.distributed.launching import (
     stop,
     torchrun_argv,
 )
+from codistill_ds.run.metrics import read_records
 
 GROUPS = 3
 BASE = ["codistill.groups=3", "codistill.alpha=1", "codistill.staleness=1", "codistill.async_exchange=true",
@@ -47,16 +48,7 @@ FT = ["codistill.transport=torchft", "codistill.exchange_timeout_s=5", "backend.
 
 
 def records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass  # a line being written
-    return out
+    return read_records(run / "metrics.jsonl")
 
 
 def launch(nproc: int, overrides: list[str], log: Path) -> subprocess.Popen:

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from codistill_ds.distributed.launching import REPO, child_env, stop, tail
+from codistill_ds.run import metrics
 
 from .settings import StopRule
 
@@ -80,12 +81,7 @@ def job_dirs(run_dir: Path) -> list[Path]:
 
 def read_records(run_dir: Path) -> list[dict]:
     """Every metrics.jsonl record the run's jobs have written so far."""
-    out = []
-    for d in job_dirs(run_dir):
-        path = d / "metrics.jsonl"
-        if path.exists():
-            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return out
+    return [r for d in job_dirs(run_dir) for r in metrics.read_records(d / "metrics.jsonl")]
 
 
 def val_histories(run_dir: Path) -> list[list[tuple[int, float]]]:

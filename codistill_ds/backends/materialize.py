@@ -12,7 +12,7 @@ constructors of the whole (sub)model have run, when ZeRO has already partitioned
 `group_init` runs that second pass on every rank of the group on each module's gathered
 parameters (`GatheredParameters`, the group leader's copy kept), so every rank draws the same
 random numbers in the same order as an unsharded construction with the same seed. On the CPU
-the gathered weights equal `model.build_model(seed)` bit for bit (tests/test_materialize.py).
+the gathered weights equal `model.build_model(seed)` bit for bit (tests/dist/test_materialize.py).
 On CUDA, zero.Init allocates each module on the GPU, so the draws come from the CUDA generator:
 the values equal an unsharded construction on that GPU, not one on the CPU, and every rank of a
 group holds the same replica because ZeRO broadcasts each new parameter from the group leader.

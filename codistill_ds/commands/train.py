@@ -65,9 +65,18 @@ def report_input_error(err: Exception) -> int:
     cause from every rank rather than a wall of SIGTERMs (env.wait_for_every_rank)."""
     from codistill_ds.distributed.env import wait_for_every_rank
 
-    print(f"codistill-ds: error: {err}", file=sys.stderr, flush=True)
+    write_line(f"codistill-ds: error: {err}")
     wait_for_every_rank("input_error", INPUT_ERROR_WAIT_S)
     return 2
+
+
+def write_line(text: str) -> None:
+    """One line to stderr in one write: ranks sharing a pipe then never split each other's
+    lines (a pipe write up to 4 KB is atomic)."""
+    import os
+
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), (text.replace("\n", " ") + "\n").encode())
 
 
 def main_guarded(cfg) -> int:

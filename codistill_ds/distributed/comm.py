@@ -12,7 +12,7 @@ does on GPU machines (CPU bookkeeping then travels over gloo and CUDA payloads o
 group that inherits the default backends), but process groups built with one backend (the
 cross-group exchange over `codistill.exchange_backend: nccl` or `gloo`, DeepSpeed's or
 Accelerate's own groups, a torchft group) still serve one device only. Asking the group covers
-all of them; tests/test_comm.py fails when another module calls a `torch.distributed`
+all of them; tests/unit/test_comm.py fails when another module calls a `torch.distributed`
 collective directly.
 """
 

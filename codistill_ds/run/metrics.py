@@ -69,10 +69,34 @@ class MetricsWriter:
             sink.close()
 
 
+def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, in file order, read while a job may be writing it.
+
+    A missing file has no records yet. Records are appended one line at a time, so only the last
+    line can be torn (a reader polling a running job can see half of it): it is left out until
+    it is complete. A line that does not parse anywhere else is a corrupt file, and raises."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # no newline yet: a record being written
+                break
+            raise
+    return out
+
+
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    """All records of a run, in file order."""
-    with open(os.path.join(run_dir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All complete records of a run dir's metrics.jsonl, in file order."""
+    return read_records(os.path.join(run_dir, METRICS_FILE))
 
 
 def write_summary(run_dir: str, summary: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ NaN; and while alpha = 0 each group's losses equal its plain reference's to 1e-5
 the group's seed, its data shard and order, and the in-group sharding at once.
 
 ZeRO-3 only, to keep to one launch: ZeRO-2 through the same hook (`engines_in_group`) runs in
-tests/test_hf_stock_script.py (the Trainer). FSDP2 through Accelerate cannot run on CPU:
+tests/dist/test_hf_stock_script.py (the Trainer). FSDP2 through Accelerate cannot run on CPU:
 Accelerate 1.15 enables FSDP for accelerator process types only (under
 launch/accelerate/fsdp2.yaml on CPU it reports distributed type NO); `check_fsdp_in_group` is
 tested directly in tests/workers/group_sharding_check.py.

@@ -26,6 +26,21 @@ CASES = {
 }
 
 
+MARK = "codistill-ds: error:"
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Each rank's error line, also when two ranks wrote at the same moment and their lines ran
+    together or broke across each other: split the text at every marker, not at newlines."""
+    return [MARK + part.split("\n")[0] for part in stderr.split(MARK)[1:]]
+
+
+def test_error_lines_survive_interleaving():
+    msg = "config field 'codistill.groups': world size 2 is not divisible by codistill.groups=3"
+    together = f"W1206 torchrun noise\n{MARK} {msg}{MARK} {msg}\n"
+    assert error_lines(together) == [f"{MARK} {msg}"] * 2
+
+
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_bad_config_fails_fast_on_every_rank(case, tmp_path):
     overrides, field, detail = CASES[case]
@@ -34,7 +49,7 @@ def test_bad_config_fails_fast_on_every_rank(case, tmp_path):
     proc = cli(NPROC, "train", "--config", CONFIG, "--run-dir", str(tmp_path), *sets, timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("codistill-ds: error:")]
+    lines = error_lines(proc.stderr)
     assert len(lines) == NPROC, proc.stderr[-3000:]  # one line from each rank
     assert all(f"'{field}'" in ln and detail in ln for ln in lines), lines
     assert "codistill_ds/" not in proc.stderr  # no traceback from our code, only the message

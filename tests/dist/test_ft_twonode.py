@@ -26,8 +26,7 @@ PORT = 29555  # inside node 0's own namespace: no other process can hold it
 
 
 def records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    return read_jsonl(path) if path.exists() else []
+    return read_jsonl(run / "metrics.jsonl")
 
 
 def wait_for(what: str, cond, timeout: float, procs: list) -> None:

@@ -43,11 +43,7 @@ def job(g: int, nproc: int, url: str, run: Path, extra: list[str], log: Path) ->
 
 
 def _last_step(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    try:
-        recs = read_jsonl(path) if path.exists() else []
-    except json.JSONDecodeError:  # a record being written
-        return 0
+    recs = read_jsonl(run / "metrics.jsonl")
     return recs[-1]["step"] if recs else 0
 
 

@@ -39,7 +39,7 @@ from hf_stock import (
 )
 
 from codistill_ds.run.watchdog import EXIT_NONFINITE, EXIT_PEER_LOST
-from launch import REPO, WORKERS, child_env, free_port
+from launch import REPO, WORKERS, child_env, free_port, read_jsonl
 
 STEPS, SAVE_STEPS, BURN_IN, SEED, S = 8, 4, 2, 11, 2
 NAN_LOGITS_STEP, NAN_LOSS_STEP = 3, 2
@@ -62,7 +62,7 @@ class Run:
 
     def logs(self, rank: int) -> list[dict]:
         path = self.probe / f"logs_rank{rank}.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return read_jsonl(path)
 
     def train_logs(self, rank: int) -> dict[int, dict]:
         return {log["step"]: log for log in self.logs(rank) if "loss" in log}

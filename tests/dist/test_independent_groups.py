@@ -61,8 +61,7 @@ def signal_job(job: subprocess.Popen, sig: int) -> None:
 
 
 def records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return read_jsonl(path) if path.exists() else []
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def wait_for(what: str, cond, timeout: float, jobs: dict | None = None, poll: float = 0.2):

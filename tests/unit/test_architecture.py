@@ -122,7 +122,7 @@ def _sources() -> dict[str, str]:
 
 
 def _where(pattern: str) -> list[str]:
-    return sorted(f for f, text in _sources().items() if re.search(pattern, text, re.M))
+    return sorted(f for f, text in _sources().items() if re.search(pattern, text, re.MULTILINE))
 
 
 def test_setup_pieces_are_written_once():

@@ -68,14 +68,14 @@ def test_a_job_of_one_group_counts_from_its_group_id():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(world_size=6, groups=4, rank=0), "world size 6 is not divisible by codistill.groups=4"),
-    (dict(world_size=8, groups=2, rank=0, tp=3),
-     "a group of 4 ranks (world 8 / codistill.groups 2) is not divisible by parallel.replicate 1 x "
-     "parallel.tp 3 = 3: world = codistill 2 x replicate 1 x dp_shard D x tp 3 needs D = 1.33333"),
-    (dict(world_size=8, groups=2, rank=0, replicate=2, tp=4), "parallel.replicate 2 x parallel.tp 4 = 8"),
-    (dict(world_size=8, groups=0, rank=0), "codistill.groups must be >= 1, got 0"),
-    (dict(world_size=8, groups=2, rank=0, tp=0), "parallel.tp must be >= 1, got 0"),
-    (dict(world_size=4, groups=2, rank=4), "rank 4 outside world of 4"),
+    ({"world_size": 6, "groups": 4, "rank": 0}, "world size 6 is not divisible by codistill.groups=4"),
+    ({"world_size": 8, "groups": 2, "rank": 0, "tp": 3},
+     ("a group of 4 ranks (world 8 / codistill.groups 2) is not divisible by parallel.replicate 1 x "
+      "parallel.tp 3 = 3: world = codistill 2 x replicate 1 x dp_shard D x tp 3 needs D = 1.33333")),
+    ({"world_size": 8, "groups": 2, "rank": 0, "replicate": 2, "tp": 4}, "parallel.replicate 2 x parallel.tp 4 = 8"),
+    ({"world_size": 8, "groups": 0, "rank": 0}, "codistill.groups must be >= 1, got 0"),
+    ({"world_size": 8, "groups": 2, "rank": 0, "tp": 0}, "parallel.tp must be >= 1, got 0"),
+    ({"world_size": 4, "groups": 2, "rank": 4}, "rank 4 outside world of 4"),
 ])
 def test_bad_degrees_name_every_number(kwargs, message):
     with pytest.raises(TopologyError) as err:

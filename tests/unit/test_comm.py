@@ -1,4 +1,4 @@
-"""Every collective of the library goes through codistill_ds/comm.py, which puts tensors on the
+"""Every collective of the library goes through codistill_ds/distributed/comm.py, which puts tensors on the
 device their process group serves (NCCL: CUDA, gloo: CPU, "cpu:gloo,cuda:nccl": both).
 
 The scan reads the source (AST), so it also covers code paths that only run on GPUs."""

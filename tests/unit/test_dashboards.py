@@ -45,3 +45,23 @@ def test_writer_feeds_tensorboard_what_it_appends(tmp_path):
     assert tb["val_loss"] == {3: [pytest.approx(0.7)]} and tb["tokens"][2] == [128.0]
     silent = MetricsWriter(str(tmp_path / "other"), enabled=False, report_to=["tensorboard"], group=0)
     assert silent.sinks == [] and not (tmp_path / "other").exists()  # not the group's leader
+
+
+def test_records_of_a_file_being_written(tmp_path):
+    """A poller may read metrics.jsonl while a record is half written: that last line is left out
+    until complete; a bad line anywhere else is corruption and raises."""
+    import json
+
+    import pytest
+
+    from codistill_ds.run.metrics import read_metrics, read_records
+
+    path = tmp_path / "metrics.jsonl"
+    assert read_records(path) == []
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert [r["step"] for r in read_records(path)] == [1, 2]
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "loss": 1.5}\n')
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3]
+    path.write_text('{"step": 1}\n{"ste\n{"step": 3}\n')
+    with pytest.raises(json.JSONDecodeError):
+        read_records(path)

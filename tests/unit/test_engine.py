@@ -25,7 +25,11 @@ from codistill_ds.distributed.env import free_port
 from codistill_ds.exchange.batches import ExchangeBatch
 from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings
 from codistill_ds.exchange.losses import peer_distill_loss
-from codistill_ds.exchange.sampling import gather_positions, sample_targets, select_positions
+from codistill_ds.exchange.sampling import (
+    gather_positions,
+    sample_targets,
+    select_positions,
+)
 from codistill_ds.exchange.transport.base import ExchangeResult
 from codistill_ds.exchange.wire import CompressedLogits, compress, pack, wire_dtype
 
@@ -49,7 +53,7 @@ def tokens(e: int, rows: range) -> torch.Tensor:
 
 
 def batch_for(step: int, e: int) -> ExchangeBatch:
-    rows = range(0, B)
+    rows = range(B)
     return ExchangeBatch(tokens(e, rows), rows=rows)
 
 
@@ -76,7 +80,7 @@ class PeerTransport:
     def payload(self, g: int, e: int) -> CompressedLogits:
         logits = model(g)(batch_for(-1, e).inputs)
         if self.s.token_fraction < 1:  # the peer sends the same drawn positions
-            pos = select_positions(self.s.seed, e, range(0, B), L, self.s.token_fraction)
+            pos = select_positions(self.s.seed, e, range(B), L, self.s.token_fraction)
             logits = gather_positions(logits.view(B, L, V), pos)
         if g in self.poison:
             logits = torch.full_like(logits, float("nan"))
@@ -243,7 +247,7 @@ def test_token_fraction_sends_the_drawn_positions_and_gathers_the_student_there(
     sent = {}
     eng.observers.append(lambda ev, step, p: ev == "sent" and sent.setdefault(step, p))
     (target,) = eng.step(0, model(0))
-    pos = select_positions(9, 0, range(0, B), L, 0.5)
+    pos = select_positions(9, 0, range(B), L, 0.5)
     assert torch.equal(target.positions, pos)
     mine = gather_positions(model(0)(batch_for(0, 0).inputs).view(B, L, V), pos)
     assert torch.equal(sent[0].values, compress(mine, 4, torch.float32, "logprobs", 1.0).values)

@@ -1,4 +1,4 @@
-"""Token sampling (codistill_ds/sampling.py): shared positions and unbiased sampled targets,
+"""Token sampling (codistill_ds/exchange/sampling.py): shared positions and unbiased sampled targets,
 checked against float64 references and the full-vocabulary KL."""
 
 from __future__ import annotations

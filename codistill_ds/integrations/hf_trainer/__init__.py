@@ -27,7 +27,7 @@ DeepSpeed configs follow the Trainer's rule: batch keys "auto" (the shipped `ds_
 have them; the engine then gets the group's train_batch_size). FSDP2 through the Trainer needs
 accelerator devices: Accelerate 1.15 enables FSDP only for accelerator process types
 (`AcceleratorState.__init__`: MULTI_GPU, MULTI_XPU, ...; never MULTI_CPU), so on CPU the Trainer
-path runs DeepSpeed (the FSDP2 hook itself is tested on CPU, tests/test_hf_trainer.py). FSDP2's
+path runs DeepSpeed (the FSDP2 hook itself is tested on CPU, tests/dist/test_hf_trainer.py). FSDP2's
 `cpu_ram_efficient_loading` broadcasts global rank 0's weights over the world, so every group
 would start from group 0's initialization: leave it off.
 
