@@ -10,9 +10,9 @@ the payload is the predictions only.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -28,6 +28,8 @@ from codistill_ds.exchange.transport.contract import (
     contract_mismatch,
     reference_contract,
 )
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.1
 """Seconds between heartbeats to the Lighthouse (its heartbeat timeout decides when a silent
@@ -237,6 +239,6 @@ class LighthouseMember:
         if key in self._warned:
             return
         self._warned.add(key)
-        print(f"codistill-ds: warning: group {self.group_id}: {text}", file=sys.stderr, flush=True)
+        log.warning("group %d: %s", self.group_id, text)
 
 
