@@ -261,7 +261,9 @@ class VocabSlice:
         dimension and replicated over the others (a vocab-parallel `lm_head`'s output). Leading
         dimensions are flattened; the gradient flows back into the DTensor."""
         from torch.distributed.tensor import Shard
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        from torch.distributed.tensor._utils import (
+            compute_local_shape_and_global_offset,
+        )
 
         last = logits.dim() - 1
         dims = [i for i, p in enumerate(logits.placements)

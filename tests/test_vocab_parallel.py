@@ -202,7 +202,7 @@ def test_gloo_row_split_exchange_k2_t2(gloo):
             tol = WIRE_REL[dt] * 64  # |values| < 64 here: one wire step absolute
             assert c["value_err"] <= tol, (name, rank, c)
             if "loss_err" in c:
-                assert c["loss_err"] <= TOL * 10 and c["grad_err"] <= TOL, (name, rank, c)
+                assert c["loss_err"] <= TOL * max(1.0, abs(c["loss_ref"])) and c["grad_err"] <= TOL, (name, rank, c)
         for g in (0, 1):
             sent = [ex[2 * g + t][name]["sent_bytes"] for t in range(2)]
             assert sum(sent) == ex[0][name]["t1_bytes"] == ex[0][name]["fmt_bytes"], (name, sent)
@@ -295,7 +295,7 @@ def test_order_keys_sort_like_a_stable_descending_sort():
 
 
 def test_row_range_cuts_like_tensor_split_and_bytes_add_up():
-    for n in range(0, 13):
+    for n in range(13):
         for T in (1, 2, 3, 4):
             cut = [vp.row_range(n, t, T) for t in range(T)]
             assert [len(r) for r in cut] == [len(p) for p in torch.arange(n).tensor_split(T)]
@@ -313,8 +313,8 @@ def test_group_of_one_equals_the_unsharded_code():
     s, t = W.logits(1), W.logits(2)
     for topk in (8, 0):
         target = compress(t, topk, torch.float32, "logprobs", 2.0)
-        r = W.compare(s, None, lambda z: distill_loss(z, target, "kl", 2.0, W.MASK),
-                      lambda v: vp.distill_loss(v, target, "kl", 2.0, W.MASK))
+        r = W.compare(s, None, lambda z, c=target: distill_loss(z, c, "kl", 2.0, W.MASK),
+                      lambda v, c=target: vp.distill_loss(v, c, "kl", 2.0, W.MASK))
         assert r["value_err"] <= TOL and r["grad_err"] <= TOL, r
     vs = vp.VocabSlice(s, 0, W.V)
     assert torch.equal(vp.compress(vs, 8, torch.float32, "logits", 1.0).indices, compress(s, 8, torch.float32, "logits", 1.0).indices)

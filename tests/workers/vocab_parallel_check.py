@@ -111,8 +111,8 @@ def student_checks(group) -> dict:
                     for mname, mask in (("all", None), ("masked", MASK)):
                         out[f"{name}/{loss}/k{topk}/T{temperature}/{mname}"] = compare(
                             student, group,
-                            lambda z: distill_loss(z, target, lname, temperature, mask),
-                            lambda s: vp.distill_loss(s, target, lname, temperature, mask))
+                            lambda z, a=(target, lname, temperature, mask): distill_loss(z, *a),
+                            lambda v, a=(target, lname, temperature, mask): vp.distill_loss(v, *a))
     # Two peers, one top-k and one full vocabulary, weighted: the shared log-sum-exp path.
     s, t = logits(1), logits(2)
     peers = [compress(t, K, torch.float32, "logprobs", 2.0), compress(logits(6), 0, torch.float32, "logprobs", 2.0)]
@@ -121,9 +121,9 @@ def student_checks(group) -> dict:
     labels = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(8))
     labels[[1, 4]] = -100
     for red in ("mean", "sum", "none"):
-        fn = (lambda x: x.sum()) if red == "none" else (lambda x: x)
-        out[f"ce/{red}"] = compare(s, group, lambda z: fn(F.cross_entropy(z, labels, ignore_index=-100, reduction=red)),
-                                   lambda v: fn(vp.cross_entropy(v, labels, -100, red)))
+        out[f"ce/{red}"] = compare(
+            s, group, lambda z, r=red: F.cross_entropy(z, labels, ignore_index=-100, reduction=r).sum(),
+            lambda v, r=red: vp.cross_entropy(v, labels, -100, r).sum())  # sum: "none" gives [N]
     out["ce/tail_1e-12"] = compare(scenarios()["tail_1e-12"][0], group,
                                    lambda z: F.cross_entropy(z, labels), lambda v: vp.cross_entropy(v, labels))
     return out
@@ -317,7 +317,7 @@ def exchange_checks(tp, rail, group_id: int) -> dict:
             r.backward()
             g = vp.distill_loss(vs, peer, "kl", temperature, MASK)
             g.backward()
-            out[name]["loss_err"] = abs(g.item() - r.item())
+            out[name]["loss_ref"], out[name]["loss_err"] = r.item(), abs(g.item() - r.item())
             out[name]["grad_err"] = (leaf.grad - whole.grad[:, vs.offset:vs.offset + vs.width]).abs().max().item()
     out["tp_rank"] = c.rank
     return out
