@@ -48,6 +48,16 @@ and a DTensor sharded along its last dimension; every payload made here or by `c
 the vocabulary its ids index (`WireFormat.vocab`), and `losses.py` refuses a student of another
 width, which is what catches an untagged [N, V/T] tensor with k < V/T, where no shape check can.
 
+Collectives over tp per call (N tokens, V_t = V/T, all per-token and small except the first):
+compress full vocabulary: one all-gather of [N, V_t] (`compress_rows`: one all-to-all of
+[N/T, V_t] blocks instead); compress top-k: one all-gather of N x min(k, V_t) int64 candidates,
+plus one [N] all-reduce for "logprobs" (the max is the top candidate); sample_targets: two [N]
+all-reduces, an all-gather of [N] totals and of the [N, n] uniforms, one [N, n, 2] all-reduce;
+gather_rows: one all-gather of the packed chunk; student losses: two [N] all-reduces for the
+log-sum-exp, then per peer one all-reduce ([N, k+1] top-k, [N, n] samples, [N] full vocabulary,
+which adds two [N] for the teacher's normalizer); cross_entropy: three; argmax: one [N, 2]
+all-gather; VocabSlice without `bounds`: one all-gather of four numbers.
+
 Every function takes the TP group as an argument (via `VocabSlice.group` for the student and
 teacher sides): a `torch.distributed` process group (collectives through `codistill_ds.comm`),
 None for T = 1 (no collective), or any `TPComm` (tests simulate T ranks with threads).
@@ -290,12 +300,15 @@ def gather_logits(vs: VocabSlice) -> torch.Tensor:
     return torch.cat([p[:, :w] for p, (_, w) in zip(parts, vs.bounds)], dim=-1)
 
 
-def _logsumexp(zt: torch.Tensor, comm: TPComm) -> tuple[torch.Tensor, torch.Tensor]:
+def _logsumexp(zt: torch.Tensor, comm: TPComm,
+               m: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, log-sum-exp) over the whole vocabulary, [N, 1] each, from my slice zt [N, V_t].
 
-    Two per-token all-reduces: max, then sum of exp(z - max). The max is detached (the value
-    does not depend on it); an infinite max is replaced by 0, as torch.logsumexp does."""
-    m = comm.all_reduce(zt.detach().amax(dim=-1, keepdim=True), "max")
+    Two per-token all-reduces: max (unless the caller knows it: `m`), then sum of exp(z - max).
+    The max is detached (the value does not depend on it); an infinite max is replaced by 0, as
+    torch.logsumexp does."""
+    if m is None:
+        m = comm.all_reduce(zt.detach().amax(dim=-1, keepdim=True), "max")
     m = torch.where(m.abs() == float("inf"), torch.zeros_like(m), m)
     s = _sum_over_tp(torch.exp(zt - m).sum(dim=-1, keepdim=True), comm)
     return m, torch.log(s) + m
@@ -381,7 +394,10 @@ def compress(vs: VocabSlice, topk: int, dtype: torch.dtype, kind: str, temperatu
     top, ids = global_topk(vs, fmt.k)
     with torch.no_grad():
         if kind == "logprobs":
-            _, lse = _logsumexp(vs.local.detach().float() / temperature, vs.comm)
+            # The global max is the top-1 candidate (max(z / T) = max(z) / T exactly, since
+            # rounding is monotone): one all-reduce, not two.
+            _, lse = _logsumexp(vs.local.detach().float() / temperature, vs.comm,
+                                top[:, :1] / temperature)
             top = top / temperature - lse
         return CompressedLogits(to_wire_values(top, fmt.value_dtype),
                                 ids.to(torch.int32).contiguous(), kind, fmt)
@@ -524,8 +540,12 @@ class _Student:
         sent = torch.zeros(vs.num_tokens(), vs.width + 1, dtype=torch.bool, device=loc.device)
         sent.scatter_(-1, torch.where(owned, loc, torch.full_like(loc, vs.width)), True)
         rest = self.zt.masked_fill(sent[:, :vs.width], float("-inf"))
-        tail = _sum_over_tp(torch.exp(rest - self.m).sum(dim=-1, keepdim=True), vs.comm)
-        return torch.cat([self.log_q_at(ids), torch.log(tail) + self.m - self.lse], dim=-1)
+        got = self.zt.gather(-1, loc)
+        # One all-reduce for both sums: z / T at the ids (owner-masked) and the rest's mass.
+        both = _sum_over_tp(torch.cat([torch.where(owned, got, torch.zeros_like(got)),
+                                       torch.exp(rest - self.m).sum(dim=-1, keepdim=True)], -1), vs.comm)
+        z_ids, tail = both[:, :-1], both[:, -1:]
+        return torch.cat([z_ids - self.lse, torch.log(tail) + self.m - self.lse], dim=-1)
 
 
 def _teacher_slice_log_probs(target: CompressedLogits, vs: VocabSlice) -> torch.Tensor:
