@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from codistill_ds.exchange.wire import CompressedLogits
+from codistill_ds.exchange.wire import CompressedLogits, check_whole_vocabulary
 
 LOSSES = ("kl", "reverse_kl", "jsd", "mse")
 
@@ -48,9 +48,24 @@ def ignore_mask(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
 
 def _check_inputs(student_logits: torch.Tensor, target: CompressedLogits,
                   temperature: float, mask: torch.Tensor | None) -> None:
+    check_whole_vocabulary(student_logits, "this loss")
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got {tuple(student_logits.shape)}")
-    n, vocab = student_logits.shape
+    _check_target(*student_logits.shape, target, temperature, mask)
+
+
+def _check_target(n: int, vocab: int, target: CompressedLogits, temperature: float,
+                  mask: torch.Tensor | None) -> None:
+    """The target against a student of n tokens over `vocab` entries (shared with
+    `vocab_parallel`, whose students hold a slice of a `vocab`-entry vocabulary).
+
+    The vocabulary check is what catches a tensor-parallel slice [N, V/T] handed in as if it
+    were the whole vocabulary: with k < V/T no shape check can, but the target's format knows
+    the V its ids index."""
+    if target.fmt is not None and target.fmt.vocab is not None and target.fmt.vocab != vocab:
+        raise ValueError(f"the target indexes a vocabulary of {target.fmt.vocab} but the student "
+                         f"has {vocab} entries; a tensor-parallel vocabulary slice needs "
+                         "codistill_ds.vocab_parallel")
     if target.num_tokens() != n:
         raise ValueError(f"target covers {target.num_tokens()} tokens, student has {n}")
     if target.indices is None and target.k != vocab:
@@ -120,6 +135,13 @@ def _divergence_per_token(log_q_student: torch.Tensor, target: CompressedLogits,
     """Per-token kl / reverse_kl / jsd, already multiplied by T^2 (Hinton et al. 2015)."""
     log_p = _teacher_log_probs(target)
     log_q = _student_bucket_log_probs(log_q_student, target)
+    return _divergence_terms(log_p, log_q, loss) * (temperature * temperature)
+
+
+def _divergence_terms(log_p: torch.Tensor, log_q: torch.Tensor, loss: str) -> torch.Tensor:
+    """Sum over the last dimension of the kl / reverse_kl / jsd summands of teacher log_p and
+    student log_q, not yet scaled by T^2. Every summand is elementwise, so a vocabulary slice's
+    partial sum, summed over the slices, is the whole (`vocab_parallel`)."""
     p, q = log_p.exp(), log_q.exp()
     log_p_safe = log_p.clamp_min(_LOG_FLOOR)
     if loss == "kl":
@@ -129,7 +151,7 @@ def _divergence_per_token(log_q_student: torch.Tensor, target: CompressedLogits,
     else:  # jsd
         log_m = torch.log((0.5 * (p + q)).clamp_min(torch.finfo(torch.float32).tiny))
         per_token = 0.5 * _kl_terms(p, log_p_safe, log_m) + 0.5 * _kl_terms(q, log_q, log_m)
-    return per_token * (temperature * temperature)
+    return per_token
 
 
 def _sampled_kl_per_token(log_q_student: torch.Tensor, target: CompressedLogits,
@@ -140,7 +162,11 @@ def _sampled_kl_per_token(log_q_student: torch.Tensor, target: CompressedLogits,
     gradient -(1/n) sum_s grad log q(x_s): the teacher proposes and importance weights are 1.
     The sent log p(x_s) only shifts the value (a constant to the student); the gradient needs
     the ids alone."""
-    log_q = log_q_student.gather(-1, target.indices.long())
+    return _sampled_kl_at(log_q_student.gather(-1, target.indices.long()), target, temperature)
+
+
+def _sampled_kl_at(log_q: torch.Tensor, target: CompressedLogits, temperature: float) -> torch.Tensor:
+    """`_sampled_kl_per_token` from the student's log q at the drawn ids, [N, n]."""
     return (target.values.detach().float() - log_q).mean(dim=-1) * (temperature * temperature)
 
 
@@ -148,9 +174,13 @@ def _mse_per_token(student: torch.Tensor, target: CompressedLogits) -> torch.Ten
     """Mean squared logit difference over the sent entries (Ba & Caruana style logit matching).
 
     Only the sent ids are compared: the peer said nothing about the others' logits."""
-    z = target.values.detach().float()
     s = student if target.indices is None else student.gather(-1, target.indices.long())
-    return (s - z).pow(2).mean(dim=-1)
+    return _mse_at(s, target)
+
+
+def _mse_at(s: torch.Tensor, target: CompressedLogits) -> torch.Tensor:
+    """`_mse_per_token` from the student's logits at the sent entries, [N, k]."""
+    return (s - target.values.detach().float()).pow(2).mean(dim=-1)
 
 
 def _masked_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -227,9 +257,14 @@ def top1_agreement(student_logits: torch.Tensor, target: CompressedLogits,
 
     A ratio per rank could not be averaged correctly when ranks count different token numbers.
     Agreement between replicas is the diversity signal codistillation papers track."""
+    check_whole_vocabulary(student_logits, "top1_agreement")
     if student_logits.dim() != 2 or student_logits.shape[0] != target.num_tokens():
         raise ValueError(f"student_logits {tuple(student_logits.shape)} does not match "
                          f"{target.num_tokens()} target tokens")
+    if target.fmt is not None and target.fmt.vocab not in (None, student_logits.shape[1]):
+        raise ValueError(f"the target indexes a vocabulary of {target.fmt.vocab} but the student "
+                         f"has {student_logits.shape[1]} entries; a tensor-parallel vocabulary "
+                         "slice needs codistill_ds.vocab_parallel")
     with torch.no_grad():
         agree = student_logits.argmax(dim=-1) == target.top1().to(student_logits.device)
         if mask is not None:

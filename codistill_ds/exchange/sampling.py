@@ -27,6 +27,7 @@ import torch
 from codistill_ds.exchange.wire import (
     CompressedLogits,
     WireFormat,
+    check_whole_vocabulary,
     choose_index_dtype,
     to_wire_values,
 )
@@ -82,6 +83,7 @@ def sample_targets(logits: torch.Tensor, num_samples: int, temperature: float,
     Returns a kind-"samples" payload: ids in draw order, values = the teacher's log-probability
     of each drawn id (rounded as the wire will round them). Bytes per token:
     num_samples x (value + id bytes), whatever the vocabulary."""
+    check_whole_vocabulary(logits, "sample_targets")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
     if num_samples < 1:
@@ -89,7 +91,7 @@ def sample_targets(logits: torch.Tensor, num_samples: int, temperature: float,
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     vocab = logits.shape[1]
-    fmt = WireFormat(num_samples, value_dtype, choose_index_dtype(index_dtype, vocab), "samples")
+    fmt = WireFormat(num_samples, value_dtype, choose_index_dtype(index_dtype, vocab), "samples", vocab)
     with torch.no_grad():
         log_p = torch.log_softmax(logits.detach().float() / temperature, dim=-1)
         ids = torch.multinomial(log_p.exp(), num_samples, replacement=True, generator=generator)

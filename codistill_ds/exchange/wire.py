@@ -111,8 +111,14 @@ class WireFormat:
     """"uint16" | "int32"; None for the full vocabulary (natural order, no ids sent)."""
     kind: str
     """"logprobs" | "logits" | "samples" (see KINDS)."""
+    vocab: int | None = field(default=None, compare=False)
+    """Vocabulary the ids index (the teacher's V); None when unknown. Not on the wire: the
+    receiver unpacks with its own format, so this is its own V, which `losses.py` compares with
+    the student logits' width (a tensor-parallel vocabulary slice [N, V/T] is refused)."""
 
     def __post_init__(self) -> None:
+        if self.vocab is not None and self.vocab < 1:
+            raise ValueError(f"vocab must be >= 1 or None, got {self.vocab}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         wire_dtype(self.value_dtype)
@@ -130,8 +136,8 @@ class WireFormat:
         if topk < 0 or vocab < 1:
             raise ValueError(f"topk must be >= 0 and vocab >= 1, got topk={topk}, vocab={vocab}")
         if topk == 0 or topk >= vocab:
-            return cls(vocab, value_dtype, None, kind)
-        return cls(topk, value_dtype, choose_index_dtype(index_dtype, vocab), kind)
+            return cls(vocab, value_dtype, None, kind, vocab)
+        return cls(topk, value_dtype, choose_index_dtype(index_dtype, vocab), kind, vocab)
 
     @property
     def full_vocab(self) -> bool:
@@ -311,6 +317,24 @@ def dequantize_fp8(codes: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
     return (codes.float() * torch.exp2(exps.float()).unsqueeze(-1)).to(torch.bfloat16)
 
 
+def check_whole_vocabulary(x: object, what: str) -> None:
+    """Refuse a tensor that holds only a slice of the vocabulary where the whole one is needed.
+
+    Under tensor parallelism a rank's logits are [N, V/T]; top-k, softmax or a loss over them
+    is silently wrong (it normalizes over the slice). Caught here: a `vocab_parallel.VocabSlice`,
+    the local tensor it wraps (tagged at construction), and a DTensor whose last dimension is
+    sharded. Such slices go to `codistill_ds.vocab_parallel`, which computes the same numbers
+    with collectives over the tensor-parallel group."""
+    if getattr(x, "_codistill_vocab_slice", None) is not None:
+        raise TypeError(f"{what} got a tensor-parallel vocabulary slice ({type(x).__name__}); "
+                        "it needs the whole vocabulary: use codistill_ds.vocab_parallel")
+    local = getattr(x, "_local_tensor", None)  # DTensor, duck-typed (no import of torch.distributed)
+    if isinstance(x, torch.Tensor) and isinstance(local, torch.Tensor) and x.dim() > 0 \
+            and local.shape[-1] != x.shape[-1]:
+        raise TypeError(f"{what} got a DTensor sharded along the vocabulary (local "
+                        f"{tuple(local.shape)} of {tuple(x.shape)}): use codistill_ds.vocab_parallel")
+
+
 def compress(logits: torch.Tensor, topk: int, dtype: torch.dtype, kind: str,
              temperature: float, index_dtype: str = "auto") -> CompressedLogits:
     """Reduce [N, V] logits to the payload a replica sends its peers.
@@ -319,6 +343,7 @@ def compress(logits: torch.Tensor, topk: int, dtype: torch.dtype, kind: str,
     in float32 before the wire rounding (one rounding, of the final numbers, not amplified by a
     later softmax). Runs detached: the peers' predictions are constants to the receiving
     replica, and no graph should be kept alive for them."""
+    check_whole_vocabulary(logits, "compress")
     if logits.dim() != 2:
         raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
     if kind not in ("logprobs", "logits"):
