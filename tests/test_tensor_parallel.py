@@ -7,6 +7,8 @@ Launches (real ranks, gloo, CPU), one after the other (2 shared cores):
   ATP  tests/workers/autotp_check.py on 4 ranks: AutoTP + ZeRO-1 with per-group groups, and
        DeepSpeed's default grouping, which must be refused
   MEM  tests/workers/ac_memory.py, one process per mode: peak resident memory of a step
+  BLD  tests/workers/tp_memory_check.py on 2 ranks: peak resident memory of building an 88M
+       Llama with TP (1,1,1,2) and FSDP2 (1,1,2,1) through build_parallel_replica vs whole
 The unit tests at the end need no process group.
 """
 
@@ -53,6 +55,17 @@ def ac_memory(tmp_path_factory):
         assert proc.returncode == 0, proc.stderr[-4000:]
         out[mode] = json.loads(path.read_text())
     return out
+
+
+@pytest.fixture(scope="module")
+def build_memory(tmp_path_factory):
+    from launch import torchrun
+
+    out = tmp_path_factory.mktemp("tpmem")
+    proc = torchrun(2, [str(WORKERS / "tp_memory_check.py"), str(out)], timeout=540,
+                    MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the system
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
 # ---- TP + FSDP2 / HSDP -----------------------------------------------------------------------------
@@ -126,6 +139,33 @@ def test_export_loads_with_from_pretrained(tp):
         assert run["export_param_diff"] == 0.0 and run["export_dcp_param_diff"] == 0.0, where
         assert run["export_logits_diff"] <= TOL, (where, run["export_logits_diff"])
         assert run["export_ref_logits_diff"] <= 1e-5, (where, run["export_ref_logits_diff"])
+
+
+def test_fsdp_options_run(tp):
+    """bf16 compute (bf16 logits, loss within bf16 rounding), CPU offload and no reshard after
+    forward (both exact) on (2,1,1,2)."""
+    for r in tp:
+        o = r["options"]
+        assert o["bf16"]["logits_dtype"] == "torch.bfloat16" and abs(o["bf16"]["loss"] - o["ref_loss"]) < 2e-2
+        for name in ("offload", "no_reshard"):
+            assert abs(o[name]["loss"] - o["ref_loss"]) <= TOL and abs(o[name]["norm"] - o["ref_norm"]) <= TOL, name
+
+
+def test_build_never_holds_the_whole_model(build_memory):
+    """Measured here (88M parameters, fp32, S = 2): the whole build peaks at 353 MB; TP over 2
+    ranks peaks at ~241 MB (0.68) and keeps ~179 MB (0.51), FSDP2 ~227 MB (0.64) / 177 MB: the
+    ZeRO-3 build's peak, since each ZeRO partition is freed as its TP/FSDP shard is cut."""
+    for r in build_memory:
+        whole = r["whole"]["peak"]
+        assert whole >= 0.95 * 4 * r["params"], r
+        for kind in ("tp", "fsdp"):
+            m = r[kind]
+            assert m["peak"] <= 0.75 * whole, (kind, m["peak"] / whole)
+            assert m["kept"] <= 0.55 * whole, (kind, m["kept"] / whole)
+            assert m["residue"] <= 0.05 * whole, (kind, m["residue"])
+        print(f"\nrank {r['rank']}: whole {whole / 1e6:.0f} MB; " + "; ".join(
+            f"{k} peak {r[k]['peak'] / 1e6:.0f} MB ({r[k]['peak'] / whole:.2f}), kept {r[k]['kept'] / 1e6:.0f} MB"
+            for k in ("tp", "fsdp")))
 
 
 def test_activation_checkpointing_same_numbers(tp):

@@ -226,7 +226,9 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtyp
     if param_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # Pinned host memory needs an accelerator: on a CPU-only machine FSDP2 fails at
+        # load_state_dict with "Cannot access accelerator device when none is available".
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
     for block in transformer_blocks(model):
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -385,8 +387,10 @@ def materialize_from_zero3(model: nn.Module, zero_model: nn.Module, device: torc
     1/S of it, initialized exactly as an unsharded build of the same seed).
 
     One parameter at a time is gathered over the group (`GatheredParameters`), cut to this
-    rank's TP/FSDP piece, and released: a rank's peak is its ZeRO-3 partition (1/S of the
-    model) + its TP/FSDP shards (1/S, or 1/(D*T) under HSDP) + one whole parameter."""
+    rank's TP/FSDP piece, and its ZeRO-3 partition is freed at once (`zero_model` is consumed:
+    do not use it afterwards), so the ZeRO partitions shrink as the TP/FSDP shards grow: a
+    rank holds about 1/S of the model (1/(D*T) under HSDP) plus one whole parameter and its
+    clone while cutting, never the whole model."""
     from deepspeed import zero
 
     zero_params = dict(zero_model.named_parameters())
@@ -394,7 +398,9 @@ def materialize_from_zero3(model: nn.Module, zero_model: nn.Module, device: torc
     def full_value(name: str) -> torch.Tensor:
         zp = zero_params[name]
         with zero.GatheredParameters([zp]):
-            return zp.data.view(tuple(zp.ds_shape)).clone()
+            full = zp.data.view(tuple(zp.ds_shape)).clone()
+        zp.ds_tensor.data = torch.empty(0, dtype=zp.ds_tensor.dtype, device=zp.ds_tensor.device)
+        return full
 
     buffers = {n: b for n, b in zero_model.named_buffers()}
     return materialize(model, full_value, device, buffers)

@@ -10,7 +10,8 @@ Recorded per mesh: init / loss / norm / gradient / parameter differences, local 
 checks, shard sizes, then (activation checkpointing "none" only) DCP save -> load into a replica
 of another seed -> exact round trip and exact resume of step 3, a streamed export and an offline
 export from DCP, both read back by `from_pretrained`. Activation checkpointing "full" and
-"selective" repeat the training on AC_SHAPES. Args: OUT [KxRxDxT ...] (a subset, no AC runs). Writes OUT/rank{r}.json."""
+"selective" repeat the training on AC_SHAPES; one step with bf16 compute, CPU offload and
+no reshard after forward on (2, 1, 1, 2). Args: OUT [KxRxDxT ...] (a subset, no AC runs). Writes OUT/rank{r}.json."""
 
 from __future__ import annotations
 
@@ -229,6 +230,25 @@ def run_shape(shape: tuple, ac: str, out: Path, full: bool) -> dict:
     return res
 
 
+def options_check(shape: tuple) -> dict:
+    """One step with each apply_fsdp option: bf16 compute (MixedPrecisionPolicy), CPU offload,
+    no reshard after forward; loss and clip norm against the fp32 reference."""
+    K, R, D, T = shape
+    mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=NAMES)
+    g, r, d, t = mesh.get_coordinate()
+    a, A = r * D + d, R * D
+    ref = reference(SEED + g, g, A, 1)
+    out = {"ref_loss": ref["loss"][0], "ref_norm": ref["norm"][0]}
+    for name, kw in (("bf16", {"param_dtype": torch.bfloat16}), ("offload", {"cpu_offload": True}),
+                     ("no_reshard", {"reshard_after_forward": False})):
+        model = build_parallel_replica(lambda: build_model(TINY, VOCAB, 0.0, SEED + g), tp_mesh=mesh["tp"],
+                                       dp_mesh=data_parallel_mesh(mesh), group=group_process_group(mesh), **kw)
+        data_group = mesh["replicate", "dp_shard"]._flatten("data").get_group()
+        st = train_step(model, optimizer(model), g, 0, a, A, data_group)
+        out[name] = {"loss": st["loss"], "norm": st["norm"], "logits_dtype": str(st["logits"].dtype)}
+    return out
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rankinfo.init_distributed()
@@ -240,7 +260,8 @@ def main() -> None:
     for shape in [] if only else AC_SHAPES:
         for ac in ("full", "selective"):
             results.append(run_shape(shape, ac, out, full=False))
-    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "runs": results}, indent=1))
+    options = {} if only else options_check((2, 1, 1, 2))
+    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "runs": results, "options": options}, indent=1))
     shutdown()
     exit_process(0)
 
