@@ -55,7 +55,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
 
 def checkpointed_layers(model: nn.Module) -> list[int]:
     """Indices of the decoder layers that are wrapped (for tests and logs)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+    )
 
     from .tensor_parallel import decoder_layers
 

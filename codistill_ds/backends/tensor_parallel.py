@@ -582,7 +582,14 @@ class _ShardWriter:
         return names
 
 
-def _save_config(hf_config: Any, out_dir: str) -> None:
+def _save_config(hf_config: Any, out_dir: str, dtype: torch.dtype | None) -> None:
+    """config.json, recording the dtype of the saved tensors (what from_pretrained's
+    dtype="auto" loads them as)."""
+    import copy
+
+    hf_config = copy.deepcopy(hf_config)
+    if dtype is not None:
+        hf_config.dtype = dtype
     hf_config.save_pretrained(out_dir)
 
 
@@ -605,7 +612,7 @@ def export_pretrained(model: nn.Module, out_dir: str, *, writer: bool, dtype: to
         del full
     if sink is None:
         return None
-    _save_config(model.config, out_dir)
+    _save_config(model.config, out_dir, dtype)
     return sink.close()
 
 
@@ -627,5 +634,5 @@ def export_from_dcp(checkpoint_dir: str, hf_config: Any, out_dir: str, *, dtype:
         dcp.load({prefix.rstrip("."): {name: tensor}}, checkpoint_id=checkpoint_dir, no_dist=True)
         sink.add(clean_name(name), tensor.to(dtype or tensor.dtype))
         del tensor
-    _save_config(hf_config, out_dir)
+    _save_config(hf_config, out_dir, dtype)
     return sink.close()

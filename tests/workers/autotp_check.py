@@ -71,7 +71,7 @@ def reference(seed: int, g: int, A: int) -> dict:
 
 
 def run(shape: tuple) -> dict:
-    K, R, D, T = shape
+    _K, R, D, T = shape
     A = R * D
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=NAMES)
     g, r, d, t = mesh.get_coordinate()
@@ -110,7 +110,7 @@ def run(shape: tuple) -> dict:
 
 def run_default_grouping(shape: tuple) -> dict:
     """The same start with DeepSpeed's own grouping: must be refused."""
-    K, R, D, T = shape
+    _K, R, D, T = shape
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=NAMES)
     g = mesh.get_coordinate()[0]
     tp_group, dp_group = autotp_groups_from_mesh(mesh)

@@ -128,7 +128,7 @@ def train_step(model, opt, g: int, step: int, a: int, A: int, data_group) -> dic
 
 
 def run_shape(shape: tuple, ac: str, out: Path, full: bool) -> dict:
-    K, R, D, T = shape
+    _K, R, D, _T = shape
     A = R * D
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=NAMES)
     g, r, d, t = mesh.get_coordinate()
@@ -226,6 +226,12 @@ def run_shape(shape: tuple, ac: str, out: Path, full: bool) -> dict:
         export_from_dcp(str(ckpt), build_hf_config(TINY, VOCAB, 0.0), str(offline))
         from_dcp = AutoModelForCausalLM.from_pretrained(str(offline))
         res["export_dcp_param_diff"] = max_diff({n: p.detach() for n, p in from_dcp.named_parameters()}, params2)
+        half = out / "export_dcp_bf16" / "x".join(map(str, shape)) / f"g{g}"
+        export_from_dcp(str(ckpt), build_hf_config(TINY, VOCAB, 0.0), str(half), dtype=torch.bfloat16)
+        from_half = AutoModelForCausalLM.from_pretrained(str(half))
+        res["export_bf16_dtypes"] = sorted({str(p.dtype) for p in from_half.parameters()})
+        res["export_bf16_diff"] = max_diff({n: p.detach() for n, p in from_half.named_parameters()},
+                                           {k: v.to(torch.bfloat16) for k, v in params2.items()})
     dist.barrier(group=group)
     return res
 
@@ -233,9 +239,9 @@ def run_shape(shape: tuple, ac: str, out: Path, full: bool) -> dict:
 def options_check(shape: tuple) -> dict:
     """One step with each apply_fsdp option: bf16 compute (MixedPrecisionPolicy), CPU offload,
     no reshard after forward; loss and clip norm against the fp32 reference."""
-    K, R, D, T = shape
+    _K, R, D, _T = shape
     mesh = torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=NAMES)
-    g, r, d, t = mesh.get_coordinate()
+    g, r, d, _t = mesh.get_coordinate()
     a, A = r * D + d, R * D
     ref = reference(SEED + g, g, A, 1)
     out = {"ref_loss": ref["loss"][0], "ref_norm": ref["norm"][0]}
