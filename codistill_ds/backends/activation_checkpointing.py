@@ -35,7 +35,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
         checkpoint_wrapper,
     )
 
-    from .tensor_parallel import decoder_layers
+    from codistill_ds.backends.tensor_parallel import decoder_layers
 
     if mode not in MODES:
         raise ValueError(f"activation checkpointing mode must be one of {MODES}, got {mode!r}")
@@ -59,6 +59,6 @@ def checkpointed_layers(model: nn.Module) -> list[int]:
         CheckpointWrapper,
     )
 
-    from .tensor_parallel import decoder_layers
+    from codistill_ds.backends.tensor_parallel import decoder_layers
 
     return [i for i, layer in enumerate(decoder_layers(model)) if isinstance(layer, CheckpointWrapper)]

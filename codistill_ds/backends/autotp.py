@@ -1,6 +1,6 @@
 """DeepSpeed AutoTP (ZeRO-0/1/2, `tensor_parallel.autotp_size`) inside one codistillation group.
 
-The trap (measured with DeepSpeed 0.19.8, DESIGN.md): `deepspeed.initialize(..., mpu=...)` with
+The trap (measured with DeepSpeed 0.19.8, docs/design.md): `deepspeed.initialize(..., mpu=...)` with
 `tensor_parallel.autotp_size > 1` replaces the engine's mpu by the module
 `deepspeed.utils.groups` (`DeepSpeedEngine._configure_tensor_parallel_states`: `self.mpu =
 groups`), and `groups._init_tp_mesh_device` then builds (data_parallel, tensor_parallel) groups

@@ -61,10 +61,19 @@ class DeepSpeedBackend:
             decay_param_groups(model, cfg.optim.weight_decay),
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
         )
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=copy.deepcopy(ds_config),
-            mpu=GroupMPU(topology), dist_init_required=False,
-        )
+        if topology.tp > 1:  # AutoTP (ZeRO-1/2): DeepSpeed's own TP groups would span the groups
+            from codistill_ds.backends.autotp import initialize_autotp
+
+            config = copy.deepcopy(ds_config)
+            config["tensor_parallel"] = {**config.get("tensor_parallel", {}), "autotp_size": topology.tp}
+            self.engine = initialize_autotp(model, optimizer, config, tp_group=topology.tp_group,
+                                            dp_group=topology.dp_group)
+            self.optimizer = self.engine.optimizer
+        else:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=copy.deepcopy(ds_config),
+                mpu=GroupMPU(topology), dist_init_required=False,
+            )
         self.module = self.engine.module
         self.zero_stage = self.engine.zero_optimization_stage()
 

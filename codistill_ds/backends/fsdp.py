@@ -17,34 +17,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from codistill_ds.backends.base import decay_param_groups, set_optimizer_hyperparameters
 from codistill_ds.backends.model import ModelRecipe
+from codistill_ds.backends.sharding import apply_fsdp
 from codistill_ds.config import Config
 from codistill_ds.distributed.topology import Topology
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks Transformers marks as unsplittable (e.g. LlamaDecoderLayer)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def apply_fsdp(model: torch.nn.Module, shard_mesh: DeviceMesh, bf16: bool, cpu_offload: bool,
-               reshard_after_forward: bool) -> torch.nn.Module:
-    """torchtitan's recipe: shard each block, then the root (embeddings, norm, head)."""
-    from torch.distributed.fsdp import (
-        CPUOffloadPolicy,
-        MixedPrecisionPolicy,
-        fully_shard,
-    )
-
-    kwargs = {"mesh": shard_mesh, "reshard_after_forward": reshard_after_forward}
-    if bf16:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
-    for block in transformer_blocks(model):
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
 
 
 def build_sharded(recipe: ModelRecipe, shard_mesh: DeviceMesh, bf16: bool, cpu_offload: bool,
@@ -56,7 +31,8 @@ def build_sharded(recipe: ModelRecipe, shard_mesh: DeviceMesh, bf16: bool, cpu_o
 
     group = shard_mesh.get_group()
     values = build_zero3(recipe.build, group)
-    skeleton = apply_fsdp(recipe.skeleton(), shard_mesh, bf16, cpu_offload, reshard_after_forward)
+    skeleton = apply_fsdp(recipe.skeleton(), shard_mesh, param_dtype=torch.bfloat16 if bf16 else None,
+                          cpu_offload=cpu_offload, reshard_after_forward=reshard_after_forward)
     return fsdp_from_zero3(values, skeleton, group, torch.device("cpu") if cpu_offload else device)
 
 
@@ -66,10 +42,21 @@ class FSDPBackend:
     def __init__(self, recipe: ModelRecipe, cfg: Config, topology: Topology, bf16: bool) -> None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
-        self._recipe, self._bf16 = recipe, bf16
+        self._recipe, self._bf16, self.topology = recipe, bf16, topology
         self._offload, self._reshard = cfg.backend.fsdp_cpu_offload, cfg.backend.fsdp_reshard_after_forward
         self.shard_mesh = topology.shard_mesh(device_type)
-        self.module = build_sharded(recipe, self.shard_mesh, bf16, self._offload, self._reshard, self.device)
+        self.multi_mesh = topology.tp > 1 or topology.dims.replicate > 1
+        """TP and/or HSDP: parameters on more than one mesh (the mesh-aware clip is needed)."""
+        ac = cfg.model.activation_checkpointing
+        if self.multi_mesh or ac != "none":
+            from codistill_ds.backends.replica import build_parallel_replica
+
+            self.module = build_parallel_replica(
+                recipe.build, tp_mesh=topology.tp_mesh(device_type), dp_mesh=self.shard_mesh, group=topology.group,
+                activation_checkpointing=ac, param_dtype=torch.bfloat16 if bf16 else None,
+                reshard_after_forward=self._reshard, cpu_offload=self._offload, device=self.device)
+        else:
+            self.module = build_sharded(recipe, self.shard_mesh, bf16, self._offload, self._reshard, self.device)
         self.optimizer = torch.optim.AdamW(
             decay_param_groups(self.module, cfg.optim.weight_decay),
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
@@ -92,7 +79,11 @@ class FSDPBackend:
         self._micro += 1
         if self._micro % self.accum:
             return
-        if self.grad_clip > 0:
+        if self.grad_clip > 0 and self.multi_mesh:  # torch's clip refuses parameters on several meshes
+            from codistill_ds.backends.sharding import clip_grad_norm_
+
+            clip_grad_norm_(self.module.parameters(), self.grad_clip)
+        elif self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -112,7 +103,7 @@ class FSDPBackend:
 
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, tag),
-                 process_group=self.shard_mesh.get_group())
+                 process_group=self.topology.group)
 
     def load(self, directory: str, tag: str) -> None:
         import torch.distributed.checkpoint as dcp
@@ -126,7 +117,7 @@ class FSDPBackend:
             raise FileNotFoundError(f"no FSDP checkpoint '{tag}' under {os.path.abspath(directory)}")
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path, process_group=self.shard_mesh.get_group())
+        dcp.load(state, checkpoint_id=path, process_group=self.topology.group)
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         self._micro = 0  # checkpoints are taken at optimizer-step boundaries

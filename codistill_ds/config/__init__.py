@@ -21,11 +21,12 @@ from codistill_ds.config.schema import (
     DataConfig,
     ModelConfig,
     OptimConfig,
+    ParallelConfig,
     TrainConfig,
 )
 
 __all__ = [
     "PACKAGE_DIR", "PACKAGE_ROOT", "BackendConfig", "CodistillConfig", "Config", "ConfigError",
-    "DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "config_to_dict", "load_config",
+    "DataConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "TrainConfig", "config_to_dict", "load_config",
     "resolve_path", "save_config",
 ]

@@ -36,7 +36,10 @@ class ModelConfig:
     arch: str = "llama"
     """Architecture built from the sizes below ("llama" | "gpt2") when name_or_path is None."""
     name_or_path: str | None = None
-    """Local HF config dir or JSON file; weights are always randomly initialised from it."""
+    """A local Hugging Face folder (or a config JSON file). Its config defines the model; when
+    the folder also holds weights (safetensors), every group starts from them, each rank reading
+    only its own shards, and `data.tokenizer: auto` takes the folder's tokenizer. None builds
+    `arch` from the sizes below with random weights."""
     hidden_size: int = 64
     """Width; the tiny default trains on one CPU core in minutes."""
     num_layers: int = 2
@@ -49,6 +52,10 @@ class ModelConfig:
     """MLP width."""
     max_seq_len: int = 256
     """Position table size; data.seq_len may not exceed it."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward instead of keeping them: "none" | "full" (every
+    transformer block) | "selective" (every other block: about half the activation memory for
+    about half the recompute). Applied per block before sharding; the losses are unchanged."""
 
 
 @dataclass
@@ -238,6 +245,18 @@ class BackendConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel ranks inside a group (T): attention heads, KV heads, the MLP and the
+    vocabulary are split T ways (backend fsdp: FSDP2 + DTensor; backend deepspeed: AutoTP with
+    ZeRO-1/2). TP ranks are innermost and contiguous in the world: keep T within a node."""
+    replicate: int = 1
+    """HSDP replicas inside a group (R, backend fsdp): parameters are sharded over
+    D = S / (R x T) ranks and replicated R times, gradients all-reduced across the replicas: the
+    usual shape for a group that spans R nodes."""
+
+
+@dataclass
 class Config:
     seed: int = 1234
     """Base seed of every random choice; per-group seeds derive from it."""
@@ -255,5 +274,7 @@ class Config:
     """Loop lengths and intervals."""
     backend: BackendConfig = field(default_factory=BackendConfig)
     """Sharding engine inside each group."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Model parallelism inside each group: S = replicate x dp_shard x tp ranks per group."""
 
 

@@ -25,6 +25,7 @@ from codistill_ds.exchange.wire import UINT16_VOCAB
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("llama", "gpt2"),
+    "model.activation_checkpointing": ("none", "full", "selective"),
     "data.builtin": ("stdlib",),
     "data.format": ("auto", "text", "jsonl", "shards"),
     "codistill.mode": ("logits", "weights"),
@@ -49,6 +50,7 @@ _POSITIVE = (
     "codistill.interval", "codistill.temperature", "codistill.join_timeout_s",
     "codistill.exchange_timeout_s", "optim.lr", "optim.eps",
     "train.steps", "train.grad_accum", "backend.timeout_s", "backend.peer_timeout_s",
+    "parallel.tp", "parallel.replicate",
 )  # fmt: skip
 """Fields that must be > 0 (None, where allowed, is skipped)."""
 
@@ -292,6 +294,41 @@ def _zero_stage(ds_config_path: str) -> int | None:
         return None
 
 
+def check_parallel(cfg: Config, world_size: int) -> None:
+    """S = replicate x dp_shard x tp must lay out, and the backend must be able to carry it (the
+    model's own divisibility by T is checked against its config: backends/tensor_parallel.py)."""
+    p, S = cfg.parallel, ranks_per_group(cfg, world_size)
+    if S % (p.replicate * p.tp):
+        field = "parallel.tp" if S % p.tp else "parallel.replicate"
+        raise ConfigError(field, f"a group of {S} ranks is not divisible by parallel.replicate {p.replicate} x "
+                          f"parallel.tp {p.tp} = {p.replicate * p.tp} (world {world_size} = codistill "
+                          f"{world_size // S} x replicate {p.replicate} x dp_shard D x tp {p.tp})")
+    if p.tp > 1:
+        _require(cfg.model.arch == "llama" or cfg.model.name_or_path is not None, "parallel.tp",
+                 "tensor parallelism splits Llama-style blocks; GPT-2's fused Conv1D is not supported: "
+                 "use model.arch llama, or parallel.tp 1 with FSDP2/ZeRO-3")
+        _require(cfg.codistill.mode == "logits" or not cfg.codistill.enabled, "parallel.tp",
+                 "codistill.mode 'weights' with tensor parallelism is not supported yet; use mode 'logits'")
+        if cfg.backend.name == "deepspeed":
+            stage = _zero_stage(resolve_path(cfg.backend.ds_config))
+            _require(stage in (0, 1, 2), "parallel.tp",
+                     f"DeepSpeed AutoTP runs with ZeRO-1/2 and {cfg.backend.ds_config} is ZeRO stage {stage}; "
+                     "use ds_configs/zero1.json or zero2.json, or backend.name fsdp for TP with sharded parameters")
+    if p.tp > 1 and cfg.codistill.enabled:
+        _require(cfg.codistill.exchange_batch == "shared", "parallel.tp",
+                 "exchange_batch 'train' with tensor parallelism is not supported yet; use 'shared'")
+        from codistill_ds.exchange.sampling import positions_per_sequence
+
+        data_ranks = S // (p.replicate * p.tp) * p.replicate
+        batch = cfg.data.exchange_batch_size or cfg.data.micro_batch_size * data_ranks
+        tokens = batch // data_ranks * positions_per_sequence(cfg.data.seq_len, cfg.codistill.token_fraction)
+        _require(tokens % p.tp == 0, "data.exchange_batch_size",
+                 f"each data rank predicts on {tokens} exchange tokens, not divisible by parallel.tp {p.tp} "
+                 "(each TP rank sends an equal 1/T of them)")
+    _require(p.replicate == 1 or cfg.backend.name == "fsdp", "parallel.replicate",
+             f"HSDP (replicate {p.replicate}) needs backend.name fsdp; DeepSpeed ZeRO shards over the whole group")
+
+
 def check_devices(cfg: Config, cuda_available: bool) -> None:
     """Choices that need a GPU, refused on a machine without one before any group exists."""
     _require(
@@ -317,6 +354,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int | None = None,
     _check_model(cfg)
     _check_exchange(cfg, world_size, vocab_size)
     _check_paths(cfg)
+    check_parallel(cfg, world_size)
     check_report_to(cfg.train.report_to)
     _require(
         not (cfg.codistill.enabled and cfg.codistill.mode == "weights" and cfg.train.save_interval > 0),

@@ -10,6 +10,7 @@ a live world, and answers by role so that no other module computes ranks:
 | `leaders`        | position 0 of every group                 | logit exchange, route `leaders`            |
 | `rail`           | position p of every group                 | logit exchange, route `rails`; weight exchange (the mesh's `codistill` axis) |
 | `tp_group`       | my T tensor-parallel ranks                | vocabulary-sliced exchange math, TP collectives |
+| `exchange_tp_group` | the same, used only by the exchange    | reassembling the peers' rows after a swap (T > 1) |
 | `dp_group`       | my group's ranks with my TP rank          | ZeRO's data-parallel group under TP (= `group` when T = 1) |
 | `solo`           | this rank alone                           | DeepSpeed's model-parallel group when T = 1 (it all-reduces norms on it) |
 
@@ -45,6 +46,9 @@ class Topology:
     solo: dist.ProcessGroup
     tp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
+    exchange_tp_group: dist.ProcessGroup | None = None
+    """My TP ranks again, used only by the exchange (it reassembles the rows its TP ranks
+    received, on the exchange's own thread); None when T = 1."""
     _meshes: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # ---- who I am, by role ------------------------------------------------------------------
@@ -164,7 +168,9 @@ def build_topology(dims: ParallelDims, exchange_backend: str | None = None) -> T
     tp_group = _my_groups(dims, dims.axis_partitions("tp")) if dims.tp > 1 else solo
     dp_group = group if dims.tp == 1 else _my_groups(
         dims, list({tuple(dims.data_parallel_ranks(r)): None for r in range(dims.world_size)}))
-    return Topology(dims, group, exchange_group, rail, leaders if dims.is_leader else None, solo, tp_group, dp_group)
+    exchange_tp = _my_groups(dims, dims.axis_partitions("tp"), exchange_backend) if dims.tp > 1 else None
+    return Topology(dims, group, exchange_group, rail, leaders if dims.is_leader else None, solo, tp_group,
+                    dp_group, exchange_tp)
 
 
 class GroupMPU:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from codistill_ds.distributed import comm
-from codistill_ds.exchange.losses import peer_distill_loss, top1_agreement
+from codistill_ds.exchange import logits as lg
 from codistill_ds.exchange.sampling import gather_positions, select_positions
 from codistill_ds.exchange.wire import CompressedLogits
 
@@ -63,12 +63,15 @@ def with_positions(batch: ExchangeBatch, e: int, seed: int, fraction: float) -> 
     return replace(batch, mask=mask, positions=pos)
 
 
-def at_positions(logits: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-    """[B*L, V] logits at the positions whose predictions travel, [B*m, V] (all when None)."""
+def at_positions(logits: lg.Rows, positions: torch.Tensor | None) -> lg.Rows:
+    """[B*L, V] logits (or a vocabulary slice of them) at the positions whose predictions
+    travel, [B*m, V] in (sequence, position) order (all when None)."""
     if positions is None:
         return logits
     b = positions.shape[0]
-    return gather_positions(logits.view(b, logits.shape[0] // b, -1), positions)
+    length = lg.num_tokens(logits) // b
+    rows = torch.arange(b * length).view(b, length)
+    return lg.gather(logits, gather_positions(rows, positions))
 
 
 def sequence_length(inputs: Any) -> int:
@@ -78,11 +81,12 @@ def sequence_length(inputs: Any) -> int:
     return int(inputs.shape[1]) - 1
 
 
-def _mask_on(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return None if mask is None else mask.to(like.device)
+def _mask_on(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The losses move the mask to the logits' device themselves."""
+    return mask
 
 
-def batched_peer_loss(students: list[torch.Tensor], batches: list[TargetBatch], loss: str,
+def batched_peer_loss(students: list[lg.Rows], batches: list[TargetBatch], loss: str,
                       temperature: float, weight_of: Callable[[int], float] | None = None) -> torch.Tensor:
     """(Weighted) mean over every peer of every batch of D(peer || student); the student's
     [N, V] logits per batch. With one batch and no weights, exactly `peer_distill_loss`."""
@@ -92,39 +96,38 @@ def batched_peer_loss(students: list[torch.Tensor], batches: list[TargetBatch], 
     weights = [[1.0 if weight_of is None else weight_of(g) for g in b.peer_groups] for b in batches]
     if len(batches) == 1:
         b = batches[0]
-        return peer_distill_loss(students[0], b.peers, loss, temperature, _mask_on(b.mask, students[0]),
-                                 None if weight_of is None else weights[0])
-    total = sum(sum(w) * peer_distill_loss(s, b.peers, loss, temperature, _mask_on(b.mask, s), w)
+        return lg.peer_distill_loss(students[0], b.peers, loss, temperature, _mask_on(b.mask),
+                                    None if weight_of is None else weights[0])
+    total = sum(sum(w) * lg.peer_distill_loss(s, b.peers, loss, temperature, _mask_on(b.mask), w)
                 for s, b, w in zip(students, batches, weights))
     return total / sum(sum(w) for w in weights)
 
 
-def student_agreement(students: list[torch.Tensor], batches: list[TargetBatch], group: Any) -> float | None:
+def student_agreement(students: list[lg.Rows], batches: list[TargetBatch], group: Any) -> float | None:
     """Top-1 agreement of the student's logits with its peers' predictions on the same tokens,
     over `group` (my group): the measure where my own predictions do not travel (predictions on
     my own training batch, weight exchange). Callers measure it whether or not alpha > 0, so
     independent models (alpha 0) still report how far apart they are."""
     agree, count = 0, 0
     for s, b in zip(students, batches):
-        s = at_positions(s.detach(), b.positions)
-        mask = _mask_on(b.mask, s)
+        s = at_positions(lg.detach(s), b.positions)
         for p in b.peers:
-            a, c = top1_agreement(s, p, mask)
+            a, c = lg.top1_agreement(s, p, b.mask)
             agree, count = agree + a, count + c
     total = comm.reduce_numbers([agree, count], group=group)
     return total[0] / total[1] if total[1] > 0 else None
 
 
-def students_of(logits: torch.Tensor, n: int, batches: list[TargetBatch]) -> list[torch.Tensor]:
-    """The student's [N, V] logits for each target batch out of one batched forward: rows of my
-    own micro-batch (the first n sequences; inputs None) or of the exchange tokens appended after
-    it, in order."""
+def students_of(rows: lg.Rows, n: int, length: int, batches: list[TargetBatch]) -> list[lg.Rows]:
+    """The student's [N, V] logits (or slice) for each target batch out of one batched forward's
+    rows (`length` per sequence): rows of my own micro-batch (the first n sequences; inputs None)
+    or of the exchange tokens appended after it, in order."""
     out, offset = [], n
     for b in batches:
         if b.inputs is None:
-            out.append(logits[:n].flatten(0, 1))
+            out.append(lg.take(rows, 0, n * length))
         else:
             k = b.inputs.shape[0]
-            out.append(logits[offset:offset + k].flatten(0, 1))
+            out.append(lg.take(rows, offset * length, (offset + k) * length))
             offset += k
     return out

@@ -34,17 +34,18 @@ import torch
 
 from codistill_ds.config import CodistillConfig
 from codistill_ds.distributed import comm
+from codistill_ds.exchange import logits as lg
 from codistill_ds.exchange.batches import (
     ExchangeBatch,
     TargetBatch,
+    at_positions,
     batched_peer_loss,
     with_positions,
 )
-from codistill_ds.exchange.losses import peer_distill_loss
-from codistill_ds.exchange.sampling import draw_seed, gather_positions, sample_targets
+from codistill_ds.exchange.sampling import draw_seed
 from codistill_ds.exchange.state import Pending, pending_from_state, pending_state
 from codistill_ds.exchange.transport.base import ExchangeResult, Transport
-from codistill_ds.exchange.wire import CompressedLogits, compress, wire_dtype
+from codistill_ds.exchange.wire import CompressedLogits, wire_dtype
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,7 @@ class ExchangeEngine:
         with torch.no_grad():
             logits = predict(batch.inputs)
         batch = with_positions(batch, e, s.seed, s.token_fraction)
-        if batch.positions is not None:
-            logits = gather_positions(logits.view(batch.positions.shape[0], -1, logits.shape[-1]), batch.positions)
+        logits = at_positions(logits, batch.positions)
         mine = self._payload(e, logits, batch)
         stats = self.stats
         stats.exchange_compute_ms = (time.perf_counter() - start) * 1e3
@@ -191,18 +191,19 @@ class ExchangeEngine:
         if s.staleness == 0 and not self.on_own_batch:  # fresh targets on the same tokens: log it
             peers = [p for p, pe in zip(result.peers, self._exchanges(result, e)) if pe == e]
             if peers and all(bool(torch.isfinite(p.values.float()).all()) for p in peers):
-                stats.distill_eval = peer_distill_loss(logits, peers, s.loss, s.temperature, batch.mask).item()
+                stats.distill_eval = lg.peer_distill_loss(logits, peers, s.loss, s.temperature, batch.mask).item()
 
-    def _payload(self, e: int, logits: torch.Tensor, batch: ExchangeBatch) -> CompressedLogits:
+    def _payload(self, e: int, logits: lg.Rows, batch: ExchangeBatch) -> CompressedLogits:
         """Top-k (or full) compression, or k draws from the teacher seeded by (seed, exchange, my
         group, my first row), so every exchange and every group draws anew and a resumed run
         draws the same targets."""
         s = self.s
         if s.targets != "samples":
-            return compress(logits, s.topk, wire_dtype(s.dtype), s.kind, s.temperature, s.index_dtype)
+            return lg.compress(logits, s.topk, wire_dtype(s.dtype), s.kind, s.temperature, s.index_dtype)
         row = batch.rows.start if batch.rows is not None else 0
-        gen = torch.Generator(device=logits.device).manual_seed(draw_seed(s.seed, "samples", e, self.group_id, row))
-        return sample_targets(logits, s.topk, s.temperature, s.dtype, s.index_dtype, gen)
+        device = logits.local.device if isinstance(logits, lg.VocabSlice) else logits.device
+        gen = torch.Generator(device=device).manual_seed(draw_seed(s.seed, "samples", e, self.group_id, row))
+        return lg.sample_targets(logits, s.topk, s.temperature, s.dtype, s.index_dtype, gen)
 
     def due(self, step: int) -> list[TargetBatch]:
         """The targets to distill on at `step` (empty when none are due or no peer was usable).

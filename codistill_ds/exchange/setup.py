@@ -87,16 +87,22 @@ def build_transport(cd: CodistillConfig, topology: Topology, contract: Callable[
     if not separate_group_jobs(cd):
         from codistill_ds.exchange.transport.world import LogitExchange
 
-        return LogitExchange(topology, cd.route, to_owners=cd.exchange_batch == "train")
-    from codistill_ds.exchange.transport.ft import TorchFTTransport
-    from codistill_ds.exchange.transport.lighthouse import LighthouseMember
+        transport = LogitExchange(topology, cd.route, to_owners=cd.exchange_batch == "train")
+    else:
+        from codistill_ds.exchange.transport.ft import TorchFTTransport
+        from codistill_ds.exchange.transport.lighthouse import LighthouseMember
 
-    member = None
-    if topology.is_leader:
-        if contract is None:
-            raise ValueError("transport torchft needs the exchange contract of this group")
-        member = LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s)
-    return TorchFTTransport(topology, member)
+        member = None
+        if topology.is_leader:
+            if contract is None:
+                raise ValueError("transport torchft needs the exchange contract of this group")
+            member = LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s)
+        transport = TorchFTTransport(topology, member)
+    if topology.tp > 1:  # each TP rank sends a distinct 1/T of the rows: the T = 1 bytes
+        from codistill_ds.exchange.transport.tp_rows import TensorParallelRows
+
+        transport = TensorParallelRows(transport, topology.exchange_tp_group, topology.tp_rank, topology.tp)
+    return transport
 
 
 def build_engine(cd: CodistillConfig, topology: Topology, transport: Transport,

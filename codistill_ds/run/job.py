@@ -62,7 +62,13 @@ def prepare(cfg: Config) -> tuple[ParallelDims, Corpus]:
         log.info("from accelerate launch: %s", ", ".join(applied))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     validate(cfg, world, tokenizer.vocab_size)
-    dims = setup.parallel_dims(cfg.codistill, world, rankinfo.env_rank())
+    dims = setup.parallel_dims(cfg.codistill, world, rankinfo.env_rank(), replicate=cfg.parallel.replicate,
+                               tp=cfg.parallel.tp)
+    if dims.tp > 1:  # heads, KV heads, MLP width and vocabulary split T ways, from the model's own config
+        from codistill_ds.backends.model import build_hf_config
+        from codistill_ds.backends.tensor_parallel import check_tp_divisible
+
+        check_tp_divisible(build_hf_config(cfg.model, tokenizer.vocab_size, cfg.optim.dropout), dims.tp)
     setup.check_lighthouse(cfg.codistill)
     corpus = build_corpus(cfg.data, tokenizer)
     return dims, corpus

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from codistill_ds.backends.base import Backend, evaluating
 from codistill_ds.backends.model import set_dropout
@@ -37,6 +36,7 @@ from codistill_ds.data.corpus import Corpus
 from codistill_ds.data.streams import ExchangeStream, TrainStream, val_micro_batches
 from codistill_ds.distributed import comm
 from codistill_ds.distributed.topology import Topology
+from codistill_ds.exchange import logits as lg
 from codistill_ds.exchange.batches import (
     ExchangeBatch,
     TargetBatch,
@@ -172,12 +172,12 @@ class CodistillLoop:
             with_distill = m == 0 and bool(batches) and dist.alpha > 0
             extra = [b.inputs.to(self.device) for b in batches if b.inputs is not None] if with_distill else []
             ids = torch.cat([batch, *extra]) if extra else batch
-            logits = self.backend.forward(ids[:, :-1])
-            n = batch.shape[0]
-            ce = F.cross_entropy(logits[:n].flatten(0, 1).float(), batch[:, 1:].flatten())
+            rows = lg.as_rows(self.backend.forward(ids[:, :-1]))
+            n, length = batch.shape[0], batch.shape[1] - 1
+            ce = lg.cross_entropy(lg.take(rows, 0, n * length), batch[:, 1:].flatten())
             loss = ce
             if m == 0 and batches:
-                students = students_of(logits, n, batches)
+                students = students_of(rows, n, length, batches)
                 if with_distill:
                     loss = ce + A * dist.loss(students, batches)
                 if self.teachers is not None or self.cfg.codistill.exchange_batch == "train":
@@ -204,10 +204,11 @@ class CodistillLoop:
             self._dropout = p
 
     # ---- exchange -----------------------------------------------------------------------
-    def _predict(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The teacher side of an exchange: eval mode (no dropout), no graph, [N, V] logits."""
+    def _predict(self, tokens: torch.Tensor) -> lg.Rows:
+        """The teacher side of an exchange: eval mode (no dropout), no graph, [N, V] logits (or
+        this rank's vocabulary slice of them)."""
         with evaluating(self.backend):
-            return self.backend.forward(tokens[:, :-1].to(self.device)).flatten(0, 1)
+            return lg.as_rows(self.backend.forward(tokens[:, :-1].to(self.device)))
 
     def _exchange_batch(self, step: int, e: int) -> ExchangeBatch:
         """My slice of exchange batch e, identical across my rail.
@@ -236,8 +237,8 @@ class CodistillLoop:
         with evaluating(self.backend):
             for batch in self.val_batches:
                 batch = batch.to(self.device)
-                logits = self.backend.forward(batch[:, :-1])
-                ce = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+                rows = lg.as_rows(self.backend.forward(batch[:, :-1]))
+                ce = lg.cross_entropy(rows, batch[:, 1:].flatten(), reduction="sum")
                 total += torch.tensor([ce.item(), batch[:, 1:].numel()], dtype=torch.float64)
         comm.all_reduce(total, group=self.t.group)
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")

@@ -22,8 +22,8 @@ from codistill_ds.backends.activation_checkpointing import (
     apply_activation_checkpointing,
     checkpointed_layers,
 )
+from codistill_ds.backends.model import build_model
 from codistill_ds.config import ModelConfig
-from codistill_ds.model import build_model
 
 CFG = ModelConfig(hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1024, max_seq_len=256)
 VOCAB, BATCH, SEQ = 256, 4, 128

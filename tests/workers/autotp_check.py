@@ -21,16 +21,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from codistill_ds import dist as rankinfo
 from codistill_ds.backends.autotp import (
     AutoTPGroupError,
     autotp_groups_from_mesh,
     clear_group_globals,
     initialize_autotp,
 )
+from codistill_ds.backends.model import build_model
 from codistill_ds.config import ModelConfig
-from codistill_ds.dist import exit_process, shutdown
-from codistill_ds.model import build_model
+from codistill_ds.distributed import env as rankinfo
+from codistill_ds.distributed.env import exit_process, shutdown
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_seq_len=64)
 VOCAB, SEED, B, SEQ = 64, 5, 2, 16

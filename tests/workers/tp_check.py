@@ -24,25 +24,28 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from codistill_ds import dist as rankinfo
 from codistill_ds.backends.base import decay_param_groups
-from codistill_ds.backends.tensor_parallel import (
-    build_parallel_replica,
-    clean_name,
-    clip_grad_norm_,
-    cross_entropy,
-    data_parallel_mesh,
+from codistill_ds.backends.dcp import (
     export_from_dcp,
     export_pretrained,
-    group_process_group,
     load_dcp,
-    local_vocab_slice,
-    loss_parallel_context,
     save_dcp,
 )
+from codistill_ds.backends.model import build_hf_config, build_model
+from codistill_ds.backends.replica import (
+    build_parallel_replica,
+    clean_name,
+    group_process_group,
+)
+from codistill_ds.backends.sharding import clip_grad_norm_, data_parallel_mesh
+from codistill_ds.backends.tensor_parallel import (
+    cross_entropy,
+    local_vocab_slice,
+    loss_parallel_context,
+)
 from codistill_ds.config import ModelConfig
-from codistill_ds.dist import exit_process, shutdown
-from codistill_ds.model import build_hf_config, build_model
+from codistill_ds.distributed import env as rankinfo
+from codistill_ds.distributed.env import exit_process, shutdown
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, max_seq_len=64)
 VOCAB, SEED, B, SEQ = 64, 5, 2, 16

@@ -17,15 +17,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from codistill_ds import dist as rankinfo
-from codistill_ds.backends.tensor_parallel import (
-    build_parallel_replica,
-    data_parallel_mesh,
-    group_process_group,
-)
+from codistill_ds.backends.model import build_model, count_parameters
+from codistill_ds.backends.replica import build_parallel_replica, group_process_group
+from codistill_ds.backends.sharding import data_parallel_mesh
 from codistill_ds.config import ModelConfig
-from codistill_ds.dist import exit_process, shutdown
-from codistill_ds.model import build_model, count_parameters
+from codistill_ds.distributed import env as rankinfo
+from codistill_ds.distributed.env import exit_process, shutdown
 
 BIG = ModelConfig(hidden_size=768, num_layers=8, num_heads=12, intermediate_size=3072, max_seq_len=128)
 WARM = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_seq_len=32)

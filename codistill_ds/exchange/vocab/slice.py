@@ -175,6 +175,17 @@ class VocabSlice:
     def num_tokens(self) -> int:
         return int(self.local.shape[0])
 
+    def rows(self, start: int, stop: int) -> VocabSlice:
+        """Tokens [start, stop) of the slice (a view: the gradient reaches `local`)."""
+        return VocabSlice(self.local[start:stop], self.offset, self.vocab, self.comm, self.bounds)
+
+    def index_rows(self, index: torch.Tensor) -> VocabSlice:
+        """The tokens at `index` (positions under `token_fraction`), with their gradient."""
+        return VocabSlice(self.local[index.to(self.local.device)], self.offset, self.vocab, self.comm, self.bounds)
+
+    def detach(self) -> VocabSlice:
+        return VocabSlice(self.local.detach(), self.offset, self.vocab, self.comm, self.bounds)
+
     @classmethod
     def split(cls, logits: torch.Tensor, group: Any = None) -> VocabSlice:
         """My TP rank's chunk of replicated [N, V] logits (tests, references): a view, so the
