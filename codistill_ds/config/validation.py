@@ -363,6 +363,12 @@ def validate(cfg: Config, world_size: int, vocab_size: int | None = None,
         "are not saved); set it to 0",
     )
     _require(
+        not (cfg.codistill.enabled and cfg.codistill.mode == "weights" and cfg.train.resume != "none"),
+        "train.resume",
+        "codistill.mode='weights' cannot resume: its teachers (the peers' frozen copies) are not "
+        "in checkpoints, so a resumed run would distill toward fresh ones; start a new run",
+    )
+    _require(
         cfg.train.resume in ("auto", "none") or os.path.isdir(cfg.train.resume),
         "train.resume",
         f"expected 'auto', 'none' or a checkpoint or run directory, got {cfg.train.resume!r} "

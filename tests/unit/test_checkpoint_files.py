@@ -73,6 +73,49 @@ def test_export_errors_name_the_cause(tmp_path):
         export(str(tmp_path), 0, str(tmp_path / "out"), step=3)
 
 
+@pytest.mark.parametrize("override, field, saved, now", [
+    ("backend.name=fsdp", "backend.name", "deepspeed", "fsdp"),
+    ("codistill.groups=4", "codistill.groups", "2", "4"),
+    ("codistill.enabled=false", "codistill.groups", "2", "1"),
+    ("model.num_layers=3", "model", "'num_layers': 2", "'num_layers': 3"),
+    ("model.arch=gpt2", "model", "'arch': 'llama'", "'arch': 'gpt2'"),
+])
+def test_resume_refuses_every_incompatible_field_in_one_line(tmp_path, override, field, saved, now):
+    """Issue 24, item 7: `check_compatible` beyond a world-size mismatch. Each field whose
+    change makes the shards unreadable (backend, groups, the model) is refused before anything
+    loads, in one line naming the field and both values; a change that is only a new setting
+    (the learning rate, the steps) resumes."""
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 4, world=8)
+    cfg = load_config(None, [f"run_dir={run}", "train.resume=auto", override])
+    with pytest.raises(ConfigError) as info:
+        checkpoint.resolve_resume(cfg, 8, 0)
+    message = str(info.value)
+    assert info.value.field == field and "\n" not in message, message
+    assert f"saved with {field}=" in message and saved in message and now in message, message
+    ok = load_config(None, [f"run_dir={run}", "train.resume=auto", "optim.lr=0.5", "train.steps=99"])
+    assert checkpoint.resolve_resume(ok, 8, 0).path.endswith("step_4")
+
+
+def test_weights_mode_refuses_to_resume_in_one_line(tmp_path):
+    """Issue 24, item 6: weight exchange keeps its teachers (the peers' frozen copies) outside
+    the checkpoint, so a resumed run would distill toward freshly built teachers until its next
+    exchange and could not end where the uninterrupted run ends. A resume is refused at
+    validation, on every rank, naming train.resume; starting fresh is accepted."""
+    from codistill_ds.config.validation import validate
+
+    run = tmp_path / "run"
+    _fake_checkpoint(run, 4)
+    base = ["codistill.mode=weights", "backend.name=fsdp", f"run_dir={tmp_path / 'new'}"]
+    for resume in ("auto", str(run)):
+        with pytest.raises(ConfigError) as info:
+            validate(load_config(None, [*base, f"train.resume={resume}"]), world_size=4, vocab_size=256)
+        message = str(info.value)
+        assert info.value.field == "train.resume" and "\n" not in message, message
+        assert "weights" in message and "teachers" in message, message
+    validate(load_config(None, base), world_size=4, vocab_size=256)
+
+
 def _fake_checkpoint(run: Path, step: int, complete: bool = True, world: int = 4) -> Path:
     path = run / "checkpoints" / (f"step_{step}" if complete else f".tmp_step_{step}")
     path.mkdir(parents=True)

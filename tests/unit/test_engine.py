@@ -13,7 +13,11 @@ bytes, asynchronous swaps equal to blocking ones, and checkpoint state round tri
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 import pytest
 import torch
@@ -22,9 +26,9 @@ import torch.distributed as dist
 from codistill_ds.config import CodistillConfig
 from codistill_ds.distributed.axes import ParallelDims
 from codistill_ds.distributed.env import free_port
-from codistill_ds.exchange.batches import ExchangeBatch
+from codistill_ds.exchange.batches import ExchangeBatch, TargetBatch, students_of
 from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings
-from codistill_ds.exchange.losses import peer_distill_loss
+from codistill_ds.exchange.losses import distill_loss, peer_distill_loss
 from codistill_ds.exchange.sampling import (
     gather_positions,
     sample_targets,
@@ -266,3 +270,178 @@ def test_settings_come_from_the_config_by_name():
         3, 2, 5, "fp8", "mse", 1.5, 0.25, 11)
     assert s.kind == "logits" and s.weight_of(1) == 0.5 and s.weight_of(7) == 1.0
     assert ParallelDims(world_size=1, groups=1, rank=0).group_size == 1
+
+
+# ---- issue 24: checks that fail when the feature breaks ---------------------------------------
+
+class BlockingTransport(PeerTransport):
+    """A swap that cannot finish until the test releases it, and that records the thread it ran on."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.release, self.entered, self.threads = threading.Event(), threading.Event(), []
+
+    def exchange(self, local: CompressedLogits, e: int) -> ExchangeResult:
+        self.threads.append(threading.current_thread() is threading.main_thread())
+        self.entered.set()
+        self.release.wait(timeout=3)
+        return super().exchange(local, e)
+
+
+def test_an_asynchronous_post_returns_before_the_swap_finishes():
+    """Posting with staleness 1 hands the swap to the transport's thread and returns while it is
+    still blocked; the targets arrive at the consumption step. A swap run synchronously (the
+    posting step blocked on it) would take the transport's 3 s and run on the main thread."""
+    s = ExchangeSettings(staleness=1, async_exchange=True, topk=4, dtype="fp32")
+    t = BlockingTransport(s, [1])
+    eng = engine(s, t)
+    start = time.perf_counter()
+    assert eng.step(0, model(0)) == []
+    posted_in = time.perf_counter() - start
+    assert t.entered.wait(timeout=2) and not t.release.is_set()  # the swap is under way, unfinished
+    assert posted_in < 1.0, posted_in
+    t.release.set()
+    (target,) = eng.step(1, model(0))
+    assert target.exchange == 0 and t.threads == [False, False]  # both swaps on the background thread
+    eng.close()
+
+
+def test_peer_weights_over_three_peers_and_two_batches_are_the_hand_weighted_mean():
+    """Weights {1: 0.5, 2: 0, 3: 2}: peer 2 is dropped, peer 3 is one exchange behind (its batch
+    rebuilt), and the loss is (0.5 D(s_e, p1) + 2 D(s_e-1, p3)) / 2.5, each D computed alone."""
+    s = ExchangeSettings(topk=4, dtype="fp32", peer_weights=((1, 0.5), (2, 0.0), (3, 2.0)))
+    t = PeerTransport(s, [1, 2, 3], lag={3: 1})
+    eng = engine(s, t)
+    eng.step(0, model(0))
+    mine, behind = eng.step(1, model(0))
+    assert (mine.peer_groups, behind.peer_groups) == ([1], [3]) and eng.stats.peers == 2
+    students = [torch.randn(B * L, V), torch.randn(B * L, V)]
+    d1 = distill_loss(students[0], t.payload(1, 1), "kl", 1.0)
+    d3 = distill_loss(students[1], t.payload(3, 0), "kl", 1.0)
+    want = (0.5 * d1 + 2.0 * d3) / 2.5
+    assert torch.allclose(eng.distill_loss(students, [mine, behind]), want, rtol=0, atol=1e-6)
+
+
+def test_students_are_cut_from_the_batched_forward_at_their_offsets():
+    """The loop runs one forward on [my micro-batch; batch e; batch e'] and cuts each target
+    batch's rows out: my rows for a batch without inputs, else the next rows in order."""
+    n, logits = 2, torch.randn(2 + 3 + 4, L, V)
+    own = TargetBatch(0, None, [], [])
+    first = TargetBatch(1, torch.zeros(3, L + 1, dtype=torch.long), [], [])
+    second = TargetBatch(2, torch.zeros(4, L + 1, dtype=torch.long), [], [])
+    got = students_of(logits, n, [first, own, second])
+    assert torch.equal(got[0], logits[2:5].flatten(0, 1)) and torch.equal(got[1], logits[:2].flatten(0, 1))
+    assert torch.equal(got[2], logits[5:9].flatten(0, 1))
+
+
+# Masked exchange batches: padding and -100 labels, as a user's dataset gives them.
+
+PAD = 0
+
+
+def masked_rows(n: int = 12) -> list[dict]:
+    """Rows of L tokens: a random real length (padding after it, attention 0, label -100) and,
+    on every third row, a two-token prompt labelled -100."""
+    g = torch.Generator().manual_seed(77)
+    rows = []
+    for i in range(n):
+        real = int(torch.randint(2, L + 1, (1,), generator=g))
+        ids = torch.randint(1, V, (L,), generator=g)
+        ids[real:] = PAD
+        attn = (torch.arange(L) < real).long()
+        labels = torch.where(attn.bool(), ids, torch.full_like(ids, -100))
+        if i % 3 == 0:
+            labels[:2] = -100
+        rows.append({"input_ids": ids, "attention_mask": attn, "labels": labels})
+    return rows
+
+
+def hand_mask(inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Position t counts when attended and the label it predicts (t+1) is not -100; the last
+    position has no next label and counts when attended. Written out position by position."""
+    out = []
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            nxt = labels[b, t + 1] != -100 if t + 1 < labels.shape[1] else True
+            out.append(bool(inputs["attention_mask"][b, t]) and bool(nxt))
+    return torch.tensor(out)
+
+
+def dict_model(group: int):
+    w = table(group)
+    return lambda inputs: w[inputs["input_ids"]].flatten(0, 1)
+
+
+class DictPeers(PeerTransport):
+    """Peers that predict on the dataset's exchange batches (dict inputs)."""
+
+    def __init__(self, settings: ExchangeSettings, peers: list[int], batches) -> None:
+        super().__init__(settings, peers)
+        self.batches = batches
+
+    def logits(self, g: int, e: int) -> torch.Tensor:
+        logits = dict_model(g)(self.batches(-1, e).inputs)
+        if self.s.token_fraction < 1:
+            pos = select_positions(self.s.seed, e, range(B), L, self.s.token_fraction)
+            logits = gather_positions(logits.view(B, L, V), pos)
+        return logits
+
+    def payload(self, g: int, e: int) -> CompressedLogits:
+        return compress(self.logits(g, e), self.s.topk, wire_dtype(self.s.dtype), self.s.kind, self.s.temperature)
+
+
+def masked_engine(fraction: float):
+    from codistill_ds.integrations.exchange_data import ExchangeBatches
+
+    rows = masked_rows()
+    collate = lambda items: {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    batches = ExchangeBatches(rows, 5, B, ParallelDims(world_size=1, groups=1, rank=0), collate, torch.device("cpu"))
+    s = ExchangeSettings(topk=4, dtype="fp32", token_fraction=fraction, seed=13)
+    t = DictPeers(s, [1], batches)
+    eng = ExchangeEngine(transport=t, settings=s, group=dist.group.WORLD, group_id=0, batch_for=batches)
+    return eng, t, batches
+
+
+@pytest.mark.parametrize("e", [0, 1, 2])
+def test_masked_batches_count_only_their_real_positions(e: int):
+    """Issue 24, item 5: padding and -100 labels through the engine. The mask is the hand mask;
+    agreement counts only kept positions; the engine's distill_eval and the student's loss
+    equal the plain loss over the kept rows alone (no mask argument at all)."""
+    eng, t, batches = masked_engine(1.0)
+    exb = batches(0, e)
+    collate_labels = torch.stack([masked_rows()[int(i)]["labels"] for i in batches.order(
+        np.arange(e * B, e * B + B))])
+    keep = hand_mask(exb.inputs, collate_labels)
+    assert torch.equal(exb.mask, keep) and 0 < int(keep.sum()) < keep.numel()
+    for step in range(e + 1):
+        due = eng.step(step, dict_model(0))
+    (target,) = due
+    mine, peer = dict_model(0)(exb.inputs), t.logits(1, e)
+    agree = (mine.argmax(-1) == peer.argmax(-1))[keep]
+    assert eng.stats.agreement == pytest.approx(agree.float().mean().item(), abs=1e-12)
+    want_eval = distill_loss(mine[keep], compress(peer[keep], 4, torch.float32, "logprobs", 1.0), "kl", 1.0)
+    assert eng.stats.distill_eval == pytest.approx(want_eval.item(), rel=1e-6)
+    student = torch.randn(B * L, V)
+    want = distill_loss(student[keep], compress(peer[keep], 4, torch.float32, "logprobs", 1.0), "kl", 1.0)
+    assert torch.allclose(eng.distill_loss([student], [target]), want, rtol=1e-6, atol=1e-7)
+
+
+def test_token_fraction_with_a_mask_keeps_the_real_positions_it_drew():
+    """token_fraction 0.5 on masked batches: the drawn positions are select_positions' for
+    (seed, e, rows); the mask travels gathered at them; the loss is over drawn AND kept
+    positions, here rebuilt by indexing position by position."""
+    eng, t, batches = masked_engine(0.5)
+    e = 1
+    eng.step(0, dict_model(0))
+    (target,) = eng.step(1, dict_model(0))
+    pos = select_positions(13, e, range(B), L, 0.5)
+    assert torch.equal(target.positions, pos)
+    full = batches(0, e).mask.view(B, L)
+    drawn_mask = torch.tensor([[bool(full[b, int(p)]) for p in pos[b]] for b in range(B)]).flatten()
+    assert torch.equal(target.mask, drawn_mask) and 0 < int(drawn_mask.sum()) < drawn_mask.numel()
+    student = torch.randn(B * L, V)
+    rows = [b * L + int(p) for b in range(B) for p in pos[b]]
+    kept = [r for r, k in zip(rows, drawn_mask.tolist()) if k]
+    peer = t.logits(1, e)  # [B*m, V] at the drawn positions
+    want = distill_loss(student[kept], compress(peer[drawn_mask], 4, torch.float32, "logprobs", 1.0), "kl", 1.0)
+    assert torch.allclose(eng.distill_loss([student], [target]), want, rtol=1e-6, atol=1e-7)

@@ -13,27 +13,29 @@ from partition_check import view
 
 from codistill_ds import cli
 from codistill_ds.run import job as train
+from codistill_ds.run.loop import LoopHooks
 
 
 def recording(out: Path):
+    """`build_job` plus a loop hook that records, at the end of the run, this rank's partition
+    sizes and a checksum of its group's full weights."""
     build = train.build_job
 
-    def build_job(cfg):
-        job = build(cfg)
-        parts, gathered, full = view(job, cfg.backend.name)
-        run = job.loop.run
+    class Record(LoopHooks):
+        def __init__(self, job, parts, gathered, full) -> None:
+            self.job, self.parts, self.gathered, self.full = job, parts, gathered, full
 
-        def run_and_record(*args, **kwargs):
-            state = run(*args, **kwargs)
-            with gathered():
-                checksum = float(sum(t.detach().double().sum() for t in full()))
-            t = job.topology
+        def on_run_end(self, loop, state) -> None:
+            with self.gathered():
+                checksum = float(sum(t.detach().double().sum() for t in self.full()))
+            t = self.job.topology
             result = {"rank": t.rank, "group": t.group_id, "group_rank": t.position, "S": t.group_size,
-                      "parts": parts, "checksum": checksum}
+                      "parts": self.parts, "checksum": checksum}
             (out / f"rank{t.rank}.json").write_text(json.dumps(result))
-            return state
 
-        job.loop.run = run_and_record
+    def build_job(cfg, hooks=()):
+        job = build(cfg, hooks)
+        job.loop.hooks.append(Record(job, *view(job, cfg.backend.name)))
         return job
 
     return build_job

@@ -65,8 +65,8 @@ def install(rank: int) -> None:
 
     orig_build, orig_restore = train.build_job, train.restore
 
-    def build_job(cfg):
-        job = orig_build(cfg)
+    def build_job(cfg, hooks=()):
+        job = orig_build(cfg, hooks)
         JOBS.append(job)
         wrap_backend(job, plan)
         if job.loop.engine is not None:

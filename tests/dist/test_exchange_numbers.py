@@ -1,0 +1,89 @@
+"""Real runs whose exchange numbers are rebuilt another way (issue 24).
+
+One module-scoped set of launches of the CLI's training (`run`), two at a time:
+  T    3 groups x 1 rank, FSDP2, `exchange_batch: train`, alpha 1, peer weights
+       {1: 3, 2: 0} (the same list in every group: group 0 ignores peer 2, group 1 ignores
+       peer 2, group 2 weighs peer 1 three times peer 0), under tests/workers/probe_run.py,
+       which rebuilds each step's distillation term, agreement and teacher inputs by hand
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from launch import REPO, WORKERS, read_jsonl, torchrun
+
+pytestmark = pytest.mark.timeout(600)
+
+CONFIG = str(REPO / "tests" / "tiny_test.yaml")
+PROBE = str(WORKERS / "probe_run.py")
+
+
+def probe_run(out: Path, nproc: int, *overrides: str, **env: str) -> dict:
+    """tests/workers/probe_run.py on nproc ranks; metrics records by (group, step) and each
+    rank's probe."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = torchrun(nproc, [PROBE, str(out), CONFIG, f"run_dir={out / 'run'}", *overrides], timeout=420,
+                    PROBE_DIR=str(out), **env)
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return {"records": {(r["group"], r["step"]): r for r in read_jsonl(out / "run" / "metrics.jsonl")},
+            "probes": [json.loads((out / f"probe_rank{r}.json").read_text()) for r in range(nproc)]}
+
+
+TRAIN_STEPS = 6
+WEIGHTS = {1: 3.0, 2: 0.0}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("numbers")
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {"T": pool.submit(probe_run, tmp / "T", 3, "backend.name=fsdp", "codistill.groups=3",
+                                 "codistill.exchange_batch=train", "codistill.alpha=1",
+                                 "codistill.peer_weights=[[1, 3.0], [2, 0.0]]", f"train.steps={TRAIN_STEPS}",
+                                 PROBE_FORWARD="1")}
+        return {name: job.result() for name, job in jobs.items()}
+
+
+def test_train_batches_and_peer_weights_against_a_hand_run_reference(runs):
+    """Issue 24, item 2 and item 4 (row `test_heterogeneous`): `exchange_batch: train` and peer
+    weights with two peers and a 0, on real ranks. Every step of every group:
+      - my teacher predicted on exactly my peers' first micro-batches of the step, in group
+        order (rebuilt from a corpus and streams of the probe's own);
+      - the student is my own first micro-batch (a forward of it alone gives the same logits);
+      - the logged distillation term equals the hand-weighted mean of each peer's divergence
+        alone (weights 1, 3 and 0: group 2's term is (D_0 + 3 D_1) / 4, the others distill
+        from one peer), and `peers` counts the weighted peers only;
+      - the agreement is the student's top-1 against the peers' sent top-1, counted by hand."""
+    t = runs["T"]
+    for g, probe in enumerate(t["probes"]):
+        assert len(probe["sent"]) == TRAIN_STEPS and all(s["same_tokens"] for s in probe["sent"]), probe["sent"]
+        expected_peers = [h for h in range(3) if h != g and WEIGHTS.get(h, 1.0) > 0]
+        assert [d["peer_groups"] for d in probe["due"]] == [expected_peers] * TRAIN_STEPS
+        assert all(d["own"] and d["exchange"] == d["step"] for d in probe["due"])
+        assert len(probe["terms"]) == TRAIN_STEPS
+        for term in probe["terms"]:
+            assert term["got"] == pytest.approx(term["ref"], rel=1e-6, abs=1e-7), (g, term)
+            assert term["forward_gap"] < 1e-5, (g, term)
+        agreement = {a["step"]: a["value"] for a in probe["agreement"]}
+        for term in probe["terms"]:
+            agree, count = term["agree_count"]
+            assert agreement[term["step"]] == pytest.approx(agree / count, abs=1e-12), (g, term)
+        for step in range(1, TRAIN_STEPS + 1):
+            rec = t["records"][(g, step)]
+            assert rec["peers"] == len(expected_peers)
+            assert rec["distill_loss"] == pytest.approx(probe["terms"][step - 1]["got"], rel=1e-6)
+    # Group 2's term by hand from its two peers' divergences: (1 x D_0 + 3 x D_1) / 4, which the
+    # plain mean is not.
+    for term in t["probes"][2]["terms"]:
+        d = {g: value for _, g, value in term["each"]}
+        assert sorted(d) == [0, 1]
+        assert term["got"] == pytest.approx((d[0] + 3 * d[1]) / 4, rel=1e-6)
+        assert abs(term["got"] - (d[0] + d[1]) / 2) > 1e-4 * term["got"], term
+    last = t["probes"][2]["terms"][-1]
+    print(f"\nT: group 2 step {TRAIN_STEPS} D = {last['got']:.6f} = (D_0 {last['each'][0][2]:.6f} + 3 x D_1 "
+          f"{last['each'][1][2]:.6f}) / 4")
