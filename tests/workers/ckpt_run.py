@@ -141,7 +141,10 @@ def main() -> None:
 
     batch = job.loop.val_batches[0]
     with evaluating(job.backend):
-        logits = job.backend.forward(batch[:, :-1]).float()
+        logits = job.backend.forward(batch[:, :-1])
+        if hasattr(logits, "full_tensor"):  # tensor parallel: vocab-sharded DTensor logits
+            logits = logits.full_tensor()
+        logits = logits.float()
     t = job.topology
     if t.dims.is_leader:
         torch.save({"tokens": batch, "logits": logits}, out / f"logits_group{t.group_id}.pt")
