@@ -17,7 +17,11 @@ ROOT = "codistill_ds"
 
 
 class _Format(logging.Formatter):
+    """`codistill-ds: message` for information, `codistill-ds: warning: message` otherwise."""
+
     def format(self, record: logging.LogRecord) -> str:
+        if record.levelno == logging.INFO:
+            return f"codistill-ds: {record.getMessage()}"
         return f"codistill-ds: {record.levelname.lower()}: {record.getMessage()}"
 
 
