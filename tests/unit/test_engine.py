@@ -329,7 +329,7 @@ def test_students_are_cut_from_the_batched_forward_at_their_offsets():
     own = TargetBatch(0, None, [], [])
     first = TargetBatch(1, torch.zeros(3, L + 1, dtype=torch.long), [], [])
     second = TargetBatch(2, torch.zeros(4, L + 1, dtype=torch.long), [], [])
-    got = students_of(logits, n, [first, own, second])
+    got = students_of(logits.flatten(0, 1), n, L, [first, own, second])
     assert torch.equal(got[0], logits[2:5].flatten(0, 1)) and torch.equal(got[1], logits[:2].flatten(0, 1))
     assert torch.equal(got[2], logits[5:9].flatten(0, 1))
 
