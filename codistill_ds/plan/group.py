@@ -130,7 +130,7 @@ def format_group(gp: GroupPlan, human) -> list[str]:
     lines = ["", (f"inside each group (estimate; formulas in codistill_ds/plan/memory.py and traffic.py): "
                   f"{gp.ranks_per_group} ranks = replicate {gp.replicate} x dp_shard {gp.dp_shard} x tp {gp.tp} "
                   f"on {_nodes(gp)}; {gp.sharding}"),
-             (f"  {gp.data_size} data ranks x {gp.micro_batch} sequences of {gp.seq_len:,} tokens per micro-step, "
+             (f"  {gp.data_size} data ranks x {gp.micro_batch} sequence{'s' if gp.micro_batch > 1 else ''} of {gp.seq_len:,} tokens per micro-step, "
               f"{gp.grad_accum} micro-step{'s' if gp.grad_accum > 1 else ''} per optimizer step; parameters per "
               f"TP rank P_t = {m.local_params:,.0f}")]
     lines.append("  activations per GPU, one micro-batch (Korthikanti et al. 2022: L b h (10 + 24 / T) per layer, "
@@ -144,6 +144,8 @@ def format_group(gp: GroupPlan, human) -> list[str]:
         rows.append((f"tensor parallel: {t.tp_all_reduces} all-reduces x {human(t.tp_message_bytes)} per micro-step",
                      t.tp_bytes_per_gpu, 0.0))
     for c in t.collectives:
+        if c["ranks"] == 1:  # nothing to gather or reduce over one rank
+            continue
         rows.append((f"{c['name']} ({c['axis']}, {c['ranks']} ranks)", c["per_gpu"], c["leaving_node"]))
     rows.append(("inside the group, all of the above", t.tp_bytes_per_gpu + sum(c["per_gpu"] for c in t.collectives),
                  t.leaving_node_bytes))
