@@ -165,6 +165,30 @@ def test_the_70b_plan_says_why_this_layout():
     assert 16 * plan.params / 8 > 80e9  # FSDP (or HSDP) inside one node
 
 
+@pytest.mark.parametrize("which, config, nodes", [("8b-tp2", "llama8b/tp2_fsdp4_bf16.yaml", 2),
+                                                  ("8b-fsdp8", "llama8b/fsdp8_bf16.yaml", 2),
+                                                  ("70b", "llama70b/tp8_fsdp4_ac_bf16.yaml", 8)])
+def test_launch_script_lines(which, config, nodes, tmp_path):
+    """launch/llama_large.sh with stand-in `deepspeed` and `torchrun` that print their arguments:
+    the config exists, the hostfile has as many 8-GPU nodes as the config's world needs."""
+    import subprocess
+
+    for tool in ("deepspeed", "torchrun"):
+        (tmp_path / tool).write_text(f'#!/bin/sh\necho {tool} "$@"\n')
+        (tmp_path / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "NODE_RANK": "0"}
+    script = str(REPO / "launch" / "llama_large.sh")
+    ds = subprocess.run([script, which], env=env, capture_output=True, text=True, check=True).stdout.split()
+    tr = subprocess.run([script, which, "torchrun", "--set", "train.steps=1"], env=env, capture_output=True,
+                        text=True, check=True).stdout.split()
+    assert ds[ds.index("--config") + 1] == tr[tr.index("--config") + 1] == f"examples/{config}"
+    hosts = (REPO / ds[ds.index("--hostfile") + 1]).read_text().splitlines()
+    assert [h.split()[1] for h in hosts if h and not h.startswith("#")] == ["slots=8"] * nodes
+    assert nodes * 8 == CONFIGS[config][0]
+    assert tr[tr.index("--nnodes") + 1] == str(nodes) and tr[tr.index("--nproc_per_node") + 1] == "8"
+    assert tr[-2:] == ["--set", "train.steps=1"]
+
+
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python tests/unit/test_examples_large.py --write")
