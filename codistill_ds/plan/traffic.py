@@ -133,7 +133,7 @@ def group_traffic(world: int, groups: int, tp: int, replicate: int, gpus_per_nod
     if replicate > 1 and zero_stage != 3:
         raise ValueError(f"replicate {replicate} (HSDP) needs full sharding (FSDP2, --zero-stage 3); "
                          f"DeepSpeed ZeRO-{zero_stage} shards over the whole group")
-    K, R, D, T = dims.shape
+    _, R, D, T = dims.shape
     m, p, g = grad_accum, local_params, gpus_per_node
     message = ACTIVATION_BYTES * micro_batch * seq_len * hidden
     count = tp_all_reduces(layers, checkpointed) if T > 1 else 0

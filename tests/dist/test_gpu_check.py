@@ -115,6 +115,6 @@ def test_tp_figures_from_metrics():
 def test_tp_flow_runs_on_cpu(tmp_path):
     """The real thing on 4 + 2 gloo ranks (6 steps each): T=2 gives T=1's losses and bytes."""
     out = subprocess.run([sys.executable, str(SCRIPT), "--cpu", "--backends", "tp", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, cwd=REPO)
+                         capture_output=True, text=True, timeout=600, cwd=REPO, check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("gpu-check: tp ") and ln.endswith(("PASS", "FAIL"))]
     assert out.returncode == 0 and len(lines) == 6 and all(ln.endswith("PASS") for ln in lines), out.stdout + out.stderr[-3000:]

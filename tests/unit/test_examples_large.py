@@ -157,7 +157,7 @@ def test_the_70b_plan_says_why_this_layout():
 
     plan = make_plan(CONFIGS["llama70b/tp8_fsdp4_ac_bf16.yaml"][1], VOCAB, 8192, 4, 32, 16, 2, 64, train_batch=4,
                      gpus_per_node=8)
-    kw = dict(tp=8, gpus_per_node=8, activation_checkpointing="full", heads=64, kv_heads=8, intermediate=28672)
+    kw = {"tp": 8, "gpus_per_node": 8, "activation_checkpointing": "full", "heads": 64, "kv_heads": 8, "intermediate": 28672}
     tp8, hsdp = group_plan(plan, 1, 8192, 80, **kw), group_plan(plan, 1, 8192, 80, replicate=2, **kw)
     assert tp8.memory.total_bytes < 80e9 < hsdp.memory.total_bytes
     assert tp8.memory.model_state_bytes + tp8.memory.activations["none"] > 80e9  # checkpointing is needed

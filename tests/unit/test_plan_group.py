@@ -29,8 +29,8 @@ def small(**kw):
     """P = 1,000,000, V = 1,000, h = 100, n = 4, L = 10, 2 groups x 8 ranks on nodes of 4 GPUs,
     exchange 4 sequences x 10 tokens of top-8 bf16 + uint16 (32 B per position) every 5 steps."""
     plan = make_plan(1_000_000, 1000, 10, 4, 8, 5, groups=2, world=16, gpus_per_node=4)
-    args = dict(tp=2, gpus_per_node=4, activation_checkpointing="full", grad_accum=3, heads=4, kv_heads=2,
-                intermediate=400)
+    args = {"tp": 2, "gpus_per_node": 4, "activation_checkpointing": "full", "grad_accum": 3, "heads": 4,
+            "kv_heads": 2, "intermediate": 400}
     return plan, group_plan(plan, 2, 100, 4, **{**args, **kw})
 
 
@@ -53,7 +53,7 @@ def test_tp2_fsdp4_full_checkpointing_by_hand():
       {t, 2 + t, 4 + t, 6 + t} spans both, 2 rings (t = 0, 1) leave each node: 2 x 4,504,050 =
       9,008,100 per collective, 18,016,200 in all, 4,504,050 per GPU of 4
     cross-group: (K - 1) payload / I = 4 x 10 x 32 / 5 = 256 leaving a group, 256 / 8 = 32 per GPU"""
-    plan, gp = small()
+    _, gp = small()
     m, t = gp.memory, gp.traffic
     assert (gp.dp_shard, gp.data_size, gp.checkpointed_layers) == (4, 4, 4)
     assert m.local_params == 500_450 == tp_params(1_000_000, 100, 4, 2)
@@ -146,7 +146,7 @@ def test_t1_r1_reproduces_todays_output(capsys):
     after = capsys.readouterr().out
     assert after.startswith(before) and "inside each group" in after[len(before):]
     old = memory_plan(953223168, 16, 2, 4, 2048, 2048, 16, 32000)
-    _, gp = None, group_plan(make_plan(953223168, 32000, 2048, 8, 32, 16, 2, 16), 4, 2048, 16)
+    gp = group_plan(make_plan(953223168, 32000, 2048, 8, 32, 16, 2, 16), 4, 2048, 16)
     for name in ("model_state_bytes", "gathered_bytes", "activation_bytes", "build_peak_bytes", "tokens_per_step"):
         assert getattr(gp.memory, name) == getattr(old, name), name
     assert gp.traffic.tp_bytes_per_gpu == 0 and gp.traffic.leaving_node_bytes == 0  # one group per node

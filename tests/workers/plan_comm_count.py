@@ -57,7 +57,9 @@ def main(spec: dict) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from codistill_ds.backends.activation_checkpointing import apply_activation_checkpointing
+    from codistill_ds.backends.activation_checkpointing import (
+        apply_activation_checkpointing,
+    )
     from codistill_ds.backends.sharding import apply_fsdp, data_parallel_mesh
     from codistill_ds.backends.tensor_parallel import (
         apply_tensor_parallel,
