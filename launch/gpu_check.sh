@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make gpu-check`: on a machine with 1+ NVIDIA GPUs, build a venv with a CUDA torch and run
 # tests/gpu/gpu_check.py (2 groups, bf16, ZeRO-3 and FSDP2, async exchange, checkpoint + resume;
+# with 4+ GPUs also K=2 x T=2 tensor parallelism against T=1;
 # one line per check). Stops at once, with one line, on a machine without a GPU.
 #
 #   GPU_CHECK_VENV=.venv-gpu            where the venv goes (kept between runs)
@@ -35,4 +36,4 @@ fi
 export DS_ACCELERATOR=cuda PYTHONWARNINGS="${PYTHONWARNINGS:-ignore::FutureWarning}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"
 # shellcheck disable=SC2086
-exec timeout 480 "$VENV/bin/python" tests/gpu/gpu_check.py --gpus "$GPUS" --out runs/gpu_check ${GPU_CHECK_ARGS:-}
+exec timeout 720 "$VENV/bin/python" tests/gpu/gpu_check.py --gpus "$GPUS" --out runs/gpu_check ${GPU_CHECK_ARGS:-}

@@ -1,6 +1,11 @@
 """`codistill-ds plan`: the byte budget (and, with sizes, the memory) of a layout, before any run.
 
     codistill-ds plan --params 1B --world 16 --groups 2 [--micro-batch 4 --hidden 2048 --layers 16]
+    codistill-ds plan ... --tp 8 --replicate 1 --gpus-per-node 8 --activation-checkpointing full
+
+Any of the group flags (--tp, --replicate, --gpus-per-node, --zero-stage,
+--activation-checkpointing, --reduce-dtype) adds the section "inside each group" (plan/group.py);
+without them the output is what it was before they existed.
 """
 
 from __future__ import annotations
@@ -45,7 +50,34 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     add("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (memory estimate)")
     add("--hidden", type=int, default=0, help="hidden size (memory estimate)")
     add("--layers", type=int, default=0, help="transformer blocks (memory estimate)")
+    add("--heads", type=int, default=None, help="attention heads (checked: divisible by --tp)")
+    add("--kv-heads", type=int, default=None, help="key/value heads (checked: divisible by --tp)")
+    add("--intermediate", type=int, default=None, help="MLP width (checked: divisible by --tp)")
+    group = parser.add_argument_group("inside each group (any of these adds the section)")
+    group.add_argument("--tp", type=int, default=None, help="T: tensor-parallel ranks per replica (default 1)")
+    group.add_argument("--replicate", type=int, default=None, help="R: HSDP replicas inside a group (default 1)")
+    group.add_argument("--gpus-per-node", type=int, default=None,
+                       help="G: GPUs per node (default: the group size, one group per node)")
+    group.add_argument("--zero-stage", type=int, choices=(1, 2, 3), default=None,
+                       help="3: ZeRO-3 / FSDP2 (HSDP with --replicate; default); 1, 2: DeepSpeed ZeRO-1/2 "
+                            "(with AutoTP when --tp > 1)")
+    group.add_argument("--activation-checkpointing", choices=("none", "full", "selective"), default=None,
+                       help="model.activation_checkpointing: the mode the memory total uses (default none)")
+    group.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default=None,
+                       help="gradient reduction dtype (FSDP2 here: fp32, the default; DeepSpeed ZeRO-3: bf16)")
     add("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+GROUP_FLAGS = ("tp", "replicate", "gpus_per_node", "zero_stage", "activation_checkpointing", "reduce_dtype")
+
+
+def _group_options(args: argparse.Namespace) -> dict | None:
+    """The group flags given, with their defaults filled in; None when none was given."""
+    if all(getattr(args, name, None) is None for name in GROUP_FLAGS):
+        return None
+    return {"tp": args.tp or 1, "replicate": args.replicate or 1, "gpus_per_node": args.gpus_per_node,
+            "zero_stage": args.zero_stage or 3, "activation_checkpointing": args.activation_checkpointing or "none",
+            "reduce_dtype": args.reduce_dtype or "fp32"}
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -57,9 +89,21 @@ def run_plan(args: argparse.Namespace) -> int:
             dtype=args.dtype, grad_dtype=args.grad_dtype, index_dtype=args.index_dtype,
             token_fraction=args.token_fraction, train_batch=args.train_batch,
             diloco_h=args.diloco_h, streaming_h=args.streaming_h,
+            gpus_per_node=getattr(args, "gpus_per_node", None),
         )
-        memory = None
-        if getattr(args, "micro_batch", 0):
+        memory, group = None, None
+        options = _group_options(args)
+        if options is not None and not (args.micro_batch and args.hidden and args.layers):
+            raise ValueError("the section inside each group (--tp, --replicate, ...) needs --micro-batch, "
+                             "--hidden and --layers")
+        if options is not None:
+            from codistill_ds.plan.group import group_plan
+
+            group = group_plan(plan, args.micro_batch, args.hidden, args.layers, grad_accum=args.grad_accum,
+                               heads=args.heads, kv_heads=args.kv_heads, intermediate=args.intermediate,
+                               **options)
+            memory = group.memory
+        elif getattr(args, "micro_batch", 0):
             from codistill_ds.plan.memory import memory_plan
 
             memory = memory_plan(args.params, args.world, args.groups, args.micro_batch, args.seq_len,
@@ -68,13 +112,20 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"codistill-ds plan: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({**asdict(plan), **({"memory": asdict(memory)} if memory else {})}))
+        extra = {"memory": asdict(memory)} if memory else {}
+        if group is not None:
+            extra["group"] = {k: v for k, v in asdict(group).items() if k != "memory"}
+        print(json.dumps({**asdict(plan), **extra}))
     else:
         print(format_plan(plan))
         if memory is not None:
             from codistill_ds.plan.memory import format_memory
 
             print("\n".join(format_memory(memory, plan.exchange_bytes_per_step, human_bytes)))
+        if group is not None:
+            from codistill_ds.plan.group import format_group
+
+            print("\n".join(format_group(group, human_bytes)))
     return 0
 
 

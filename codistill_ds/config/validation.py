@@ -224,7 +224,13 @@ def _check_exchange(cfg: Config, world_size: int, vocab_size: int | None) -> Non
              "codistill.token_fraction", "a fraction of the positions travels only with mode 'logits' and "
              f"exchange_batch 'shared' (got mode {cd.mode!r}, exchange_batch {cd.exchange_batch!r})")
     if cfg.codistill.enabled and batch is not None:
-        per_group = ranks_per_group(cfg, world_size)
+        per_group, tp = ranks_per_group(cfg, world_size), cfg.parallel.tp
+        if tp > 1 and per_group % tp == 0:  # the T ranks of a data rank predict on the same rows
+            data_ranks = per_group // tp     # (ExchangeStream splits over data ranks; tp_rows.py)
+            _require(batch % data_ranks == 0, "data.exchange_batch_size",
+                     f"exchange_batch_size {batch} is not divisible by the {data_ranks} data ranks per group "
+                     f"({per_group} ranks / parallel.tp {tp})")
+            return
         _require(
             batch % per_group == 0,
             "data.exchange_batch_size",

@@ -128,6 +128,9 @@ class Plan:
     (K-1) * 2 P * T / S per rank."""
     layout: list[dict] = field(default_factory=list)
     """One {group, ranks, leader} per group; ranks are group-major and contiguous."""
+    gpus_per_node: int | None = None
+    """G when a group spans several nodes (or shares one); None: one group per node (G = S).
+    The boundary is then a group's, of its S / G nodes; the formulas do not change."""
 
 
 def _check(params: int, seq_len: int, batch: int, interval: int, groups: int, world: int,
@@ -183,9 +186,10 @@ def make_plan(params: int, vocab: int, seq_len: int, batch: int, topk: int, inte
               groups: int, world: int, dtype: str = "bf16", grad_dtype: str = "bf16",
               weight_dtype: str = "bf16", index_dtype: str = "auto", token_fraction: float = 1.0,
               train_batch: int | None = None, diloco_h: int = 500,
-              streaming_h: int = 100) -> Plan:
+              streaming_h: int = 100, gpus_per_node: int | None = None) -> Plan:
     """The byte budget of one codistillation layout against its baselines; ValueError names any
-    impossible input. `train_batch` (sequences per group per step) defaults to `batch`."""
+    impossible input. `train_batch` (sequences per group per step) defaults to `batch`;
+    `gpus_per_node` (default: S, one group per node) only changes how the layout is described."""
     from codistill_ds.exchange.sampling import positions_per_sequence
 
     train_batch = batch if train_batch is None else train_batch
@@ -195,6 +199,8 @@ def make_plan(params: int, vocab: int, seq_len: int, batch: int, topk: int, inte
         if value not in DTYPE_BYTES:
             raise ValueError(f"{name} {value!r} is not one of {', '.join(DTYPE_BYTES)}")
     fmt = _wire(topk, vocab, dtype, index_dtype)
+    if gpus_per_node is not None and (gpus_per_node < 1 or world % gpus_per_node):
+        raise ValueError(f"world size {world} is not a whole number of nodes of gpus_per_node={gpus_per_node}")
     s, m = world // groups, positions_per_sequence(seq_len, token_fraction)
     tokens = train_batch * seq_len
     payload = batch * m * fmt.bytes_per_token
@@ -229,4 +235,5 @@ def make_plan(params: int, vocab: int, seq_len: int, batch: int, topk: int, inte
         teacher_forward_flops_per_rank_per_step=(groups - 1) * 2 * params * tokens / s,
         layout=[{"group": g, "ranks": list(range(g * s, (g + 1) * s)), "leader": g * s}
                 for g in range(groups)],
+        gpus_per_node=None if gpus_per_node == s else gpus_per_node,
     )

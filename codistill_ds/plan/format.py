@@ -19,9 +19,24 @@ def _ranks(ranks: list[int], limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(ranks) > limit else ''}]"
 
 
+def _placement(plan: Plan) -> str:
+    """Where a group sits: one group per node unless --gpus-per-node says otherwise."""
+    s, g = plan.ranks_per_group, plan.gpus_per_node
+    if g is None:
+        return "one group per node"
+    if s >= g:
+        return f"{s // g} nodes of {g} GPUs per group"
+    return f"{g // s} groups per node of {g} GPUs"
+
+
+def _boundary(plan: Plan) -> str:
+    """What the byte table's boundary is: a node's, or a group's when groups span nodes."""
+    return "node" if plan.gpus_per_node is None else "group"
+
+
 def _topology_lines(plan: Plan) -> list[str]:
     s, k = plan.ranks_per_group, plan.groups
-    lines = [f"topology: {plan.world} ranks = {k} groups x {s} ranks per group (one group per node)"]
+    lines = [f"topology: {plan.world} ranks = {k} groups x {s} ranks per group ({_placement(plan)})"]
     lines += [f"  group {e['group']}: ranks {_span(e['ranks'])}, leader {e['leader']}"
               for e in plan.layout[:8]]
     if k > 8:
@@ -39,7 +54,7 @@ def _method_names(plan: Plan) -> dict[str, str]:
     return {
         "codistill": "codistillation (leaders or rails)",
         "ring": f"ring all-reduce ({g} grads, W={w})",
-        "hierarchical": f"hierarchical all-reduce ({g} grads, N={k} nodes)",
+        "hierarchical": f"hierarchical all-reduce ({g} grads, N={k} {_boundary(plan)}s)",
         "zero3": f"ZeRO-3 over all W={w} ranks ({g})",
         "diloco_fp32": f"DiLoCo H={plan.diloco_h}, fp32 pseudo-gradient",
         "diloco_bf16": f"DiLoCo H={plan.diloco_h}, bf16 pseudo-gradient",
@@ -77,6 +92,14 @@ def _weights_lines(plan: Plan) -> list[str]:
     ]
 
 
+def _table_head(plan: Plan) -> str:
+    if plan.gpus_per_node is None:
+        return (f"bytes leaving one node per step (each direction of its boundary), {plan.groups} nodes "
+                f"x {plan.ranks_per_group} ranks, one group per node; per token = per training token:")
+    return (f"bytes leaving one group per step (each direction of its boundary), {plan.groups} groups "
+            f"x {plan.ranks_per_group} ranks, {_placement(plan)}; per token = per training token:")
+
+
 def format_plan(plan: Plan) -> str:
     """The like-for-like table first, then topology, routes and the weights mode."""
     m, seq = plan.positions_per_sequence, plan.seq_len
@@ -87,8 +110,7 @@ def format_plan(plan: Plan) -> str:
         (f"exchange: {plan.batch} seqs x {positions} per group every {plan.interval} steps, "
          f"{plan.wire['describe']} = {plan.wire_bytes_per_position} B per position"),
         "",
-        (f"bytes leaving one node per step (each direction of its boundary), {plan.groups} nodes "
-         f"x {plan.ranks_per_group} ranks, one group per node; per token = per training token:"),
+        _table_head(plan),
         *_boundary_table(plan),
         (f"  (Streaming DiLoCo as published, 1B params / 100B tokens: "
          f"{plan.streaming_diloco_paper_bytes_per_token:.1f} B per token)"),

@@ -12,7 +12,12 @@ the uninterrupted run (exact resume: 0).
   its own 1-rank job on the same GPU, meeting through a torchft Lighthouse, with the exchange
   over gloo: `codistill-ds lighthouse --port P`, then per group `torchrun --nproc_per_node 1 -m
   codistill_ds.cli train ... --set codistill.transport=torchft --set codistill.group_id=G ...`.
-- `--cpu`: the same flow on CPU with gloo (2 groups x 1 rank, 6 steps): checks this script.
+- tensor parallelism (check "tp", FSDP2 + DTensor TP, fp32 compute and wire, staleness 0): K=2
+  groups x T=2 on 4 GPUs (`parallel.tp=2`) against K=2 x T=1 on 2 GPUs, the same seed and tokens:
+  per-step losses and distillation losses within TP_TOLERANCE, the same cross-group bytes (each
+  TP rank sends half of its rows), peak memory per group. Needs 4 GPUs: with fewer it prints one
+  line saying it was skipped and why (the one-GPU flow above runs as before).
+- `--cpu`: the same flows on CPU with gloo (2 groups x 1 rank, 6 steps; TP on 4 ranks): checks this script.
 - `--cpu-two-jobs`: the 1-GPU flow (two 1-rank jobs and a Lighthouse) on CPU, 6 steps.
 - `--dry-run`: print the commands only.
 
@@ -39,6 +44,14 @@ BACKENDS = {"zero3": ["backend.name=deepspeed", "backend.ds_config=ds_configs/ze
 CPU_SETS = ["train.steps=6", "train.save_interval=3", "train.eval_interval=6", "data.seq_len=64",
             "model.max_seq_len=64", "model.hidden_size=64", "model.num_layers=2", "model.num_heads=2",
             "model.intermediate_size=128", "data.micro_batch_size=2", "data.max_bytes=300000"]
+TP_SETS = ["backend.name=fsdp", "backend.precision=fp32", "codistill.dtype=fp32", "codistill.staleness=0",
+           "codistill.async_exchange=false", "codistill.route=rails", "train.save_interval=0", "train.eval_interval=0"]
+"""The T=2 vs T=1 comparison: fp32 everywhere and a synchronous exchange, so the two layouts differ
+only by the order of TP's partial sums."""
+TP_GPUS = 4
+TP_TOLERANCE = {"cpu": 1e-5, "gpu": 1e-3}
+"""Largest |loss difference| between T=2 and T=1 (fp32): on CPU/gloo the same code measured 1e-6;
+on GPUs cuBLAS picks its kernels per shape, so half-width matmuls sum in another order."""
 RESUME_TOLERANCE = 1e-3
 """Largest |loss difference| accepted after resuming on a GPU (0 on CPU): cuBLAS/flash-attention
 backward kernels may reduce in a different order from run to run."""
@@ -182,6 +195,64 @@ def check_backend(backend: str, mode: str, gpus: int, out: Path, dry: bool, sets
     return ok
 
 
+def tp_jobs(mode: str, run: Path, sets: list[str]) -> list[tuple[list[str], Path]]:
+    """(command, run dir) of the T=1 run (2 groups x 1 rank) and the T=2 run (2 groups x 2 TP ranks)."""
+    base = [*sets, *TP_SETS, *([] if mode.startswith("cpu") else ["train.steps=20"])]
+    return [(train_cmd(2 * tp, run / f"tp{tp}", [*base, f"parallel.tp={tp}"]), run / f"tp{tp}") for tp in (1, 2)]
+
+
+def group_bytes(run_dir: Path) -> dict[int, int]:
+    """Cross-group bytes each group's ranks sent in all (summary.json)."""
+    return {g["group"]: g["cross_group_bytes"] for g in json.loads((run_dir / "summary.json").read_text())["per_group"]}
+
+
+def tp_figures(t1: dict, t2: dict, bytes1: dict, bytes2: dict, peak1: dict, peak2: dict,
+               tolerance: float) -> list[tuple[str, str, bool]]:
+    """(check, figure, passed) of the T=2 run against the T=1 run, from their records and summaries."""
+    rows = []
+    for key, name in (("loss", "loss"), ("distill_loss", "distill_loss")):
+        diffs = [abs(t2[g][s][key] - t1[g][s][key]) for g in t1 for s in t1[g]
+                 if s in t2.get(g, {}) and t1[g][s].get(key) is not None and t2[g][s].get(key) is not None]
+        worst = max(diffs) if diffs else float("nan")
+        rows.append((f"T=2 vs T=1 {name}", f"max |difference| {worst:.3g} over {len(diffs)} records",
+                     bool(diffs) and worst <= tolerance))
+    last = [steps[max(steps)] for steps in t2.values()]
+    rows.append(("T=2 distillation active", ", ".join(f"{r['distill_loss']:.4g}" for r in last if r.get("distill_loss") is not None),
+                 bool(last) and all(r["alpha"] > 0 and (r.get("distill_loss") or 0) > 0 for r in last)))
+    total1, total2 = sum(bytes1.values()), sum(bytes2.values())
+    rows.append(("T=2 vs T=1 cross-group bytes", f"{total2:,} vs {total1:,}", total1 > 0 and total1 == total2))
+    for g in sorted(peak2):
+        rows.append((f"group {g} peak memory T=2 / T=1", f"{peak2[g] / 2**30:.2f} / {peak1.get(g, 0) / 2**30:.2f} GiB",
+                     peak2[g] > 0))
+    return rows
+
+
+def check_tp(mode: str, gpus: int, out: Path, dry: bool, sets: list[str]) -> bool:
+    """K=2 x T=2 against K=2 x T=1; one line saying why when this machine cannot run it."""
+    if mode.endswith("two_jobs") or (not mode.startswith("cpu") and gpus < TP_GPUS):
+        have = "one GPU (emulated on CPU)" if mode == "cpu_two_jobs" else f"{gpus} GPU(s)"
+        print(f"gpu-check: tp    skipped: K=2 groups x T=2 needs {TP_GPUS} GPUs, this machine has {have}", flush=True)
+        return True
+    cmds = tp_jobs(mode, out / "tp", sets)
+    for cmd, run_dir in cmds:
+        if not dry and run_dir.exists():
+            shutil.rmtree(run_dir)
+        start = time.monotonic()
+        launch([(cmd, run_dir)], mode, timeout=420 if mode.startswith("cpu") else 240, dry=dry)
+        if not dry:
+            print(f"gpu-check: tp    {run_dir.name} run took {time.monotonic() - start:.0f}s", flush=True)
+    if dry:
+        return True
+    (_, d1), (_, d2) = cmds
+    tolerance = TP_TOLERANCE["cpu" if mode.startswith("cpu") else "gpu"]
+    ok = True
+    for name, figure, passed in tp_figures(records([d1]), records([d2]), group_bytes(d1), group_bytes(d2),
+                                           peaks([d1]), peaks([d2]), tolerance):
+        print(f"gpu-check: tp    {name:<34} {figure:<44} {'PASS' if passed else 'FAIL'}", flush=True)
+        ok &= passed
+    return ok
+
+
 def has_torchft_transport() -> bool:
     import dataclasses
 
@@ -198,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-two-jobs", action="store_true",
                    help="run the one-GPU flow (two 1-rank jobs and a Lighthouse) on CPU")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
-    p.add_argument("--backends", default="zero3,fsdp2")
+    p.add_argument("--backends", default="zero3,fsdp2,tp",
+                   help="checks: zero3, fsdp2 (2 groups, bf16, resume), tp (K=2 x T=2 against T=1, 4 GPUs)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     gpus = args.gpus
@@ -220,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     start, ok = time.monotonic(), True
     for backend in args.backends.split(","):
         try:
+            if backend == "tp":
+                ok &= check_tp(mode, gpus, Path(args.out), args.dry_run, sets)
+                continue
             ok &= check_backend(backend, mode, gpus, Path(args.out), args.dry_run, sets)
         except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as err:
             print(f"gpu-check: {backend:5} FAIL: {err}", flush=True)
