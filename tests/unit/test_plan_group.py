@@ -16,7 +16,7 @@ from codistill_ds.plan.group import format_group, group_plan
 from codistill_ds.plan.memory import memory_plan, tp_params
 from codistill_ds.plan.traffic import group_traffic, leaving_node, tp_all_reduces
 from codistill_ds.plan.units import human_bytes
-from launch import REPO
+from launch import REPO, child_env
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -195,7 +195,7 @@ SPECS = [
 @pytest.fixture(scope="module")
 def counted():
     out = subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "plan_comm_count.py"), json.dumps(SPECS)],
-                         capture_output=True, text=True, timeout=240, check=True, cwd=REPO)
+                         capture_output=True, text=True, timeout=240, check=True, cwd=REPO, env=child_env())
     return json.loads(out.stdout)
 
 
