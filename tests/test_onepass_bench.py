@@ -207,3 +207,25 @@ def test_rerun_reuses_finished_runs(smoke: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "training G=" not in proc.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (smoke / "runs").glob("*.json")} == before
+
+
+def test_a_probe_run_serves_as_the_ladder_run_of_its_settings(tmp_path: Path) -> None:
+    """`--probe` trains one whole pass without a target; the ladder then reads that run for the
+    same batch and learning rate instead of training it again, its crossings taken from the
+    probe's curve."""
+    def bench(*extra: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.onepass", "--smoke", "--out", str(tmp_path), *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    bench("--probe", "4")
+    probe = json.loads(next((tmp_path / "probe").glob("G0004-*.json")).read_text())
+    assert probe["stop"] == "one-pass" and probe["steps_run"] == probe["max_steps"]
+    assert probe["windows_read"] <= probe["train_windows"]
+    log = bench("--batches", "4")
+    assert "read from its probe run" in log
+    run = json.loads((tmp_path / "runs" / next((tmp_path / "probe").glob("G0004-*.json")).name).read_text())
+    curve = [(e["step"], e["val_loss"]) for e in probe["evals"]]
+    for t in MODES["smoke"].targets:
+        assert run["crossings"][f"{t:g}"]["steps"] == pytest.approx(crossing(curve, t))

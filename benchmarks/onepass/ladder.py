@@ -7,19 +7,42 @@ taken more steps than the batch's best so far without reaching the lowest target
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 
 from . import trainer
+from .estimate import crossing
 from .settings import Mode, RunSpec, center_j, lr_of, next_lr, spec_of
 
 
-def primary_steps(rec: dict) -> float | None:
-    """Steps to the lowest target (None: not reached)."""
-    low = f"{min(rec['spec']['targets']):g}"
+def primary_steps(rec: dict, target: float | None = None) -> float | None:
+    """Steps to `target` (default: the lowest; None: not reached)."""
+    low = f"{min(rec['spec']['targets']) if target is None else target:g}"
     got = rec["crossings"].get(low)
     return got["steps"] if got else None
+
+
+def from_probe(probe_path: Path, spec: RunSpec) -> dict | None:
+    """A finished probe run (one whole pass, no target) of the same settings as `spec` but its
+    targets, read as a ladder run: its crossings recomputed for spec's targets from its curve.
+    It trained past the lowest target: its record keeps every step it ran."""
+    if not probe_path.exists():
+        return None
+    rec = json.loads(probe_path.read_text())
+    want = {**spec.key(), "targets": []}
+    if not rec.get("done") or rec["spec"] != json.loads(json.dumps(want)):
+        return None
+    curve = [(e["step"], e["val_loss"]) for e in rec["evals"]]
+    crossings = {}
+    for t in spec.targets:
+        s = crossing(curve, t)
+        if s is not None:
+            crossings[f"{t:g}"] = {"steps": s, "tokens": s * spec.batch * spec.seq_len}
+    stop = "target" if all(f"{t:g}" in crossings for t in spec.targets) else rec["stop"]
+    return {**rec, "spec": spec.key(), "crossings": crossings, "stop": stop, "limit": spec.limit,
+            "from_probe": str(probe_path.name)}
 
 
 class Ladder:
@@ -43,6 +66,9 @@ class Ladder:
         spec = spec_of(self.mode, batch, lr_of(self.mode, j), self.seed,
                        limit=None if best is None else math.ceil(best))
         rec = trainer.load(self.path(spec), spec)
+        if rec is None and (rec := from_probe(self.out / "probe" / self.path(spec).name, spec)) is not None:
+            self.path(spec).write_text(json.dumps(rec, indent=1) + "\n")
+            self.log(f"onepass: G={batch} lr={spec.lr:g} read from its probe run")
         if rec is None:
             self.log(f"onepass: training G={batch} lr={spec.lr:g} (limit {spec.limit})")
             rec = trainer.train(spec, self.path(spec), self.log)
@@ -51,7 +77,15 @@ class Ladder:
         return rec
 
     def steps_of(self, batch: int) -> dict[int, float | None]:
-        return {j: primary_steps(r) for j, r in self.tried[batch].items()}
+        """Steps of each tried learning rate to the lowest target any of them reached (the
+        lowest overall when one did): a batch too large to reach the lowest target within
+        one pass still gets its learning rate searched, on the next target up."""
+        runs = self.tried[batch]
+        for t in sorted(self.mode.targets):
+            steps = {j: primary_steps(r, t) for j, r in runs.items()}
+            if any(s is not None for s in steps.values()):
+                return steps
+        return {j: None for j in runs}
 
     def search(self) -> None:
         for b in self.batches:  # phase 1: the first guess everywhere

@@ -68,6 +68,21 @@ def noise_at(rec: dict, target: float, band: float) -> dict | None:
     return {"b_simple": noise_scale(g2, tr), "steps_pooled": steps, "g2": g2 / steps, "trace": tr / steps}
 
 
+def binned_noise(rec: dict, width: float = 0.05) -> list[tuple[float, float, int]]:
+    """(mean val loss, pooled B_simple, steps) over the intervals whose end val loss falls in
+    each bin of `width`: single intervals early in a run hold a few steps and are too noisy."""
+    bins: dict[int, list[dict]] = {}
+    for n in rec["noise"]:
+        if math.isfinite(n["val_loss"]):
+            bins.setdefault(math.floor(n["val_loss"] / width), []).append(n)
+    out = []
+    for _, ns in sorted(bins.items(), reverse=True):
+        steps = sum(n["steps"] for n in ns)
+        b = noise_scale(sum(n["g2"] * n["steps"] for n in ns), sum(n["trace"] * n["steps"] for n in ns))
+        out.append((sum(n["val_loss"] * n["steps"] for n in ns) / steps, b, steps))
+    return out
+
+
 def summarize(records: list[dict], mode, command: str) -> dict:
     targets = sorted(mode.targets, reverse=True)
     rows = ladder_rows(records, targets)
@@ -109,7 +124,7 @@ def summarize(records: list[dict], mode, command: str) -> dict:
         "total_train_s": sum(r.get("train_s", 0.0) for r in records),
         "total_wall_s": sum(r.get("wall_s", 0.0) for r in records),
         "curves": {str(b): {"lr": r["spec"]["lr"], "evals": [(e["step"], e["tokens"], e["val_loss"]) for e in r["evals"]],
-                            "noise": [(n["step"], n["val_loss"], noise_scale(n["g2"], n["trace"])) for n in r["noise"]]}
+                            "noise": binned_noise(r)}
                    for b, r in sorted(best.items())},
     }
 
@@ -187,9 +202,9 @@ def plot(res: dict, path: Path) -> None:
         tk = [(k, v) for _, k, v in c["evals"] if k > 0]
         ax_c.plot(*zip(*st), color=f"C{i}", label=f"G={b}, lr {c['lr']:g}")
         ax_t.plot(*zip(*tk), color=f"C{i}", label=f"G={b}")
-        nz = [(v, bs) for _, v, bs in c["noise"] if math.isfinite(bs) and bs > 0]
+        nz = [(v, bs) for v, bs, _ in c["noise"] if math.isfinite(bs) and bs > 0]
         if nz:
-            ax_n.plot(*zip(*nz), ".", color=f"C{i}", alpha=0.6, label=f"G={b}")
+            ax_n.plot(*zip(*nz), ".-", color=f"C{i}", alpha=0.7, linewidth=0.8, label=f"G={b}")
     for ax, xl in ((ax_c, "step"), (ax_t, "tokens")):
         ax.set_xscale("log")
         ax.set_xlabel(xl)
@@ -202,7 +217,7 @@ def plot(res: dict, path: Path) -> None:
             ax.set_ylim(min(res["targets"]) - 0.3, None)
     ax_c.set_title("validation loss per batch (best learning rate)", fontsize=8)
     ax_n.set_xlabel("validation loss at the interval's end")
-    ax_n.set_ylabel("B_simple (sequences), per evaluation interval")
+    ax_n.set_ylabel("B_simple (sequences), pooled per 0.05 of val loss")
     ax_n.set_yscale("log")
     ax_n.invert_xaxis()
     ax_n.grid(alpha=0.3)

@@ -62,9 +62,9 @@ SMOKE = Mode("smoke", ModelSize(32, 2, 64), seq_len=32, max_bytes=300_000, val_f
              val_windows=32, batches=(2, 4, 8), targets=(3.3, 3.0), lr_base=4e-3, j_ref=2, g_ref=4,
              max_lrs=3, warmup_steps=5, eval_min=4)
 QUICK = Mode("quick", QUALITY_MODES["quick"].model, seq_len=128, max_bytes=None, val_fraction=0.02,
-             val_windows=256, batches=(4, 8, 16, 32, 64, 128, 256), targets=(2.0, 1.8, 1.6))
+             val_windows=256, batches=(4, 8, 16, 32, 64, 128, 256), targets=(2.0, 1.8, 1.7, 1.6))
 FULL = Mode("full", QUALITY_MODES["full"].model, seq_len=128, max_bytes=None, val_fraction=0.02,
-            val_windows=256, batches=(4, 8, 16, 32, 64, 128, 256), targets=(2.0, 1.8, 1.6))
+            val_windows=256, batches=(4, 8, 16, 32, 64, 128, 256), targets=(2.0, 1.8, 1.7, 1.6))
 MODES = {m.name: m for m in (SMOKE, QUICK, FULL)}
 
 

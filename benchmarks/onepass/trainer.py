@@ -117,7 +117,7 @@ def train(spec: RunSpec, path: Path, log=print) -> dict:
     rec["evals"].append({"step": 0, "tokens": 0, "val_loss": v0, "train_loss": None, "lr": 0.0, "wall_s": 0.0})
     schedule = set(eval_steps(spec.eval_ratio, spec.eval_min, max_steps))
     acc = dict(n=0, gs=0.0, gb=0.0, g2=0.0, tr=0.0, ce=0.0, clipped=0, norm=0.0)
-    began, train_s, stop = time.perf_counter(), 0.0, "one-pass"
+    began, cpu0, train_s, stop = time.perf_counter(), time.process_time(), 0.0, "one-pass"
     step = 0
     while step < max_steps:
         t0 = time.perf_counter()
@@ -174,7 +174,7 @@ def train(spec: RunSpec, path: Path, log=print) -> dict:
                 if s is not None:
                     rec["crossings"][key] = {"steps": s, "tokens": s * spec.batch * spec.seq_len}
         rec.update(steps_run=step, windows_read=step * spec.batch, train_s=train_s,
-                   wall_s=time.perf_counter() - began, tokens_per_s=step * spec.batch * spec.seq_len / train_s)
+                   wall_s=time.perf_counter() - began, cpu_s=time.process_time() - cpu0, tokens_per_s=step * spec.batch * spec.seq_len / train_s)
         _write(path, rec)
         if not math.isfinite(v) or v > v0 + DIVERGED:
             stop = "diverged"
