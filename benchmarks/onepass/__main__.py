@@ -10,6 +10,8 @@ and the gradient noise scale B_simple measured in the loop (two-batch estimator)
     .venv/bin/python -m benchmarks.onepass --quick --out runs/onepass-quick   # the quick model's ladder
     .venv/bin/python -m benchmarks.onepass --quick --out runs/onepass-quick --probe 32,256
         # one whole pass at the first-guess learning rate, no target: timing, reachable loss
+    .venv/bin/python -m benchmarks.onepass --quick --out runs/onepass-quick --report
+        # rewrite the results from the runs so far (also while the ladder is running)
 
 Resumable: every run is OUT/runs/NAME.json (rewritten at each evaluation); a rerun reuses the
 finished ones with equal settings. OUT/results.{json,md} and OUT/onepass.png are rewritten
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", help="comma-separated target validation losses (default: the mode's)")
     p.add_argument("--seed", type=int, default=BASE_SEED)
     p.add_argument("--probe", help="comma-separated batches: one pass each at the first-guess lr, no target")
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: rewrite OUT/results.* from the runs OUT/runs holds (finished or not)")
     return p.parse_args(argv)
 
 
@@ -67,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     batches = [int(x) for x in args.batches.split(",")] if args.batches else list(mode.batches)
     command = command_line("benchmarks.onepass")
+    if args.report:
+        recs = [r for r in (json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json")))
+                if r["spec"]["mode"] == mode.name and r["spec"]["batch"] in batches and r.get("steps_run")]
+        print(report.write(report.summarize(recs, mode, command), out), flush=True)
+        return 0
 
     def rewrite() -> None:
         report.write(report.summarize(ladder.records(), mode, command), out)

@@ -159,6 +159,19 @@ def markdown(res: dict) -> str:
             lines += [f"Noise scale B_simple near this loss (two-batch estimator, sequences): pooled "
                       f"{nz['pooled_b_simple']:.1f} ({nz['pooled_b_simple_tokens']:,.0f} tokens); per batch {per}."]
         lines.append("")
+    low = f"{min(res['targets']):g}" if res["targets"] else None
+    if low:
+        lines += [f"Learning-rate search (steps to {low}; '>N': stopped at N updates, slower than the best; "
+                  "'-': not reached in the pass):", "", "| batch | " + " | ".join(["lr: steps"] * 1) + " |", "|---|---|"]
+        by_batch: dict[int, list[str]] = {}
+        for r in res["runs"]:
+            got = r["crossings"].get(low)
+            cell = (f"{got['steps']:,.0f}" if got else f">{r['steps_run']:,}" if r["stop"] == "slower"
+                    else f"(running, at {r['steps_run']:,}, val {r['final_val']:.3f})" if r["stop"] is None
+                    else f"- ({r['stop']} at {r['steps_run']:,}, val {r['final_val']:.3f})")
+            by_batch.setdefault(r["batch"], []).append(f"{r['lr']:g}: {cell}")
+        lines += [f"| {b} | {'; '.join(cells)} |" for b, cells in sorted(by_batch.items())]
+        lines.append("")
     return "\n".join(lines)
 
 
