@@ -30,11 +30,11 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from codistill_ds.launching import command_line  # noqa: E402
+from codistill_ds.launching import command_line
 
-from . import report  # noqa: E402
-from .ladder import Ladder, probe  # noqa: E402
-from .settings import BASE_SEED, MODES  # noqa: E402
+from . import report
+from .ladder import Ladder, probe
+from .settings import BASE_SEED, MODES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ McCandlish, Kaplan, Amodei et al. 2018, "An Empirical Model of Large-Batch Train
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -92,6 +93,6 @@ def doubling_ratios(batches: Sequence[float], steps: Sequence[float]) -> list[di
     1 is none; the McCandlish curve gives 4/3 at B = B_crit."""
     pts = sorted(zip(batches, steps))
     out = []
-    for (b0, s0), (b1, s1) in zip(pts, pts[1:]):
+    for (b0, s0), (b1, s1) in itertools.pairwise(pts):
         out.append({"batch": b0, "next": b1, "ratio": s0 / s1, "ideal": b1 / b0})
     return out

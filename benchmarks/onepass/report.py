@@ -37,19 +37,20 @@ def ladder_rows(records: list[dict], targets: list[float]) -> dict[str, list[dic
     return out
 
 
+def _rank(rec: dict) -> tuple:
+    """Reached the lowest target (fewest steps first), else the lowest final validation loss."""
+    low = _key(min(rec["spec"]["targets"])) if rec["spec"]["targets"] else None
+    got = rec["crossings"].get(low) if low else None
+    return (0, got["steps"]) if got else (1, rec["evals"][-1]["val_loss"])
+
+
 def best_runs(records: list[dict]) -> dict[int, dict]:
     """Per batch, the run with the fewest steps to the lowest target (else the lowest final
     validation loss): the curves and the noise scale come from it."""
     out: dict[int, dict] = {}
     for r in records:
         b = r["spec"]["batch"]
-        low = _key(min(r["spec"]["targets"])) if r["spec"]["targets"] else None
-
-        def rank(x: dict) -> tuple:
-            got = x["crossings"].get(low) if low else None
-            return (0, got["steps"]) if got else (1, x["evals"][-1]["val_loss"])
-
-        if b not in out or rank(r) < rank(out[b]):
+        if b not in out or _rank(r) < _rank(out[b]):
             out[b] = r
     return out
 
@@ -135,9 +136,9 @@ def _fmt(x, spec: str) -> str:
 
 def markdown(res: dict) -> str:
     seq = res["corpus"]["seq_len"]
-    lines = [f"Mode {res['mode']}: {res['model'].get('params') or 0:,}-parameter model, "
-             f"{res['corpus']['train_tokens']:,} training tokens (one pass), "
-             f"{res['corpus']['val_windows_scored']} validation windows of {seq} bytes.", ""]
+    lines = [(f"Mode {res['mode']}: {res['model'].get('params') or 0:,}-parameter model, "
+              f"{res['corpus']['train_tokens']:,} training tokens (one pass), "
+              f"{res['corpus']['val_windows_scored']} validation windows of {seq} bytes."), ""]
     for t, rows in res["ladder"].items():
         lines += [f"Target validation loss {t}:", "",
                   "| batch (seq) | batch (tokens) | best lr | lrs tried | steps to target | tokens to target | S(B)/S(2B) |",
@@ -151,18 +152,18 @@ def markdown(res: dict) -> str:
         f = res["fit"].get(t)
         nz = res["noise"].get(t, {})
         if f:
-            lines += ["", f"McCandlish fit S = S_min + E_min/B over {f['points']} batches: S_min = {f['S_min']:,.0f} "
-                      f"steps, E_min = {f['E_min_tokens']:,.0f} tokens, **B_crit = {f['B_crit']:.1f} sequences "
-                      f"({f['B_crit_tokens']:,.0f} tokens)**, largest residual {100 * f['max_rel_residual']:.1f}%."]
+            lines += ["", (f"McCandlish fit S = S_min + E_min/B over {f['points']} batches: S_min = {f['S_min']:,.0f} "
+                           f"steps, E_min = {f['E_min_tokens']:,.0f} tokens, **B_crit = {f['B_crit']:.1f} sequences "
+                           f"({f['B_crit_tokens']:,.0f} tokens)**, largest residual {100 * f['max_rel_residual']:.1f}%.")]
         if nz.get("pooled_b_simple") is not None:
             per = ", ".join(f"G={b}: {v['b_simple']:.1f}" for b, v in nz["per_batch"].items())
-            lines += [f"Noise scale B_simple near this loss (two-batch estimator, sequences): pooled "
-                      f"{nz['pooled_b_simple']:.1f} ({nz['pooled_b_simple_tokens']:,.0f} tokens); per batch {per}."]
+            lines += [(f"Noise scale B_simple near this loss (two-batch estimator, sequences): pooled "
+                       f"{nz['pooled_b_simple']:.1f} ({nz['pooled_b_simple_tokens']:,.0f} tokens); per batch {per}.")]
         lines.append("")
     low = f"{min(res['targets']):g}" if res["targets"] else None
     if low:
-        lines += [f"Learning-rate search (steps to {low}; '>N': stopped at N updates, slower than the best; "
-                  "'-': not reached in the pass):", "", "| batch | " + " | ".join(["lr: steps"] * 1) + " |", "|---|---|"]
+        lines += [(f"Learning-rate search (steps to {low}; '>N': stopped at N updates, slower than the best; "
+                   "'-': not reached in the pass):"), "", "| batch | lr: steps |", "|---|---|"]
         by_batch: dict[int, list[str]] = {}
         for r in res["runs"]:
             got = r["crossings"].get(low)

@@ -116,7 +116,7 @@ def train(spec: RunSpec, path: Path, log=print) -> dict:
     v0 = evaluate(model, val)
     rec["evals"].append({"step": 0, "tokens": 0, "val_loss": v0, "train_loss": None, "lr": 0.0, "wall_s": 0.0})
     schedule = set(eval_steps(spec.eval_ratio, spec.eval_min, max_steps))
-    acc = dict(n=0, gs=0.0, gb=0.0, g2=0.0, tr=0.0, ce=0.0, clipped=0, norm=0.0)
+    acc = {"n": 0, "gs": 0.0, "gb": 0.0, "g2": 0.0, "tr": 0.0, "ce": 0.0, "clipped": 0, "norm": 0.0}
     began, cpu0, train_s, stop = time.perf_counter(), time.process_time(), 0.0, "one-pass"
     step = 0
     while step < max_steps:
