@@ -1,8 +1,10 @@
 """Which runs the ladder needs, in which order, reusing every finished one.
 
-Phase 1 trains the first-guess learning rate at every batch (a coarse ladder early); phase 2
-searches each batch's learning rate (settings.next_lr), every new run stopped once it has
-taken more steps than the batch's best so far without reaching the lowest target.
+Phase 1 trains the first-guess learning rate at every batch (a coarse ladder early), phase 2
+a factor 2 either side at every batch, phase 3 the rest of each batch's search
+(settings.next_lr: edges, then sqrt(2) refinements); every run after a batch's first is
+stopped once it has taken more steps than the batch's best so far without reaching the
+lowest target.
 """
 
 from __future__ import annotations
@@ -88,9 +90,16 @@ class Ladder:
         return {j: None for j in runs}
 
     def search(self) -> None:
-        for b in self.batches:  # phase 1: the first guess everywhere
+        """First guesses everywhere, then a factor 2 either side everywhere (a ladder tuned on a
+        factor-2 grid early), then each batch's edges and sqrt(2) refinements."""
+        for b in self.batches:
             self.run(b, center_j(self.mode, b))
-        for b in self.batches:  # phase 2: each batch's learning rate
+        for b in self.batches:
+            c = center_j(self.mode, b)
+            for j in (c - 2, c + 2):
+                if next_lr(self.mode, b, self.steps_of(b)) == j:
+                    self.run(b, j)
+        for b in self.batches:
             while (j := next_lr(self.mode, b, self.steps_of(b))) is not None:
                 self.run(b, j)
 
