@@ -7,8 +7,8 @@ global batch G from these pieces.
 from __future__ import annotations
 
 from codistill_ds.backends.base import decay_param_groups, set_optimizer_hyperparameters
-from codistill_ds.config import Config, load_config
 from codistill_ds.backends.model import build_model, count_parameters
+from codistill_ds.config import Config, load_config
 from codistill_ds.data.corpus import Corpus, build_corpus
 from codistill_ds.data.sources import stdlib_sources
 from codistill_ds.data.streams import TrainStream

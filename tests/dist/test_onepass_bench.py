@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from codistill_ds.launching import REPO
 
 from benchmarks.onepass import lib
 from benchmarks.onepass.estimate import (
@@ -36,7 +37,6 @@ from benchmarks.onepass.estimate import (
 )
 from benchmarks.onepass.settings import MODES, RunSpec, center_j, next_lr
 from benchmarks.onepass.trainer import config_of, corpus_of
-from codistill_ds.launching import REPO
 
 pytestmark = pytest.mark.timeout(600)
 
