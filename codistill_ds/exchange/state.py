@@ -32,7 +32,7 @@ def logits_state(c: CompressedLogits) -> dict:
     fmt = c.wire_format()
     return {"values": c.values.clone(), "kind": c.kind,
             "indices": None if c.indices is None else c.indices.clone(),
-            "fmt": [fmt.k, fmt.value_dtype, fmt.index_dtype, fmt.kind]}
+            "fmt": [fmt.k, fmt.value_dtype, fmt.index_dtype, fmt.kind, fmt.vocab]}
 
 
 def logits_from_state(d: dict) -> CompressedLogits:
