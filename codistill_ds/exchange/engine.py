@@ -7,8 +7,9 @@ docs/design.md "Exchange"), whatever loop drives it and whatever carries the byt
   e = step // interval, compresses the logits and hands them to the transport (blocking, or on
   the transport's background thread when `staleness > 0` and `async_exchange`);
 - `due(step)` returns the peers' predictions queued for that step (`staleness` steps after
-  posting), after waiting for an asynchronous swap, dropping peers whose predictions are not
-  finite on some rank of my group, and measuring top-1 agreement with what I sent;
+  posting), after waiting for an asynchronous swap, dropping peers whose predictions are
+  malformed, not finite or (peer guard) far worse than mine on some rank of my group
+  (guard.py, counted by reason), and measuring top-1 agreement with what I sent;
 - `distill_loss` turns the student's train-mode logits on those batches into
   1/(#peers) * sum_j D(f_j || f_i).
 
@@ -50,8 +51,10 @@ from codistill_ds.exchange.wire import CompressedLogits, wire_dtype
 
 log = logging.getLogger(__name__)
 
-LOSS_EMA = 0.5
-"""Weight of the previous value in the moving average of my logged loss that peers see."""
+LOSS_EMA = 0.9
+"""Weight of the previous value in the moving average of my logged loss that peers see: one
+step's loss on a micro-batch is noisy (tiny models: 1.3 to 4.1 around a mean of 2.7), the
+average over about ten logged records is what the peers' guard compares."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,7 +125,7 @@ class ExchangeEngine:
     Args:
         transport: carries each round between the groups (`transport/`).
         settings: interval, staleness, wire format, loss (`ExchangeSettings.from_config`).
-        group: my group's process group (NaN agreement and agreement run over it).
+        group: my group's process group (the peer checks and agreement run over it).
         group_id: my codistillation group.
         batch_for: `batch_for(step, e)` gives my slice of exchange batch e (step is -1 when a
             peer's batch is rebuilt).
@@ -151,6 +154,8 @@ class ExchangeEngine:
     observers: list[Observer] = field(default_factory=list)
     _bytes: int = 0
     _known_vocab: int | None = None
+    label_history: dict[int, float] = field(default_factory=dict)
+    """Per peer group: the moving average of log(its label NLL / mine) the guard decides on."""
 
     @property
     def s(self) -> ExchangeSettings:
@@ -220,7 +225,7 @@ class ExchangeEngine:
 
     def due(self, step: int) -> list[TargetBatch]:
         """The targets to distill on at `step` (empty when none are due or no peer was usable).
-        A collective over my group when something is due (NaN check, agreement)."""
+        A collective over my group when something is due (peer checks, agreement)."""
         pending = self.pending.pop(step, None)
         if pending is None:
             return []
@@ -288,7 +293,8 @@ class ExchangeEngine:
         verdict = judge(result.peers, [labels[e] if labels else None for e in exchanges], pending.mine,
                         labels[pending.exchange] if labels else None, vocab, self.group,
                         ratio=s.peer_guard_ratio, reports=result.peer_reports,
-                        my_loss=self.loss_report["loss"] if self.loss_report else None)
+                        my_loss=self.loss_report["loss"] if self.loss_report else None,
+                        groups=list(result.peer_groups), history=self.label_history)
         for why, count in (result.rejected or {}).items():
             self.skipped_reasons[why] = self.skipped_reasons.get(why, 0) + count
             self.skipped_peers += count
@@ -343,7 +349,8 @@ class ExchangeEngine:
         self.drain()
         pending = {step: pending_state(p) for step, p in self.pending.items()}
         return {"pending": pending, "bytes_sent": self._bytes, "skipped_peers": self.skipped_peers,
-                "skipped_reasons": dict(self.skipped_reasons), "loss_report": self.loss_report}
+                "skipped_reasons": dict(self.skipped_reasons), "loss_report": self.loss_report,
+                "label_history": dict(self.label_history)}
 
     def load_state_dict(self, state: dict) -> None:
         self.pending = {int(step): pending_from_state(item) for step, item in state["pending"].items()}
@@ -351,6 +358,7 @@ class ExchangeEngine:
         self.skipped_peers = state["skipped_peers"]
         self.skipped_reasons.update(state.get("skipped_reasons", {}))
         self.loss_report = state.get("loss_report")
+        self.label_history = {int(g): float(v) for g, v in state.get("label_history", {}).items()}
 
 
 def _fmt(x: float | None) -> str:

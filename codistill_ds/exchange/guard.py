@@ -45,6 +45,11 @@ LOGIT_LIMIT = 1e4
 swamp every gradient."""
 TAIL_FLOOR = 1e-6
 """The least tail mass `label_nll` credits a label outside the top-k (log(1e-6) ~ -13.8)."""
+LABEL_EMA = 0.8
+"""Weight of the past in each peer's moving average of log(its label NLL / mine). One exchange
+batch is a few dozen sequences: between two healthy tiny models the ratio of one round was seen
+from 0.7 to 5 (measured, tests/dist/test_peer_trust.py), so the guard decides on the average
+(a peer's first scored round starts it, so a bad peer is skipped from its first round)."""
 
 
 def check_content(p: CompressedLogits, vocab: int | None) -> str | None:
@@ -136,10 +141,13 @@ class Verdict:
 
 def judge(peers: list[CompressedLogits], labels: list[torch.Tensor | None], mine: CompressedLogits | None,
           my_labels: torch.Tensor | None, vocab: int | None, group: Any, *, ratio: float = 0.0,
-          reports: list[dict | None] | None = None, my_loss: float | None = None) -> Verdict:
+          reports: list[dict | None] | None = None, my_loss: float | None = None,
+          groups: list[int] | None = None, history: dict[int, float] | None = None) -> Verdict:
     """Integrity of every peer's rows on this rank, then (ratio > 0) the peer guard, agreed over
     `group` with one all-reduce. `labels[i]` are the next tokens of peer i's rows (its exchange
-    batch), `reports[i]` what it says of itself ({"loss", "step"}; None: nothing)."""
+    batch), `reports[i]` what it says of itself ({"loss", "step"}; None: nothing). `history`
+    (peer group -> moving average of log(label NLL ratio), `groups[i]` peer i's group) is
+    updated here: the labels check decides on it (LABEL_EMA); without it, on this round alone."""
     n = len(peers)
     if n == 0:
         return Verdict([])
@@ -172,11 +180,23 @@ def judge(peers: list[CompressedLogits], labels: list[torch.Tensor | None], mine
             reasons.append("nan")
         elif ratio > 0 and _worse(report.get("loss"), my_loss, ratio):
             reasons.append("loss")
-        elif ratio > 0 and _worse(nll, my_nll, ratio):
+        elif ratio > 0 and _labels_worse(nll, my_nll, ratio, groups[i] if groups else i, history):
             reasons.append("labels")
         else:
             reasons.append(None)
     return Verdict(reasons, my_nll, peer_nll)
+
+
+def _labels_worse(nll: float | None, mine: float | None, ratio: float, peer: int,
+                  history: dict[int, float] | None) -> bool:
+    """The peer's label NLL over mine above `ratio`, on the moving average of the log-ratio."""
+    if nll is None or mine is None or mine <= 0:
+        return False
+    if history is None:
+        return _worse(nll, mine, ratio)
+    r = math.log(max(nll, 1e-9) / mine)
+    history[peer] = r if peer not in history else LABEL_EMA * history[peer] + (1 - LABEL_EMA) * r
+    return history[peer] > math.log(ratio)
 
 
 def _worse(theirs: float | None, mine: float | None, ratio: float) -> bool:

@@ -86,7 +86,7 @@ def test_fp8_rounding_is_not_malformed():
 def _receive(buf: torch.Tensor, declared: int, fmt: WireFormat, n: int) -> tuple[CompressedLogits | None, str | None]:
     """The receiving leader's path, as in lighthouse.round + ft._swap + the engine."""
     expected = fmt.payload_bytes(n)
-    size = trust.frame_size([declared, expected], expected)
+    size = trust.frame_size([declared, expected, expected])
     sent = trust.frame(buf, size, trust.frame_tag(KEY, "q1/0/a,b", "b", 3, declared, buf[:size]))
     body, why = trust.open_frame(sent, size, declared, expected, KEY, "q1/0/a,b", "b", 3)
     if why is not None:
@@ -138,11 +138,17 @@ def test_fuzzed_payloads_never_crash_the_receiver(fmt_i, seed, action, where, va
 
 
 def test_a_frame_cut_short_or_blown_up_travels_at_a_capped_size():
-    expected = 100
-    assert trust.frame_size([100, 100], expected) == 100
-    assert trust.frame_size([100, 60], expected) == 100  # truncated: padded to the contract's size
-    assert trust.frame_size([100, 10**12], expected) == trust.FRAME_CAP * expected  # never past the cap
-    assert trust.frame_size([100, -5], expected) == 100
+    """Every member computes the frame from the declared sizes alone (its own payload may be the
+    bad one): the largest, capped at FRAME_CAP x the size most members declare."""
+    assert trust.frame_size([100, 100]) == 100
+    assert trust.frame_size([100, 100, 60]) == 100  # truncated: padded
+    assert trust.frame_size([100, 100, 10**12]) == trust.FRAME_CAP * 100  # never past the cap
+    assert trust.frame_size([100, 10**12]) == trust.FRAME_CAP * 100  # a tie: the smaller size sets the cap
+    assert trust.frame_size([100, -5]) == 2  # a tie with nothing: honest bytes cut, counted malformed
+    # a frame cut below an honest payload is "malformed" at every receiver, never unpacked short
+    body = torch.arange(100, dtype=torch.uint8)
+    sent = trust.frame(body, 10, trust.frame_tag(KEY, "r", "a", 1, 100, body[:10]))
+    assert trust.open_frame(sent, 10, 100, 100, KEY, "r", "a", 1) == (None, "malformed")
 
 
 # ---- authentication: trust.py -------------------------------------------------------------------
@@ -255,6 +261,17 @@ def test_judge_orders_the_reasons():
     assert off.reasons == ["malformed", "nan", None, None]  # integrity is always checked
 
 
+def test_the_labels_check_decides_on_each_peers_average():
+    """One unlucky round of a healthy peer is not a reason; a peer bad from its first round is."""
+    from codistill_ds.exchange.guard import _labels_worse
+
+    history: dict[int, float] = {}
+    healthy = [_labels_worse(nll, 2.0, 2.0, 1, history) for nll in (2.1, 1.9, 8.0, 2.2, 2.0)]
+    bad = [_labels_worse(nll, 2.0, 2.0, 2, history) for nll in (9.0, 9.5, 2.0, 9.0)]
+    assert healthy == [False] * 5 and bad == [True] * 4, history
+    assert _labels_worse(8.0, 2.0, 2.0, 3, None)  # no history: this round alone
+
+
 # ---- the engine, driven by bad peers ------------------------------------------------------------
 
 B, L = 3, 6
@@ -322,17 +339,19 @@ def run_engine(ratio: float, steps: int) -> ExchangeEngine:
         student = [torch.randn(B * L, V, requires_grad=True) for _ in due]
         if due:
             assert math.isfinite(eng.distill_loss(student, due).item())
-        if ratio > 0 or kind in ("good", "random", "liar"):
-            want = [1, 2] if kind == "good" or (ratio == 0 and kind in ("random", "liar")) else [1]
-            assert used == want, (step, kind, used)
+        if ratio == 0:  # integrity only: whatever is well-formed is used, wrong or not
+            assert used == ([1, 2] if kind in ("good", "random", "liar") else [1]), (step, kind, used)
+        else:  # a peer that sent random predictions stays distrusted (its label NLL average)
+            assert used == ([1, 2] if step == 0 else [1]), (step, kind, used)
     return eng
 
 
 def test_the_engine_skips_and_counts_each_bad_payload_and_keeps_going():
     steps = 3 * len(KINDS)
     on = run_engine(1.5, steps)
-    assert on.skipped_reasons == {"malformed": 9, "nan": 3, "auth": 0, "loss": 3, "labels": 3}
-    assert on.skipped_peers == 18
+    # labels: the 3 random rounds and the 2 good rounds after the first random one
+    assert on.skipped_reasons == {"malformed": 9, "nan": 3, "auth": 0, "loss": 3, "labels": 5}
+    assert on.skipped_peers == 20 and set(on.label_history) == {1, 2} and on.label_history[2] > math.log(1.5)
     off = run_engine(0.0, steps)  # guard off: integrity still checked, wrong predictions used
     assert off.skipped_reasons == {"malformed": 9, "nan": 3, "auth": 0, "loss": 0, "labels": 0}
     state = json.loads(json.dumps(on.state_dict()["skipped_reasons"]))

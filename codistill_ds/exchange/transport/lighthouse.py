@@ -156,15 +156,19 @@ class LighthouseMember:
                                   store_address=self.store_address, step=max(e, 0), world_size=1,
                                   shrink_only=False, data=trust.seal(fields, self.key))
 
-    def _members(self, quorum) -> list[trust.Member]:
+    def _members(self, quorum, seen: dict[str, trust.Member] | None = None) -> list[trust.Member]:
         """The quorum's participants this round may exchange with, in replica-id order: those
         whose member data verifies under my secret (trust.py), then those holding the contract
         most of them share (a newcomer never displaces the running groups), then one job per
         group id, the oldest (a second job claiming a running group's id is refused). Raises
         `IncompatibleGroup` when the refusal is mine; everyone else computes the same list from
-        the same member data and leaves the refused job out."""
+        the same member data and leaves the refused job out. `seen` (while joining) collects the
+        members of every quorum so far: the Lighthouse may answer a newcomer with quorums that
+        hold only some of the running groups, so the refusal counts all of them."""
         everyone = [trust.open_member(p, self.key) for p in quorum.participants]
-        why = trust.refusal(everyone, self.key)
+        if seen is not None:
+            seen.update((m.replica_id, m) for m in everyone)
+        why = trust.refusal(list(seen.values()) if seen is not None else everyone, self.key)
         if why is not None:
             raise IncompatibleGroup("codistill.secret_file", why)
         for m in everyone:
@@ -193,10 +197,10 @@ class LighthouseMember:
     def join(self, groups: int, wait_s: float) -> int:
         """Block until all `groups` groups are present (or `wait_s` passed); returns how many are."""
         deadline = time.monotonic() + wait_s
-        present = 0
+        present, seen = 0, {}
         while True:
             try:
-                members = self._members(self._quorum(-1, joining=True))
+                members = self._members(self._quorum(-1, joining=True), seen)
                 present = len({m.data["group"] for m in members})
             except IncompatibleGroup:
                 raise
@@ -228,7 +232,7 @@ class LighthouseMember:
         ids = [m.replica_id for m in members]
         self.generation = max(self.generation, *(int(m.data.get("gen", 0)) for m in members))
         expected, declared = payload.numel(), [int(m.data.get("nbytes", 0)) for m in members]
-        size = trust.frame_size(declared, expected)
+        size = trust.frame_size(declared)
         round_id = f"{quorum.quorum_id}/{self.generation}/{','.join(ids)}"
         tag = None if self.key is None else trust.frame_tag(self.key, round_id, self.replica_id, e, expected,
                                                             payload[:size])

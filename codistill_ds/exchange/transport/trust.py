@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,8 @@ MIN_SECRET_BYTES = 16
 TAG_BYTES = 32
 """HMAC-SHA256 appended to each payload frame when a secret is in use."""
 FRAME_CAP = 2
-"""A member may declare at most this many times the contract's payload bytes: frames never grow
-past it (a declared size is otherwise only a number an attacker chooses)."""
+"""Frames never grow past this many times the payload size most members declare (a declared size
+is otherwise only a number an attacker chooses)."""
 
 
 _FIELDS = {"group": int, "exchange": int, "contract": dict, "nonce": str, "started": (int, float),
@@ -127,11 +128,16 @@ def refusal(members: list[Member], key: bytes | None) -> str | None:
             f"of {others} running group(s) (codistill.secret_file or {SECRET_ENV})")
 
 
-def frame_size(declared: list[int], expected: int) -> int:
-    """Payload bytes of every member's frame this round: the largest size a member declared,
-    capped at FRAME_CAP x the contract's, never below it (all members compute the same)."""
-    cap = FRAME_CAP * expected
-    return max([expected, *(min(max(int(d), 0), cap) for d in declared)])
+def frame_size(declared: list[int]) -> int:
+    """Payload bytes of every member's frame this round, from the sizes the members declared
+    (all compute the same, whatever their own payload): the largest, capped at FRAME_CAP x the
+    size most members declare (ties: the smallest), so one member cannot make everyone allocate
+    what it likes. Every member's gloo buffer must be this size: gloo aborts the process on a
+    message of another size."""
+    sizes = [max(int(d), 0) for d in declared]
+    counts = Counter(sizes)
+    cap = FRAME_CAP * max(min(counts, key=lambda d: (-counts[d], d)), 1)
+    return max(min(d, cap) for d in sizes)
 
 
 def frame(payload: torch.Tensor, size: int, tag: bytes | None) -> torch.Tensor:
@@ -161,7 +167,7 @@ def open_frame(got: torch.Tensor, size: int, nbytes: int, expected: int, key: by
         tag = got[size:size + TAG_BYTES].numpy().tobytes()
         if not hmac.compare_digest(tag, frame_tag(key, round_id, sender, exchange, int(nbytes), body)):
             return None, "auth"
-    if int(nbytes) != expected:
+    if int(nbytes) != expected or body.numel() != expected:
         return None, "malformed"
     return body, None
 
