@@ -26,6 +26,7 @@ the receiver rebuilds batch e' locally (`batch_for`) and distills on it; only lo
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -270,7 +271,7 @@ class ExchangeEngine:
         """My group's training loss at `step` (a group mean, the same on every rank: drivers
         call it with each logged record); its moving average travels to the peers each round,
         for their peer guard."""
-        if not isinstance(loss, (int, float)) or loss != loss or loss in (float("inf"), float("-inf")):
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
             return
         prev = self.loss_report["loss"] if self.loss_report else None
         ema = float(loss) if prev is None else LOSS_EMA * prev + (1 - LOSS_EMA) * float(loss)

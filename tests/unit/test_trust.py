@@ -29,7 +29,12 @@ from codistill_ds.exchange.guard import check_content, judge, label_nll, next_to
 from codistill_ds.exchange.losses import peer_distill_loss
 from codistill_ds.exchange.transport import trust
 from codistill_ds.exchange.transport.base import ExchangeResult
-from codistill_ds.exchange.wire import CompressedLogits, WireFormat, compress, pack, wire_dtype
+from codistill_ds.exchange.wire import (
+    CompressedLogits,
+    WireFormat,
+    compress,
+    wire_dtype,
+)
 
 V, N = 40, 12
 KEY = b"k" * 32
