@@ -172,6 +172,16 @@ class CodistillConfig:
     """transport torchft: the longest one round may block on a peer that stopped answering (the
     gloo timeout of the cross-group process group, and the longest wait for a quorum). The round is
     then dropped and training goes on; keep it below backend.peer_timeout_s."""
+    peer_guard_ratio: float = 0.0
+    """Peer guard: skip a peer for a round when the training loss it reports, or the loss of its
+    predictions on the exchange batch's own next tokens (averaged over its recent rounds),
+    exceeds this times mine (e.g. 2; counted in `skipped_reasons` as "loss" / "labels"); 0 turns
+    the guard off. Malformed and NaN payloads are skipped either way."""
+    secret_file: str | None = None
+    """transport torchft: a file holding the shared secret (>= 16 bytes) that proves membership:
+    every job signs its quorum data and payloads with it (HMAC-SHA256) and refuses members that
+    cannot; None reads the CODISTILL_SECRET environment variable, else no authentication. The
+    secret itself is never written to config.yaml, metrics or logs."""
 
 
 @dataclass

@@ -171,6 +171,10 @@ def check_numbers(cfg: Config) -> None:
              "codistill.peer_weights", f"peer groups must be distinct ids in 0..{cd.groups - 1}, got {groups_named}")
     _require(all(w >= 0 for _, w in cd.peer_weights), "codistill.peer_weights",
              f"weights must be >= 0, got {[w for _, w in cd.peer_weights]}")
+    _require(cd.peer_guard_ratio == 0 or cd.peer_guard_ratio > 1, "codistill.peer_guard_ratio",
+             f"must be 0 (off) or > 1 (a peer this many times worse than me is skipped), got {cd.peer_guard_ratio}")
+    _require(cd.secret_file is None or cd.transport == "torchft", "codistill.secret_file",
+             "authenticates the group jobs of transport 'torchft'; one job of transport 'world' needs none")
 
 
 def _check_model(cfg: Config) -> None:

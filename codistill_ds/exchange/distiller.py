@@ -99,4 +99,5 @@ class Distiller:
             "exchange_compute_ms": stats.exchange_compute_ms if stats is not None else 0.0,
             "distill_loss": self.step_distill,
             "skipped_peers": self.engine.skipped_peers if self.engine is not None else 0,
+            "skipped_reasons": dict(self.engine.skipped_reasons) if self.engine is not None else {},
         }

@@ -7,8 +7,9 @@ docs/design.md "Exchange"), whatever loop drives it and whatever carries the byt
   e = step // interval, compresses the logits and hands them to the transport (blocking, or on
   the transport's background thread when `staleness > 0` and `async_exchange`);
 - `due(step)` returns the peers' predictions queued for that step (`staleness` steps after
-  posting), after waiting for an asynchronous swap, dropping peers whose predictions are not
-  finite on some rank of my group, and measuring top-1 agreement with what I sent;
+  posting), after waiting for an asynchronous swap, dropping peers whose predictions are
+  malformed, not finite or (peer guard) far worse than mine on some rank of my group
+  (guard.py, counted by reason), and measuring top-1 agreement with what I sent;
 - `distill_loss` turns the student's train-mode logits on those batches into
   1/(#peers) * sum_j D(f_j || f_i).
 
@@ -25,6 +26,7 @@ the receiver rebuilds batch e' locally (`batch_for`) and distills on it; only lo
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,12 +44,18 @@ from codistill_ds.exchange.batches import (
     batched_peer_loss,
     with_positions,
 )
+from codistill_ds.exchange.guard import REASONS, check_content, judge, next_tokens
 from codistill_ds.exchange.sampling import draw_seed
 from codistill_ds.exchange.state import Pending, pending_from_state, pending_state
 from codistill_ds.exchange.transport.base import ExchangeResult, Transport
 from codistill_ds.exchange.wire import CompressedLogits, wire_dtype
 
 log = logging.getLogger(__name__)
+
+LOSS_EMA = 0.9
+"""Weight of the previous value in the moving average of my logged loss that peers see: one
+step's loss on a micro-batch is noisy (tiny models: 1.3 to 4.1 around a mean of 2.7), the
+average over about ten logged records is what the peers' guard compares."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,13 +77,16 @@ class ExchangeSettings:
     """"topk" or "samples" (`sampling.sample_targets`: k ids drawn per position)."""
     peer_weights: tuple[tuple[int, float], ...] = ()
     """(peer group, weight): the distillation term's weighted mean over peers (unlisted: 1)."""
+    peer_guard_ratio: float = 0.0
+    """Skip a peer whose reported loss or label NLL exceeds this times mine (guard.py); 0: off."""
 
     @classmethod
     def from_config(cls, cd: CodistillConfig, seed: int = 0) -> ExchangeSettings:
         return cls(interval=cd.interval, staleness=cd.staleness, async_exchange=cd.async_exchange,
                    topk=cd.topk, dtype=cd.dtype, loss=cd.loss, temperature=cd.temperature,
                    index_dtype=cd.index_dtype, token_fraction=cd.token_fraction, seed=seed,
-                   targets=cd.targets, peer_weights=tuple(tuple(p) for p in cd.peer_weights))
+                   targets=cd.targets, peer_weights=tuple(tuple(p) for p in cd.peer_weights),
+                   peer_guard_ratio=cd.peer_guard_ratio)
 
     def weight_of(self, group: int) -> float:
         return dict(self.peer_weights).get(group, 1.0)
@@ -115,7 +126,7 @@ class ExchangeEngine:
     Args:
         transport: carries each round between the groups (`transport/`).
         settings: interval, staleness, wire format, loss (`ExchangeSettings.from_config`).
-        group: my group's process group (NaN agreement and agreement run over it).
+        group: my group's process group (the peer checks and agreement run over it).
         group_id: my codistillation group.
         batch_for: `batch_for(step, e)` gives my slice of exchange batch e (step is -1 when a
             peer's batch is rebuilt).
@@ -135,10 +146,17 @@ class ExchangeEngine:
     leader: bool = True
     pending: dict[int, Pending] = field(default_factory=dict)
     skipped_peers: int = 0
-    """Peer predictions dropped for being NaN/Inf (cumulative)."""
+    """Peer predictions dropped (cumulative): NaN/Inf, malformed, unauthenticated, or refused by
+    the peer guard; `skipped_reasons` splits the count by reason (guard.REASONS)."""
+    skipped_reasons: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+    loss_report: dict | None = None
+    """What my group tells its peers of itself each round: {"loss", "step"} (`note_loss`)."""
     stats: RoundStats = field(default_factory=RoundStats)
     observers: list[Observer] = field(default_factory=list)
     _bytes: int = 0
+    _known_vocab: int | None = None
+    label_history: dict[int, float] = field(default_factory=dict)
+    """Per peer group: the moving average of log(its label NLL / mine) the guard decides on."""
 
     @property
     def s(self) -> ExchangeSettings:
@@ -174,23 +192,24 @@ class ExchangeEngine:
         batch = with_positions(batch, e, s.seed, s.token_fraction)
         logits = at_positions(logits, batch.positions)
         mine = self._payload(e, logits, batch)
+        self._known_vocab = mine.wire_format().vocab or self._known_vocab
         stats = self.stats
         stats.exchange_compute_ms = (time.perf_counter() - start) * 1e3
         self._notify("sent", step, mine)
         due = step + s.staleness
         if s.staleness > 0 and s.async_exchange:
-            future = self.transport.start(mine, e)
+            future = self.transport.start(mine, e, self.loss_report)
             future.add_done_callback(lambda f: f.exception() is None and self._notify("received", step, f.result()))
             self.pending[due] = Pending(e, batch, mine, future=future)
             return
-        result = self.transport.exchange(mine, e)
+        result = self.transport.exchange(mine, e, self.loss_report)
         self._bytes += result.bytes_sent
         self._notify("received", step, result)
         self.pending[due] = Pending(e, batch, mine, result=result)
         stats.exchange_ms = result.seconds * 1e3
         if s.staleness == 0 and not self.on_own_batch:  # fresh targets on the same tokens: log it
             peers = [p for p, pe in zip(result.peers, self._exchanges(result, e)) if pe == e]
-            if peers and all(bool(torch.isfinite(p.values.float()).all()) for p in peers):
+            if peers and all(check_content(p, self._vocab(mine)) is None for p in peers):
                 stats.distill_eval = lg.peer_distill_loss(logits, peers, s.loss, s.temperature, batch.mask).item()
 
     def _payload(self, e: int, logits: lg.Rows, batch: ExchangeBatch) -> CompressedLogits:
@@ -207,7 +226,7 @@ class ExchangeEngine:
 
     def due(self, step: int) -> list[TargetBatch]:
         """The targets to distill on at `step` (empty when none are due or no peer was usable).
-        A collective over my group when something is due (NaN check, agreement)."""
+        A collective over my group when something is due (peer checks, agreement)."""
         pending = self.pending.pop(step, None)
         if pending is None:
             return []
@@ -217,7 +236,7 @@ class ExchangeEngine:
             self.stats.exchange_ms += (time.perf_counter() - start) * 1e3  # only the unhidden wait
         result = pending.result
         exchanges = self._exchanges(result, pending.exchange)
-        keep = self._finite(pending.exchange, result)
+        keep = self._usable(pending, result, exchanges)
         peers = [(p, g, e) for p, g, e, ok in zip(result.peers, result.peer_groups, exchanges, keep)
                  if ok and self.s.weight_of(g) > 0]
         if not self.on_own_batch:
@@ -248,22 +267,48 @@ class ExchangeEngine:
     def _exchanges(self, result: ExchangeResult, e: int) -> list[int]:
         return result.peer_exchanges if result.peer_exchanges is not None else [e] * len(result.peers)
 
-    def _finite(self, e: int, result: ExchangeResult) -> list[bool]:
-        """Drop a peer whose predictions hold NaN/Inf on any rank of my group, this round only:
-        agreed over the group, so every rank of it distills on the same peers."""
-        bad = torch.tensor([0.0 if bool(torch.isfinite(p.values.float()).all()) else 1.0 for p in result.peers],
-                           dtype=torch.float64)
-        if len(result.peers):
-            comm.all_reduce(bad, op=comm.ReduceOp.MAX, group=self.group)
-        keep = [float(b) == 0.0 for b in bad]
-        skipped = len(keep) - sum(keep)
-        if skipped:
-            self.skipped_peers += skipped
-            if self.leader:
-                bad_groups = [g for g, ok in zip(result.peer_groups, keep) if not ok]
-                log.warning("group %d skipped the predictions of peer group(s) %s for exchange %d: they "
-                            "contain NaN/Inf (skipped_peers=%d)", self.group_id, bad_groups, e, self.skipped_peers)
-        return keep
+    def note_loss(self, step: int, loss: float) -> None:
+        """My group's training loss at `step` (a group mean, the same on every rank: drivers
+        call it with each logged record); its moving average travels to the peers each round,
+        for their peer guard."""
+        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+            return
+        prev = self.loss_report["loss"] if self.loss_report else None
+        ema = float(loss) if prev is None else LOSS_EMA * prev + (1 - LOSS_EMA) * float(loss)
+        self.loss_report = {"loss": ema, "step": int(step)}
+
+    def _vocab(self, mine: CompressedLogits) -> int | None:
+        return mine.wire_format().vocab or self._known_vocab
+
+    def _usable(self, pending: Pending, result: ExchangeResult, exchanges: list[int]) -> list[bool]:
+        """Which peers' predictions to distill on this round: integrity checks and the peer guard
+        (guard.py), agreed over my group so every rank of it uses the same peers; peers the
+        transport already refused (bad length, bad tag) are counted here too."""
+        s, vocab = self.s, self._vocab(pending.mine)
+        labels = None
+        if s.peer_guard_ratio > 0 and not self.on_own_batch:
+            batches = {pending.exchange: pending.batch}
+            for e in set(exchanges) - {pending.exchange}:
+                batches[e] = with_positions(self.batch_for(-1, e), e, s.seed, s.token_fraction)
+            labels = {e: next_tokens(b.inputs, b.positions, b.mask) for e, b in batches.items()}
+        verdict = judge(result.peers, [labels[e] if labels else None for e in exchanges], pending.mine,
+                        labels[pending.exchange] if labels else None, vocab, self.group,
+                        ratio=s.peer_guard_ratio, reports=result.peer_reports,
+                        my_loss=self.loss_report["loss"] if self.loss_report else None,
+                        groups=list(result.peer_groups), history=self.label_history)
+        for why, count in (result.rejected or {}).items():
+            self.skipped_reasons[why] = self.skipped_reasons.get(why, 0) + count
+            self.skipped_peers += count
+        bad = [(g, why) for g, why in zip(result.peer_groups, verdict.reasons) if why is not None]
+        for _, why in bad:
+            self.skipped_reasons[why] += 1
+        self.skipped_peers += len(bad)
+        if bad and self.leader:
+            log.warning("group %d skipped the predictions of peer group(s) %s for exchange %d: %s "
+                        "(label NLL mine %s, peers %s; skipped_peers=%d)", self.group_id, [g for g, _ in bad],
+                        pending.exchange, ", ".join(why for _, why in bad), _fmt(verdict.my_nll),
+                        [_fmt(x) for x in verdict.peer_nll or []], self.skipped_peers)
+        return [why is None for why in verdict.reasons]
 
     def _agreement(self, pending: Pending, peers: list[CompressedLogits]) -> float | None:
         """Top-1 agreement of my sent predictions with the peers' on the same batch, over my group."""
@@ -304,9 +349,18 @@ class ExchangeEngine:
         the byte counter and the skipped-peer count. Plain tensors and numbers only."""
         self.drain()
         pending = {step: pending_state(p) for step, p in self.pending.items()}
-        return {"pending": pending, "bytes_sent": self._bytes, "skipped_peers": self.skipped_peers}
+        return {"pending": pending, "bytes_sent": self._bytes, "skipped_peers": self.skipped_peers,
+                "skipped_reasons": dict(self.skipped_reasons), "loss_report": self.loss_report,
+                "label_history": dict(self.label_history)}
 
     def load_state_dict(self, state: dict) -> None:
         self.pending = {int(step): pending_from_state(item) for step, item in state["pending"].items()}
         self._bytes = state["bytes_sent"]
         self.skipped_peers = state["skipped_peers"]
+        self.skipped_reasons.update(state.get("skipped_reasons", {}))
+        self.loss_report = state.get("loss_report")
+        self.label_history = {int(g): float(v) for g, v in state.get("label_history", {}).items()}
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"

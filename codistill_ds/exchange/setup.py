@@ -62,7 +62,9 @@ def check_lighthouse(cd: CodistillConfig) -> None:
     fails within seconds with one line, not after the model is built."""
     if separate_group_jobs(cd):
         from codistill_ds.exchange.transport.contract import check_reachable
+        from codistill_ds.exchange.transport.trust import load_secret
 
+        load_secret(cd)  # an unreadable or short secret fails here, on every rank
         check_reachable(lighthouse_url(cd), LIGHTHOUSE_CONNECT_S)
 
 
@@ -87,16 +89,19 @@ def build_transport(cd: CodistillConfig, topology: Topology, contract: Callable[
     if not separate_group_jobs(cd):
         from codistill_ds.exchange.transport.world import LogitExchange
 
-        transport = LogitExchange(topology, cd.route, to_owners=cd.exchange_batch == "train")
+        transport = LogitExchange(topology, cd.route, to_owners=cd.exchange_batch == "train",
+                                  reports=cd.peer_guard_ratio > 0)
     else:
         from codistill_ds.exchange.transport.ft import TorchFTTransport
         from codistill_ds.exchange.transport.lighthouse import LighthouseMember
+        from codistill_ds.exchange.transport.trust import load_secret
 
         member = None
         if topology.is_leader:
             if contract is None:
                 raise ValueError("transport torchft needs the exchange contract of this group")
-            member = LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s)
+            member = LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s,
+                                      key=load_secret(cd))
         transport = TorchFTTransport(topology, member)
     if topology.tp > 1:  # each TP rank sends a distinct 1/T of the rows: the T = 1 bytes
         from codistill_ds.exchange.transport.tp_rows import TensorParallelRows

@@ -32,7 +32,7 @@ def logits_state(c: CompressedLogits) -> dict:
     fmt = c.wire_format()
     return {"values": c.values.clone(), "kind": c.kind,
             "indices": None if c.indices is None else c.indices.clone(),
-            "fmt": [fmt.k, fmt.value_dtype, fmt.index_dtype, fmt.kind]}
+            "fmt": [fmt.k, fmt.value_dtype, fmt.index_dtype, fmt.kind, fmt.vocab]}
 
 
 def logits_from_state(d: dict) -> CompressedLogits:
@@ -46,12 +46,14 @@ def pending_state(p: Pending) -> dict:
             "rows": None if p.batch.rows is None else [p.batch.rows.start, p.batch.rows.stop],
             "positions": p.batch.positions,
             "mine": logits_state(p.mine), "peers": [logits_state(c) for c in r.peers],
-            "peer_groups": list(r.peer_groups), "peer_exchanges": r.peer_exchanges, "seconds": r.seconds}
+            "peer_groups": list(r.peer_groups), "peer_exchanges": r.peer_exchanges, "seconds": r.seconds,
+            "peer_reports": r.peer_reports, "rejected": dict(r.rejected)}
 
 
 def pending_from_state(d: dict) -> Pending:
     result = ExchangeResult([logits_from_state(c) for c in d["peers"]], list(d["peer_groups"]),
-                            0.0, d["peer_exchanges"])
+                            0.0, d["peer_exchanges"], peer_reports=d.get("peer_reports"),
+                            rejected=dict(d.get("rejected", {})))
     rows = None if d.get("rows") is None else range(*d["rows"])
     batch = ExchangeBatch(d["inputs"], d["mask"], rows, d.get("positions"))
     return Pending(d["exchange"], batch, logits_from_state(d["mine"]), result)

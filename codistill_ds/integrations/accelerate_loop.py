@@ -250,6 +250,8 @@ class Codistill:
         out = integration_metrics(self._distiller(), self.topology)
         if self._loss_count:
             out["loss"] = comm.group_mean(self._loss_sum / self._loss_count, self.topology.group)
+            if self.engine is not None:  # the group's loss as the peers' guard sees it
+                self.engine.note_loss(self._step, out["loss"])
         self._loss_sum, self._loss_count = 0.0, 0
         return out
 

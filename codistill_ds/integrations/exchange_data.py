@@ -204,7 +204,8 @@ def integration_metrics(distiller: Any, topology: Topology) -> dict[str, float]:
     f = distiller.figures()
     out = {"alpha": f["alpha"], "group": topology.group_id, "cross_group_bytes": distiller.bytes_sent,
            "exchange_ms": f["exchange_ms"], "exchange_compute_ms": f["exchange_compute_ms"],
-           "skipped_peers": f["skipped_peers"]}
+           "skipped_peers": f["skipped_peers"],  # by reason as numbers: trackers log scalars only
+           **{f"skipped_{why}": n for why, n in f["skipped_reasons"].items()}}
     if f["peers"] is not None:
         out["peers"] = f["peers"]
     if distiller.latest_distill is not None:

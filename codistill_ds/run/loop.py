@@ -253,8 +253,9 @@ class CodistillLoop:
         for step in range(start_step, tc.steps):
             self._call("on_step_start", step)
             record = self.train_step(step)
+            figures = self.distiller.figures()
             record.update(group=self.t.group_id, tokens=(step + 1) * self.tokens_per_step,
-                          skipped_peers=self.distiller.figures()["skipped_peers"])
+                          skipped_peers=figures["skipped_peers"], skipped_reasons=figures["skipped_reasons"])
             self._call("on_step_end", step, record)
             last = step + 1 == tc.steps
             if last:  # exchanges posted past the end complete first: the last record's bytes are final
@@ -309,6 +310,8 @@ class CodistillLoop:
         if record["distill_loss"] is not None:
             record["distill_loss"] = (vals[1] / self.t.group_size).item()
         record["cross_group_bytes"] = self.cross_group_bytes()
+        if self.engine is not None:  # the group's loss, as the peers' guard sees it (a group mean)
+            self.engine.note_loss(record["step"], record["loss"])
         self._call("on_record", record)
         self.state.last = dict(record)
         self.writer.write(record)

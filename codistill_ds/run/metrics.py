@@ -4,7 +4,8 @@ Each group's leader appends its group's records; every line is written with a si
 on a file opened with O_APPEND, so lines from different groups never interleave mid-record.
 Record fields (docs/design.md): step, group, loss, distill_loss, alpha, val_loss (when evaluated),
 agreement, cross_group_bytes (cumulative, sent by the writing rank), exchange_ms, step_ms, tokens,
-skipped_peers (cumulative count of peer predictions dropped for holding NaN/Inf, see engine.py),
+skipped_peers (cumulative count of peer predictions dropped: NaN/Inf, malformed, unauthenticated
+or refused by the peer guard, see exchange/guard.py) and skipped_reasons (that count by reason),
 peers (peer groups whose predictions the latest completed exchange delivered; with independent
 groups this is the live peer count), exchange_compute_ms (teacher forward + compression of this
 step's exchange), wall_s (seconds since the loop started in this process).

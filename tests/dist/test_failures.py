@@ -76,7 +76,10 @@ def test_killed_rank_stops_everyone_then_resume_loses_nothing(tmp_path):
 @pytest.mark.timeout(600)
 def test_nan_peer_is_skipped_and_diverged_group_stops(tmp_path):
     logs = tmp_path / "logs"
-    sets = overrides(tmp_path / "run", "fsdp", "codistill.staleness=1", "train.save_interval=0")
+    # the peer guard on (transport world: the groups' reported losses travel in a 16-byte
+    # all-gather over the rail, on the exchange's thread here): the healthy peer is never skipped
+    sets = overrides(tmp_path / "run", "fsdp", "codistill.staleness=1", "train.save_interval=0",
+                     "codistill.peer_guard_ratio=1.5")
     procs = launch_ranks(2, [WORKER, str(tmp_path), CONFIG, *sets], logs,
                          FAULT="nanlogits:1:2,nanloss:1:5")  # 2 groups x 1 rank
     exits = wait_all(procs, timeout=300)
@@ -92,6 +95,7 @@ def test_nan_peer_is_skipped_and_diverged_group_stops(tmp_path):
     assert "group 0 skipped the predictions of peer group(s) [1] for exchange 2" in warn
     g0 = {s: rec for (g, s), rec in by_group_step(tmp_path / "run").items() if g == 0}
     assert g0[3]["skipped_peers"] == 0 and g0[4]["skipped_peers"] == 1, g0
+    assert {k: v for k, v in g0[max(g0)]["skipped_reasons"].items() if v} == {"nan": 1}, g0
     assert g0[4]["distill_loss"] is None  # nothing to distil from at that step
     assert g0[5]["distill_loss"] is not None  # the next exchange was finite again
     assert all(rec["loss"] is not None for rec in g0.values())  # group 0 was never poisoned

@@ -92,7 +92,7 @@ class PeerTransport:
             return sample_targets(logits, self.s.topk, self.s.temperature, self.s.dtype)
         return compress(logits, self.s.topk, wire_dtype(self.s.dtype), self.s.kind, self.s.temperature)
 
-    def exchange(self, local: CompressedLogits, e: int) -> ExchangeResult:
+    def exchange(self, local: CompressedLogits, e: int, report: dict | None = None) -> ExchangeResult:
         self.calls.append(e)
         got = [(g, e - self.lag.get(g, 0)) for g in self.peers]
         sent = pack(local).numel() * len(self.peers)
@@ -100,8 +100,8 @@ class PeerTransport:
         return ExchangeResult([self.payload(g, pe) for g, pe in got], [g for g, _ in got], 0.001,
                               [pe for _, pe in got] if self.lag else None, sent)
 
-    def start(self, local: CompressedLogits, e: int):
-        return self._pool.submit(self.exchange, local, e)
+    def start(self, local: CompressedLogits, e: int, report: dict | None = None):
+        return self._pool.submit(self.exchange, local, e, report)
 
     def join(self, groups: int, wait_s: float) -> int:
         return groups
@@ -281,7 +281,7 @@ class BlockingTransport(PeerTransport):
         super().__init__(*args, **kw)
         self.release, self.entered, self.threads = threading.Event(), threading.Event(), []
 
-    def exchange(self, local: CompressedLogits, e: int) -> ExchangeResult:
+    def exchange(self, local: CompressedLogits, e: int, report: dict | None = None) -> ExchangeResult:
         self.threads.append(threading.current_thread() is threading.main_thread())
         self.entered.set()
         self.release.wait(timeout=3)

@@ -13,7 +13,7 @@ one round of compressed predictions and says what came back. Two implement it:
 from __future__ import annotations
 
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from codistill_ds.exchange.wire import CompressedLogits
@@ -30,6 +30,12 @@ class ExchangeResult:
     """Exchange index each peer predicted on; None: all on the batch I posted (lockstep)."""
     bytes_sent: int = 0
     """What this rank handed to other groups in this round."""
+    peer_reports: list[dict | None] | None = None
+    """What each peer says of itself ({"loss", "step"}: its recent training loss, for the peer
+    guard, exchange/guard.py); None: the transport carries no reports."""
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Peers whose payload the transport refused before unpacking, by reason ("malformed": wrong
+    byte length, "auth": a tag that does not verify); the same on every rank of my group."""
 
 
 class Transport(Protocol):
@@ -37,10 +43,11 @@ class Transport(Protocol):
 
     bytes_sent: int
 
-    def exchange(self, local: CompressedLogits, e: int) -> ExchangeResult:
-        """Blocking swap of my predictions on exchange batch e."""
+    def exchange(self, local: CompressedLogits, e: int, report: dict | None = None) -> ExchangeResult:
+        """Blocking swap of my predictions on exchange batch e; `report` ({"loss", "step"}, or
+        None) is what my group tells its peers of itself (`ExchangeResult.peer_reports`)."""
 
-    def start(self, local: CompressedLogits, e: int) -> Future:
+    def start(self, local: CompressedLogits, e: int, report: dict | None = None) -> Future:
         """Post the swap; `.result()` gives the `ExchangeResult`. Rounds run in posting order."""
 
     def join(self, groups: int, wait_s: float) -> int:

@@ -57,13 +57,13 @@ class TorchFTTransport:
         present = self.member.join(groups, wait_s) if self.member is not None else 0
         return comm.broadcast_object(present, src=self._leader, group=self.t.exchange_group)
 
-    def exchange(self, local: CompressedLogits, e: int) -> ExchangeResult:
-        return self._swap(local, e)
+    def exchange(self, local: CompressedLogits, e: int, report: dict | None = None) -> ExchangeResult:
+        return self._swap(local, e, report)
 
-    def start(self, local: CompressedLogits, e: int) -> Future:
+    def start(self, local: CompressedLogits, e: int, report: dict | None = None) -> Future:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-ft-exchange")
-        return self._worker.submit(self._swap, local, e)
+        return self._worker.submit(self._swap, local, e, report)
 
     def close(self) -> None:
         if self._worker is not None:
@@ -72,21 +72,25 @@ class TorchFTTransport:
         if self.member is not None:
             self.member.close()
 
-    def _swap(self, local: CompressedLogits, e: int) -> ExchangeResult:
+    def _swap(self, local: CompressedLogits, e: int, report: dict | None) -> ExchangeResult:
         start = time.perf_counter()
         t = self.t
         slices = comm.gather(pack(local), dst=self._leader, group=t.exchange_group)
-        header: dict = {"peers": [], "error": None}
+        header: dict = {"peers": [], "error": None, "rejected": {}}
         whole, sent = None, 0
         if slices is not None:
             rows, fmt = local.num_tokens(), local.wire_format()
             whole = _join_slices(slices, rows, local)
             payload = pack(whole)
             try:
-                got = self.member.round(e, payload)
-                sent = payload.numel() * len(got)
+                got = self.member.round(e, payload, report)
+                sent = self.member.frame_bytes * len(got)
                 self.bytes_sent += sent
-                header["peers"] = [(p.group, p.exchange) for p in got]
+                for p in got:  # refused by the frame check (tag, length): counted, never unpacked
+                    if p.problem is not None:
+                        header["rejected"][p.problem] = header["rejected"].get(p.problem, 0) + 1
+                got = [p for p in got if p.problem is None]
+                header["peers"] = [(p.group, p.exchange, p.report) for p in got]
                 peers_whole = [fmt.unpack(p.payload, whole.num_tokens()) for p in got]
             except IncompatibleGroup as err:
                 header["error"] = (err.field, err.reason)
@@ -96,7 +100,7 @@ class TorchFTTransport:
             raise IncompatibleGroup(*header["error"])
         n = len(header["peers"])
         if n == 0:
-            return ExchangeResult([], [], time.perf_counter() - start, [], sent)
+            return ExchangeResult([], [], time.perf_counter() - start, [], sent, [], header["rejected"])
         mine = torch.empty(n * pack(local).numel(), dtype=torch.uint8)
         parts = None
         if slices is not None:
@@ -106,8 +110,9 @@ class TorchFTTransport:
         comm.scatter(mine, parts, src=self._leader, group=t.exchange_group)
         size, fmt = mine.numel() // n, local.wire_format()
         peers = [fmt.unpack(mine[i * size:(i + 1) * size], local.num_tokens()) for i in range(n)]
-        return ExchangeResult(peers, [g for g, _ in header["peers"]], time.perf_counter() - start,
-                              [e2 for _, e2 in header["peers"]], sent)
+        return ExchangeResult(peers, [g for g, _, _ in header["peers"]], time.perf_counter() - start,
+                              [e2 for _, e2, _ in header["peers"]], sent, [r for _, _, r in header["peers"]],
+                              header["rejected"])
 
 
 def _join_slices(slices: list[torch.Tensor], rows: int, like: CompressedLogits) -> CompressedLogits:

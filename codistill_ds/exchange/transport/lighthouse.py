@@ -3,8 +3,10 @@
 The group's leader holds a `LighthouseMember`; each exchange round asks the Lighthouse for a
 quorum of the groups alive now, configures torchft's reconfigurable gloo process group over
 them (only when membership changed) and all-gathers the whole-batch payloads. The member data
-carries the exchange contract (`contract.py`), who sent what and on which exchange batch, so
-the payload is the predictions only.
+carries the exchange contract (`contract.py`), who sent what and on which exchange batch, the
+payload's byte count and the loss the group reports of itself, so the payload is the
+predictions only. With a shared secret the member data and each payload frame carry HMAC tags
+(`trust.py`); members that do not verify are left out before the process group is configured.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 
 from codistill_ds.config import ConfigError
+from codistill_ds.exchange.transport import trust
 from codistill_ds.exchange.transport.contract import (
     IncompatibleGroup,
     contract_mismatch,
@@ -70,11 +73,14 @@ def _interface_of(addr: str) -> str | None:
 
 @dataclass
 class PeerPayload:
-    """One peer group's whole-batch predictions from a round."""
+    """One peer group's whole-batch predictions from a round (None, with the reason in `problem`,
+    when its frame did not verify or had the wrong length: skipped, never unpacked)."""
 
     group: int
     exchange: int
-    payload: torch.Tensor
+    payload: torch.Tensor | None
+    report: dict | None = None
+    problem: str | None = None
 
 
 class LighthouseMember:
@@ -82,11 +88,15 @@ class LighthouseMember:
     process group over the compatible members, and the all-gather of their payloads."""
 
     def __init__(self, lighthouse: str, group_id: int, contract: dict, timeout_s: float,
-                 connect_timeout_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 10.0, key: bytes | None = None) -> None:
         from torchft._torchft import LighthouseClient
         from torchft.process_group import ProcessGroupGloo
 
         self.url, self.group_id, self.contract = lighthouse, group_id, contract
+        self.key = key
+        """The shared secret (trust.py), or None: no authentication."""
+        self.frame_bytes = 0
+        """Bytes of my frame in the latest round (payload, padding, tag): what each peer got."""
         self.nonce, self.started = uuid.uuid4().hex, time.time()
         self.replica_id = f"group_{group_id}_{self.nonce[:12]}"
         """Unique per job, so two jobs claiming one group id are both visible in a quorum (the
@@ -138,21 +148,35 @@ class LighthouseMember:
         self._stop.set()
         self.pg.abort(errored=False)
 
-    def _quorum(self, e: int, joining: bool):
-        data = {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
-                "started": self.started, "gen": self.generation, "joining": joining}
+    def _quorum(self, e: int, joining: bool, nbytes: int = 0, report: dict | None = None):
+        fields = {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
+                  "started": self.started, "gen": self.generation, "joining": joining, "nbytes": int(nbytes),
+                  "report": report, "replica": self.replica_id}
         return self.client.quorum(replica_id=self.replica_id, timeout=self.timeout, address="",
                                   store_address=self.store_address, step=max(e, 0), world_size=1,
-                                  shrink_only=False, data=data)
+                                  shrink_only=False, data=trust.seal(fields, self.key))
 
-    def _members(self, quorum) -> list[Any]:
+    def _members(self, quorum, seen: dict[str, trust.Member] | None = None) -> list[trust.Member]:
         """The quorum's participants this round may exchange with, in replica-id order: those
-        holding the contract most members share (a newcomer never displaces the running groups),
-        then one job per group id, the oldest (a second job claiming a running group's id is
-        refused). Raises `IncompatibleGroup` when the refusal is mine; everyone else computes the
-        same list from the same member data and leaves the refused job out."""
-        parts = list(quorum.participants)
-        reference = reference_contract([dict(p.data) for p in parts])
+        whose member data verifies under my secret (trust.py), then those holding the contract
+        most of them share (a newcomer never displaces the running groups), then one job per
+        group id, the oldest (a second job claiming a running group's id is refused). Raises
+        `IncompatibleGroup` when the refusal is mine; everyone else computes the same list from
+        the same member data and leaves the refused job out. `seen` (while joining) collects the
+        members of every quorum so far: the Lighthouse may answer a newcomer with quorums that
+        hold only some of the running groups, so the refusal counts all of them."""
+        everyone = [trust.open_member(p, self.key) for p in quorum.participants]
+        if seen is not None:
+            seen.update((m.replica_id, m) for m in everyone)
+        why = trust.refusal(list(seen.values()) if seen is not None else everyone, self.key)
+        if why is not None:
+            raise IncompatibleGroup("codistill.secret_file", why)
+        for m in everyone:
+            if not m.verified:
+                self._warn(f"auth{m.replica_id}", f"left quorum member {m.replica_id} out of every round: its "
+                           "member data does not verify under this job's shared secret (or lack of one)")
+        parts = [m for m in everyone if m.verified]
+        reference = reference_contract([m.data for m in parts])
         why = contract_mismatch(self.contract, reference)
         if why is not None:
             field, detail = why.split(": ", 1)
@@ -173,10 +197,10 @@ class LighthouseMember:
     def join(self, groups: int, wait_s: float) -> int:
         """Block until all `groups` groups are present (or `wait_s` passed); returns how many are."""
         deadline = time.monotonic() + wait_s
-        present = 0
+        present, seen = 0, {}
         while True:
             try:
-                members = self._members(self._quorum(-1, joining=True))
+                members = self._members(self._quorum(-1, joining=True), seen)
                 present = len({m.data["group"] for m in members})
             except IncompatibleGroup:
                 raise
@@ -186,15 +210,17 @@ class LighthouseMember:
                 return present
             time.sleep(0.05)
 
-    def round(self, e: int, payload: torch.Tensor) -> list[PeerPayload]:
+    def round(self, e: int, payload: torch.Tensor, report: dict | None = None) -> list[PeerPayload]:
         """One exchange round: my whole-batch payload to the compatible groups present, theirs
-        back. A failed round (a peer died or stopped mid-way) returns [] and is not retried."""
+        back, each checked (`trust.open_frame`: tag, byte length) before anyone unpacks it. A
+        failed round (a peer died or stopped mid-way) returns [] and is not retried."""
+        self.frame_bytes = 0
         if not self.reachable():
             self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
                        "peers until it answers again (warned once)")
             return []
         try:
-            quorum = self._quorum(e, joining=False)
+            quorum = self._quorum(e, joining=False, nbytes=payload.numel(), report=report)
         except Exception as err:  # noqa: BLE001 -- Lighthouse unreachable or no quorum in time
             self._warn(f"quorum{type(err).__name__}", f"no quorum for exchange {e} ({type(err).__name__}: "
                        f"{str(err).splitlines()[0][:120] if str(err) else ''}); training on without peers "
@@ -205,12 +231,18 @@ class LighthouseMember:
             return []
         ids = [m.replica_id for m in members]
         self.generation = max(self.generation, *(int(m.data.get("gen", 0)) for m in members))
+        expected, declared = payload.numel(), [int(m.data.get("nbytes", 0)) for m in members]
+        size = trust.frame_size(declared)
+        round_id = f"{quorum.quorum_id}/{self.generation}/{','.join(ids)}"
+        tag = None if self.key is None else trust.frame_tag(self.key, round_id, self.replica_id, e, expected,
+                                                            payload[:size])
+        mine = trust.frame(payload, size, tag)
         try:
             self._configure(members, quorum.quorum_id)
-            out = [torch.empty_like(payload) for _ in members]
+            out = [torch.empty_like(mine) for _ in members]
             from torch._C._distributed_c10d import AllgatherOptions
 
-            self.pg.allgather([out], [payload], AllgatherOptions()).wait()
+            self.pg.allgather([out], [mine], AllgatherOptions()).wait()
         except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
             self.generation += 1
             self._pg_key = None
@@ -218,11 +250,18 @@ class LighthouseMember:
             self._warn(f"round{e}", f"exchange {e} with groups {[m.data['group'] for m in members]} "
                        f"failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); training on")
             return []
-        me = ids.index(self.replica_id)
-        return [PeerPayload(int(m.data["group"]), int(m.data["exchange"]), out[i])
-                for i, m in enumerate(members) if i != me]
+        me, got = ids.index(self.replica_id), []
+        self.frame_bytes = mine.numel()
+        for i, m in enumerate(members):
+            if i != me:
+                body, problem = trust.open_frame(out[i], size, declared[i], expected, self.key, round_id,
+                                                 m.replica_id, int(m.data["exchange"]))
+                report = m.data.get("report")
+                got.append(PeerPayload(int(m.data["group"]), int(m.data["exchange"]), body,
+                                       report if isinstance(report, dict) else None, problem))
+        return got
 
-    def _configure(self, members: list[Any], quorum_id: int) -> None:
+    def _configure(self, members: list[trust.Member], quorum_id: int) -> None:
         """A new gloo process group only when the quorum (the Lighthouse bumps its id whenever
         membership changes), our member list or the generation changed; the store prefix names
         all three, so a reconfiguration never reads a previous one's rendezvous keys."""

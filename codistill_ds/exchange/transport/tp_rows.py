@@ -40,16 +40,16 @@ class TensorParallelRows:
     def bytes_sent(self) -> int:
         return self.inner.bytes_sent
 
-    def exchange(self, local: CompressedLogits, e: int) -> ExchangeResult:
+    def exchange(self, local: CompressedLogits, e: int, report: dict | None = None) -> ExchangeResult:
         chunk = rows_chunk(local, self.tp_rank, self.tp)
-        result = self.inner.exchange(chunk, e)
+        result = self.inner.exchange(chunk, e, report)
         peers = [gather_rows(p, local.num_tokens(), self.group) for p in result.peers]
         return replace(result, peers=peers)
 
-    def start(self, local: CompressedLogits, e: int) -> Future:
+    def start(self, local: CompressedLogits, e: int, report: dict | None = None) -> Future:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-tp-exchange")
-        return self._worker.submit(self.exchange, local, e)
+        return self._worker.submit(self.exchange, local, e, report)
 
     def join(self, groups: int, wait_s: float) -> int:
         return self.inner.join(groups, wait_s)

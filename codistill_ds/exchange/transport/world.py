@@ -37,28 +37,31 @@ class LogitExchange:
     that `Topology` built in one job. All groups are in lockstep, so every peer predicted on
     the exchange batch I posted."""
 
-    def __init__(self, topology: Topology, route: str, to_owners: bool = False) -> None:
+    def __init__(self, topology: Topology, route: str, to_owners: bool = False, reports: bool = False) -> None:
         """`to_owners` (exchange_batch "train"): my predictions cover my peers' training batches,
         one chunk per peer in group order, and each chunk goes only to the group that trains on
-        it (an all-to-all instead of an all-gather); I receive each peer's predictions on mine."""
+        it (an all-to-all instead of an all-gather); I receive each peer's predictions on mine.
+        `reports` (the peer guard is on, the same in every group of this job): each round also
+        all-gathers every group's report (loss, step: 16 bytes, not counted as exchange bytes)
+        over my rail, where every rank of a group holds the same logged group mean."""
         if route not in ("leaders", "rails"):
             raise ValueError(f"codistill.route must be 'leaders' or 'rails', got {route!r}")
-        self.t, self.route, self.to_owners = topology, route, to_owners
+        self.t, self.route, self.to_owners, self.reports = topology, route, to_owners, reports
         self.bytes_sent = 0
         self._worker: ThreadPoolExecutor | None = None
 
-    def exchange(self, local: CompressedLogits, e: int = 0) -> ExchangeResult:
+    def exchange(self, local: CompressedLogits, e: int = 0, report: dict | None = None) -> ExchangeResult:
         """Blocking swap; every rank of every group must call it for the same exchange batch."""
-        return self._swap(pack(local), local)
+        return self._swap(pack(local), local, report)
 
-    def start(self, local: CompressedLogits, e: int = 0) -> Future:
+    def start(self, local: CompressedLogits, e: int = 0, report: dict | None = None) -> Future:
         """Post the swap and return at once; `.result()` gives the `ExchangeResult`.
 
         `bytes_sent` grows when the worker hands the payload to the collective, so a reading
         taken while exchanges are in flight lags by those exchanges."""
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-exchange")
-        return self._worker.submit(self._swap, pack(local), local)
+        return self._worker.submit(self._swap, pack(local), local, report)
 
     def join(self, groups: int, wait_s: float) -> int:
         """Every group is in this job: all are present once the process groups exist."""
@@ -69,21 +72,30 @@ class LogitExchange:
             self._worker.shutdown(wait=True)
             self._worker = None
 
-    def _swap(self, buf: torch.Tensor, local: CompressedLogits) -> ExchangeResult:
+    def _swap(self, buf: torch.Tensor, local: CompressedLogits, report: dict | None) -> ExchangeResult:
         start, sent_before = time.perf_counter(), self.bytes_sent
         fmt = local.wire_format()
         peer_groups = [g for g in range(self.t.groups) if g != self.t.group_id]
+        reports = self._reports(report, peer_groups) if self.reports else None
         if self.to_owners:
             rows = local.num_tokens() // len(peer_groups)
             chunks = [pack(local.rows(i * rows, (i + 1) * rows)) for i in range(len(peer_groups))]
             got = self._rails_to_owners(chunks) if self.route == "rails" else self._leaders_to_owners(chunks)
             peers = [fmt.unpack(got[g], rows) for g in peer_groups]
             return ExchangeResult(peers, peer_groups, time.perf_counter() - start,
-                                  bytes_sent=self.bytes_sent - sent_before)
+                                  bytes_sent=self.bytes_sent - sent_before, peer_reports=reports)
         slices = self._rails(buf) if self.route == "rails" else self._leaders(buf)
         peers = [fmt.unpack(slices[g], local.num_tokens()) for g in peer_groups]
         return ExchangeResult(peers, peer_groups, time.perf_counter() - start,
-                              bytes_sent=self.bytes_sent - sent_before)
+                              bytes_sent=self.bytes_sent - sent_before, peer_reports=reports)
+
+    def _reports(self, report: dict | None, peer_groups: list[int]) -> list[dict | None]:
+        """Every group's {"loss", "step"} over my rail (NaN: nothing logged yet)."""
+        mine = torch.tensor([float("nan"), -1.0] if report is None else [report["loss"], report["step"]],
+                            dtype=torch.float64)
+        every = comm.all_gather(mine, group=self.t.rail)
+        return [None if every[g][0].isnan() else {"loss": float(every[g][0]), "step": int(every[g][1])}
+                for g in peer_groups]
 
     def _rails(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """All-gather over my rail: entry g is group g's copy of my slice."""

@@ -308,6 +308,8 @@ class CodistillTrainerMixin:
             since = max(self._cd_logged_step, self.codistill.start_step)
             logs["loss"] = group_sum / max(self.state.global_step - since, 1)
             self._cd_window, self._cd_logged_step = None, self.state.global_step
+            if self.codistill.engine is not None:  # what the peers' guard sees of this group
+                self.codistill.engine.note_loss(self.state.global_step, logs["loss"])
             logs.update(self.codistill.log_metrics())
         if "train_loss" in logs:  # end of train(): the Trainer's mean over all its steps, per group
             if self._cd_window is not None:  # steps after the last logging step
