@@ -14,9 +14,10 @@ parameter at a time, exactly the elements it keeps, from the safetensors files:
   flattened tensor into S slices of n), read as the rows that cover it;
 - ZeRO-1/2, AutoTP and one process (`load_whole`): every rank keeps the whole replica anyway.
 
-Each read opens the file, reads its piece and closes it, so the memory-mapped pages it touched
-leave the resident set at once: a rank's peak is its shards plus one piece being read, never
-the whole model (tests/dist/test_pretrained.py measures it). The values are the file's, cast to
+Each read opens the file, copies its piece out of safetensors' memory map (whose tensors are
+views of the file, paged in lazily: kept as parameters they would tie the model to the file)
+and drops the map, so the file pages it touched leave the resident set at once: a rank's peak
+is its shards plus one piece being read, never the whole model (tests/dist/test_pretrained.py measures it). The values are the file's, cast to
 the parameter's dtype, so every group starts from the same weights, equal bit for bit to
 `AutoModelForCausalLM.from_pretrained` of the folder. Names are the model's parameter names as
 `save_pretrained` of this Transformers version writes them (a tied `lm_head` is absent from the
@@ -113,11 +114,12 @@ class SafetensorsFolder:
         return self.read_box(name, (0,) * len(self.shapes[name]), self.shapes[name])
 
     def read_box(self, name: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
-        """Elements [offset, offset + shape) of the tensor: only those rows (and columns) are read."""
+        """Elements [offset, offset + shape) of the tensor: only those rows (and columns) are read,
+        into memory of its own (safetensors hands out views of the file's memory map, which
+        would keep the file mapped, paged in only when first touched)."""
         with self._slice(name) as piece:
-            if not shape:
-                return piece[...]
-            return piece[tuple(slice(o, o + s) for o, s in zip(offset, shape))].contiguous()
+            view = piece[...] if not shape else piece[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+            return view.clone(memory_format=torch.contiguous_format)
 
     def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, read as the dim-0 rows that cover them."""

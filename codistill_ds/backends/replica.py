@@ -64,11 +64,12 @@ def materialize_pieces(model: nn.Module, piece: Callable[[str, torch.Tensor], to
     from torch.distributed.tensor import DTensor
 
     skeleton = model.state_dict(keep_vars=True)
-    names = {id(p): n for n, p in model.named_parameters()}
+    params = {id(p) for p in model.parameters()}
     state = {}
     for key, p in skeleton.items():
-        if names.get(id(p)) != key:
+        if id(p) not in params:
             continue  # buffers, and the second name of a tied parameter (tied again below)
+        params.discard(id(p))
         local = piece(clean_name(key), p).to(device=device, dtype=p.dtype)
         if isinstance(p, DTensor):
             if tuple(local.shape) != tuple(p.to_local().shape):

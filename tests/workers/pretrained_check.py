@@ -5,7 +5,9 @@
 builds it (`run.job.build_job`, config from tests/tiny_test.yaml plus the case's overrides); then
 every parameter is gathered over its group (ZeRO-3 partitions, FSDP2/TP DTensor shards) and
 compared with from_pretrained's bit for bit, and eval-mode logits on a fixed batch (TP: the
-vocabulary slices gathered) are compared with from_pretrained's.
+vocabulary slices gathered) are compared with from_pretrained's. The elements each rank read
+from the file (what `SafetensorsFolder.read_box`/`read_flat` returned, counted around them) are
+recorded beside the elements it holds.
 
   fsdp     FSDP2 over the group (D = 2)
   tp       FSDP2 + DTensor TP (T = 2)
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from codistill_ds.backends import pretrained
 from codistill_ds.backends.materialize import gathered_state_dict
 from codistill_ds.backends.replica import clean_name
 from codistill_ds.config import load_config
@@ -46,6 +49,27 @@ CASES = {
 }
 
 
+READ = [0]
+
+
+def count_reads() -> None:
+    """Count the elements every read returns (the reads themselves are the library's)."""
+    cls = pretrained.SafetensorsFolder
+    box, flat = cls.read_box, cls.read_flat
+
+    def read_box(self, *args):
+        out = box(self, *args)
+        READ[0] += out.numel()
+        return out
+
+    def read_flat(self, *args):
+        out = flat(self, *args)
+        READ[0] += out.numel()
+        return out
+
+    cls.read_box, cls.read_flat = read_box, read_flat
+
+
 def reference(folder: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -60,7 +84,9 @@ def run_case(name: str, folder: str, overrides: list[str], out: Path) -> dict:
     cfg = load_config(str(REPO / "tests" / "tiny_test.yaml"), [
         f"model.name_or_path={folder}", f"run_dir={out / name}", "data.seq_len=16", "codistill.topk=4",
         "codistill.dtype=fp32", *overrides])
+    READ[0] = 0
     job = build_job(cfg)
+    read = READ[0]
     ref = reference(folder)
     want = {n: p.detach() for n, p in ref.named_parameters()}
     got = {clean_name(n): t for n, t in gathered_state_dict(job.backend.module).items()}
@@ -77,7 +103,7 @@ def run_case(name: str, folder: str, overrides: list[str], out: Path) -> dict:
              "logits_equal": bool(torch.equal(logits.float().cpu(), ref_logits)),
              "tokenizer": job.cfg.data.tokenizer, "logits_vocab": logits.shape[-1], "model_vocab": vocab,
              "n_params": job.n_params, "dtypes": sorted({str(_local(p).dtype) for p in job.backend.module.parameters()}),
-             "local_numel": sum(_local_numel(p) for p in job.backend.module.parameters()),
+             "read": read, "local_numel": sum(_local_numel(p) for p in job.backend.module.parameters()),
              "full_numel": sum(p.numel() for p in ref.parameters())}
     if job.transport is not None:
         job.transport.close()
@@ -100,6 +126,7 @@ def main() -> None:
     out, untied, tied = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     rankinfo.prepare_accelerator_env()
     rankinfo.init_distributed()
+    count_reads()
     folders = {"untied": untied, "tied": tied}
     only = sys.argv[4].split(",") if len(sys.argv) > 4 else list(CASES)
     runs = [run_case(name, folders[CASES[name][0]], CASES[name][1], out) for name in only]
