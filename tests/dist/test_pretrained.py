@@ -13,6 +13,7 @@ Everything is built here: nothing downloads.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -161,7 +162,8 @@ def drop_tensor(folder: Path, name: str) -> Path:
 
 
 def test_missing_tensor_stops_every_rank_with_one_line(tmp_path):
-    """The CLI on 2 ranks (2 groups): one line per rank naming the field and the tensor, exit 2,
+    """The CLI on 2 ranks (2 groups): one line per rank naming the field and the tensor, exit 2
+    (torchrun reports the ranks' code and exits 1),
     before any process group exists (so no rank waits in a collective)."""
     from launch import REPO, cli
 
@@ -169,6 +171,6 @@ def test_missing_tensor_stops_every_rank_with_one_line(tmp_path):
     proc = cli(2, "train", "--config", str(REPO / "tests" / "tiny_test.yaml"), "--run-dir", str(tmp_path / "run"),
                "--set", f"model.name_or_path={folder}", timeout=120)
     lines = [ln for ln in proc.stderr.splitlines() if "codistill-ds: error:" in ln]
-    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr[-3000:]
     assert len(lines) == 2 and all("'model.name_or_path'" in ln and "model.norm.weight" in ln for ln in lines), lines
-    assert "Traceback" not in proc.stderr
+    assert "codistill_ds/" not in proc.stderr  # no traceback from our code (torchrun prints its own)

@@ -425,7 +425,7 @@ def test_config_to_dict_is_plain():
     assert d["optim"]["betas"] == [0.9, 0.95]
     assert d["optim"]["weight_decay_milestones"] == [[0, 0.1]]
     assert json.loads(json.dumps(d)) == d
-    assert set(d) == {"seed", "run_dir", "model", "data", "codistill", "optim", "train", "backend"}
+    assert set(d) == {"seed", "run_dir", "model", "data", "codistill", "optim", "train", "backend", "parallel"}
 
 
 def test_exchange_backend_choices(base):

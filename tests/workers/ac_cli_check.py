@@ -2,7 +2,7 @@
 DeepSpeed ZeRO-3 and FSDP2, the same seed and data: per-step losses, and peak resident memory.
 
 4 ranks, K = 2 groups of S = 2, codistilling (alpha 1, an exchange every step). The model (8
-layers, hidden 256, vocabulary 256, 6.9M parameters) sees 4 x 128 tokens per rank and step, so
+layers, hidden 256, vocabulary 256, 8.0M parameters) sees 4 x 128 tokens per rank and step, so
 activations dominate a step. Each run is `run.job.build_job` + `loop.run`, the CLI's own path;
 a hook records every step's loss and distillation loss (group means) and, from the start of
 step 1 (step 0 allocates the optimizer states) to the end, the rise of VmHWM over VmRSS (reset
