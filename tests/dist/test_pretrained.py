@@ -136,14 +136,15 @@ def test_tokenizer_auto_takes_the_model_folders(equal, folders):
 def test_loading_never_holds_the_whole_model(memory):
     """Measured here (88.1M parameters, fp32, 352 MB; S = 2): a whole load peaks at ~378 MB
     (1.07); FSDP2 at ~191 MB (0.54), FSDP2 + TP ~192 MB (0.54), ZeRO-3 ~202 MB (0.57), each
-    keeping ~177 MB (0.50): its shards plus the one piece being read."""
+    keeping ~177 MB (0.50): its shards plus the one piece being read. "kept" >= 0.45 also shows
+    the shards are the rank's own memory, not lazily paged views of the file's memory map."""
     for r in memory:
         whole = 4 * r["params"]
         assert r["whole"]["peak"] >= 0.95 * whole, r["whole"]
         for kind in ("fsdp", "tp", "zero3"):
             m = r[kind]
             assert m["peak"] < 0.65 * whole, (kind, m["peak"] / whole)
-            assert m["kept"] <= 0.55 * whole, (kind, m["kept"] / whole)
+            assert 0.45 * whole <= m["kept"] <= 0.55 * whole, (kind, m["kept"] / whole)  # half, and resident
             assert m["residue"] <= 0.05 * whole, (kind, m["residue"])
         print(f"\nrank {r['rank']}: model {whole / 1e6:.0f} MB, whole load peak {r['whole']['peak'] / 1e6:.0f} MB; "
               + "; ".join(f"{k} peak {r[k]['peak'] / 1e6:.0f} MB ({r[k]['peak'] / whole:.2f}), kept "

@@ -6,7 +6,7 @@ layers, hidden 256, vocabulary 256, 8.0M parameters) sees 4 x 128 tokens per ran
 activations dominate a step. Each run is `run.job.build_job` + `loop.run`, the CLI's own path;
 a hook records every step's loss and distillation loss (group means) and, from the start of
 step 1 (step 0 allocates the optimizer states) to the end, the rise of VmHWM over VmRSS (reset
-through /proc/self/clear_refs; the launcher sets MALLOC_MMAP_THRESHOLD_). Args: OUT. Writes
+through /proc/self/clear_refs; the launcher sets MALLOC_MMAP_THRESHOLD_). Args: OUT [BACKEND:MODE,...]. Writes
 OUT/rank{r}.json."""
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     rankinfo.prepare_accelerator_env()
     rankinfo.init_distributed()
-    runs = [run(backend, mode, out) for backend in BACKENDS for mode in MODES]
+    only = sys.argv[2].split(",") if len(sys.argv) > 2 else [f"{b}:{m}" for b in BACKENDS for m in MODES]
+    runs = [run(*case.split(":"), out) for case in only]
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps({"rank": dist.get_rank(), "runs": runs}))
     dist.barrier()
     shutdown()
