@@ -62,7 +62,7 @@ def weights_folder(cfg: ModelConfig) -> str | None:
     found = _safetensors_files(path) if os.path.isdir(path) else []
     if found:
         return path
-    bins = os.path.isdir(path) and any(f.endswith(".bin") or f.endswith(".pt") for f in os.listdir(path))
+    bins = os.path.isdir(path) and any(f.endswith((".bin", ".pt")) for f in os.listdir(path))
     if bins:
         raise ConfigError(FIELD, f"{path} holds PyTorch .bin weights only; save them as safetensors "
                                  "(save_pretrained(..., safe_serialization=True)), or set model.weights random")
@@ -95,7 +95,7 @@ class SafetensorsFolder:
             if not os.path.isfile(path):
                 raise ConfigError(FIELD, f"{INDEX} in {folder} names {os.path.basename(path)}, which is missing")
             with safe_open(path, framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     piece = f.get_slice(name)
                     self.files[name] = path
                     self.shapes[name] = tuple(piece.get_shape())
