@@ -17,8 +17,9 @@ parameter at a time, exactly the elements it keeps, from the safetensors files:
 Each read opens the file, copies its piece out of safetensors' memory map (whose tensors are
 views of the file, paged in lazily: kept as parameters they would tie the model to the file)
 and drops the map, so the file pages it touched leave the resident set at once: a rank's peak
-is its shards plus one piece being read, never the whole model (tests/dist/test_pretrained.py measures it). The values are the file's, cast to
-the parameter's dtype, so every group starts from the same weights, equal bit for bit to
+is its shards plus one piece being read, never the whole model (tests/dist/test_pretrained.py
+measures it). The values are the file's, cast to the parameter's dtype (fp32 master weights),
+so every group starts from the same weights, equal bit for bit to
 `AutoModelForCausalLM.from_pretrained` of the folder. Names are the model's parameter names as
 `save_pretrained` of this Transformers version writes them (a tied `lm_head` is absent from the
 file and tied again here).
