@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--burn_in", type=int, default=5, help="steps with alpha = 0")
     p.add_argument("--interval", type=int, default=2, help="steps between exchanges")
     p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--activation_checkpointing", default="none", choices=("none", "full", "selective"),
+                   help="recompute each transformer block's activations in backward (same losses, less memory)")
     p.add_argument("--plain", action="store_true", help="no codistillation: the reference run")
     p.add_argument("--data_shard", type=int, default=0, help="--plain: train on rows data_shard::num_shards")
     p.add_argument("--num_shards", type=int, default=1)
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None):
         codistill = Codistill.from_accelerator(accelerator, config, exchange_dataset=rows, seed=args.seed)  # codistill
         prepare, train_rows = codistill.prepare, codistill.shard(rows)  # codistill: group g trains on rows g::K
     model = tiny_llama(args.seq_len)
+    if codistill is not None and args.activation_checkpointing != "none":  # codistill (optional)
+        codistill.checkpoint_activations(model, args.activation_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # A seeded shuffle: the same order of rows however many processes split the batches.
     shuffle = torch.Generator().manual_seed(args.seed)

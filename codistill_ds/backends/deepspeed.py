@@ -39,12 +39,18 @@ def build_ds_config(cfg: Config, data_size: int, bf16: bool) -> dict:
 
 def build_replica(recipe: ModelRecipe, ds_config: dict, group, bf16: bool) -> torch.nn.Module:
     """ZeRO-3: partitioned over my group while it is built (materialize.py), never whole on a
-    rank; ZeRO-1/2 keep a whole replica on every rank anyway, so it is built whole."""
+    rank, and filled from the pretrained folder partition by partition when there is one
+    (pretrained.py); ZeRO-1/2 keep a whole replica on every rank anyway, so it is built whole."""
     if ds_config.get("zero_optimization", {}).get("stage") != 3:
-        return recipe.build()
+        return recipe.whole()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if recipe.pretrained is not None:
+        from codistill_ds.backends.pretrained import load_zero3
+
+        return load_zero3(recipe.build, recipe.pretrained, group, ds_config, dtype)
     from codistill_ds.backends.materialize import build_zero3
 
-    return build_zero3(recipe.build, group, ds_config, torch.bfloat16 if bf16 else torch.float32)
+    return build_zero3(recipe.build, group, ds_config, dtype)
 
 
 class DeepSpeedBackend:
@@ -57,6 +63,10 @@ class DeepSpeedBackend:
         ds_config = build_ds_config(cfg, topology.data_size, bf16)
         self._ds_config, self._bf16 = ds_config, bf16
         model = build_replica(recipe, ds_config, topology.dp_group, bf16)
+        if cfg.model.activation_checkpointing != "none":  # per block, before the engine wraps the model
+            from codistill_ds.backends.activation_checkpointing import checkpoint_layers
+
+            checkpoint_layers(model, cfg.model.activation_checkpointing)
         optimizer = torch.optim.AdamW(
             decay_param_groups(model, cfg.optim.weight_decay),
             lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,

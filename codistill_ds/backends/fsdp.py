@@ -17,6 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from codistill_ds.backends.base import decay_param_groups, set_optimizer_hyperparameters
 from codistill_ds.backends.model import ModelRecipe
+from codistill_ds.backends.pretrained import Pretrained
 from codistill_ds.backends.sharding import apply_fsdp
 from codistill_ds.config import Config
 from codistill_ds.distributed.topology import Topology
@@ -48,13 +49,14 @@ class FSDPBackend:
         self.multi_mesh = topology.tp > 1 or topology.dims.replicate > 1
         """TP and/or HSDP: parameters on more than one mesh (the mesh-aware clip is needed)."""
         ac = cfg.model.activation_checkpointing
-        if self.multi_mesh or ac != "none":
+        if self.multi_mesh or ac != "none" or recipe.pretrained is not None:
             from codistill_ds.backends.replica import build_parallel_replica
 
             self.module = build_parallel_replica(
                 recipe.build, tp_mesh=topology.tp_mesh(device_type), dp_mesh=self.shard_mesh, group=topology.group,
                 activation_checkpointing=ac, param_dtype=torch.bfloat16 if bf16 else None,
-                reshard_after_forward=self._reshard, cpu_offload=self._offload, device=self.device)
+                reshard_after_forward=self._reshard, cpu_offload=self._offload, device=self.device,
+                weights=None if recipe.pretrained is None else Pretrained(recipe.pretrained))
         else:
             self.module = build_sharded(recipe, self.shard_mesh, bf16, self._offload, self._reshard, self.device)
         self.optimizer = torch.optim.AdamW(

@@ -24,7 +24,7 @@ class LocalBackend:
     def __init__(self, recipe: ModelRecipe, cfg: Config, device: torch.device | None = None) -> None:
         self.device = device or torch.device("cpu")
         self._recipe = recipe
-        self.module = recipe.build().to(self.device)
+        self.module = recipe.whole().to(self.device)
         self.module.train()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(decay_param_groups(self.module, o.weight_decay), lr=o.lr,

@@ -1,4 +1,5 @@
-"""Build the replica each group trains: a Hugging Face causal LM from a config, randomly initialized.
+"""Build the replica each group trains: a Hugging Face causal LM from a config, randomly initialized
+or (`ModelRecipe.pretrained`) started from a local folder's weights (backends/pretrained.py).
 
 Nothing is downloaded: either a local config (directory or JSON file) or inline sizes for a tiny
 Llama or GPT-2. Using the Transformers classes (not a home-made model) keeps `export` a plain
@@ -65,7 +66,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, dropout: float, seed: int) ->
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(hf)
+        # fp32 master weights whatever the folder's config says (a bf16 checkpoint's config
+        # carries dtype=bfloat16); backends choose the compute precision themselves
+        model = AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
     return model
 
 
@@ -78,9 +81,21 @@ class ModelRecipe:
     vocab_size: int
     dropout: float
     seed: int
+    pretrained: str | None = None
+    """A safetensors folder every group starts from (`pretrained.weights_folder`), or None:
+    random weights drawn under `seed`."""
 
     def build(self) -> torch.nn.Module:
+        """The architecture, randomly initialized under `seed` (what a sharded build fills)."""
         return build_model(self.cfg, self.vocab_size, self.dropout, self.seed)
+
+    def whole(self) -> torch.nn.Module:
+        """The whole replica on this process: the folder's weights, or `build()`."""
+        if self.pretrained is None:
+            return self.build()
+        from codistill_ds.backends.pretrained import load_whole
+
+        return load_whole(self.build, self.pretrained)
 
     def skeleton(self) -> torch.nn.Module:
         """The architecture on the meta device: shapes only, no memory, no random draws

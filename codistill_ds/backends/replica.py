@@ -38,29 +38,51 @@ def materialize(model: nn.Module, full_value: Callable[[str], torch.Tensor], dev
     checkpoint-wrapper prefix); this rank keeps only its piece,
     `distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)` (a local cut, no
     communication; `_StridedShard` placements included), cloned so the full value can be freed
-    before the next parameter. The shards enter through `load_state_dict(assign=True)`, FSDP2's
-    route for replacing sharded parameters. At most one full parameter is alive at a time.
-    `buffers` (e.g. rotary tables, replicated) are set as given."""
+    before the next parameter. At most one full parameter is alive at a time. `buffers` (e.g.
+    rotary tables, replicated) are set as given."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    def piece(name: str, p: torch.Tensor) -> torch.Tensor:
+        full = full_value(name).detach()
+        if not isinstance(p, DTensor):
+            return full.clone()  # not a view of something the caller keeps
+        cut = distribute_tensor(full.to(dtype=p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+        del full
+        return cut.to_local().clone()
+
+    return materialize_pieces(model, piece, device, buffers)
+
+
+def materialize_pieces(model: nn.Module, piece: Callable[[str, torch.Tensor], torch.Tensor], device: torch.device,
+                       buffers: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Replace the (meta) parameters of a TP/FSDP-sharded model by real values, one at a time.
+
+    `piece(name, p)` returns what this rank holds of parameter `name` (without the
+    checkpoint-wrapper prefix): for a DTensor `p` its local shard, for a plain `p` the whole
+    value. The shards enter through `load_state_dict(assign=True)`, FSDP2's route for replacing
+    sharded parameters; a shard of the wrong local shape is refused."""
+    from torch.distributed.tensor import DTensor
+
     skeleton = model.state_dict(keep_vars=True)
-    names = {id(p): n for n, p in model.named_parameters()}
+    params = {id(p) for p in model.parameters()}
     state = {}
     for key, p in skeleton.items():
-        if id(p) not in names:
-            continue  # buffers
-        full = full_value(clean_name(key)).detach()
+        if id(p) not in params:
+            continue  # buffers, and the second name of a tied parameter (tied again below)
+        params.discard(id(p))
+        local = piece(clean_name(key), p).to(device=device, dtype=p.dtype)
         if isinstance(p, DTensor):
-            piece = distribute_tensor(full.to(device=device, dtype=p.dtype), p.device_mesh, p.placements,
-                                      src_data_rank=None)
-            local = piece.to_local().clone()
-            del piece
+            if tuple(local.shape) != tuple(p.to_local().shape):
+                raise ValueError(f"{clean_name(key)}: this rank's shard is {list(local.shape)}, expected "
+                                 f"{list(p.to_local().shape)} for placements {p.placements}")
             state[key] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
                                             shape=p.shape, stride=p.stride())
         else:
-            state[key] = full.to(device=device, dtype=p.dtype).clone()
-        del full
+            state[key] = local
+        del local
     model.load_state_dict(state, strict=False, assign=True)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.tie_weights()
     for name, buf in (buffers or {}).items():
         owner = _find_owner(model, name)
         owner[0]._buffers[owner[1]] = buf.to(device)
@@ -116,27 +138,39 @@ def build_parallel_replica(build: Callable[[], nn.Module], *, tp_mesh: DeviceMes
                            group: Any, activation_checkpointing: str = "none",
                            param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = torch.float32,
                            reshard_after_forward: bool = True, cpu_offload: bool = False,
-                           device: torch.device | None = None) -> nn.Module:
+                           device: torch.device | None = None, weights: Any = None) -> nn.Module:
     """A replica TP-sharded over `tp_mesh` and FSDP/HSDP-sharded over `dp_mesh` (both sliced from
     one root mesh), equal to `build()` run unsharded with the same seed, without any rank ever
     holding the whole model: meta skeleton -> apply_tensor_parallel -> activation checkpointing
     -> apply_fsdp -> each rank's shards cut parameter by parameter from a ZeRO-3 build over
-    `group` (my group's S ranks). Collective over `group`."""
+    `group` (my group's S ranks). Collective over `group`.
+
+    `weights`: where the values come from instead, an object with `skeleton(build)` (the model
+    to shard, parameters on the meta device) and `fill(model, device)` (each rank's shards), e.g.
+    `pretrained.Pretrained(folder)`: each rank reads only its own pieces of the file (no ZeRO-3
+    build, no collective)."""
     from codistill_ds.backends.activation_checkpointing import (
         apply_activation_checkpointing,
     )
     from codistill_ds.backends.materialize import build_zero3
 
     device = device or torch.device("cpu")
-    with torch.device("meta"):
-        skeleton = build()
+    if weights is not None:
+        skeleton = weights.skeleton(build)
+    else:
+        with torch.device("meta"):
+            skeleton = build()
     if tp_mesh is not None:  # None: no tensor parallelism (HSDP or activation checkpointing only)
         apply_tensor_parallel(skeleton, tp_mesh)
     apply_activation_checkpointing(skeleton, activation_checkpointing)
     apply_fsdp(skeleton, dp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                reshard_after_forward=reshard_after_forward, cpu_offload=cpu_offload)
+    if cpu_offload:
+        device = torch.device("cpu")
+    if weights is not None:
+        return weights.fill(skeleton, device)
     values = build_zero3(build, group)
-    model = materialize_from_zero3(skeleton, values, torch.device("cpu") if cpu_offload else device)
+    model = materialize_from_zero3(skeleton, values, device)
     del values
     return model
 

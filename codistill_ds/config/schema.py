@@ -37,9 +37,13 @@ class ModelConfig:
     """Architecture built from the sizes below ("llama" | "gpt2") when name_or_path is None."""
     name_or_path: str | None = None
     """A local Hugging Face folder (or a config JSON file). Its config defines the model; when
-    the folder also holds weights (safetensors), every group starts from them, each rank reading
-    only its own shards, and `data.tokenizer: auto` takes the folder's tokenizer. None builds
-    `arch` from the sizes below with random weights."""
+    the folder also holds weights (safetensors), every group starts from them (model.weights),
+    each rank reading only its own shards, and `data.tokenizer: auto` takes the folder's
+    tokenizer. None builds `arch` from the sizes below with random weights."""
+    weights: str = "auto"
+    """Where the starting weights come from: "auto" (name_or_path's safetensors when the folder
+    has them, else random) | "pretrained" (name_or_path's, required) | "random" (a seeded random
+    initialization of the architecture, ignoring any weights in the folder)."""
     hidden_size: int = 64
     """Width; the tiny default trains on one CPU core in minutes."""
     num_layers: int = 2
@@ -76,8 +80,9 @@ class DataConfig:
     """Streaming only: documents in datasets' shuffle buffer (memory grows with it)."""
     text_field: str = "text"
     """The JSONL key that holds the document text."""
-    tokenizer: str = "byte"
-    """Either "byte" (vocab 256, nothing to download) or a local HF tokenizer directory."""
+    tokenizer: str = "auto"
+    """"auto" (model.name_or_path's tokenizer when that folder has one, else "byte") | "byte"
+    (UTF-8 bytes, vocab 256, nothing to download) | a local HF tokenizer directory."""
     seq_len: int = 128
     """Tokens per training sequence."""
     max_bytes: int | None = 2_000_000
@@ -151,7 +156,9 @@ class CodistillConfig:
     ramp: int = 0
     """Steps over which alpha rises linearly from 0 after burn-in."""
     same_init: bool = False
-    """All groups start from identical weights; off, each group draws its own initialisation."""
+    """All groups start from identical weights; off, each group draws its own initialisation.
+    With pretrained weights every group starts from the checkpoint either way, and this only
+    decides whether the groups also share the seed of their other random draws (dropout)."""
     ignore_index: int = -100
     """Label value whose tokens get neither CE nor distillation loss."""
     transport: str = "world"

@@ -26,6 +26,7 @@ from codistill_ds.exchange.wire import UINT16_VOCAB
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("llama", "gpt2"),
     "model.activation_checkpointing": ("none", "full", "selective"),
+    "model.weights": ("auto", "pretrained", "random"),
     "data.builtin": ("stdlib",),
     "data.format": ("auto", "text", "jsonl", "shards"),
     "codistill.mode": ("logits", "weights"),
@@ -279,9 +280,9 @@ def _check_paths(cfg: Config) -> None:
     _check_data_paths(cfg)
     tok = cfg.data.tokenizer
     _require(
-        tok == "byte" or os.path.isdir(tok),
+        tok in ("auto", "byte") or os.path.isdir(tok),
         "data.tokenizer",
-        f"expected 'byte' or a local tokenizer directory, got {tok}",
+        f"expected 'auto', 'byte' or a local tokenizer directory, got {tok}",
     )
     if cfg.backend.name == "deepspeed":
         path = cfg.backend.ds_config

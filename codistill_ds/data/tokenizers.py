@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 
@@ -33,6 +35,23 @@ class HFTokenizer:
         return self._tok.decode(list(ids))
 
 
-def load_tokenizer(spec: str):
-    """`byte` or a path to a local tokenizer directory."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Any of these in a folder means it has a Hugging Face tokenizer."""
+
+
+def resolve_tokenizer(spec: str, model_path: str | None = None) -> str:
+    """The concrete tokenizer of `data.tokenizer`: "auto" is the model folder when it holds a
+    tokenizer (a pretrained model must read the ids it was trained on), else "byte"; anything
+    else is returned as given."""
+    if spec != "auto":
+        return spec
+    if model_path and os.path.isdir(model_path) and any(
+            os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES):
+        return model_path
+    return "byte"
+
+
+def load_tokenizer(spec: str, model_path: str | None = None):
+    """`byte`, `auto` (see `resolve_tokenizer`) or a path to a local tokenizer directory."""
+    spec = resolve_tokenizer(spec, model_path)
     return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)

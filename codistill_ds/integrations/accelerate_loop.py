@@ -11,6 +11,11 @@ Accelerate loop", has the diff against a plain loop; examples/accelerate_loop.py
         loss = codistill.distill(loss, model, step)        # after the forward, before accelerator.backward
         metrics = codistill.log_metrics()                  # where the loop logs (every rank calls it)
 
+Optional: `codistill.checkpoint_activations(model, "full")` (or "selective") recomputes each
+transformer block's activations in backward instead of keeping them. Tensor parallelism, HSDP
+and context/sequence parallelism are refused with one line (integrations/model_parallel.py:
+Accelerate's `ParallelismConfig` mesh spans the whole world); the CLI's `parallel.tp` does TP.
+
 The world splits into K contiguous groups (`topology.py`); each trains one replica, sharded
 inside the group only, on its own rows, and every `interval` steps all groups predict on the same
 exchange batch, swap compressed predictions and add alpha(t) * 1/(K-1) * sum_j D(f_j || f_i) to
@@ -76,6 +81,7 @@ from codistill_ds.integrations.group_sharding import (
     shuffle_in_group,
     zero3_init_in_group,
 )
+from codistill_ds.integrations.model_parallel import refuse_model_parallelism
 from codistill_ds.run.guards import NonFiniteLoss, check_finite_loss
 from codistill_ds.run.watchdog import EXIT_NONFINITE, stop_process
 
@@ -118,6 +124,9 @@ class Codistill:
         config = config or CodistillConfig()
         world = _world(accelerator)
         validate_integration(config, world, WHO, "use the plain loop: leave out Codistill")
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        refuse_model_parallelism(WHO, parallelism_config=accelerator.parallelism_config,
+                                 ds_config=getattr(plugin, "deepspeed_config", None))
         _check_engine(accelerator, config, world)
         setup.check_lighthouse(config)
         release_deepspeed_shm()
@@ -159,6 +168,16 @@ class Codistill:
         with zero3_init_in_group(self.topology):
             yield
 
+    def checkpoint_activations(self, model: Any, mode: str = "full") -> Any:
+        """Activation checkpointing per transformer block, "none" | "full" | "selective" (every
+        other block), as the CLI's `model.activation_checkpointing`: Transformers' per-layer
+        switch, so parameter names, DeepSpeed/FSDP2 hooks and checkpoints are unchanged and the
+        losses are the same. Call it on the model before or after `prepare`; returns the model."""
+        from codistill_ds.backends.activation_checkpointing import checkpoint_layers
+
+        checkpoint_layers(self.accelerator.unwrap_model(model), mode)
+        return model
+
     def prepare(self, *objects: Any) -> Any:
         """`accelerator.prepare(*objects)` with the engine and the loaders inside my group, then
         checked: every parameter sharded over exactly my group, none NaN on any rank (a gather
@@ -166,6 +185,9 @@ class Codistill:
         from accelerate.utils import DistributedType
 
         acc, t = self.accelerator, self.topology
+        for obj in objects:
+            if isinstance(obj, torch.nn.Module):  # loaded with tp_plan / DistributedConfig
+                refuse_model_parallelism(WHO, model=obj)
         mesh = None
         if acc.is_fsdp2:
             mesh = t.shard_mesh(acc.device.type)

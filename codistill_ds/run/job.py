@@ -9,6 +9,7 @@ the path the Trainer and the own-loop API take too.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -20,12 +21,17 @@ from dataclasses import dataclass
 import torch
 
 from codistill_ds.backends.model import ModelRecipe
+from codistill_ds.backends.pretrained import (
+    check_checkpoint,
+    checkpoint_vocab_size,
+    weights_folder,
+)
 from codistill_ds.config import Config, ConfigError, save_config
 from codistill_ds.config.accelerate_env import apply_launch_env
 from codistill_ds.config.validation import validate
 from codistill_ds.data.corpus import Corpus, build_corpus, corpus_digest
 from codistill_ds.data.sources import DataError
-from codistill_ds.data.tokenizers import load_tokenizer
+from codistill_ds.data.tokenizers import load_tokenizer, resolve_tokenizer
 from codistill_ds.distributed import comm
 from codistill_ds.distributed import env as rankinfo
 from codistill_ds.distributed.axes import ParallelDims, TopologyError
@@ -55,23 +61,32 @@ INPUT_ERRORS = (ConfigError, DataError, TopologyError)
 
 
 def prepare(cfg: Config) -> tuple[ParallelDims, Corpus]:
-    """Everything that can fail without talking to other ranks: config, axes, Lighthouse, data."""
+    """Everything that can fail without talking to other ranks: config, axes, Lighthouse, data,
+    and a pretrained folder's headers (every tensor there, with the shape the config builds)."""
     world = rankinfo.env_world_size()
     applied = apply_launch_env(cfg)  # under `accelerate launch`, its YAML picks the engine
     if applied and rankinfo.env_rank() == 0:
         log.info("from accelerate launch: %s", ", ".join(applied))
+    cfg.data.tokenizer = resolve_tokenizer(cfg.data.tokenizer, cfg.model.name_or_path)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     validate(cfg, world, tokenizer.vocab_size)
+    folder = weights_folder(cfg.model)
+    vocab = tokenizer.vocab_size
+    if folder is not None:  # the run's vocabulary is the checkpoint's embedding
+        vocab = checkpoint_vocab_size(folder, tokenizer.vocab_size)
+        validate(cfg, world, vocab)
     dims = setup.parallel_dims(cfg.codistill, world, rankinfo.env_rank(), replicate=cfg.parallel.replicate,
                                tp=cfg.parallel.tp)
     if dims.tp > 1:  # heads, KV heads, MLP width and vocabulary split T ways, from the model's own config
         from codistill_ds.backends.model import build_hf_config
         from codistill_ds.backends.tensor_parallel import check_tp_divisible
 
-        check_tp_divisible(build_hf_config(cfg.model, tokenizer.vocab_size, cfg.optim.dropout), dims.tp)
+        check_tp_divisible(build_hf_config(cfg.model, vocab, cfg.optim.dropout), dims.tp)
+    if folder is not None:
+        check_checkpoint(ModelRecipe(cfg.model, vocab, cfg.optim.dropout, cfg.seed).skeleton(), folder)
     setup.check_lighthouse(cfg.codistill)
     corpus = build_corpus(cfg.data, tokenizer)
-    return dims, corpus
+    return dims, dataclasses.replace(corpus, vocab_size=vocab)
 
 
 def build_backend(cfg: Config, recipe: ModelRecipe, topology: Topology, bf16: bool):
@@ -127,7 +142,7 @@ def build_job(cfg: Config, hooks: Sequence[LoopHooks] = ()) -> Job:
     topology = setup.build_job_topology(cfg.codistill, dims, torch.cuda.is_available())
     seed = setup.group_seed(cfg.seed, cfg.codistill, topology.group_id)
     torch.manual_seed(seed)
-    recipe = ModelRecipe(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed)
+    recipe = ModelRecipe(cfg.model, corpus.vocab_size, cfg.optim.dropout, seed, weights_folder(cfg.model))
     n_params = recipe.num_parameters()  # on the meta device: no weights yet
     # Before the replica is built: a group whose ranks disagree on the model would hang in the
     # sharded construction, and ZeRO-3's world-wide startup would fail obscurely.

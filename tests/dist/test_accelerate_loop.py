@@ -8,7 +8,9 @@ One launch checks: every parameter is partitioned 1/2, over the group (the globa
 give 1/4 or one shared model); the groups, started from the same weights (`--same_init`), end
 with different ones; alpha is 0 during burn-in, then the distillation loss is > 0; no loss is
 NaN; and while alpha = 0 each group's losses equal its plain reference's to 1e-5, which checks
-the group's seed, its data shard and order, and the in-group sharding at once.
+the group's seed, its data shard and order, and the in-group sharding at once. The codistilling
+run checkpoints activations (`Codistill.checkpoint_activations`, "full": every block) and the
+plain one does not, so the same comparison shows that checkpointing leaves the losses unchanged.
 
 ZeRO-3 only, to keep to one launch: ZeRO-2 through the same hook (`engines_in_group`) runs in
 tests/dist/test_hf_stock_script.py (the Trainer). FSDP2 through Accelerate cannot run on CPU:
@@ -47,7 +49,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("accel_loop")
     accelerate = str(Path(sys.executable).parent / "accelerate")
     launch = [accelerate, "launch", "--config_file", "launch/accelerate/zero3.yaml", WORKER, str(tmp / "codistill"),
-              *COMMON, "--groups", str(K), "--batch_size", str(BATCH)]
+              *COMMON, "--groups", str(K), "--batch_size", str(BATCH), "--activation_checkpointing", "full"]
     plain = {g: [sys.executable, WORKER, str(tmp / f"plain{g}"), *COMMON, "--plain", "--data_shard", str(g),
                  "--num_shards", str(K), "--batch_size", str(BATCH * S)] for g in range(K)}
     with ThreadPoolExecutor(1 + K) as pool:
@@ -63,6 +65,8 @@ def runs(tmp_path_factory):
 def test_own_accelerate_loop_codistills_inside_groups(runs):
     ranks, plain = runs
     assert [r["dp_world_size"] for r in ranks] == [S] * (K * S)
+    assert all(r["checkpointed"] == [0, 1] for r in ranks)  # both blocks recompute (the tiny Llama has 2)
+    assert all(p["checkpointed"] == [] for p in plain.values())
     assert [(r["group"], r["group_rank"]) for r in ranks] == [(g, i) for g in range(K) for i in range(S)]
     assert_sharded_within_groups(ranks, S=S)  # every parameter 1/2, groups end with different weights
 

@@ -27,7 +27,10 @@ def load_example():
 def main() -> None:
     out = Path(sys.argv[1])
     accelerator, model, logs, codistill = load_example().main(sys.argv[2:])
-    result = {"rank": accelerator.process_index, "logs": logs}
+    from codistill_ds.backends.activation_checkpointing import checkpointed_layers
+
+    result = {"rank": accelerator.process_index, "logs": logs,
+              "checkpointed": checkpointed_layers(accelerator.unwrap_model(model))}
     if codistill is None:
         gathered, full = nullcontext, lambda: list(model.parameters())
     else:

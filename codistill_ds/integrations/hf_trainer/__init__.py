@@ -31,8 +31,10 @@ path runs DeepSpeed (the FSDP2 hook itself is tested on CPU, tests/dist/test_hf_
 `cpu_ram_efficient_loading` broadcasts global rank 0's weights over the world, so every group
 would start from group 0's initialization: leave it off.
 
-Not handled: plain DDP (it all-reduces over the whole world: synchronous training); tensor or
-sequence parallelism; `load_best_model_at_end` (the best checkpoint is per group, the flag is not).
+Not handled: plain DDP (it all-reduces over the whole world: synchronous training); tensor,
+context or sequence parallelism and HSDP (a `ParallelismConfig`, a model loaded with
+`tp_plan`/`DistributedConfig`, DeepSpeed `autotp_size`, `fsdp hybrid_shard`: refused with one
+line, integrations/model_parallel.py says why; the CLI's `parallel.tp`/`parallel.replicate` do it); `load_best_model_at_end` (the best checkpoint is per group, the flag is not).
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ from codistill_ds.integrations.hf_trainer.callback import (
     CodistillCallback,
     use_gloo_for_cpu_deepspeed,
 )
-from codistill_ds.integrations.hf_trainer.mixin import CodistillTrainerMixin
+from codistill_ds.integrations.hf_trainer.mixin import (
+    CodistillTrainerMixin,
+    refuse_trainer_model_parallelism,
+)
 
 __all__ = ["CodistillArguments", "CodistillCallback", "CodistillTrainer", "CodistillTrainerMixin",
            "codistill_init", "codistill_trainer", "distill_mask", "use_gloo_for_cpu_deepspeed"]
@@ -61,6 +66,7 @@ def codistill_init(codistill: Any, args: TrainingArguments, **kwargs: Any) -> Co
     before `from_config`/`from_pretrained`: it seeds this group's initialization and, under
     ZeRO-3, makes the model's `deepspeed.zero.Init` partition inside the group, until the
     Trainer is created. `kwargs` go to `CodistillCallback` (`exchange_dataset`, `transport`)."""
+    refuse_trainer_model_parallelism(args)
     callback = CodistillCallback.from_arguments(codistill, **kwargs)
     callback.begin_model_init(args)
     return callback

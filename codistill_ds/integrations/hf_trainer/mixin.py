@@ -74,6 +74,19 @@ def attach_callback(codistill: Any, args: tuple, kwargs: dict) -> None:
     kwargs["callbacks"] = callbacks
 
 
+def refuse_trainer_model_parallelism(args: Any, model: Any = None) -> None:
+    """One line, before Accelerate builds anything, when the TrainingArguments or the model ask
+    for TP/CP/SP or HSDP (integrations/model_parallel.py: Accelerate's mesh spans the world)."""
+    if args is None:
+        return
+    from codistill_ds.integrations.model_parallel import refuse_model_parallelism
+
+    refuse_model_parallelism("the Hugging Face Trainer integration",
+                             parallelism_config=getattr(args, "parallelism_config", None),
+                             ds_config=getattr(args, "hf_deepspeed_config", None) or getattr(args, "deepspeed", None),
+                             model=model, fsdp=getattr(args, "fsdp", None))
+
+
 def _find_callback(callbacks: list) -> CodistillCallback:
     found = [cb for cb in callbacks if isinstance(cb, CodistillCallback)]
     if len(found) != 1:
@@ -86,6 +99,8 @@ class CodistillTrainerMixin:
     """Put first in the bases of a `Trainer` (sub)class; see the module docstring for each change."""
 
     def __init__(self, *args: Any, codistill: Any = None, **kwargs: Any) -> None:
+        refuse_trainer_model_parallelism(kwargs.get("args", args[1] if len(args) > 1 else None),
+                                         kwargs.get("model", args[0] if args else None))
         attach_callback(codistill, args, kwargs)
         super().__init__(*args, **kwargs)
         self.codistill = _find_callback(self.callback_handler.callbacks)
