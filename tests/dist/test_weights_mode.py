@@ -53,6 +53,23 @@ def test_teacher_equals_peer_weights_from_last_exchange(tmp_path, backend):
         gap = (mine["teachers"][peer] - sender).abs().max().item()
         assert gap <= 1e-5, (backend, g, lr, gap)
         assert (mine["teachers"][peer] - logits[(g, lr)]["sent"]).abs().max().item() > 1e-3  # not my own
+    # What crossed groups, summed over every rank, against `plan`'s weight-exchange formula
+    # K (K-1) P x 4 bytes per exchange, P counted from an unsharded build here (issue 24, row
+    # test_comm_bench: the benchmark's smoke setting does not run its weights arm). FSDP2's
+    # row shards add up to P exactly; ZeRO-3 pads each parameter to a multiple of S = 2.
+    from codistill_ds.backends.model import build_model
+    from codistill_ds.config import load_config
+    from codistill_ds.plan.bytes import make_plan
+
+    model = build_model(load_config(CONFIG).model, 256, 0.0, 0)
+    params, tensors = sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
+    plan = make_plan(params=params, vocab=256, seq_len=32, batch=4, topk=8, interval=INTERVAL, groups=2, world=4,
+                     weight_dtype="fp32")
+    total, want = sum(r["bytes"] for r in res), exchanges * plan.weight_bytes_per_exchange
+    if backend == "fsdp":
+        assert total == want, (total, want)
+    else:
+        assert 0 <= total - want <= exchanges * 2 * 1 * tensors * (2 - 1) * 4, (total, want)
     # ... and the groups distilled toward their teachers at every step (alpha 1).
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert sorted((r["group"], r["step"]) for r in records) == [(g, s) for g in (0, 1) for s in range(1, STEPS + 1)]
