@@ -39,7 +39,8 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("async")
     return {"async": run(tmp, "async", "codistill.async_exchange=true"),
             "sync": run(tmp, "sync", "codistill.async_exchange=false"),
-            "quarter": run(tmp, "quarter", "codistill.async_exchange=false", "codistill.token_fraction=0.25")}
+            "quarter": run(tmp, "quarter", "codistill.async_exchange=false", "codistill.token_fraction=0.25",
+                           "codistill.loss=mse")}
 
 
 def test_async_equals_synchronous_stale_reference(runs):
@@ -70,7 +71,8 @@ def test_token_fraction_sends_a_quarter_and_still_distills(runs):
     drawn per group, for the first 8 positions, or for a student gathered elsewhere. So: each
     due batch's positions equal `select_positions(seed, e, my rows, 32, 0.25)` on every rank of
     both groups (so each rail agrees), they differ between exchanges and rows, and the logged
-    term equals the one rebuilt with the student taken at those positions by indexing."""
+    term equals the one rebuilt with the student taken at those positions by indexing. This run
+    matches logits (loss mse, payload kind "logits": the same bytes per position as log-probs)."""
     quarter, full = dict(runs["quarter"]), dict(runs["sync"])
     probes = quarter.pop("probes")
     full.pop("probes")

@@ -1,13 +1,13 @@
 """Real runs whose exchange numbers are rebuilt another way (issue 24).
 
 One module-scoped set of launches of the CLI's training (`run`), two at a time:
-  T    3 groups x 1 rank, FSDP2, `exchange_batch: train`, alpha 1, peer weights
+  T    3 groups x 1 rank, FSDP2, `exchange_batch: train`, alpha 1, reverse KL, peer weights
        {1: 3, 2: 0} (the same list in every group: group 0 ignores peer 2, group 1 ignores
        peer 2, group 2 weighs peer 1 three times peer 0), under tests/workers/probe_run.py,
        which rebuilds each step's distillation term, agreement and teacher inputs by hand
   A1, A2, A4   `codistill-ds train`, 2 groups x 1 rank, ZeRO-3, alpha 1 from step 0: one
        micro-batch of 4 sequences, 2 of 2 (train.grad_accum 2), 4 of 1 (grad_accum 4)
-  F1, F4       the same on FSDP2 (its accumulation is the backend's own): 1 x 4 and 4 x 1
+  F1, F4       the same on FSDP2 (its accumulation is the backend's own) with JSD: 1 x 4, 4 x 1
 """
 
 from __future__ import annotations
@@ -40,17 +40,18 @@ def probe_run(out: Path, nproc: int, *overrides: str, **env: str) -> dict:
 TRAIN_STEPS = 6
 WEIGHTS = {1: 3.0, 2: 0.0}
 ACCUM_STEPS = 8
-ACCUM = {"A1": ("deepspeed", 4, 1), "A2": ("deepspeed", 2, 2), "A4": ("deepspeed", 1, 4),
-         "F1": ("fsdp", 4, 1), "F4": ("fsdp", 1, 4)}
-"""name: (backend, micro-batch, accumulation): every run trains on 4 sequences per step."""
+ACCUM = {"A1": ("deepspeed", 4, 1, "kl"), "A2": ("deepspeed", 2, 2, "kl"), "A4": ("deepspeed", 1, 4, "kl"),
+         "F1": ("fsdp", 4, 1, "jsd"), "F4": ("fsdp", 1, 4, "jsd")}
+"""name: (backend, micro-batch, accumulation, loss): every run trains on 4 sequences per step;
+the FSDP2 pair distills with JSD, so that loss's gradient runs end to end against a reference."""
 
 
-def accum_run(out: Path, backend: str, micro: int, accum: int) -> dict:
+def accum_run(out: Path, backend: str, micro: int, accum: int, loss: str) -> dict:
     """The CLI with the distillation term on from step 0 (a fixed exchange batch of 4 and the
     same 4 validation windows, so only the split of the training batch differs between runs)."""
     sets = [f"backend.name={backend}", f"data.micro_batch_size={micro}", f"train.grad_accum={accum}",
             f"data.val_batches={4 // micro}",  # validation reads val_batches x micro windows: the same 4
-            "data.exchange_batch_size=4", "codistill.alpha=1", f"train.steps={ACCUM_STEPS}",
+            "data.exchange_batch_size=4", "codistill.alpha=1", f"codistill.loss={loss}", f"train.steps={ACCUM_STEPS}",
             f"train.eval_interval={ACCUM_STEPS}"]
     proc = cli(2, "train", "--config", CONFIG, "--run-dir", str(out), *[a for s in sets for a in ("--set", s)],
                timeout=420)
@@ -63,7 +64,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("numbers")
     with ThreadPoolExecutor(2) as pool:
         jobs = {"T": pool.submit(probe_run, tmp / "T", 3, "backend.name=fsdp", "codistill.groups=3",
-                                 "codistill.exchange_batch=train", "codistill.alpha=1",
+                                 "codistill.exchange_batch=train", "codistill.alpha=1", "codistill.loss=reverse_kl",
                                  "codistill.peer_weights=[[1, 3.0], [2, 0.0]]", f"train.steps={TRAIN_STEPS}",
                                  PROBE_FORWARD="1"),
                 **{name: pool.submit(accum_run, tmp / name, *spec) for name, spec in ACCUM.items()}}
