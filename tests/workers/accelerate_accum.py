@@ -90,7 +90,7 @@ def main() -> None:
                 accelerator.save_state(codistill.checkpoint_dir(str(out / "ckpt")))
                 torch.save(codistill.state_dict(), out / "ckpt" / f"codistill_rank{accelerator.process_index}.pt")
     codistill.close()
-    parts, gathered, full = deepspeed_view(model)
+    _parts, gathered, full = deepspeed_view(model)
     with gathered():
         checksum = float(sum(p.detach().double().sum() for p in full()))
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps({
