@@ -2,7 +2,8 @@
 
 `straight(backend)`: 4 ranks (2 groups x 2) train 8 steps without interruption, saving at
 steps 4 and 8, with asynchronous exchanges 2 steps stale so that checkpoints hold in-flight
-peer targets. Every interrupted run is compared against it.
+peer targets; FSDP2 runs send half of the positions (token_fraction 0.5), ZeRO-3 runs sampled
+targets. Every interrupted run is compared against it.
 `launch_ranks`: start the ranks as separate processes WITHOUT a launcher, so that when one dies
 nothing kills the others: they must notice and exit by themselves."""
 
@@ -27,8 +28,14 @@ COMMON = [f"train.steps={STEPS}", "train.save_interval=4", "train.eval_interval=
 WORKER = str(WORKERS / "ckpt_run.py")
 
 
+BY_BACKEND = {"fsdp": ["codistill.token_fraction=0.5"], "deepspeed": ["codistill.targets=samples"]}
+"""What each backend's runs exchange besides the default, so that every resume test also resumes
+what the checkpoint must carry for it (issue 24, item 7): under token_fraction the positions of
+the targets in flight; under sampled targets, draws that a resumed run must repeat exactly."""
+
+
 def overrides(run_dir: Path, backend: str, *extra: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"backend.name={backend}", *COMMON, *extra]
+    return [f"run_dir={run_dir}", f"backend.name={backend}", *COMMON, *BY_BACKEND[backend], *extra]
 
 
 def results(out: Path, nproc: int = 4) -> list[dict]:

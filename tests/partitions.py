@@ -15,7 +15,7 @@ def assert_sharded_within_groups(res: list[dict], S: int) -> None:
             elif "mesh" not in p:  # ZeRO-3 flattens and pads each parameter to S equal partitions
                 assert p["local"] == -(-p["full"] // S), p
             else:  # FSDP2 shards dim 0 into ceil(rows/S)-row chunks on the shard mesh
-                assert p["mesh"] == ["shard"]
+                assert p["mesh"] == ["dp_shard"]
                 chunk = -(-p["rows"] // S)
                 rows = max(0, min(chunk, p["rows"] - r["group_rank"] * chunk))
                 assert p["local"] == rows * p["full"] // p["rows"], p

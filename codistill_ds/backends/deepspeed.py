@@ -137,6 +137,11 @@ class DeepSpeedTeacher:
     def __init__(self, recipe: ModelRecipe, ds_config: dict, topology: Topology, bf16: bool) -> None:
         import deepspeed
 
+        # No parameter may persist whole on a rank (DeepSpeed's default keeps those under
+        # stage3_param_persistence_threshold gathered after first use): its forward would keep
+        # the first values while `load_shards` writes only the partitions.
+        ds_config = copy.deepcopy(ds_config)
+        ds_config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
         model = build_replica(recipe, ds_config, topology.dp_group, bf16)
         for p in model.parameters():
             p.requires_grad_(False)

@@ -77,7 +77,11 @@ def test_smoke_bytes_equal_plan(tmp_path: Path) -> None:
     assert b["plan_1b"]["params"] == 10**9 and b["goal_bytes_per_token"] == pytest.approx(4.42)
     assert b["plan_1b"]["per_token"]["codistill"] == 128.0 and not b["plan_1b_goal_met"]
     assert b["plan_1b_compact"]["per_token"]["codistill"] == 4.0 and b["plan_1b_compact_goal_met"]
-    assert b["weights_mode"]["validates"] in (True, False)
+    # Weight exchange validates for the benchmark's ZeRO-3 setting (the check `in (True, False)`
+    # could not fail, issue 24). The smoke setting does not run the weights arm; its measured
+    # bytes against `plan`'s formula are asserted in tests/dist/test_weights_mode.py.
+    assert b["weights_mode"]["validates"] is True and not b["weights_mode"]["skipped"], b["weights_mode"]
+    assert b["weights"] is None
     md = (tmp_path / "results.md").read_text()
     assert "| leaders-top8 |" in md and "1B parameters" in md
 

@@ -1,10 +1,13 @@
 """Real runs whose exchange numbers are rebuilt another way (issue 24).
 
 One module-scoped set of launches of the CLI's training (`run`), two at a time:
-  T    3 groups x 1 rank, FSDP2, `exchange_batch: train`, alpha 1, peer weights
+  T    3 groups x 1 rank, FSDP2, `exchange_batch: train`, alpha 1, reverse KL, peer weights
        {1: 3, 2: 0} (the same list in every group: group 0 ignores peer 2, group 1 ignores
        peer 2, group 2 weighs peer 1 three times peer 0), under tests/workers/probe_run.py,
        which rebuilds each step's distillation term, agreement and teacher inputs by hand
+  A1, A2, A4   `codistill-ds train`, 2 groups x 1 rank, ZeRO-3, alpha 1 from step 0: one
+       micro-batch of 4 sequences, 2 of 2 (train.grad_accum 2), 4 of 1 (grad_accum 4)
+  F1, F4       the same on FSDP2 (its accumulation is the backend's own) with JSD: 1 x 4, 4 x 1
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import REPO, WORKERS, read_jsonl, torchrun
+from launch import REPO, WORKERS, cli, read_jsonl, torchrun
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -36,6 +39,24 @@ def probe_run(out: Path, nproc: int, *overrides: str, **env: str) -> dict:
 
 TRAIN_STEPS = 6
 WEIGHTS = {1: 3.0, 2: 0.0}
+ACCUM_STEPS = 8
+ACCUM = {"A1": ("deepspeed", 4, 1, "kl"), "A2": ("deepspeed", 2, 2, "kl"), "A4": ("deepspeed", 1, 4, "kl"),
+         "F1": ("fsdp", 4, 1, "jsd"), "F4": ("fsdp", 1, 4, "jsd")}
+"""name: (backend, micro-batch, accumulation, loss): every run trains on 4 sequences per step;
+the FSDP2 pair distills with JSD, so that loss's gradient runs end to end against a reference."""
+
+
+def accum_run(out: Path, backend: str, micro: int, accum: int, loss: str) -> dict:
+    """The CLI with the distillation term on from step 0 (a fixed exchange batch of 4 and the
+    same 4 validation windows, so only the split of the training batch differs between runs)."""
+    sets = [f"backend.name={backend}", f"data.micro_batch_size={micro}", f"train.grad_accum={accum}",
+            f"data.val_batches={4 // micro}",  # validation reads val_batches x micro windows: the same 4
+            "data.exchange_batch_size=4", "codistill.alpha=1", f"codistill.loss={loss}", f"train.steps={ACCUM_STEPS}",
+            f"train.eval_interval={ACCUM_STEPS}"]
+    proc = cli(2, "train", "--config", CONFIG, "--run-dir", str(out), *[a for s in sets for a in ("--set", s)],
+               timeout=420)
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stderr[-6000:]}"
+    return {(r["group"], r["step"]): r for r in read_jsonl(out / "metrics.jsonl")}
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +64,10 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("numbers")
     with ThreadPoolExecutor(2) as pool:
         jobs = {"T": pool.submit(probe_run, tmp / "T", 3, "backend.name=fsdp", "codistill.groups=3",
-                                 "codistill.exchange_batch=train", "codistill.alpha=1",
+                                 "codistill.exchange_batch=train", "codistill.alpha=1", "codistill.loss=reverse_kl",
                                  "codistill.peer_weights=[[1, 3.0], [2, 0.0]]", f"train.steps={TRAIN_STEPS}",
-                                 PROBE_FORWARD="1")}
+                                 PROBE_FORWARD="1"),
+                **{name: pool.submit(accum_run, tmp / name, *spec) for name, spec in ACCUM.items()}}
         return {name: job.result() for name, job in jobs.items()}
 
 
@@ -87,3 +109,26 @@ def test_train_batches_and_peer_weights_against_a_hand_run_reference(runs):
     last = t["probes"][2]["terms"][-1]
     print(f"\nT: group 2 step {TRAIN_STEPS} D = {last['got']:.6f} = (D_0 {last['each'][0][2]:.6f} + 3 x D_1 "
           f"{last['each'][1][2]:.6f}) / 4")
+
+
+@pytest.mark.parametrize("run, ref", [("A2", "A1"), ("A4", "A1"), ("F4", "F1")])
+def test_accumulation_trains_what_one_large_micro_batch_trains(runs, run, ref):
+    """Issue 24, item 1: gradient accumulation with the distillation term. The loop adds the
+    term once per optimizer step, on the first micro-batch, times the accumulation count
+    (the backends average micro-steps): with it right, 2 x 2 and 4 x 1 give the gradients of
+    one micro-batch of 4, so every step's loss, distillation loss and the final validation loss
+    match the single micro-batch run (fp32; seen: loss <= 8.4e-7, distillation loss <= 6.2e-8). The factor off by the accumulation
+    count would change the distillation gradient's share and the weights from step 2 on (the
+term without the factor: losses off by 4.7e-4 at step 3)."""
+    a, b = runs[run], runs[ref]
+    assert a.keys() == b.keys() and len(a) == 2 * ACCUM_STEPS
+    worst = 0.0
+    for key in sorted(b):
+        assert a[key]["distill_loss"] is not None and a[key]["distill_loss"] > 0, key
+        for field, tol in (("loss", 1e-5), ("distill_loss", 1e-6), ("val_loss", 1e-5)):
+            if b[key].get(field) is None:
+                continue
+            diff = abs(a[key][field] - b[key][field])
+            worst = max(worst, diff)
+            assert diff <= tol, (run, key, field, a[key][field], b[key][field])
+    print(f"\n{run} vs {ref}: max |difference| over {ACCUM_STEPS} steps x 2 groups: {worst:.2e}")

@@ -3,7 +3,10 @@
 Two jobs over `transport: torchft`, sharing only the exchange contract (byte tokenizer, corpus,
 shared-stream seed, exchange batch of 4 sequences, top-k and wire format):
   group 0: a 4-layer Llama, DeepSpeed ZeRO-3 over 2 ranks;
-  group 1: a 2-layer GPT-2 shape, FSDP2 on 1 rank, distilling at half weight from group 0.
+  group 1: a 2-layer GPT-2 shape, FSDP2 on 1 rank, with its own `peer_weights` (group 0 at 0.5).
+With one peer a weighted mean equals the plain one, so this run only shows that a group job may
+carry weights of its own; the weighting itself (two peers, unequal weights, a 0) is checked
+against a hand-computed mean in test_exchange_numbers.py and tests/unit/test_engine.py.
 Phase 1 trains 20 steps (checkpoints at 10 and 20); phase 2 resumes both to 30 steps while a
 third job, with another vocabulary (a BPE tokenizer built here), asks to join as group 1 and is
 refused naming `data.tokenizer`. Then both groups are exported and loaded with `from_pretrained`.

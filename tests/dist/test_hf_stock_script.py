@@ -5,8 +5,10 @@ files and a small saved model, applies the README's ```diff (5 lines) and runs i
 `tests/workers/hf_probe.py`, which records weights, partitions and logs from a TrainerCallback
 without touching the script. Four launches in two phases, side by side:
   A  deepspeed --num_gpus 4, ZeRO-3, `from_config` of a llama with --config_overrides,
-     2 groups x 2 ranks, 8 steps, alpha 1 after a 2-step burn-in, checkpoints at steps 4 and 8
-  C  the same under ZeRO-2; group 1's exchange predictions at step index 3 are NaN
+     2 groups x 2 ranks, 8 steps, alpha 1 after a 2-step burn-in, checkpoints at steps 4 and 8,
+     exchanges consumed one step late (staleness 1, asynchronous)
+  C  the same under ZeRO-2; rank 3's exchange predictions at step index 3 are NaN (group 1's
+     other rank sends finite ones)
 then
   B  as A, but `from_pretrained` of a small saved model, resumed from A's checkpoint-4
   D  2 groups x 1 rank, each rank its own process (no launcher that would kill the survivors),
@@ -44,6 +46,9 @@ from launch import REPO, WORKERS, child_env, free_port, read_jsonl
 STEPS, SAVE_STEPS, BURN_IN, SEED, S = 8, 4, 2, 11, 2
 NAN_LOGITS_STEP, NAN_LOSS_STEP = 3, 2
 PROBE = str(WORKERS / "hf_probe.py")
+IN_FLIGHT = ["--codistill_staleness", "1"]
+"""A and B: each exchange is consumed one step later (asynchronous), so checkpoint-4 holds the
+peers' targets posted at step index 3 for step index 4: the resume carries an exchange in flight."""
 FROM_CONFIG = ["--model_type", "llama", "--config_overrides", CONFIG_OVERRIDES]
 FSDP_ON_CPU = ("Accelerate 1.15 enables FSDP only for accelerator process types (AcceleratorState.__init__ "
                "checks MULTI_GPU, MULTI_XPU, ...; never MULTI_CPU), so the Trainer cannot run FSDP2 on CPU")
@@ -127,12 +132,12 @@ def files(tmp_path_factory) -> dict:
 def runs(files) -> dict:
     tmp = files["tmp"]
     with ThreadPoolExecutor(2) as pool:
-        a = pool.submit(deepspeed_launch, files, Run(tmp / "A", 4), "zero3.json", *FROM_CONFIG,
+        a = pool.submit(deepspeed_launch, files, Run(tmp / "A", 4), "zero3.json", *FROM_CONFIG, *IN_FLIGHT,
                         "--save_strategy", "steps", "--save_steps", str(SAVE_STEPS))
         c = pool.submit(deepspeed_launch, files, Run(tmp / "C", 4), "zero2.json", *FROM_CONFIG,
-                        fault=f"nanlogits:1:{NAN_LOGITS_STEP}")
+                        fault=f"nanrank:3:{NAN_LOGITS_STEP}")
         out = {"A": a.result(), "C": c.result()}
-        b = pool.submit(deepspeed_launch, files, Run(tmp / "B", 4), "zero3.json", "--model_name_or_path",
+        b = pool.submit(deepspeed_launch, files, Run(tmp / "B", 4), "zero3.json", *IN_FLIGHT, "--model_name_or_path",
                         str(files["pretrained"]), "--resume_from_checkpoint", str(out["A"].out / f"checkpoint-{SAVE_STEPS}"))
         d = pool.submit(diverging_launch, files, Run(tmp / "D", 2))
         out["B"], (out["D"], out["D_exits"]) = b.result(), d.result()
@@ -229,7 +234,9 @@ def test_distillation_after_burn_in(runs):
 def test_checkpoints_per_group_and_exact_resume(runs):
     """Each group checkpoints into its own folder (DeepSpeed's `latest` tag included); B, one
     --resume_from_checkpoint path for every rank, resumes each group from its own checkpoint-4 and
-    ends with A's weights and A's losses, bit for bit."""
+    ends with A's weights and A's losses, bit for bit. The checkpoint holds an exchange in flight
+    (staleness 1: the targets posted at step index 3 for step index 4, issue 24 item 7), which
+    the resumed run distills on at its first step exactly as A did."""
     a, b = runs["A"], runs["B"]
     for g in range(2):
         for step in (SAVE_STEPS, STEPS):
@@ -238,6 +245,8 @@ def test_checkpoints_per_group_and_exact_resume(runs):
             assert (ckpt / "trainer_state.json").exists() and (ckpt / "model.safetensors").exists()
             assert sorted(p.name for p in ckpt.glob("codistill_rank*.pt")) == [f"codistill_rank{2 * g}.pt",
                                                                               f"codistill_rank{2 * g + 1}.pt"]
+            state = torch.load(ckpt / f"codistill_rank{2 * g}.pt", weights_only=True)
+            assert sorted(state["pending"]) == [step], (g, step, sorted(state["pending"]))  # one in flight
         assert max_diff(a.final(g), b.final(g)) == 0.0, g
         ref, resumed = a.train_logs(2 * g), b.train_logs(2 * g)
         for step in range(SAVE_STEPS + 1, STEPS + 1):
@@ -248,7 +257,10 @@ def test_checkpoints_per_group_and_exact_resume(runs):
 
 @pytest.mark.timeout(1200)
 def test_nan_peer_predictions_are_skipped_and_counted(runs):
-    """C: group 1's predictions at step index 3 are NaN; group 0 drops them for that step only."""
+    """C: rank 3's predictions at step index 3 are NaN (group 1's rank 2 sent finite ones); under
+    the leaders route they reach group 0's rank 1 only, yet both ranks of group 0 drop group 1
+    for that step only (the finiteness is agreed over the group, issue 24): rank 0, whose log
+    this is, received finite predictions."""
     logs = runs["C"].train_logs(0)
     assert [logs[s]["skipped_peers"] for s in range(1, STEPS + 1)] == [0, 0, 0, 1, 1, 1, 1, 1]
     assert logs[NAN_LOGITS_STEP + 1]["peers"] == 0 and logs[NAN_LOGITS_STEP + 2]["peers"] == 1

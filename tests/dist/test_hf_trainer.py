@@ -178,3 +178,54 @@ def test_one_trainer_job_per_group_over_torchft(runs):
         assert all(logs[s]["peers"] == 1 for s in range(2, STEPS + 1)), [logs[s].get("peers") for s in logs]
         assert logs[STEPS]["distill_loss"] > 0 and logs[STEPS]["cross_group_bytes"] > 0
     assert train_logs(runs["F0"][0])[STEPS]["cross_group_bytes"] == train_logs(runs["F1"][0])[STEPS]["cross_group_bytes"]
+
+
+# ---- gradient accumulation (issue 24, item 1) ----------------------------------------------------
+
+ACCUM = {"G1": (4, 1), "G2": (2, 2), "G4": (1, 4)}
+"""name: (per-device batch, gradient_accumulation_steps): 4 rows per optimizer step in each."""
+ACCUM_ARGS = ["--deepspeed", "ds_configs/zero3.json", "--max_steps", "6", "--codistill_groups", "2",
+              "--codistill_burn_in", "0", "--codistill_interval", "1", "--codistill_topk", "8",
+              "--codistill_exchange_batch_size", "4", "--max_bytes", "100000", "--eval_steps", "6"]
+
+
+def accum_example(out: Path, batch: int, accum: int) -> list[dict]:
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "examples/hf_trainer_clm.py", *ACCUM_ARGS, "--per_device_train_batch_size", str(batch),
+           "--gradient_accumulation_steps", str(accum), "--output_dir", str(out / "out"),
+           "--results_json", str(out / "res")]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=420, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return [json.loads((out / "res" / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hf_accum")
+    with ThreadPoolExecutor(2) as pool:
+        jobs = {name: pool.submit(accum_example, tmp / name, *spec) for name, spec in ACCUM.items()}
+        return {name: job.result() for name, job in jobs.items()}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("run", ["G2", "G4"])
+def test_trainer_accumulation_trains_what_one_large_micro_batch_trains(accumulated, run):
+    """The Trainer adds the distillation term once per optimizer step (first micro-batch),
+    undoing its 1/accumulation where it divides (`CodistillTrainerMixin.compute_loss`). Two
+    groups x 1 rank, ZeRO-3, alpha 1 from the first step, a fixed exchange batch of 4: 2 x 2 and
+    4 x 1 give each group the losses, distillation losses, eval loss and final weights of one
+    micro-batch of 4."""
+    worst = 0.0
+    for g in (0, 1):
+        ref, got = accumulated["G1"][g], accumulated[run][g]
+        ref_logs, got_logs = train_logs(ref), train_logs(got)
+        assert sorted(got_logs) == sorted(ref_logs) == list(range(1, 7))
+        for step, log in ref_logs.items():
+            assert log["alpha"] == 1.0 and log["distill_loss"] > 0
+            for key in ("loss", "distill_loss"):
+                diff = abs(got_logs[step][key] - log[key])
+                worst = max(worst, diff)
+                assert diff <= (1e-5 if key == "loss" else 1e-6), (run, g, step, key, got_logs[step][key], log[key])
+        assert abs(eval_logs(got)[6] - eval_logs(ref)[6]) <= 1e-5, (run, g)
+        assert abs(got["checksum"] - ref["checksum"]) <= 1e-4 * max(1.0, abs(ref["checksum"])), (run, g)
+    print(f"\n{run} vs G1: max |difference| of loss and distill_loss over 6 steps x 2 groups: {worst:.2e}")

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.timeout(900)
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 CKPT_RUN = str(WORKERS / "ckpt_run.py")
+PROBE_RUN = str(WORKERS / "probe_run.py")
 
 
 def lighthouse(**kw):
@@ -41,15 +42,21 @@ def lighthouse(**kw):
     return start_lighthouse(port=0, bind="127.0.0.1", **kw)
 
 
-def start_job(nproc: int, out: Path, overrides: list[str], log: Path, cli: bool = False, **env: str) -> subprocess.Popen:
+def start_job(nproc: int, out: Path, overrides: list[str], log: Path, cli: bool = False, probe: bool = False,
+              **env: str) -> subprocess.Popen:
     """One group's job under torchrun: tests/workers/ckpt_run.py (records what it sent, received
-    and restored), or the real `codistill-ds train` (`cli`: its exit code and error line)."""
+    and restored), or the real `codistill-ds train` (`cli`: its exit code and error line).
+    `probe`: tests/workers/probe_run.py instead (ckpt_run plus each due batch and distillation
+    term rebuilt another way, the students checked by a forward of each batch alone)."""
     out.mkdir(parents=True, exist_ok=True)
+    if probe:
+        env = {"PROBE_DIR": str(out), "PROBE_FORWARD": "1", **env}
     if cli:  # a one-rank job needs no launcher; its exit code is the CLI's own
         cmd = [sys.executable, "-m", "codistill_ds.cli", "train", "--config", CONFIG, "--set", *overrides]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), CKPT_RUN, str(out), CONFIG, *overrides]
+               "127.0.0.1", "--master_port", str(free_port()), PROBE_RUN if probe else CKPT_RUN, str(out),
+               CONFIG, *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=child_env(**env), stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -169,7 +176,7 @@ def faults(tmp_path_factory):
     try:
         for g in range(3):
             jobs[f"g{g}"] = start_job(1, tmp / f"g{g}", fault_overrides(tmp, g, url), tmp / f"g{g}.log",
-                                      PACE_FILE=str(pace))
+                                      probe=True, PACE_FILE=str(pace))
         wait_for("all groups exchanging", lambda: all(peers_after(runs[g], 0, 2) for g in range(3)), 240, jobs)
         wait_for("a checkpoint of group 1", lambda: list((runs[1] / "checkpoints").glob("step_*/COMPLETE")), 60, jobs)
         # SIGKILL every process of group 1's job; keep a copy of the checkpoint it will resume from.
@@ -193,7 +200,7 @@ def faults(tmp_path_factory):
                         tmp / "dup.log", cli=True)
         restarted = time.monotonic()
         jobs["g1"] = start_job(1, tmp / "g1", fault_overrides(tmp, 1, url, "train.resume=auto"), tmp / "g1b.log",
-                               PACE_FILE=str(pace))
+                               probe=True, PACE_FILE=str(pace))
         facts["bad_rc"], facts["dup_rc"] = finish(bad, 180), finish(dup, 180)
         facts["bad_log"], facts["dup_log"] = (tmp / "bad.log").read_text(), (tmp / "dup.log").read_text()
         wait_for("group 1 back", lambda: all(peers_after(runs[g], resume_mark[g], 2) for g in (0, 2)), 180, jobs)
@@ -254,6 +261,48 @@ def test_stopped_group_blocks_nobody_and_rejoins(faults):
     assert stop["during"][2] <= stop["before"][2] + 1, stop
     recs = records(faults["runs"][2])
     assert [r["step"] for r in recs] == list(range(1, len(recs) + 1))
+
+
+def test_a_group_held_back_is_distilled_on_its_own_batches(faults):
+    """Issue 24, item 3: groups out of lockstep. Group 2, stopped for STOP_S, comes back steps
+    behind and stays behind: every round then brings its predictions on an older exchange batch.
+    The others distill on two target batches at once, theirs and group 2's, rebuilt locally:
+      - those steps occur (several), with group 2's batch the older one for group 0 (group 1,
+        restarted from its checkpoint earlier, is behind too);
+      - a batch rebuilt for exchange e holds the tokens every group holds for e, including
+        group 2 itself (one digest per exchange index across all three groups);
+      - each student's rows, cut out of the one batched forward at their offsets, equal a
+        forward of that batch alone, and each logged term equals the mean of each peer's
+        divergence computed alone (every step of every group)."""
+    probes = {g: json.loads((faults["tmp"] / f"g{g}" / "probe_rank0.json").read_text()) for g in range(3)}
+    tokens: dict[int, set] = {}
+    for probe in probes.values():
+        for d in probe["due"]:
+            tokens.setdefault(d["exchange"], set()).add(d["inputs"])
+    assert all(len(v) == 1 for v in tokens.values()), {e: v for e, v in tokens.items() if len(v) > 1}
+    for g in (0, 1):
+        probe = probes[g]
+        by_step: dict[int, list] = {}
+        for d in probe["due"]:
+            by_step.setdefault(d["step"], []).append(d)
+        behind = {s: ds for s, ds in by_step.items() if len({d["exchange"] for d in ds}) > 1}
+        assert len(behind) >= 5, (g, len(behind))
+        for s, ds in behind.items():
+            exchanges = [d["exchange"] for d in ds]
+            assert len(set(exchanges)) == len(ds), ds  # one target batch per exchange index
+            if s in exchanges:
+                assert exchanges[0] == s, ds  # mine first
+            if g == 0:  # never held back itself: every peer batch it sees is its own or older
+                assert all(e <= s for e in exchanges), ds
+        if g == 0:  # group 2, held back, sent predictions on older batches than group 0's
+            assert sum(any(2 in d["peer_groups"] and d["exchange"] < s for d in ds) for s, ds in behind.items()) >= 5
+        terms = {t["step"]: t for t in probe["terms"]}
+        assert sum(terms[s]["batches"] > 1 for s in behind if s in terms) >= 5
+        for term in probe["terms"]:
+            assert term["got"] == pytest.approx(term["ref"], rel=1e-5, abs=1e-7), (g, term)
+            assert term["forward_gap"] <= 1e-5, (g, term)
+        print(f"\ngroup {g}: {len(behind)} steps distilled on two exchange batches at once; "
+              f"largest student gap {max(t['forward_gap'] for t in probe['terms']):.1e}")
 
 
 def test_restarted_group_resumes_from_its_own_checkpoint(faults, tmp_path):

@@ -55,7 +55,9 @@ def test_partitions_are_half_of_every_parameter(runs):
     """Every parameter (not only the first) is split over the rank's own group of 2."""
     for r in runs["M"]:
         assert [local for local, _ in r["zero3_parts"]] == r["half_numel"]
-        assert r["zero3_groups"] == [[0, 1]] if r["group"] == 0 else [[2, 3]]
+        # Parenthesized (issue 24): `X == A if c else B` parses as `(X == A) if c else B`, which
+        # asserted nothing for group 1.
+        assert r["zero3_groups"] == ([[0, 1]] if r["group"] == 0 else [[2, 3]]), r["zero3_groups"]
         # FSDP2 rows: 257 vocabulary rows split 129 + 128 (the gathered branch), 32 rows 16 + 16.
         assert r["fsdp_embed_rows"] == (129 if r["rank"] % 2 == 0 else 128)
         assert r["fsdp_q_local_rows"] == 16

@@ -1,11 +1,15 @@
 """Weight-exchange codistillation: each teacher is bit-for-bit the peer's shard at the last
-exchange, and only parameter shards of that size crossed groups."""
+exchange, computes what the peer computed with those weights, and the groups distill toward
+their teachers; only parameter shards of that size crossed groups."""
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from launch import REPO, run_worker
+import pytest
+import torch
+
+from launch import REPO, read_jsonl, run_worker
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -13,11 +17,22 @@ CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 STEPS, INTERVAL = 7, 3  # exchanges before steps 0, 3, 6; step 6 still updates afterwards
 
 
+def plain_zero3(tmp_path) -> str:
+    """A user's ZeRO-3 JSON: ds_configs/zero3.json without its `stage3_param_persistence_threshold`
+    of 0, so DeepSpeed's default keeps small parameters (here: all) whole on every rank."""
+    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    del ds["zero_optimization"]["stage3_param_persistence_threshold"]
+    path = tmp_path / "zero3_default.json"
+    path.write_text(json.dumps(ds))
+    return str(path)
+
+
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
 def test_teacher_equals_peer_weights_from_last_exchange(tmp_path, backend):
+    ds = [f"backend.ds_config={plain_zero3(tmp_path)}"] if backend == "deepspeed" else []
     res = run_worker("weights_check", 4, tmp_path, CONFIG, f"run_dir={tmp_path / 'run'}",
                      "codistill.mode=weights", "codistill.alpha=1", f"codistill.interval={INTERVAL}",
-                     f"train.steps={STEPS}", f"backend.name={backend}")
+                     f"train.steps={STEPS}", f"backend.name={backend}", *ds)
     at = {(r["group"], r["group_rank"]): r for r in res}
     for (g, lr), r in at.items():
         for peer, teacher_digest in r["teachers"].items():
@@ -27,3 +42,37 @@ def test_teacher_equals_peer_weights_from_last_exchange(tmp_path, backend):
         exchanges = -(-STEPS // INTERVAL)
         assert r["bytes"] == exchanges * r["shard_numel"] * 4 * (2 - 1)  # fp32 shards, K-1 peers
     assert at[(0, 0)]["sent"] != at[(1, 0)]["sent"]
+    # Issue 24 (row test_weights_mode): the digests above are of the stored shards; what the
+    # teacher computes must be the sender's own eval-mode logits on the same batch, with the
+    # weights it sent (computed by the sender just before sending), not the sender's current
+    # weights, and not whatever the teacher held before the exchange.
+    logits = {(r["group"], r["group_rank"]): torch.load(tmp_path / f"logits_rank{r['rank']}.pt") for r in res}
+    for (g, lr), mine in logits.items():
+        (peer,) = [h for h in (0, 1) if h != g]
+        sender = logits[(peer, lr)]["sent"]
+        gap = (mine["teachers"][peer] - sender).abs().max().item()
+        assert gap <= 1e-5, (backend, g, lr, gap)
+        assert (mine["teachers"][peer] - logits[(g, lr)]["sent"]).abs().max().item() > 1e-3  # not my own
+    # What crossed groups, summed over every rank, against `plan`'s weight-exchange formula
+    # K (K-1) P x 4 bytes per exchange, P counted from an unsharded build here (issue 24, row
+    # test_comm_bench: the benchmark's smoke setting does not run its weights arm). FSDP2's
+    # row shards add up to P exactly; ZeRO-3 pads each parameter to a multiple of S = 2.
+    from codistill_ds.backends.model import build_model
+    from codistill_ds.config import load_config
+    from codistill_ds.plan.bytes import make_plan
+
+    model = build_model(load_config(CONFIG).model, 256, 0.0, 0)
+    params, tensors = sum(p.numel() for p in model.parameters()), len(list(model.parameters()))
+    plan = make_plan(params=params, vocab=256, seq_len=32, batch=4, topk=8, interval=INTERVAL, groups=2, world=4,
+                     weight_dtype="fp32")
+    total, want = sum(r["bytes"] for r in res), exchanges * plan.weight_bytes_per_exchange
+    if backend == "fsdp":
+        assert total == want, (total, want)
+    else:
+        assert 0 <= total - want <= exchanges * 2 * 1 * tensors * (2 - 1) * 4, (total, want)
+    # ... and the groups distilled toward their teachers at every step (alpha 1).
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert sorted((r["group"], r["step"]) for r in records) == [(g, s) for g in (0, 1) for s in range(1, STEPS + 1)]
+    for rec in records:
+        assert rec["alpha"] == 1.0 and rec["peers"] == 1 and rec["distill_loss"] > 0, rec
+        assert rec["agreement"] is not None

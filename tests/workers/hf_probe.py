@@ -10,6 +10,8 @@ test stays exactly as written. It records, into $PROBE_OUT:
                     size, group, output_dir, should_save, train rows
 $PROBE_FAULT (comma-separated, like tests/workers/ckpt_run.py):
   nanlogits:G:S  group G's exchange predictions at step index S are NaN
+  nanrank:R:S    rank R's exchange predictions at step index S are NaN (the rest of its group's
+                 are finite)
   nanloss:G:S    group G's training loss at step index S is NaN (its weights then diverge)
 """
 
@@ -105,7 +107,8 @@ def install_faults(plan: list[tuple[str, int, int]]) -> None:
 
     def faulty_predict(self, inputs):
         logits = predict(self, inputs)
-        return logits * float("nan") if nan_if("nanlogits", self.trainer) else logits
+        mine = ("nanrank", RANK, self.trainer.state.global_step) in plan
+        return logits * float("nan") if nan_if("nanlogits", self.trainer) or mine else logits
 
     def faulty_loss(self, model, inputs, *args, **kwargs):
         out = compute_loss(self, model, inputs, *args, **kwargs)

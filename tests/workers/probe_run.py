@@ -17,6 +17,9 @@ probes inside the exchange, each recomputing what the run did another way. Args:
   sent   per posting step (exchange_batch "train"): whether my teacher predicted on exactly my
          peers' first micro-batches of the step, in group order, rebuilt from a corpus and
          streams built here
+
+PROBE_FAULT (env) nanrank:R:S: rank R alone (not its whole group, unlike ckpt_run's nanlogits)
+sends NaN predictions at step index S, so the rest of its group sends finite ones.
 """
 
 from __future__ import annotations
@@ -129,6 +132,25 @@ def install() -> None:
         return agree(self, agreement)
 
     Distiller.begin, Distiller.loss, Distiller.agree = probe_begin, probe_loss, probe_agree
+
+    faults = [item.split(":") for item in filter(None, os.environ.get("PROBE_FAULT", "").split(","))]
+    nan_at = {int(s) for kind, r, s in faults if kind == "nanrank" and int(r) == int(os.environ.get("RANK", "0"))}
+    if nan_at:
+        build = ckpt_run.train.build_job
+
+        def build_job(cfg, hooks=()):
+            built = build(cfg, hooks)
+            backend = built.backend
+            forward = backend.forward
+
+            def fwd(ids):
+                logits = forward(ids)
+                return logits * float("nan") if not backend.module.training and ckpt_run.STEP[0] in nan_at else logits
+
+            backend.forward = fwd
+            return built
+
+        ckpt_run.train.build_job = build_job
 
     run = ckpt_run.train.run
 

@@ -1,5 +1,11 @@
-"""Rank program: weight-exchange teachers hold exactly what the peer sent at the last exchange.
-Args: OUT CONFIG [overrides...]."""
+"""Rank program: weight-exchange teachers hold exactly what the peer sent at the last exchange,
+and compute what the peer computed with it. Args: OUT CONFIG [overrides...].
+
+Writes OUT/rank{r}.json (digests of the shards sent at the last exchange, of the current
+shards and of each teacher's shards; bytes) and OUT/logits_rank{r}.pt: `sent`, my eval-mode
+logits on a fixed batch (my data rank's first validation batch) computed with the weights I
+sent at the last exchange, just before sending them; `teachers`, each teacher's forward on the
+same batch at the end of the run."""
 
 from __future__ import annotations
 
@@ -7,6 +13,9 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from codistill_ds.backends.base import evaluating
 from codistill_ds.config import load_config
 from codistill_ds.distributed.env import exit_process, shutdown
 from codistill_ds.exchange.weights import digest
@@ -16,15 +25,29 @@ from codistill_ds.run.job import build_job
 def main() -> None:
     out, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
     job = build_job(cfg)
+    w = job.loop.teachers
+    batch = job.loop.val_batches[0]  # rank p of every group holds the same one
+    sent: dict = {}
+    exchange = w.exchange
+
+    def exchange_and_record() -> float:
+        with evaluating(job.backend):
+            sent["logits"] = job.backend.forward(batch[:, :-1]).float().clone()
+        return exchange()
+
+    w.exchange = exchange_and_record
     job.loop.run()
-    w = job.loop.weights
+    with torch.no_grad():
+        teachers = {g: p.float() for g, p in zip(w.peer_groups, w.predictions(batch[:, :-1]))}
+    t = job.topology
+    torch.save({"sent": sent["logits"], "teachers": teachers}, out / f"logits_rank{t.rank}.pt")
     result = {
-        "rank": job.topology.rank, "group": job.topology.group_id, "group_rank": job.topology.position,
+        "rank": t.rank, "group": t.group_id, "group_rank": t.position,
         "sent": w.last_sent_digest, "current": digest(job.backend.shards()),
-        "teachers": {str(g): digest(t.shards()) for g, t in w.teachers.items()},
+        "teachers": {str(g): digest(teacher.shards()) for g, teacher in w.teachers.items()},
         "bytes": w.bytes_sent, "shard_numel": sum(s.numel() for s in job.backend.shards()),
     }
-    (out / f"rank{job.topology.rank}.json").write_text(json.dumps(result))
+    (out / f"rank{t.rank}.json").write_text(json.dumps(result))
     shutdown()  # the same end as `codistill-ds train`
     exit_process(0)
 
