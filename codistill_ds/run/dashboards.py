@@ -24,9 +24,22 @@ NOT_SCALARS = ("step", "group")
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
-    """The record's numeric fields (not bools, not None, not the step/group keys)."""
-    return {k: float(v) for k, v in record.items()
-            if k not in NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The record's numeric fields (not bools, not None, not the step/group keys); a field that
+    holds counts by name (`skipped_reasons`) becomes one scalar per name, `field/name`, so a
+    dashboard charts each reason on its own."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if k in NOT_SCALARS:
+            continue
+        if isinstance(v, dict):
+            out.update((f"{k}/{name}", float(x)) for name, x in v.items() if _number(x))
+        elif _number(v):
+            out[k] = float(v)
+    return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class TensorBoardSink:

@@ -79,7 +79,10 @@ def test_dashboards_per_group(straight):
         assert sorted(history) == list(range(1, STEPS + 1))
         for step, row in history.items():
             rec = records[g, step]
-            assert row == {k: v for k, v in rec.items() if k not in ("step", "group") and v is not None}
+            flat = {k: v for k, v in rec.items() if k not in ("step", "group") and v is not None
+                    and not isinstance(v, dict)}  # counts by name: one scalar each, field/name
+            flat.update((f"{k}/{name}", x) for k, v in rec.items() if isinstance(v, dict) for name, x in v.items())
+            assert row == flat
 
 
 @pytest.mark.timeout(600)

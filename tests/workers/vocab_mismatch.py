@@ -9,7 +9,8 @@ import sys
 
 from codistill_ds.config import load_config
 from codistill_ds.data.tokenizers import ByteTokenizer
-from codistill_ds.run import job as train
+from codistill_ds.commands.train import main_guarded
+from codistill_ds.run import job
 
 
 class WiderTokenizer(ByteTokenizer):
@@ -17,10 +18,10 @@ class WiderTokenizer(ByteTokenizer):
 
 
 def main() -> None:
-    original = train.load_tokenizer
+    original = job.load_tokenizer
     late = int(os.environ["RANK"]) >= int(os.environ["WORLD_SIZE"]) // 2
-    train.load_tokenizer = lambda spec: WiderTokenizer() if late else original(spec)
-    sys.exit(train.main_guarded(load_config(sys.argv[1], sys.argv[2:])))
+    job.load_tokenizer = lambda spec: WiderTokenizer() if late else original(spec)
+    sys.exit(main_guarded(load_config(sys.argv[1], sys.argv[2:])))
 
 
 if __name__ == "__main__":
