@@ -30,7 +30,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from codistill_ds.launching import command_line
+from codistill_ds.distributed.launching import command_line
 
 from . import report
 from .ladder import Ladder, probe

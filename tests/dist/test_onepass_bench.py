@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from codistill_ds.launching import REPO
+from codistill_ds.distributed.launching import REPO
 
 from benchmarks.onepass import lib
 from benchmarks.onepass.estimate import (
