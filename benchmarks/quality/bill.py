@@ -56,7 +56,8 @@ def counted(sets: list[str], diloco: int = 0, ranks: int = 2) -> dict:
     groups = 1 if method == "sync" else o["codistill.groups"]
     batch = b * ranks if method == "sync" else b  # sync: the global batch over its ranks
     ex = o.get("data.exchange_batch_size") or b
-    flops = update_flops(shape, method, groups, batch, o["codistill.interval"], ex, o["codistill.alpha"])
+    flops = update_flops(shape, method, groups, batch, o["codistill.interval"], ex, o["codistill.alpha"],
+                         o.get("codistill.token_fraction", 1.0))
     return {"method": method, "params": shape.params, "forward_flops_per_token": shape.forward_flops_per_token(),
             "tokens_per_update": groups * batch * L, "flops_per_update": flops}
 
@@ -82,6 +83,7 @@ SETTINGS: dict[str, tuple[str, tuple[tuple[str, object], ...]]] = {
     "train-i1": ("codistill", ()),
     "train-i10": ("codistill", (("codistill.interval", 10),)),
     "train-i50": ("codistill", (("codistill.interval", 50),)),
+    "train-i1-tf25": ("codistill", (("codistill.token_fraction", 0.25),)),
     "shared-i1": ("codistill", (("codistill.exchange_batch", "shared"),)),
     "shared-i1-tf25": ("codistill", (("codistill.exchange_batch", "shared"), ("codistill.token_fraction", 0.25))),
     "shared-i10": ("codistill", (("codistill.exchange_batch", "shared"), ("codistill.interval", 10))),

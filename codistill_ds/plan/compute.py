@@ -14,8 +14,9 @@ vocabulary, L sequence length, K groups, B sequences per group per optimizer ste
 
 Per optimizer step, all K groups together (what the user pays):
     sync at K B            3 F K B L
-    codistill, train batch K (3 F B L + (K - 1) F B L / I)      each group predicts on its
-                           K - 1 peers' batches every I-th step (Anil et al.'s setting)
+    codistill, train batch K (3 F B L + (K - 1) F f B L / I)    each group predicts on its
+                           K - 1 peers' batches every I-th step (Anil et al.'s setting), on the
+                           first f B sequences of each under token_fraction f
     codistill, shared      K (3 F B L + (F E L + 3 F E L a) / I)   teacher and student forwards
                            on the E-sequence exchange batch (the student only when alpha > 0)
     codistill, weights     K (3 F B L + (K - 1) F B L)      the frozen peer copies predict on
@@ -29,6 +30,7 @@ against the counts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -60,16 +62,19 @@ class DecoderShape:
 
 
 def update_flops(shape: DecoderShape, method: str, groups: int, batch: int, interval: int = 1,
-                 exchange_batch: int = 0, alpha: float = 1.0) -> float:
+                 exchange_batch: int = 0, alpha: float = 1.0, fraction: float = 1.0) -> float:
     """FLOPs of one optimizer step of every group together; `batch` is B, sequences per group
     (sync: the global batch is K B). method: sync | diloco | train | shared | weights |
-    independent (a train-batch exchange at alpha 0: the teacher forward only where it runs)."""
+    independent (a train-batch exchange at alpha 0: the teacher forward only where it runs).
+    `fraction`: token_fraction (train batch: the sequences predicted on; shared: positions only,
+    the teacher still runs on whole sequences)."""
     f, L, k = shape.forward_flops_per_token(), shape.seq_len, groups
     train = 3.0 * f * batch * L
     if method in ("sync", "diloco"):
         return k * train
     if method in ("train", "independent"):
-        return k * (train + (k - 1) * f * batch * L / interval)
+        rows = max(1, math.ceil(fraction * batch - 1e-9))
+        return k * (train + (k - 1) * f * rows * L / interval)
     if method == "shared":
         return k * (train + (f + 3.0 * f * (alpha > 0)) * exchange_batch * L / interval)
     if method == "weights":

@@ -40,6 +40,7 @@ from codistill_ds.exchange import logits as lg
 from codistill_ds.exchange.batches import (
     ExchangeBatch,
     TargetBatch,
+    own_rows,
     student_agreement,
     students_of,
 )
@@ -215,13 +216,15 @@ class CodistillLoop:
         """My slice of exchange batch e, identical across my rail.
 
         "train": my peers' current first micro-batches for my data rank, in group order (not
-        mine: nobody needs my predictions on my own batch). Training streams are pure functions
+        mine: nobody needs my predictions on my own batch); under `token_fraction` f < 1 only
+        their first ceil(f x b) sequences (`own_rows`), so the teacher forward shrinks by f. Training streams are pure functions
         of (group, step), so each group derives its peers' batches locally and still only logits
         cross groups; each prediction goes only to the group that trains on it."""
         if self.cfg.codistill.exchange_batch == "shared":
             ex = self.exchange_stream
             return ExchangeBatch(ex.batch_slice(e), rows=range(ex.rank * ex.slice, (ex.rank + 1) * ex.slice))
-        return ExchangeBatch(torch.cat([s.micro_batch(step, 0) for g, s in enumerate(self.rail_streams)
+        rows = own_rows(self.cfg.data.micro_batch_size, self.cfg.codistill.token_fraction)
+        return ExchangeBatch(torch.cat([s.micro_batch(step, 0)[:rows] for g, s in enumerate(self.rail_streams)
                                         if g != self.t.group_id]))
 
     def _teacher_targets(self, step: int) -> list[TargetBatch]:

@@ -5,6 +5,8 @@ One module-scoped set of launches of the CLI's training (`run`), two at a time:
        {1: 3, 2: 0} (the same list in every group: group 0 ignores peer 2, group 1 ignores
        peer 2, group 2 weighs peer 1 three times peer 0), under tests/workers/probe_run.py,
        which rebuilds each step's distillation term, agreement and teacher inputs by hand
+  F    2 groups x 1 rank, DeepSpeed ZeRO-1, `exchange_batch: train` with token_fraction 0.5:
+       the peers predict on the first half of my micro-batch of 4, whole sequences
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def runs(tmp_path_factory):
         jobs = {"T": pool.submit(probe_run, tmp / "T", 3, "backend.name=fsdp", "codistill.groups=3",
                                  "codistill.exchange_batch=train", "codistill.alpha=1",
                                  "codistill.peer_weights=[[1, 3.0], [2, 0.0]]", f"train.steps={TRAIN_STEPS}",
-                                 PROBE_FORWARD="1")}
+                                 PROBE_FORWARD="1"),
+                "F": pool.submit(probe_run, tmp / "F", 2, "backend.ds_config=ds_configs/zero1.json",
+                                 "codistill.exchange_batch=train", "codistill.alpha=1", "codistill.token_fraction=0.5",
+                                 "data.micro_batch_size=4", f"train.steps={TRAIN_STEPS}", PROBE_FORWARD="1")}
         return {name: job.result() for name, job in jobs.items()}
 
 
@@ -87,3 +92,21 @@ def test_train_batches_and_peer_weights_against_a_hand_run_reference(runs):
     last = t["probes"][2]["terms"][-1]
     print(f"\nT: group 2 step {TRAIN_STEPS} D = {last['got']:.6f} = (D_0 {last['each'][0][2]:.6f} + 3 x D_1 "
           f"{last['each'][1][2]:.6f}) / 4")
+
+
+def test_train_batch_token_fraction_sends_whole_leading_sequences(runs):
+    """`exchange_batch: train` with token_fraction 0.5 and a micro-batch of 4: my teacher predicts
+    on exactly the first 2 sequences of my peer's first micro-batch (the forward shrinks with the
+    fraction), the student is the first 2 rows of my own (a forward of them alone gives the same
+    logits), the term equals the hand-built one, and half the bytes of the full batch travel."""
+    from codistill_ds.exchange.wire import WireFormat
+
+    f = runs["F"]
+    for g, probe in enumerate(f["probes"]):
+        assert len(probe["sent"]) == TRAIN_STEPS and all(s["same_tokens"] for s in probe["sent"]), probe["sent"]
+        assert len(probe["terms"]) == TRAIN_STEPS
+        for term in probe["terms"]:
+            assert term["got"] == pytest.approx(term["ref"], rel=1e-6, abs=1e-7), (g, term)
+            assert term["forward_gap"] < 1e-5, (g, term)
+        per_step = 2 * 32 * WireFormat.choose(8, 256, "bf16").bytes_per_token  # 2 rows of seq_len positions
+        assert f["records"][(g, TRAIN_STEPS)]["cross_group_bytes"] == TRAIN_STEPS * per_step
