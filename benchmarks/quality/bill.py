@@ -135,8 +135,9 @@ def side_by_side(out, batch: int, steps: int, repeats: int, names: list[str], ti
     res = {"batch": batch, "steps": steps, "repeats": repeats, "settings": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bill.json").write_text(json.dumps(res, indent=1) + "\n")
-    lines = ["| setting | method | GFLOPs/update (counted) | FLOPs x sync | CPU s/update (measured) | CPU x sync | "
-             "CPU x sync per repeat | step ms (median, wall) |", "|---|---|---|---|---|---|---|---|"]
+    head = ("| setting | method | GFLOPs/update (counted) | FLOPs x sync | CPU s/update (measured) | CPU x sync | "
+            "CPU x sync per repeat | step ms (median, wall) |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         per = ", ".join(f"{v:.3f}" for v in r["cpu_vs_sync_by_repeat"] or [])
         lines.append(f"| {name} | {r['method']} | {r['flops_per_update'] / 1e9:.2f} | {r['flops_vs_sync'] or 0:.3f} | "

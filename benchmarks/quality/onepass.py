@@ -16,6 +16,7 @@ validation loss at or below sync at 2B at equal updates, and within 1% of it on 
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import defaultdict
@@ -23,7 +24,7 @@ from collections import defaultdict
 
 def interpolate(curve: list[list[float]], x: float) -> float | None:
     """y at x on a piecewise-linear curve [[x, y], ...] (None outside it)."""
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(curve):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return curve[-1][1] if curve and math.isclose(x, curve[-1][0]) else None
@@ -140,10 +141,12 @@ def goals(results: dict) -> list[str]:
     at_fl = {k: v["gap_at_sync_budget_pct"] for k, v in flops.items() if isinstance(v, dict)}
     eq = all(v <= 0 for v in seeds.values()) and c["final_gap_vs_sync_pct"] <= 0
     fl = all(v is not None and v <= 1.0 for v in at_fl.values()) and bool(at_fl)
+    by_seed = ", ".join(_pct(v) for v in seeds.values())
+    at = ", ".join(f"{k}: {_pct(v)}" for k, v in at_fl.items())
+    per = flops.get("per_update_vs_sync", 0)
     return [
-        f"codistill K=2 at or below sync at 2B at equal updates: {'met' if eq else 'missed'} (mean "
-        f"{_pct(c['final_gap_vs_sync_pct'])}; seed by seed {', '.join(_pct(v) for v in seeds.values())})",
-        f"codistill within 1% of sync at 2B on the FLOPs axis (val at sync's FLOPs): {'met' if fl else 'missed'} "
-        f"({', '.join(f'{k}: {_pct(v)}' for k, v in at_fl.items())}; per update x{flops.get('per_update_vs_sync', 0):.3f} "
-        f"sync's FLOPs)",
+        (f"codistill K=2 at or below sync at 2B at equal updates: {'met' if eq else 'missed'} (mean "
+         f"{_pct(c['final_gap_vs_sync_pct'])}; seed by seed {by_seed})"),
+        (f"codistill within 1% of sync at 2B on the FLOPs axis (val at sync's FLOPs): {'met' if fl else 'missed'} "
+         f"({at}; per update x{per:.3f} sync's FLOPs)"),
     ]

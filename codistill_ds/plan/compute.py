@@ -80,3 +80,112 @@ def update_flops(shape: DecoderShape, method: str, groups: int, batch: int, inte
     if method == "weights":
         return k * (train + (k - 1) * f * batch * L)
     raise ValueError(f"unknown method {method!r}")
+
+
+# ---- `codistill-ds plan --link-gbps ... --noise-scale ...`: predicted step times ------------------
+
+RULE = ("Measured rule (benchmarks/RESULTS.md, 'Critical batch and the one-pass regime'; a 295k-parameter "
+        "byte-level Llama, one pass over 12M tokens, per-group batch 1x-4x the critical batch): "
+        "see RESULTS for the figures; codistillation paid only where this plan's comm line dominates sync's step.")
+"""The benchmark's rule, quoted under every step-time table (kept in step with RESULTS.md)."""
+
+
+@dataclass
+class StepTimes:
+    """Predicted seconds per optimizer step of each method at one layout (see `step_times`)."""
+
+    forward_flops_per_token: float
+    """F of the decoder (`DecoderShape`)."""
+    rank_flops_per_s: float
+    """What one rank achieves: peak x MFU."""
+    link_bytes_per_s: float
+    """The slow link leaving one node (one group per node), each direction."""
+    exchange_batch: str
+    methods: dict
+    """method -> {flops_per_rank, compute_s, bytes_per_step, comm_s, step_s} for sync (one job of
+    K B sequences over all W ranks; the cheaper of ring and hierarchical all-reduce), DiLoCo (K
+    workers of S ranks at B, fp32 pseudo-gradients every H steps) and codistill (K groups at B)."""
+    group_batch_tokens: int
+    """B L: one group's (or one DiLoCo worker's) tokens per step."""
+    noise_scale_tokens: float | None = None
+    """B_noise (McCandlish et al. 2018), given or measured (`python -m benchmarks.onepass`)."""
+    past_critical: bool | None = None
+    """B L >= B_noise: the per-group batch is at or past the critical batch."""
+    sync_update_worth: float | None = None
+    """(1 + B_noise / B) / (1 + B_noise / (K B)): what one update of sync at K B is worth in
+    updates of one group at B (McCandlish's S(B) = S_min (1 + B_noise / B)): K far below the
+    critical batch, 1 far past it. Codistillation must make up this factor through its peers."""
+    rule: str = RULE
+
+
+def step_times(plan, shape: DecoderShape, link_gbps: float, device_tflops: float, mfu: float,
+               exchange_batch: str = "train", alpha: float = 1.0, token_fraction: float = 1.0,
+               noise_scale_tokens: float | None = None) -> StepTimes:
+    """Compute from FLOPs (per rank: the method's FLOPs per step / S / (peak x MFU)),
+    communication from the plan's bytes leaving one node per step / the link's bandwidth, step =
+    compute + communication (no overlap: an asynchronous exchange, Streaming DiLoCo or a
+    bucketed all-reduce can hide part of the second term)."""
+    if link_gbps <= 0 or device_tflops <= 0 or not 0 < mfu <= 1:
+        raise ValueError(f"need link_gbps > 0, device_tflops > 0 and 0 < mfu <= 1, got {link_gbps}, "
+                         f"{device_tflops}, {mfu}")
+    if exchange_batch not in ("train", "shared"):
+        raise ValueError(f"exchange_batch must be 'train' or 'shared', got {exchange_batch!r}")
+    k, s, L = plan.groups, plan.ranks_per_group, plan.seq_len
+    b = plan.train_tokens_per_group_per_step // L
+    rate, link = device_tflops * 1e12 * mfu, link_gbps * 1e9 / 8
+    if exchange_batch == "train":
+        per_group = update_flops(shape, "train", k, b, plan.interval, alpha=alpha, fraction=token_fraction) / k
+    else:
+        per_group = update_flops(shape, "shared", k, b, plan.interval, plan.batch, alpha) / k
+    sync_bytes = min(plan.boundary["ring"], plan.boundary["hierarchical"])
+    rows = {"sync": (3.0 * shape.forward_flops_per_token() * b * L, sync_bytes),
+            "diloco": (3.0 * shape.forward_flops_per_token() * b * L, plan.boundary["diloco_fp32"]),
+            "codistill": (per_group, plan.boundary["codistill"])}
+    methods = {}
+    for name, (flops, nbytes) in rows.items():
+        compute, comm = flops / s / rate, nbytes / link
+        methods[name] = {"flops_per_rank": flops / s, "compute_s": compute, "bytes_per_step": nbytes,
+                         "comm_s": comm, "step_s": compute + comm}
+    out = StepTimes(shape.forward_flops_per_token(), rate, link, exchange_batch, methods, b * L)
+    if noise_scale_tokens is not None:
+        if noise_scale_tokens <= 0:
+            raise ValueError(f"noise scale must be > 0 tokens, got {noise_scale_tokens}")
+        bn, bt = noise_scale_tokens, b * L
+        out.noise_scale_tokens = float(bn)
+        out.past_critical = bt >= bn
+        out.sync_update_worth = (1 + bn / bt) / (1 + bn / (k * bt))
+    return out
+
+
+def _rel(st: StepTimes, method: str, updates: float) -> str:
+    """The method's time to a loss over sync's, when it needs `updates` x sync's updates."""
+    return f"{updates * st.methods[method]['step_s'] / st.methods['sync']['step_s']:.3f}x"
+
+
+def format_step_times(st: StepTimes, groups: int, diloco_h: int) -> list[str]:
+    from codistill_ds.plan.units import human_bytes
+
+    head = (f"predicted step time (compute = FLOPs / (rank peak x MFU) = {st.rank_flops_per_s / 1e12:,.1f} "
+            f"TFLOP/s achieved per rank; communication = bytes leaving one node / "
+            f"{st.link_bytes_per_s * 8 / 1e9:,.2f} Gbit/s; no overlap):")
+    lines = ["", head, f"  forward FLOPs per token F = {st.forward_flops_per_token:,.4g}; training 3F, teacher forward F",
+             f"  {'method':<42} {'compute':>11} {'comm':>11} {'step':>11} {'bytes/step/node':>16}"]
+    names = {"sync": f"sync, one job at global batch {groups} x B",
+             "diloco": f"DiLoCo, {groups} workers at B, H={diloco_h}",
+             "codistill": f"codistill, {groups} groups at B ({st.exchange_batch} batch)"}
+    for key, label in names.items():
+        m = st.methods[key]
+        lines.append(f"  {label:<42} {m['compute_s'] * 1e3:>9.1f}ms {m['comm_s'] * 1e3:>9.1f}ms "
+                     f"{m['step_s'] * 1e3:>9.1f}ms {human_bytes(m['bytes_per_step']):>16}")
+    if st.noise_scale_tokens is not None:
+        ratio = st.group_batch_tokens / st.noise_scale_tokens
+        where = "at or past" if st.past_critical else "below"
+        lines.append(f"  per-group batch B = {st.group_batch_tokens:,} tokens = {ratio:.2f} x the noise scale "
+                     f"{st.noise_scale_tokens:,.0f} tokens: {where} the critical batch")
+        lines.append(f"  one update of sync at {groups} B is worth {st.sync_update_worth:.3f} updates of one group at B "
+                     f"(McCandlish: {groups:.0f} far below the critical batch, 1 far past it)")
+        lines.append(f"  time to a loss, in sync's: codistill {_rel(st, 'codistill', 1.0)} (as good as sync per update) "
+                     f"to {_rel(st, 'codistill', st.sync_update_worth)} (nothing learned from its peers); "
+                     f"DiLoCo {_rel(st, 'diloco', 1.0)} at sync's quality per update")
+    lines.append(f"  {st.rule}")
+    return lines

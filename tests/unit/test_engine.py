@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
 import pytest
 import torch
 import torch.distributed as dist
