@@ -46,12 +46,13 @@ from pathlib import Path
 
 from codistill_ds.distributed.launching import command_line
 
-from . import corpora, diloco, hetero
-from .plots import plot_regimes
+from . import bill, corpora, diloco, hetero
+from .plots import plot_onepass, plot_regimes
 from .report import summarize_arm, write_reports
 from .runner import Run, RunFailed, Starter, cli_starter, run_once
 from .settings import (
     ARMS,
+    BASE_SEED,
     MODES,
     NPROC,
     Arm,
@@ -60,6 +61,7 @@ from .settings import (
     arm_overrides,
     arm_settings,
     check_windows,
+    one_pass_steps,
     regime_arms,
     seeds_of,
     with_seeds,
@@ -114,7 +116,8 @@ def run_one(arm: Arm, seed: int, mode: Mode, regime: Regime, files: list[str], a
     """One seed of one arm, as a resumable run."""
     sets, start, models = starter_of(arm, mode, regime, seed, files, args)
     run = run_once(out / "runs" / f"{arm.name}-s{seed}", arm_settings(arm, sets), start,
-                   mode.run_timeout_s, regime.stop, models, args.rerun, reuse_root=out.parent)
+                   regime.timeout_s or mode.run_timeout_s, regime.stop, models, args.rerun,
+                   reuse_root=out.parent)
     print(f"  {regime.name}/{arm.name} seed {seed}: {run.brief()}", flush=True)
     return run
 
@@ -124,17 +127,27 @@ def run_regime(mode: Mode, regime: Regime, args: argparse.Namespace, out: Path) 
     every arm), rewriting the regime's report after each run."""
     files = corpora.train_files(regime.corpus, args.data, out.parent, regime.max_bytes)
     arms = regime_arms(regime, args.arms.split(",") if args.arms else None)
-    check_windows(mode, regime, arms, corpora.corpus_chars(files, regime.max_bytes))
+    split = None
+    if not regime.steps:  # one pass: as many updates as the training split holds for sync at 2b
+        split = corpora.split_windows(arm_overrides(ARMS["sync"], mode, replace(regime, steps=1), 0, files))
+        regime = one_pass_steps(regime, mode, split[0])
+        print(f"quality: {regime.name}: {split[0]:,} training windows, one pass = {regime.steps} updates",
+              flush=True)
+    check_windows(mode, regime, arms, corpora.corpus_chars(files, regime.max_bytes), split)
     previous = out / "results.json"
     kept = json.loads(previous.read_text())["arms"] if previous.exists() and args.arms else {}
     results = {"command": command_line("benchmarks.quality"), "mode": mode.name,
                "regime": {**asdict(regime), "stop": str(regime.stop)}, "model": asdict(mode.model),
                "extra_sets": args.set, "data": args.data}
     runs: dict[str, list[Run]] = {}
+    # One-pass regimes report each arm's compute bill (bill.py): counted from its overrides.
+    counted = {a.name: bill.counted(starter_of(a, mode, regime, BASE_SEED, files, args)[0], a.diloco, NPROC)
+               for a in arms} if regime.lr else {}
     jobs = [(i, arm, seed) for arm in arms for i, seed in enumerate(seeds_of(arm, regime))]
     for _, arm, seed in sorted(jobs, key=lambda job: job[0]):
         runs.setdefault(arm.name, []).append(run_one(arm, seed, mode, regime, files, args, out))
-        done = {a.name: summarize_arm(runs[a.name], kind_of(a), a.note) for a in arms if a.name in runs}
+        done = {a.name: summarize_arm(runs[a.name], kind_of(a), a.note, counted.get(a.name))
+                for a in arms if a.name in runs}
         text = write_reports({**results, "arms": _ordered({**kept, **done})}, out)
     print(text, flush=True)
 
@@ -147,8 +160,12 @@ def _ordered(arms: dict) -> dict:
 def plot_all(out: Path, names: list[str]) -> None:
     found = [json.loads((out / n / "results.json").read_text()) for n in names
              if (out / n / "results.json").exists()]
-    if found:
-        plot_regimes(found, out / "quality.png")
+    onepass = [r for r in found if "onepass" in r]
+    others = [r for r in found if "onepass" not in r]
+    if others:
+        plot_regimes(others, out / "quality.png")
+    if onepass:
+        plot_onepass(onepass, out / "onepass.png")
 
 
 def main(argv: list[str] | None = None) -> int:

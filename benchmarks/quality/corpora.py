@@ -48,8 +48,19 @@ def train_files(corpus: str, data: str, out: Path, max_bytes: int) -> list[str]:
     raise ValueError(f"unknown corpus kind {corpus!r}")
 
 
-def corpus_chars(files: list[str], max_bytes: int) -> int:
-    """Characters the run will tokenize (bytes = tokens for the ASCII texts used here)."""
+def corpus_chars(files: list[str], max_bytes: int | None) -> int:
+    """Characters the run will tokenize (bytes = tokens for the ASCII texts used here; None: no cap)."""
+    cap = max_bytes if max_bytes is not None else 1 << 62
     if not files:
-        return min(max_bytes, sum(len(t) + 1 for t in stdlib_sources(max_bytes)))
-    return min(max_bytes, sum(os.path.getsize(f) for f in files))
+        return min(cap, sum(len(t) + 1 for t in stdlib_sources(max_bytes)))
+    return min(cap, sum(os.path.getsize(f) for f in files))
+
+
+def split_windows(sets: list[str]) -> tuple[int, int]:
+    """(training, held-out) windows of the corpus a run's overrides describe, tokenized exactly
+    as the run will (the one-pass regimes size their updates from it)."""
+    from codistill_ds.config import load_config
+    from codistill_ds.data.corpus import build_corpus
+
+    corpus = build_corpus(load_config(None, sets).data)
+    return len(corpus.train), len(corpus.val)

@@ -10,6 +10,7 @@ paper's), moves the shared model. Both workers start from one initialization (Di
 are replicas of one model); the outer optimizer is torchft's, not written here.
 
 Records (metrics.jsonl, one writer per worker, as the CLI's groups): the worker's training loss,
+`step_ms` and `cpu_ms` of the update (the outer step included, inside the optimizer's step),
 `val_loss` of the weights the worker holds (between outer steps they are local; right after
 one, the shared model), `global_val_loss` of the last shared model where the two differ, and
 `cross_group_bytes`: what a ring all-reduce of the fp32 pseudo-gradient puts on each worker's
@@ -109,6 +110,7 @@ def train(args: argparse.Namespace) -> None:
             if synced:
                 shared.snapshot()
             record = {"step": done, "group": args.replica, "loss": loss, "outer_steps": manager.current_step(),
+                      "step_ms": trainer.last["step_ms"], "cpu_ms": trainer.last["cpu_ms"],
                       "cross_group_bytes": (done // H) * per_sync, "wall_s": time.perf_counter() - started,
                       "tokens": done * trainer.stream.sequences_per_step() * cfg.data.seq_len}
             if done % tc.eval_interval == 0 or done == tc.steps:

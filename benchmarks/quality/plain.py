@@ -65,12 +65,15 @@ class PlainTrainer:
         self.model, self.optimizer = self.backend.module, self.backend.optimizer
         self.params = count_parameters(self.model)
         self.stream = self.loop.train_stream
+        self.last: dict = {}
+        """The loop's record of the latest update (step_ms, cpu_ms, ...)."""
 
     def train_step(self, step: int) -> float:
         """One update (the loop's step: schedules, micro-batches, distillation, clip, AdamW);
         returns the mean cross-entropy of its micro-batches. `optimizer.step()` is where
         torchft's DiLoCo hooks in (its outer step runs after every H-th call)."""
-        return self.loop.train_step(step)["loss"]
+        self.last = self.loop.train_step(step)
+        return self.last["loss"]
 
     def evaluate(self) -> float:
         """Mean next-token loss on the validation windows every arm scores (as the CLI's)."""

@@ -19,6 +19,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from . import bill, onepass
 from .diloco import ring_bytes
 from .runner import Run
 
@@ -90,9 +91,10 @@ def _seed_spread(models: list[dict], key: str) -> float | None:
     return statistics.stdev(means) if len(means) > 1 else None
 
 
-def summarize_arm(runs: list[Run], kind: str, note: str = "") -> dict:
+def summarize_arm(runs: list[Run], kind: str, note: str = "", counted: dict | None = None) -> dict:
     """An arm's means over models and seeds, plus every model's own values. kind: "sync",
-    "codistill" or "diloco" (how its bytes are counted)."""
+    "codistill" or "diloco" (how its bytes are counted); `counted`: the bill of one update by
+    formula (bill.counted), which adds the measured bill and the curves against tokens and FLOPs."""
     models = [_model_entry(run, g, kind) for run in runs for g in run.groups()]
     curve = _mean_curve(models, "val_history")
     out = {
@@ -114,7 +116,18 @@ def summarize_arm(runs: list[Run], kind: str, note: str = "") -> dict:
     }
     if any("best_global_val_loss" in m for m in models):
         out["best_global_val_loss"] = _mean([m.get("best_global_val_loss") for m in models])
+    if counted is not None:
+        out["bill"] = _bill(runs, counted)
     return out
+
+
+def _bill(runs: list[Run], counted: dict) -> dict:
+    """Counted and measured compute of one update of the whole run (every model)."""
+    per_run = [bill.measured(run.records) for run in runs]
+    found = [m for m in per_run if m is not None]
+    return {**counted, "cpu_s_per_update": _mean([m["cpu_s_mean"] for m in found]),
+            "cpu_s_per_update_median": _mean([m["cpu_s_median"] for m in found]),
+            "cpu_s_per_update_by_seed": [m and m["cpu_s_mean"] for m in per_run]}
 
 
 def _gap(value: float | None, ref: float | None) -> float | None:
@@ -250,11 +263,17 @@ def write_reports(results: dict, out: Path) -> str:
     results["runs_process_s"] = sum(a["process_s"] * a["seeds"] for a in results["arms"].values())
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     r = results["regime"]
-    note = (f"Regime `{r['name']}` (mode `{results['mode']}`): corpus {r['corpus']}, {r['max_bytes']:,} "
-            f"bytes, cap {r['steps']} updates per rank, stop rule {r['stop']}; the runs took "
+    size = "the whole corpus" if r["max_bytes"] is None else f"{r['max_bytes']:,} bytes"
+    note = (f"Regime `{r['name']}` (mode `{results['mode']}`): corpus {r['corpus']}, {size}, "
+            f"cap {r['steps']} updates per rank, stop rule {r['stop']}; the runs took "
             f"{results['runs_process_s'] / 60:.1f} min (launches included).\n\n"
             f"Command: `{results['command']}`\n")
     met = "".join(f"- {line}\n" for line in goals(results["arms"]))
+    if any("bill" in a for a in results["arms"].values()):  # one-pass regimes: the compute axes
+        results["onepass"] = onepass.summarize(results)
+        (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        met += "".join(f"- {line}\n" for line in onepass.goals(results))
+        met += f"\nEqual updates, equal tokens and the compute bill (onepass.py):\n\n{onepass.table(results)}\n"
     if "hetero-pair" in results["arms"]:
         met += f"\n{hetero_table(results['arms'])}\n"
     text = f"{markdown_table(results)}\n\n{met}\n{note}" if met else f"{markdown_table(results)}\n\n{note}"

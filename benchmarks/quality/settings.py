@@ -18,6 +18,16 @@ Regimes (full mode):
                   Python standard-library corpus
     hetero        a small model (about a third of the parameters) codistilled with the
                   benchmark model, as two jobs over `transport: torchft` (hetero.py)
+
+One-pass regimes (quick mode; issue 23): `onepass-bB` trains every arm for one pass over the
+whole built-in standard-library corpus (12 MB here: no arm reads a window twice) with per-group
+batch B = 32, 64, 128 sequences (about 1x, 2x and 4x the quick model's critical batch, measured
+by `python -m benchmarks.onepass`), the learning rate tuned for each arm's batch, linear warm-up
+then constant, and the same weight decay for every arm (no token is seen twice: the
+data-limited regularization adjustment has nothing to correct). Sync at 2B (the same 2 ranks as
+one data-parallel job), codistill K=2 (each group B, disjoint halves), sync at B (`sync-half`:
+the same ranks, equal updates, half the tokens), independent, DiLoCo H = 10 and 50; the FLOPs
+and CPU time of each update are reported beside the loss (report.py, bill.py).
 """
 
 from __future__ import annotations
@@ -75,7 +85,8 @@ class Regime:
     name: str
     corpus: str
     """"text" (the --data file), "stdlib" (the built-in corpus) or "mixed" (corpora.py)."""
-    max_bytes: int
+    max_bytes: int | None
+    """None: the whole corpus (the one-pass regimes' standard-library source)."""
     steps: int
     """Updates per rank: the cap (and the length of the cosine schedule)."""
     arms: tuple[str, ...]
@@ -87,6 +98,19 @@ class Regime:
     val_windows: int = 64
     """Validation sequences scored by every arm (a multiple of 2 x micro_batch x batch_scale)."""
     val_fraction: float = 0.1
+    micro_batch: int | None = None
+    """Per-rank batch b of every arm (None: the mode's)."""
+    lr: tuple[tuple[int, float], ...] = ()
+    """(sequences per model per update, learning rate): each arm trains at the rate tuned for
+    its own batch (one-pass regimes); empty: the mode's 3e-3 cosine schedule."""
+    eval_interval: int | None = None
+    """Updates between evaluations (None: the mode's)."""
+    sets: tuple[tuple[str, object], ...] = ()
+    """Overrides of every arm of the regime, before the arm's own `sets`."""
+    seeded: tuple[str, ...] | None = None
+    """The arms that get `seeds` (None: GOAL_ARMS)."""
+    timeout_s: float | None = None
+    """A run's time limit (None: the mode's)."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +147,8 @@ class Arm:
     """> 0: torchft DiLoCo with this many inner steps between outer steps (diloco.py)."""
     batch_scale: int = 1
     """Per-rank batch x this, updates / this: the same tokens with fewer, larger updates."""
+    batch_div: int = 1
+    """Per-rank batch / this at the same updates: fewer tokens per update (sync at batch b)."""
     small: bool = False
     """Train the mode's small model instead of the benchmark model (hetero regime)."""
     sets: tuple[tuple[str, object], ...] = ()
@@ -173,6 +199,9 @@ ARMS: dict[str, Arm] = _arms(
         note="peer weights every 10 updates, frozen copy predicts every step"),
     Arm("sync-b32", codistill=False, adjusted=False, batch_scale=2, note="global batch 4b, half the updates"),
     Arm("codistill-b32", batch_scale=2, note="batch 2b per group, half the updates"),
+    # One-pass regimes (issue 23): sync at the per-group batch, the same ranks, equal updates.
+    Arm("sync-half", codistill=False, adjusted=False, batch_div=2,
+        note="global batch b (b/2 per rank), equal updates: half the tokens"),
     Arm("sync-b64", codistill=False, adjusted=False, batch_scale=4, note="global batch 8b, a quarter of the updates"),
     Arm("codistill-b64", batch_scale=4, note="batch 4b per group, a quarter of the updates"),
     # Hetero regime (hetero.py runs the pair and the offline student).
@@ -197,6 +226,29 @@ SMOKE = ("sync", "codistill", "independent", "codistill-stale-weights", "diloco-
 HETERO = ("sync", "independent", "codistill-shared", "hetero-pair", "small-independent", "small-offline")
 SIDE = ("codistill-unadjusted", "codistill-stale", "codistill-stale-weights")
 
+ONEPASS = ("sync", "codistill", "sync-half", "independent", "diloco-h10", "diloco-h50")
+ONEPASS_SEEDED = ("sync", "codistill")
+"""Two seeds for the goal's pair; one for the others."""
+ONEPASS_LR: tuple[tuple[int, float], ...] = (
+    (16, 2e-3), (32, 2.828e-3), (64, 4e-3), (128, 5.657e-3), (256, 8e-3))
+"""Learning rate per batch (sequences per model per update): the critical-batch ladder's
+(`benchmarks/onepass`, warm-up 20 then constant, AdamW betas 0.9/0.95, weight decay 0.1);
+its first guesses lr = 1e-3 x 2^(j/2), square-root scaling from 2.83e-3 at 32."""
+ONEPASS_SETS: tuple[tuple[str, object], ...] = (
+    ("optim.schedule", "constant"), ("optim.betas", [0.9, 0.95]), ("optim.weight_decay", 0.1),
+    ("optim.dropout", 0.0))
+"""The ladder's recipe for every arm (AdamW betas, weight decay and schedule)."""
+
+
+def onepass(batch: int, eval_interval: int, arms: tuple[str, ...] = ONEPASS, seeds: int = 2,
+            max_bytes: int | None = None, val_windows: int = 256, val_fraction: float = 0.02) -> Regime:
+    """One pass over the standard-library corpus at per-group batch `batch` (steps 0: as many
+    updates of sync's 2 x batch as the training split holds, computed from the corpus)."""
+    return Regime(f"onepass-b{batch}", "stdlib", max_bytes, 0, arms, seeds=seeds, val_windows=val_windows,
+                  val_fraction=val_fraction, micro_batch=batch, lr=ONEPASS_LR, eval_interval=eval_interval,
+                  sets=ONEPASS_SETS, seeded=ONEPASS_SEEDED, timeout_s=8 * 3600.0)
+
+
 BENCH = ModelSize(128, 4, 512)
 """docs/design.md's reference model: a 1.1M-parameter byte-level Llama."""
 
@@ -205,6 +257,11 @@ MODES: dict[str, Mode] = {
     "smoke": Mode("smoke", ModelSize(32, 2, 64), ModelSize(32, 1, 32), seq_len=32, micro_batch=4,
                   eval_interval=10, stale_interval=10, warmup_steps=5, run_timeout_s=300, regimes={
                       "shakespeare": Regime("shakespeare", "text", 20_000, 30, SMOKE, val_windows=16),
+                      # One pass over 12 KB of stdlib source at per-group batch 4 (the quick
+                      # regimes' code path, tiny): the goal's pair; `--arms` runs the others.
+                      "onepass-b4": replace(onepass(4, 10, ("sync", "codistill"), seeds=1, max_bytes=12_000,
+                                                    val_windows=16, val_fraction=0.05),
+                                            lr=((2, 4e-3), (4, 5.6e-3), (8, 8e-3))),
                   }),
     # A quarter-size model on 30 KB: every regime in minutes per arm.
     "quick": Mode("quick", ModelSize(64, 4, 256), ModelSize(64, 2, 128), seq_len=128, micro_batch=16,
@@ -218,6 +275,10 @@ MODES: dict[str, Mode] = {
                                        val_windows=32, val_fraction=0.15, stop=StopRule()),
                       "hetero": Regime("hetero", "text", 30_000, 300, HETERO, val_windows=32,
                                        val_fraction=0.15, stop=StopRule()),
+                      # One pass over the 12 MB corpus: 1466, 733 and 366 updates here.
+                      "onepass-b64": onepass(64, 25),
+                      "onepass-b128": onepass(128, 25),
+                      "onepass-b32": onepass(32, 50),
                   }),
     "full": Mode("full", BENCH, ModelSize(128, 2, 256), seq_len=128, micro_batch=16,
                  eval_interval=25, stale_interval=50, regimes={
@@ -248,7 +309,8 @@ def regime_arms(regime: Regime, names: list[str] | None) -> list[Arm]:
 def seeds_of(arm: Arm, regime: Regime) -> list[int]:
     """Seeds are 1000 apart: codistill group g initializes with seed + g, so neighbouring seeds
     would share a model."""
-    n = regime.seeds if arm.name in GOAL_ARMS else regime.side_seeds
+    seeded = GOAL_ARMS if regime.seeded is None else regime.seeded
+    n = regime.seeds if arm.name in seeded else regime.side_seeds
     return [BASE_SEED + 1000 * i for i in range(n)]
 
 
@@ -260,13 +322,41 @@ def arm_steps(arm: Arm, regime: Regime, steps: int | None = None) -> int:
     return (steps or regime.steps) // arm.batch_scale
 
 
+def rank_batch(arm: Arm, mode: Mode, regime: Regime) -> int:
+    """Sequences per rank per update."""
+    return (regime.micro_batch or mode.micro_batch) * arm.batch_scale // arm.batch_div
+
+
+def model_batch(arm: Arm, mode: Mode, regime: Regime) -> int:
+    """Sequences per model per update: sync's global batch, a group's or worker's batch."""
+    return rank_batch(arm, mode, regime) * (1 if arm.codistill or arm.diloco else NPROC)
+
+
+def lr_of(arm: Arm, mode: Mode, regime: Regime) -> float:
+    """The regime's rate for the arm's batch (an arm's own `optim.lr` set wins)."""
+    if not regime.lr:
+        return 3e-3
+    table, batch = dict(regime.lr), model_batch(arm, mode, regime)
+    if batch not in table:
+        raise SystemExit(f"quality: {regime.name}/{arm.name}: no learning rate for batch {batch} in {sorted(table)}")
+    return table[batch]
+
+
+def one_pass_steps(regime: Regime, mode: Mode, train_windows: int) -> Regime:
+    """`regime` with steps = the updates of sync at 2b that one pass over `train_windows` holds
+    (regimes with steps 0)."""
+    if regime.steps:
+        return regime
+    return replace(regime, steps=train_windows // (NPROC * (regime.micro_batch or mode.micro_batch)))
+
+
 def arm_overrides(arm: Arm, mode: Mode, regime: Regime, seed: int, files: list[str],
                   steps: int | None = None) -> list[str]:
     """The one place an arm (in its regime and mode) becomes `codistill-ds train --set` overrides;
     DiLoCo workers and the offline student read the same list (plain.py)."""
     codistill = arm.codistill or arm.diloco > 0  # DiLoCo workers: two groups' data shards
     ranks_per_model = 1 if codistill else NPROC
-    batch = mode.micro_batch * arm.batch_scale
+    batch = rank_batch(arm, mode, regime)
     # Each rank scores val_batches x micro_batch windows, the ranks of a model taking turns, so
     # this count makes sync (2 ranks) and codistill (1 rank per model) score the same windows.
     val_batches = regime.val_windows // (ranks_per_model * batch)
@@ -279,9 +369,10 @@ def arm_overrides(arm: Arm, mode: Mode, regime: Regime, seed: int, files: list[s
         "model.arch": "llama", "model.hidden_size": size.hidden_size,
         "model.num_layers": size.num_layers, "model.num_heads": size.num_heads,
         "model.intermediate_size": size.intermediate_size, "model.max_seq_len": mode.seq_len,
-        "optim.lr": 3e-3, "optim.min_lr": 3e-4, "optim.schedule": "cosine",
+        "optim.lr": lr_of(arm, mode, regime), "optim.min_lr": 3e-4, "optim.schedule": "cosine",
         "optim.warmup_steps": mode.warmup_steps,
-        "train.steps": arm_steps(arm, regime, steps), "train.eval_interval": mode.eval_interval,
+        "train.steps": arm_steps(arm, regime, steps),
+        "train.eval_interval": regime.eval_interval or mode.eval_interval,
         "train.log_interval": mode.log_interval,
         "backend.name": "deepspeed",
         # Weight exchange sends ZeRO-3 shards; ZeRO-1 is the cheapest engine for the rest.
@@ -298,6 +389,7 @@ def arm_overrides(arm: Arm, mode: Mode, regime: Regime, seed: int, files: list[s
         "codistill.ramp": 0, "codistill.temperature": 1.0,
         "codistill.loss": "kl", "codistill.topk": 32, "codistill.dtype": "bf16",
         **(ADJUSTED_REG if arm.adjusted else BASELINE_REG),
+        **dict(regime.sets),
         **dict(arm.sets),
     }
     if arm.weights and not arm.sparse:  # an explicit interval: burn in over the first copy
@@ -305,19 +397,23 @@ def arm_overrides(arm: Arm, mode: Mode, regime: Regime, seed: int, files: list[s
     return [f"{key}={json.dumps(value)}" for key, value in sets.items()]  # JSON is YAML
 
 
-def check_windows(mode: Mode, regime: Regime, arms: list[Arm], corpus_bytes: int) -> None:
+def check_windows(mode: Mode, regime: Regime, arms: list[Arm], corpus_bytes: int,
+                  split: tuple[int, int] | None = None) -> None:
     """Fail before training if the held-out tail cannot hold `val_windows` sequences, or (without
-    a stop rule: one pass) if an arm would read a training sequence twice."""
-    size = min(corpus_bytes, regime.max_bytes)  # byte tokens: bytes = tokens
+    a stop rule: one pass) if an arm would read a training sequence twice. `split`: the exact
+    (training, held-out) windows where known, else estimated from the size."""
+    size = corpus_bytes if regime.max_bytes is None else min(corpus_bytes, regime.max_bytes)
     held_out = (int(size * regime.val_fraction) - 1) // mode.seq_len
     train = (size - int(size * regime.val_fraction) - 1) // mode.seq_len
+    if split is not None:
+        train, held_out = split
     for arm in arms:
-        step = NPROC * mode.micro_batch * arm.batch_scale
+        step = NPROC * rank_batch(arm, mode, regime)
         if regime.val_windows % step or regime.val_windows > held_out:
             raise SystemExit(f"quality: {regime.name}/{arm.name}: val_windows={regime.val_windows} must "
                              f"be a multiple of {step} and <= the {held_out} held-out windows")
         read = arm_steps(arm, regime) * step
-        if regime.stop is None and regime.corpus == "mixed" and read > train:
+        if regime.stop is None and regime.corpus in ("mixed", "stdlib") and read > train:
             raise SystemExit(f"quality: {regime.name}/{arm.name}: {read} sequences read, but the "
                              f"training split has {train}: the arm would repeat data")
 

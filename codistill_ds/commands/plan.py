@@ -2,10 +2,13 @@
 
     codistill-ds plan --params 1B --world 16 --groups 2 [--micro-batch 4 --hidden 2048 --layers 16]
     codistill-ds plan ... --tp 8 --replicate 1 --gpus-per-node 8 --activation-checkpointing full
+    codistill-ds plan ... --link-gbps 10 [--device-tflops 989 --mfu 0.4] [--noise-scale 4.6k]
 
 Any of the group flags (--tp, --replicate, --gpus-per-node, --zero-stage,
 --activation-checkpointing, --reduce-dtype) adds the section "inside each group" (plan/group.py);
-without them the output is what it was before they existed.
+--link-gbps or --noise-scale adds the predicted step time of sync, DiLoCo and codistillation and
+where the batch stands against the critical batch (plan/compute.py); without them the output is
+what it was before they existed.
 """
 
 from __future__ import annotations
@@ -65,6 +68,20 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                        help="model.activation_checkpointing: the mode the memory total uses (default none)")
     group.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default=None,
                        help="gradient reduction dtype (FSDP2 here: fp32, the default; DeepSpeed ZeRO-3: bf16)")
+    step = parser.add_argument_group("predicted step time (any of --link-gbps, --noise-scale adds the section)")
+    step.add_argument("--link-gbps", type=float, default=None,
+                      help="bandwidth of the slow link leaving one node, Gbit/s each direction")
+    step.add_argument("--device-tflops", type=float, default=989.0,
+                      help="peak dense TFLOP/s of one rank in the compute dtype (H100 SXM bf16: 989)")
+    step.add_argument("--mfu", type=float, default=0.4, help="fraction of the peak a rank achieves")
+    step.add_argument("--noise-scale", type=parse_count, default=None,
+                      help="gradient noise scale B_noise in tokens (user-given, or measured: "
+                           "python -m benchmarks.onepass); compares the per-group batch with it")
+    step.add_argument("--exchange-batch", choices=("train", "shared"), default="train",
+                      help="what the peers predict on, for the teacher compute: 'train' (my training "
+                           "batch, Anil et al.'s and the benchmark's) or 'shared' (--batch sequences of "
+                           "the shared stream, plus a student forward and backward on them)")
+    step.add_argument("--alpha", type=float, default=defaults.alpha, help="distillation weight (0: no student work)")
     add("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -108,6 +125,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
             memory = memory_plan(args.params, args.world, args.groups, args.micro_batch, args.seq_len,
                                  args.hidden, args.layers, args.vocab, args.grad_accum)
+        steps = _step_times(args, plan)
     except ValueError as exc:
         print(f"codistill-ds plan: error: {exc}", file=sys.stderr)
         return 2
@@ -115,6 +133,8 @@ def run_plan(args: argparse.Namespace) -> int:
         extra = {"memory": asdict(memory)} if memory else {}
         if group is not None:
             extra["group"] = {k: v for k, v in asdict(group).items() if k != "memory"}
+        if steps is not None:
+            extra["step_times"] = asdict(steps)
         print(json.dumps({**asdict(plan), **extra}))
     else:
         print(format_plan(plan))
@@ -126,7 +146,23 @@ def run_plan(args: argparse.Namespace) -> int:
             from codistill_ds.plan.group import format_group
 
             print("\n".join(format_group(group, human_bytes)))
+        if steps is not None:
+            from codistill_ds.plan.compute import format_step_times
+
+            print("\n".join(format_step_times(steps, args.groups, args.diloco_h)))
     return 0
+
+
+def _step_times(args: argparse.Namespace, plan):
+    """The step-time section (plan/compute.py) when --link-gbps or --noise-scale is given."""
+    if getattr(args, "link_gbps", None) is None and getattr(args, "noise_scale", None) is None:
+        return None
+    from codistill_ds.plan.compute import DecoderShape, step_times
+
+    shape = DecoderShape(args.params, args.vocab, args.seq_len, args.hidden or None, args.layers or None,
+                         args.intermediate, args.heads, args.kv_heads)
+    return step_times(plan, shape, args.link_gbps or 100.0, args.device_tflops, args.mfu, args.exchange_batch,
+                      args.alpha, args.token_fraction, args.noise_scale)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -135,8 +135,11 @@ class CodistillConfig:
     log-probabilities: an unbiased estimate of the forward KL and its gradient, where top-k is
     biased; Anshumann et al., ACL 2025; needs loss "kl" and topk >= 1 draws)."""
     token_fraction: float = 1.0
-    """Fraction of each exchange sequence's positions whose predictions travel, in (0, 1]; the
-    positions are drawn from (seed, exchange index), the same in every group (sampling.py)."""
+    """Fraction of the exchanged predictions that travel, in (0, 1]. exchange_batch "shared": of
+    each exchange sequence's positions, drawn from (seed, exchange index), the same in every group
+    (sampling.py). exchange_batch "train": of each peer batch's sequences, whole (the first
+    ceil(f x b) of the micro-batch): a causal model's prediction at a position needs every earlier
+    token, so only whole sequences shrink the teacher's forward, by f, with the bytes."""
     exchange_backend: str = "auto"
     """Backend of the cross-group process groups (leaders, rails, the exchange's own group):
     "auto" (nccl on CUDA, gloo on CPU) | "nccl" | "gloo" (the payload travels from host memory:

@@ -225,9 +225,8 @@ def _check_exchange(cfg: Config, world_size: int, vocab_size: int | None) -> Non
     _require(cd.targets == "topk" or (cd.loss == "kl" and cd.topk >= 1), "codistill.targets",
              f"sampled targets estimate the forward KL from topk >= 1 draws (loss 'kl'); got loss "
              f"{cd.loss!r}, topk {cd.topk}")
-    _require(cd.token_fraction == 1.0 or (cd.exchange_batch == "shared" and cd.mode == "logits"),
-             "codistill.token_fraction", "a fraction of the positions travels only with mode 'logits' and "
-             f"exchange_batch 'shared' (got mode {cd.mode!r}, exchange_batch {cd.exchange_batch!r})")
+    _require(cd.token_fraction == 1.0 or cd.mode == "logits", "codistill.token_fraction",
+             f"a fraction of the predictions travels only with mode 'logits' (got mode {cd.mode!r})")
     if cfg.codistill.enabled and batch is not None:
         per_group, tp = ranks_per_group(cfg, world_size), cfg.parallel.tp
         if tp > 1 and per_group % tp == 0:  # the T ranks of a data rank predict on the same rows

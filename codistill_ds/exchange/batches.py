@@ -9,6 +9,7 @@ so the sender and a receiver that rebuilds a peer's batch select the same positi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -118,14 +119,22 @@ def student_agreement(students: list[lg.Rows], batches: list[TargetBatch], group
     return total[0] / total[1] if total[1] > 0 else None
 
 
+def own_rows(micro_batch: int, token_fraction: float) -> int:
+    """Sequences of a peer's training micro-batch that I predict on (`exchange_batch: train`):
+    the first ceil(f x b), whole, so that the teacher's forward shrinks with the fraction."""
+    return max(1, math.ceil(token_fraction * micro_batch - 1e-9))
+
+
 def students_of(rows: lg.Rows, n: int, length: int, batches: list[TargetBatch]) -> list[lg.Rows]:
     """The student's [N, V] logits (or slice) for each target batch out of one batched forward's
-    rows (`length` per sequence): rows of my own micro-batch (the first n sequences; inputs None)
-    or of the exchange tokens appended after it, in order."""
+    rows (`length` per sequence): rows of my own micro-batch (inputs None: the first sequences the
+    peers predicted on, all n unless `token_fraction` cut them, `own_rows`) or of the exchange
+    tokens appended after it, in order."""
     out, offset = [], n
     for b in batches:
         if b.inputs is None:
-            out.append(lg.take(rows, 0, n * length))
+            covered = b.peers[0].num_tokens() // length if b.peers else n
+            out.append(lg.take(rows, 0, min(covered, n) * length))
         else:
             k = b.inputs.shape[0]
             out.append(lg.take(rows, offset * length, (offset + k) * length))

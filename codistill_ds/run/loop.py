@@ -40,6 +40,7 @@ from codistill_ds.exchange import logits as lg
 from codistill_ds.exchange.batches import (
     ExchangeBatch,
     TargetBatch,
+    own_rows,
     student_agreement,
     students_of,
 )
@@ -151,7 +152,7 @@ class CodistillLoop:
 
     # ---- one optimizer step -------------------------------------------------------------
     def train_step(self, step: int) -> dict:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         self._apply_schedules(step)
         dist = self.distiller
         refresh_ms = None
@@ -192,7 +193,8 @@ class CodistillLoop:
             figures.update(peers=len(batches[0].peers) if batches else 0, exchange_ms=refresh_ms or 0.0)
         return {"step": step + 1, "loss": ce_total / A, **{k: figures[k] for k in (
                     "distill_loss", "alpha", "agreement", "peers", "exchange_ms", "exchange_compute_ms")},
-                "step_ms": (now - start) * 1e3, "wall_s": now - self._started}
+                "step_ms": (now - start) * 1e3, "cpu_ms": (time.process_time() - cpu_start) * 1e3,
+                "wall_s": now - self._started}
 
     def _apply_schedules(self, step: int) -> None:
         o = self.cfg.optim
@@ -214,13 +216,15 @@ class CodistillLoop:
         """My slice of exchange batch e, identical across my rail.
 
         "train": my peers' current first micro-batches for my data rank, in group order (not
-        mine: nobody needs my predictions on my own batch). Training streams are pure functions
+        mine: nobody needs my predictions on my own batch); under `token_fraction` f < 1 only
+        their first ceil(f x b) sequences (`own_rows`), so the teacher forward shrinks by f. Training streams are pure functions
         of (group, step), so each group derives its peers' batches locally and still only logits
         cross groups; each prediction goes only to the group that trains on it."""
         if self.cfg.codistill.exchange_batch == "shared":
             ex = self.exchange_stream
             return ExchangeBatch(ex.batch_slice(e), rows=range(ex.rank * ex.slice, (ex.rank + 1) * ex.slice))
-        return ExchangeBatch(torch.cat([s.micro_batch(step, 0) for g, s in enumerate(self.rail_streams)
+        rows = own_rows(self.cfg.data.micro_batch_size, self.cfg.codistill.token_fraction)
+        return ExchangeBatch(torch.cat([s.micro_batch(step, 0)[:rows] for g, s in enumerate(self.rail_streams)
                                         if g != self.t.group_id]))
 
     def _teacher_targets(self, step: int) -> list[TargetBatch]:
@@ -303,10 +307,14 @@ class CodistillLoop:
             self.engine.close()
 
     def _log(self, record: dict) -> None:
-        """Group means of loss/distill_loss, then one line from the leader."""
-        vals = torch.tensor([record["loss"], record["distill_loss"] or 0.0], dtype=torch.float64)
+        """Group means of loss/distill_loss, the group's CPU time of the step (the sum over its
+        ranks: what the step cost, whatever waited on whom), then one line from the leader."""
+        vals = torch.tensor([record["loss"], record["distill_loss"] or 0.0, record.get("cpu_ms", 0.0)],
+                            dtype=torch.float64)
         comm.all_reduce(vals, group=self.t.group)
         record["loss"] = (vals[0] / self.t.group_size).item()
+        if "cpu_ms" in record:
+            record["cpu_ms"] = vals[2].item()
         if record["distill_loss"] is not None:
             record["distill_loss"] = (vals[1] / self.t.group_size).item()
         record["cross_group_bytes"] = self.cross_group_bytes()

@@ -8,7 +8,9 @@ skipped_peers (cumulative count of peer predictions dropped: NaN/Inf, malformed,
 or refused by the peer guard, see exchange/guard.py) and skipped_reasons (that count by reason),
 peers (peer groups whose predictions the latest completed exchange delivered; with independent
 groups this is the live peer count), exchange_compute_ms (teacher forward + compression of this
-step's exchange), wall_s (seconds since the loop started in this process).
+step's exchange), cpu_ms (CPU time of the step's training and exchange work, every thread of
+every rank of the group summed: the compute bill of an update), wall_s (seconds since the loop
+started in this process).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ One module-scoped set of launches of the CLI's training (`run`), two at a time:
   A1, A2, A4   `codistill-ds train`, 2 groups x 1 rank, ZeRO-3, alpha 1 from step 0: one
        micro-batch of 4 sequences, 2 of 2 (train.grad_accum 2), 4 of 1 (grad_accum 4)
   F1, F4       the same on FSDP2 (its accumulation is the backend's own) with JSD: 1 x 4, 4 x 1
+  TF   2 groups x 1 rank, DeepSpeed ZeRO-1, `exchange_batch: train` with token_fraction 0.5:
+       the peers predict on the first half of my micro-batch of 4, whole sequences
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ def runs(tmp_path_factory):
                                  "codistill.exchange_batch=train", "codistill.alpha=1", "codistill.loss=reverse_kl",
                                  "codistill.peer_weights=[[1, 3.0], [2, 0.0]]", f"train.steps={TRAIN_STEPS}",
                                  PROBE_FORWARD="1"),
-                **{name: pool.submit(accum_run, tmp / name, *spec) for name, spec in ACCUM.items()}}
+                **{name: pool.submit(accum_run, tmp / name, *spec) for name, spec in ACCUM.items()},
+                "TF": pool.submit(probe_run, tmp / "TF", 2, "backend.ds_config=ds_configs/zero1.json",
+                                 "codistill.exchange_batch=train", "codistill.alpha=1", "codistill.token_fraction=0.5",
+                                 "data.micro_batch_size=4", f"train.steps={TRAIN_STEPS}", PROBE_FORWARD="1")}
         return {name: job.result() for name, job in jobs.items()}
 
 
@@ -132,3 +137,21 @@ term without the factor: losses off by 4.7e-4 at step 3)."""
             worst = max(worst, diff)
             assert diff <= tol, (run, key, field, a[key][field], b[key][field])
     print(f"\n{run} vs {ref}: max |difference| over {ACCUM_STEPS} steps x 2 groups: {worst:.2e}")
+
+
+def test_train_batch_token_fraction_sends_whole_leading_sequences(runs):
+    """`exchange_batch: train` with token_fraction 0.5 and a micro-batch of 4: my teacher predicts
+    on exactly the first 2 sequences of my peer's first micro-batch (the forward shrinks with the
+    fraction), the student is the first 2 rows of my own (a forward of them alone gives the same
+    logits), the term equals the hand-built one, and half the bytes of the full batch travel."""
+    from codistill_ds.exchange.wire import WireFormat
+
+    f = runs["TF"]
+    for g, probe in enumerate(f["probes"]):
+        assert len(probe["sent"]) == TRAIN_STEPS and all(s["same_tokens"] for s in probe["sent"]), probe["sent"]
+        assert len(probe["terms"]) == TRAIN_STEPS
+        for term in probe["terms"]:
+            assert term["got"] == pytest.approx(term["ref"], rel=1e-6, abs=1e-7), (g, term)
+            assert term["forward_gap"] < 1e-5, (g, term)
+        per_step = 2 * 32 * WireFormat.choose(8, 256, "bf16").bytes_per_token  # 2 rows of seq_len positions
+        assert f["records"][(g, TRAIN_STEPS)]["cross_group_bytes"] == TRAIN_STEPS * per_step

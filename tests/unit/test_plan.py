@@ -289,3 +289,77 @@ def test_memory_estimate_by_hand(capsys):
     assert run_plan(parse([*argv, "--json"])) == 0
     assert json.loads(capsys.readouterr().out)["memory"]["tokens_per_step"] == 4 * 2048 * 16
     assert run_plan(parse(["--micro-batch", "4"])) == 2  # hidden and layers are needed then
+
+
+def test_step_times_by_hand() -> None:
+    """`plan --link-gbps 10 --device-tflops 1000 --mfu 0.5 --noise-scale 65536`, 1B parameters
+    (no sizes: F = 2P), L 2048, B 16 per group, K 2, W 16 (S 8), top-32 bf16 uint16 (128 B per
+    position), every figure by hand."""
+    import json
+
+    from codistill_ds.cli import main
+
+    argv = ["plan", "--params", "1B", "--vocab", "32000", "--seq-len", "2048", "--batch", "16", "--groups", "2",
+            "--world", "16", "--link-gbps", "10", "--device-tflops", "1000", "--mfu", "0.5",
+            "--noise-scale", "65536", "--json"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    st = json.loads(buf.getvalue())["step_times"]
+    rate, link = 1000e12 * 0.5, 10e9 / 8
+    f, tokens, s = 2e9, 16 * 2048, 8
+    assert st["forward_flops_per_token"] == f
+    m = st["methods"]
+    assert m["sync"]["compute_s"] == pytest.approx(3 * f * tokens / s / rate)  # 49.152 ms
+    assert m["sync"]["compute_s"] == pytest.approx(0.049152)
+    # the cheaper of ring (2 x 15/16 x 2 B x 1e9) and hierarchical (2 x 1/2 x 2 B x 1e9) all-reduce
+    assert m["sync"]["bytes_per_step"] == 2e9 and m["sync"]["comm_s"] == pytest.approx(1.6)
+    assert m["diloco"]["compute_s"] == m["sync"]["compute_s"]
+    assert m["diloco"]["bytes_per_step"] == pytest.approx(4e9 / 500) and m["diloco"]["comm_s"] == pytest.approx(0.0064)
+    # codistill: training plus the teacher forward on the peer's batch, 4 F per token
+    assert m["codistill"]["compute_s"] == pytest.approx(4 * f * tokens / s / rate)  # 65.536 ms
+    assert m["codistill"]["bytes_per_step"] == 16 * 2048 * 128
+    assert m["codistill"]["comm_s"] == pytest.approx(16 * 2048 * 128 / link)  # 3.355 ms
+    for k in m.values():
+        assert k["step_s"] == pytest.approx(k["compute_s"] + k["comm_s"])
+    assert st["group_batch_tokens"] == 32768 and st["past_critical"] is False
+    assert st["sync_update_worth"] == pytest.approx((1 + 2) / (1 + 1))
+
+
+def test_step_time_section_only_when_asked() -> None:
+    import contextlib
+    import io
+
+    from codistill_ds.cli import main
+
+    outs = []
+    for extra in ([], ["--link-gbps", "10"]):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["plan", "--params", "1B", *extra]) == 0
+        outs.append(buf.getvalue())
+    assert "predicted step time" not in outs[0] and "predicted step time" in outs[1]
+    assert outs[1].startswith(outs[0])
+
+
+def test_flops_of_the_benchmark_quick_model() -> None:
+    """The quick model (h 64, 4 layers, MLP 256, V 256, L 128): matrices 4 (4 x 64^2 + 3 x 64 x 256)
+    + 64 x 256 = 278,528 weights, F = 2 x 278,528 + 2 x 4 x 128 x 64 = 622,592 FLOPs per token;
+    codistill K=2 on the train batch costs 4/3 of sync per update, 1 + 1/3 x 1/4 ... by rows."""
+    from codistill_ds.plan.compute import DecoderShape, update_flops
+
+    shape = DecoderShape(295_488, 256, 128, 64, 4, 256, 4)
+    assert shape.matmul_params() == 278_528
+    f = shape.forward_flops_per_token()
+    assert f == 622_592
+    sync = update_flops(shape, "sync", 1, 128)
+    assert sync == 3 * f * 128 * 128
+    assert update_flops(shape, "train", 2, 64) / sync == pytest.approx(8 / 6)
+    assert update_flops(shape, "train", 2, 64, interval=10) / sync == pytest.approx((6 + 0.2) / 6)
+    assert update_flops(shape, "train", 2, 64, fraction=0.25) / sync == pytest.approx((6 + 0.5) / 6)
+    assert update_flops(shape, "shared", 2, 64, exchange_batch=64) / sync == pytest.approx((6 + 8) / 6)
+    assert update_flops(shape, "shared", 2, 64, exchange_batch=64, alpha=0) / sync == pytest.approx((6 + 2) / 6)
+    assert update_flops(shape, "weights", 2, 64, interval=10) / sync == pytest.approx(8 / 6)

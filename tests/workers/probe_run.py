@@ -25,6 +25,7 @@ sends NaN predictions at step index S, so the rest of its group sends finite one
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 
@@ -83,6 +84,7 @@ def forward_gap(step: int, students: list[torch.Tensor], due: list) -> float:
     worst = 0.0
     for student, batch in zip(students, due):
         tokens = loop.train_stream.micro_batch(step, 0) if batch.inputs is None else batch.inputs
+        tokens = tokens[: student.shape[0] // (tokens.shape[1] - 1)]  # token_fraction: the first rows
         alone = loop.backend.forward(tokens[:, :-1].to(loop.device)).flatten(0, 1).float()
         worst = max(worst, (alone - student.detach().float()).abs().max().item())
     return worst
@@ -173,7 +175,8 @@ _CORPUS: list = []
 
 def sent_probe(step: int, predict):
     """exchange_batch "train": what my teacher predicts on must be each peer's first micro-batch
-    of this step, in group order: rebuilt here from a corpus and streams of this probe's own."""
+    of this step (its first ceil(f b) sequences under token_fraction f), in group order: rebuilt
+    here from a corpus and streams of this probe's own."""
     from codistill_ds.data.corpus import build_corpus
     from codistill_ds.data.streams import TrainStream
 
@@ -184,8 +187,9 @@ def sent_probe(step: int, predict):
 
     def wrapped(tokens):
         peers = [g for g in range(t.groups) if g != t.group_id]
+        rows = math.ceil(cfg.codistill.token_fraction * cfg.data.micro_batch_size - 1e-9)
         want = torch.cat([TrainStream(_CORPUS[0], cfg.seed, g, t.groups, t.data_rank, t.data_size,
-                                      cfg.data.micro_batch_size, cfg.train.grad_accum).micro_batch(step, 0)
+                                      cfg.data.micro_batch_size, cfg.train.grad_accum).micro_batch(step, 0)[:rows]
                           for g in peers])
         PROBE["sent"].append({"step": step, "same_tokens": bool(torch.equal(tokens.cpu(), want))})
         return predict(tokens)
