@@ -81,28 +81,49 @@ def group_seed(seed: int, cd: CodistillConfig, group_id: int) -> int:
 
 def build_transport(cd: CodistillConfig, topology: Topology, contract: Callable[[], dict] | None = None) -> Transport:
     """`world`: the routes over this job's process groups (`exchange_batch: train` sends each
-    prediction to its owner). `torchft`: the leader joins the Lighthouse with this group's
-    exchange contract (`contract()`, only evaluated on the leader); every rank gets the
-    transport (non-leaders gather and scatter through it)."""
+    prediction to its owner). `torchft`: this group's Lighthouse membership with its exchange
+    contract (`lighthouse_member`); every rank gets the transport (on route leaders the
+    non-leaders gather and scatter through it)."""
+    to_owners = cd.exchange_batch == "train"
     if not separate_group_jobs(cd):
         from codistill_ds.exchange.transport.world import LogitExchange
 
-        transport = LogitExchange(topology, cd.route, to_owners=cd.exchange_batch == "train")
+        transport = LogitExchange(topology, cd.route, to_owners=to_owners)
     else:
         from codistill_ds.exchange.transport.ft import TorchFTTransport
-        from codistill_ds.exchange.transport.lighthouse import LighthouseMember
 
-        member = None
-        if topology.is_leader:
-            if contract is None:
-                raise ValueError("transport torchft needs the exchange contract of this group")
-            member = LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s)
-        transport = TorchFTTransport(topology, member)
+        member = lighthouse_member(cd, topology, contract, every_rank=cd.route == "rails")
+        transport = TorchFTTransport(topology, member, cd.route, to_owners=to_owners)
     if topology.tp > 1:  # each TP rank sends a distinct 1/T of the rows: the T = 1 bytes
         from codistill_ds.exchange.transport.tp_rows import TensorParallelRows
 
         transport = TensorParallelRows(transport, topology.exchange_tp_group, topology.tp_rank, topology.tp)
     return transport
+
+
+def lighthouse_member(cd: CodistillConfig, topology: Topology, contract: Callable[[], dict] | None,
+                      every_rank: bool):
+    """`transport: torchft`: the leader's Lighthouse membership (route leaders: None on the
+    other ranks), or with `every_rank` (route rails, weight exchange) one per rank on its rail,
+    all under the job identity its leader draws (a collective over my group). `contract()` is
+    evaluated only where a member is made."""
+    from codistill_ds.distributed import comm
+    from codistill_ds.exchange.transport.lighthouse import (
+        LighthouseMember,
+        new_job_identity,
+    )
+
+    job = None
+    if every_rank:
+        leader = topology.dims.leader_of(topology.group_id)
+        job = comm.broadcast_object(new_job_identity() if topology.is_leader else None, src=leader,
+                                    group=topology.exchange_group)
+    elif not topology.is_leader:
+        return None
+    if contract is None:
+        raise ValueError("transport torchft needs the exchange contract of this group")
+    return LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s,
+                            rail=topology.position if every_rank else 0, job=job)
 
 
 def build_engine(cd: CodistillConfig, topology: Topology, transport: Transport,

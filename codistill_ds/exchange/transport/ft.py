@@ -12,13 +12,21 @@ distillation term over the peers present. A restarted group resumes from its own
 (`checkpoint.py`: nothing of a peer is ever loaded, torchft's healing is not used) and is in
 the next quorum it asks for.
 
-Per round, on every rank of my group (the leaders route, docs/design.md "Exchange"):
+Per round, on every rank of my group (docs/design.md "Exchange"), route `leaders`:
 
     gather my slice on the leader -> leader: quorum, all-gather whole-batch payloads with the
     compatible peers -> broadcast who answered -> scatter rank r its rows of every peer
 
 Payloads travel as one whole-batch `pack`ed buffer per group, so groups with different rank
-counts meet on the same bytes. Who sent what, and on which exchange batch, travels in the
+counts meet on the same bytes. Route `rails`: every rank is its own Lighthouse member on its
+rail and swaps its own slice with rank r of the peers present, no gather and no scatter, so
+the cross-group bytes leave from every rank's (every node's) link as in `transport: world`;
+since each rail forms its own view of who answered, the ranks of a group then keep only the
+peers all of them received, on the same exchange (`_agree`: one small all-reduce), so every
+rank distills on the same peers. `exchange_batch: train` (`to_owners`): my predictions cover
+each peer's own training batch, and the part for group h goes to h alone, as an all-to-all with
+split sizes (`LighthouseMember.round_to_owners`): the bytes counted are what I sent to the
+groups present, (present peers) x (their part), never a broadcast. Who sent what, and on which exchange batch, travels in the
 quorum's member data, not in the payload: the byte count is the predictions only, exactly as
 in `transport: world`. The member data also carries the *exchange contract* (vocabulary,
 corpus, shared-stream seed, batch shape, top-k, wire dtype, payload kind, temperature): a
@@ -38,22 +46,38 @@ from codistill_ds.distributed import comm
 from codistill_ds.distributed.topology import Topology
 from codistill_ds.exchange.transport.base import ExchangeResult
 from codistill_ds.exchange.transport.contract import IncompatibleGroup
-from codistill_ds.exchange.transport.lighthouse import LighthouseMember
+from codistill_ds.exchange.transport.lighthouse import LighthouseMember, PeerPayload
 from codistill_ds.exchange.wire import CompressedLogits, pack
 
 
 class TorchFTTransport:
-    """The engine's transport between group jobs: gather to my leader, a Lighthouse round there,
-    scatter back. Every rank of my group calls `exchange`/`start` for every round."""
+    """The engine's transport between group jobs: on route `leaders` gather to my leader, a
+    Lighthouse round there, scatter back; on route `rails` a round on every rank's own member.
+    Every rank of my group calls `exchange`/`start` for every round.
 
-    def __init__(self, topology: Topology, member: LighthouseMember | None) -> None:
-        self.t, self.member = topology, member
+    Args:
+        topology: my job's process groups (the exchange's own copy of my group is used).
+        member: my Lighthouse membership: the leader's on route leaders (None elsewhere), every
+            rank's own on route rails.
+        route: "leaders" | "rails".
+        to_owners: `exchange_batch: train`: `local` holds my predictions on each peer's batch,
+            one chunk per peer in group order, and each chunk goes to that peer alone.
+    """
+
+    def __init__(self, topology: Topology, member: LighthouseMember | None, route: str = "leaders",
+                 to_owners: bool = False) -> None:
+        if route not in ("leaders", "rails"):
+            raise ValueError(f"codistill.route must be 'leaders' or 'rails', got {route!r}")
+        self.t, self.member, self.route, self.to_owners = topology, member, route, to_owners
         self.bytes_sent = 0
         self._worker: ThreadPoolExecutor | None = None
         self._leader = topology.dims.leader_of(topology.group_id)
 
     def join(self, groups: int, wait_s: float) -> int:
-        """Start-up rendezvous of a fresh start (every rank calls it; the leader waits)."""
+        """Start-up rendezvous of a fresh start (every rank calls it; the leader waits, or on
+        route rails every rank, and a group counts once all its rails see it)."""
+        if self.route == "rails":
+            return join_rails(self.member, self.t, groups, wait_s)
         present = self.member.join(groups, wait_s) if self.member is not None else 0
         return comm.broadcast_object(present, src=self._leader, group=self.t.exchange_group)
 
@@ -74,6 +98,71 @@ class TorchFTTransport:
 
     def _swap(self, local: CompressedLogits, e: int) -> ExchangeResult:
         start = time.perf_counter()
+        if self.route == "rails":
+            peers, groups, exchanges, sent = self._rails(local, e)
+        elif self.to_owners:
+            peers, groups, exchanges, sent = self._leaders_to_owners(local, e)
+        else:
+            return self._leaders(local, e, start)
+        self.bytes_sent += sent
+        return ExchangeResult(peers, groups, time.perf_counter() - start, exchanges, sent)
+
+    def _chunks(self, local: CompressedLogits) -> dict[int, CompressedLogits]:
+        """`exchange_batch: train`: my predictions on peer h's batch, by h (group order)."""
+        peers = [g for g in range(self.t.groups) if g != self.t.group_id]
+        rows = local.num_tokens() // len(peers)
+        return {h: local.rows(i * rows, (i + 1) * rows) for i, h in enumerate(peers)}
+
+    def _rails(self, local: CompressedLogits, e: int):
+        """My slice (or my chunk for each owner) with rank r of the peers present, then the peers
+        every rank of my group received. Bytes: what this rank sent, kept peer or not."""
+        fmt = local.wire_format()
+        if self.to_owners:
+            chunks = self._chunks(local)
+            parts = {h: pack(c) for h, c in chunks.items()}
+            got = self.member.round_to_owners(e, parts)
+            sent, rows = sum(parts[p.group].numel() for p in got), next(iter(chunks.values())).num_tokens()
+        else:
+            payload = pack(local)
+            got = self.member.round(e, payload)
+            sent, rows = payload.numel() * len(got), local.num_tokens()
+        got = agree(got, self.t)
+        return ([fmt.unpack(p.payload, rows) for p in got], [p.group for p in got],
+                [p.exchange for p in got], sent)
+
+    def _leaders_to_owners(self, local: CompressedLogits, e: int):
+        """Gather every rank's chunks on the leader; the leader sends group h the rows of h's
+        batch (rank order) and nothing else; scatter rank r its rows from every peer."""
+        t, fmt = self.t, local.wire_format()
+        chunks = self._chunks(local)
+        order, rows = list(chunks), next(iter(chunks.values())).num_tokens()
+        n = pack(chunks[order[0]]).numel()
+        gathered = comm.gather(torch.cat([pack(chunks[h]) for h in order]), dst=self._leader, group=t.exchange_group)
+        header: dict = {"peers": [], "error": None}
+        got, sent = [], 0
+        if gathered is not None:
+            per_rank = [g.split(n) for g in gathered]
+            parts = {h: torch.cat([per_rank[r][i] for r in range(t.group_size)]) for i, h in enumerate(order)}
+            try:
+                got = self.member.round_to_owners(e, parts)
+            except IncompatibleGroup as err:
+                header["error"] = (err.field, err.reason)
+            sent = sum(parts[p.group].numel() for p in got)
+            header["peers"] = [(p.group, p.exchange) for p in got]
+        header = comm.broadcast_object(header, src=self._leader, group=t.exchange_group)
+        if header["error"] is not None:
+            raise IncompatibleGroup(*header["error"])
+        k = len(header["peers"])
+        if k == 0:
+            return [], [], [], sent
+        mine = torch.empty(k * n, dtype=torch.uint8)
+        scatter = None if gathered is None else [
+            torch.cat([p.payload[r * n:(r + 1) * n] for p in got]) for r in range(t.group_size)]
+        comm.scatter(mine, scatter, src=self._leader, group=t.exchange_group)
+        peers = [fmt.unpack(c, rows) for c in mine.split(n)]
+        return peers, [g for g, _ in header["peers"]], [x for _, x in header["peers"]], sent
+
+    def _leaders(self, local: CompressedLogits, e: int, start: float) -> ExchangeResult:
         t = self.t
         slices = comm.gather(pack(local), dst=self._leader, group=t.exchange_group)
         header: dict = {"peers": [], "error": None}
@@ -108,6 +197,29 @@ class TorchFTTransport:
         peers = [fmt.unpack(mine[i * size:(i + 1) * size], local.num_tokens()) for i in range(n)]
         return ExchangeResult(peers, [g for g, _ in header["peers"]], time.perf_counter() - start,
                               [e2 for _, e2 in header["peers"]], sent)
+
+
+def agree(got: list[PeerPayload], t: Topology) -> list[PeerPayload]:
+    """The peers that every rank of my group received in this round, on the same exchange: each
+    rail forms its own view of who answered (a peer can die between two rails' collectives), and
+    the ranks of a group must distill on the same peers (ZeRO-3's teacher forward is even a
+    collective over the group). One all-reduce (max) of [e+2 per peer group, -(e+2) per peer
+    group] over the exchange's own copy of my group: a peer is kept where max == min."""
+    k = t.groups
+    v = torch.zeros(2 * k, dtype=torch.float64)
+    for p in got:
+        v[p.group], v[k + p.group] = p.exchange + 2, -(p.exchange + 2)
+    if t.group_size > 1:
+        comm.all_reduce(v, op=comm.ReduceOp.MAX, group=t.exchange_group)
+    return [p for p in got if v[p.group] > 0 and v[p.group] == -v[k + p.group]]
+
+
+def join_rails(member: LighthouseMember, t: Topology, groups: int, wait_s: float) -> int:
+    """Every rank waits on its own rail; a group is present once every rail of mine sees it."""
+    present = torch.tensor([float(member.join(groups, wait_s))], dtype=torch.float64)
+    if t.group_size > 1:
+        comm.all_reduce(present, op=comm.ReduceOp.MIN, group=t.exchange_group)
+    return int(present.item())
 
 
 def _join_slices(slices: list[torch.Tensor], rows: int, like: CompressedLogits) -> CompressedLogits:

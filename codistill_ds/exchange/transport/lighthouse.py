@@ -1,10 +1,14 @@
-"""One group's membership of the torchft Lighthouse: heartbeats, quorums, one all-gather per round.
+"""One membership of the torchft Lighthouse: heartbeats, quorums, one collective per round.
 
-The group's leader holds a `LighthouseMember`; each exchange round asks the Lighthouse for a
-quorum of the groups alive now, configures torchft's reconfigurable gloo process group over
-them (only when membership changed) and all-gathers the whole-batch payloads. The member data
-carries the exchange contract (`contract.py`), who sent what and on which exchange batch, so
-the payload is the predictions only.
+On route `leaders` the group's leader holds the group's only `LighthouseMember`; on route
+`rails` (and for weight exchange) every rank r holds one for its rail, so that rank r of every
+group meets rank r of the others and the cross-group bytes leave from every rank's own link
+(docs/design.md, "Transports"). Each exchange round asks the Lighthouse for a quorum of the
+members alive now, keeps the ones on my rail, configures torchft's reconfigurable gloo process
+group over them (only when membership changed) and runs one collective: an all-gather of equal
+payloads, or an all-to-all whose part for group h is what h alone needs (`exchange_batch:
+train`). The member data carries the exchange contract (`contract.py`), who sent what and on
+which exchange batch, so the payload is the predictions (or weights) only.
 """
 
 from __future__ import annotations
@@ -68,6 +72,11 @@ def _interface_of(addr: str) -> str | None:
     return None
 
 
+def new_job_identity() -> tuple[str, float]:
+    """(nonce, start time) of a job: made once on its leader and shared with its other ranks."""
+    return uuid.uuid4().hex, time.time()
+
+
 @dataclass
 class PeerPayload:
     """One peer group's whole-batch predictions from a round."""
@@ -82,15 +91,18 @@ class LighthouseMember:
     process group over the compatible members, and the all-gather of their payloads."""
 
     def __init__(self, lighthouse: str, group_id: int, contract: dict, timeout_s: float,
-                 connect_timeout_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 10.0, rail: int = 0, job: tuple[str, float] | None = None) -> None:
+        """`rail`: the position this member speaks for (0 on route `leaders`). `job`: (nonce,
+        start time) of this job, shared by all its members (`new_job_identity`), so the members
+        of one job count as one job when two claim a group id."""
         from torchft._torchft import LighthouseClient
         from torchft.process_group import ProcessGroupGloo
 
-        self.url, self.group_id, self.contract = lighthouse, group_id, contract
-        self.nonce, self.started = uuid.uuid4().hex, time.time()
-        self.replica_id = f"group_{group_id}_{self.nonce[:12]}"
-        """Unique per job, so two jobs claiming one group id are both visible in a quorum (the
-        Lighthouse keys members by replica id) and the younger is refused deterministically."""
+        self.url, self.group_id, self.contract, self.rail = lighthouse, group_id, contract, rail
+        self.nonce, self.started = job or new_job_identity()
+        self.replica_id = f"group_{group_id}_{self.nonce[:12]}" + (f"_r{rail}" if rail else "")
+        """Unique per job and rail, so two jobs claiming one group id are both visible in a quorum
+        (the Lighthouse keys members by replica id) and the younger is refused deterministically."""
         self.timeout = datetime.timedelta(seconds=timeout_s)
         host, iface = _route_to(lighthouse)
         if iface is not None:
@@ -140,7 +152,7 @@ class LighthouseMember:
 
     def _quorum(self, e: int, joining: bool):
         data = {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
-                "started": self.started, "gen": self.generation, "joining": joining}
+                "started": self.started, "gen": self.generation, "joining": joining, "rail": self.rail}
         return self.client.quorum(replica_id=self.replica_id, timeout=self.timeout, address="",
                                   store_address=self.store_address, step=max(e, 0), world_size=1,
                                   shrink_only=False, data=data)
@@ -150,8 +162,9 @@ class LighthouseMember:
         holding the contract most members share (a newcomer never displaces the running groups),
         then one job per group id, the oldest (a second job claiming a running group's id is
         refused). Raises `IncompatibleGroup` when the refusal is mine; everyone else computes the
-        same list from the same member data and leaves the refused job out."""
-        parts = list(quorum.participants)
+        same list from the same member data and leaves the refused job out. Only members on my
+        rail: the others run their own collective over theirs."""
+        parts = [p for p in quorum.participants if int(p.data.get("rail", 0)) == self.rail]
         reference = reference_contract([dict(p.data) for p in parts])
         why = contract_mismatch(self.contract, reference)
         if why is not None:
@@ -187,8 +200,39 @@ class LighthouseMember:
             time.sleep(0.05)
 
     def round(self, e: int, payload: torch.Tensor) -> list[PeerPayload]:
-        """One exchange round: my whole-batch payload to the compatible groups present, theirs
-        back. A failed round (a peer died or stopped mid-way) returns [] and is not retried."""
+        """One exchange round: my payload to the compatible groups present on my rail, theirs
+        back (an all-gather: every payload the same size). A failed round (a peer died or stopped
+        mid-way) returns [] and is not retried."""
+        def allgather(members: list[Any], me: int) -> list[torch.Tensor]:
+            from torch._C._distributed_c10d import AllgatherOptions
+
+            out = [torch.empty_like(payload) for _ in members]
+            self.pg.allgather([out], [payload], AllgatherOptions()).wait()
+            return out
+
+        return self._round(e, allgather)
+
+    def round_to_owners(self, e: int, parts: dict[int, torch.Tensor]) -> list[PeerPayload]:
+        """One round where my part for group h goes to h alone (an all-to-all with split sizes:
+        nothing is sent to a group that does not need it); each peer's part for me comes back.
+        Every part has the same size, and every group of the quorum has one: the contract of
+        `exchange_batch: train` holds the group count and shape (`contract.py`)."""
+        def alltoall(members: list[Any], me: int) -> list[torch.Tensor]:
+            from torch._C._distributed_c10d import AllToAllOptions
+
+            size = next(iter(parts.values())).numel()
+            sends = [parts[int(m.data["group"])] if i != me else parts[next(iter(parts))][:0]
+                     for i, m in enumerate(members)]
+            splits = [t.numel() for t in sends]
+            out = torch.empty(size * (len(members) - 1), dtype=torch.uint8)
+            self.pg.alltoall_base(out, torch.cat(sends), [0 if i == me else size for i in range(len(members))],
+                                  splits, AllToAllOptions()).wait()
+            chunks = iter(out.split(size))
+            return [out[:0] if i == me else next(chunks) for i in range(len(members))]
+
+        return self._round(e, alltoall)
+
+    def _round(self, e: int, collective) -> list[PeerPayload]:
         if not self.reachable():
             self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
                        "peers until it answers again (warned once)")
@@ -205,12 +249,10 @@ class LighthouseMember:
             return []
         ids = [m.replica_id for m in members]
         self.generation = max(self.generation, *(int(m.data.get("gen", 0)) for m in members))
+        me = ids.index(self.replica_id)
         try:
             self._configure(members, quorum.quorum_id)
-            out = [torch.empty_like(payload) for _ in members]
-            from torch._C._distributed_c10d import AllgatherOptions
-
-            self.pg.allgather([out], [payload], AllgatherOptions()).wait()
+            out = collective(members, me)
         except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
             self.generation += 1
             self._pg_key = None
@@ -218,9 +260,9 @@ class LighthouseMember:
             self._warn(f"round{e}", f"exchange {e} with groups {[m.data['group'] for m in members]} "
                        f"failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); training on")
             return []
-        me = ids.index(self.replica_id)
-        return [PeerPayload(int(m.data["group"]), int(m.data["exchange"]), out[i])
-                for i, m in enumerate(members) if i != me]
+        got = [PeerPayload(int(m.data["group"]), int(m.data["exchange"]), out[i])
+               for i, m in enumerate(members) if i != me]
+        return sorted(got, key=lambda p: p.group)  # group order, as `transport: world` delivers
 
     def _configure(self, members: list[Any], quorum_id: int) -> None:
         """A new gloo process group only when the quorum (the Lighthouse bumps its id whenever
