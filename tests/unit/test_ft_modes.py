@@ -26,7 +26,10 @@ from codistill_ds.distributed.env import free_port
 from codistill_ds.exchange.batches import ExchangeBatch
 from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings
 from codistill_ds.exchange.transport.base import ExchangeResult
-from codistill_ds.exchange.transport.contract import IncompatibleGroup, exchange_contract
+from codistill_ds.exchange.transport.contract import (
+    IncompatibleGroup,
+    exchange_contract,
+)
 from codistill_ds.exchange.wire import compress
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,7 +52,10 @@ def lighthouse_url():
 
 
 def members(url: str, cd: CodistillConfig):
-    from codistill_ds.exchange.transport.lighthouse import LighthouseMember, new_job_identity
+    from codistill_ds.exchange.transport.lighthouse import (
+        LighthouseMember,
+        new_job_identity,
+    )
 
     jobs = {g: new_job_identity() for g in range(K)}
     return {(g, r): LighthouseMember(url, g, contract(cd), 20.0, rail=r, job=jobs[g])
@@ -88,7 +94,10 @@ def test_rounds_pair_rank_r_with_rank_r_and_parts_reach_their_owner_only(lightho
 
 
 def test_a_second_job_claiming_a_group_on_a_rail_is_refused(lighthouse_url):
-    from codistill_ds.exchange.transport.lighthouse import LighthouseMember, new_job_identity
+    from codistill_ds.exchange.transport.lighthouse import (
+        LighthouseMember,
+        new_job_identity,
+    )
 
     cd = CodistillConfig(groups=2, transport="torchft", route="rails")
     old, young = new_job_identity(), new_job_identity()

@@ -17,7 +17,7 @@ def main() -> None:
     out, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
     job = build_job(cfg)
     job.loop.run()
-    w = job.loop.weights
+    w = job.loop.teachers
     result = {
         "rank": job.topology.rank, "group": job.topology.group_id, "group_rank": job.topology.position,
         "sent": w.last_sent_digest, "current": digest(job.backend.shards()),
