@@ -9,7 +9,7 @@ bit.
   train    exchange_batch train, route leaders, K = 3 (with 2 groups an all-to-all is an
            all-gather: a prediction sent to the wrong owner would go unnoticed), FSDP2
   rails    route rails, shared exchange batches, asynchronous one step stale (the per-rank
-           memberships on the exchange thread), K = 2, FSDP2
+           memberships on the exchange thread; nothing is due at the first step), K = 2, FSDP2
   weights  mode weights over rail memberships, K = 2, ZeRO-3: every teacher holds its peer's
            shard of the last round
 Plus `stale_teachers`: three one-rank jobs, group 2 leaves after 3 steps; group 0 (keep) goes
@@ -81,7 +81,7 @@ def test_every_mode_over_torchft_equals_world(mode_run):
                 worst[name] = max(worst[name], diff)
                 assert diff <= TOL, (key, name, w[name], f[name])
         assert w["cross_group_bytes"] == f["cross_group_bytes"], key
-        assert w["peers"] == f["peers"] == k - 1, key
+        assert w["peers"] == f["peers"] == (None if key[1] == 1 and mode == "rails" else k - 1), key
     assert all(world[(g, s)]["distill_loss"] > 0 for g in range(k) for s in range(3, steps + 1))
     assert world[(0, steps)]["cross_group_bytes"] > 0
     for g in range(k):
