@@ -10,6 +10,10 @@ with different ones; alpha is 0 during burn-in, then the distillation loss is > 
 NaN; and while alpha = 0 each group's losses equal its plain reference's to 1e-5, which checks
 the group's seed, its data shard and order, and the in-group sharding at once.
 
+Beside it, in the same launch, the example as one job per group (`--transport torchft`, a real
+Lighthouse, 2 ranks per job under `accelerate launch --num_processes 2`): every group's logged
+loss, distillation loss, alpha, peers and bytes equal the one-job run's to 1e-6.
+
 ZeRO-3 only, to keep to one launch: ZeRO-2 through the same hook (`engines_in_group`) runs in
 tests/dist/test_hf_stock_script.py (the Trainer). FSDP2 through Accelerate cannot run on CPU:
 Accelerate 1.15 enables FSDP for accelerator process types only (under
@@ -50,18 +54,29 @@ def runs(tmp_path_factory):
               *COMMON, "--groups", str(K), "--batch_size", str(BATCH)]
     plain = {g: [sys.executable, WORKER, str(tmp / f"plain{g}"), *COMMON, "--plain", "--data_shard", str(g),
                  "--num_shards", str(K), "--batch_size", str(BATCH * S)] for g in range(K)}
-    with ThreadPoolExecutor(1 + K) as pool:
-        jobs = {"codistill": pool.submit(run, launch), **{g: pool.submit(run, argv) for g, argv in plain.items()}}
-        procs = {name: job.result() for name, job in jobs.items()}
+    from codistill_ds.commands.lighthouse import start_lighthouse
+
+    server, url = start_lighthouse(port=0, bind="127.0.0.1", join_timeout_ms=60000)
+    ft = {f"ft{g}": [accelerate, "launch", "--config_file", "launch/accelerate/zero3.yaml", "--num_processes", str(S),
+                     WORKER, str(tmp / f"ft{g}"), *COMMON, "--groups", str(K), "--batch_size", str(BATCH),
+                     "--transport", "torchft", "--group_id", str(g), "--lighthouse", url] for g in range(K)}
+    try:
+        with ThreadPoolExecutor(1 + 2 * K) as pool:
+            jobs = {"codistill": pool.submit(run, launch), **{g: pool.submit(run, argv) for g, argv in plain.items()},
+                    **{name: pool.submit(run, argv) for name, argv in ft.items()}}
+            procs = {name: job.result() for name, job in jobs.items()}
+    finally:
+        server.shutdown()
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     codistill = [json.loads((tmp / "codistill" / f"rank{r}.json").read_text()) for r in range(K * S)]
-    return codistill, {g: json.loads((tmp / f"plain{g}" / "rank0.json").read_text()) for g in range(K)}
+    torchft = {g: [json.loads((tmp / f"ft{g}" / f"rank{r}.json").read_text()) for r in range(S)] for g in range(K)}
+    return codistill, {g: json.loads((tmp / f"plain{g}" / "rank0.json").read_text()) for g in range(K)}, torchft
 
 
 @pytest.mark.timeout(600)
 def test_own_accelerate_loop_codistills_inside_groups(runs):
-    ranks, plain = runs
+    ranks, plain, _ = runs
     assert [r["dp_world_size"] for r in ranks] == [S] * (K * S)
     assert [(r["group"], r["group_rank"]) for r in ranks] == [(g, i) for g in range(K) for i in range(S)]
     assert_sharded_within_groups(ranks, S=S)  # every parameter 1/2, groups end with different weights
@@ -84,6 +99,30 @@ def test_own_accelerate_loop_codistills_inside_groups(runs):
         # Afterwards the distillation term moves the weights: the comparison above is not vacuous.
         assert max(abs(a - b) for a, b in zip(mine[BURN_IN + 1:], reference[BURN_IN + 1:])) > 1e-4, (mine, reference)
     assert plain[0]["checksum"] != plain[1]["checksum"]
+
+
+@pytest.mark.timeout(600)
+def test_own_loop_over_torchft_equals_one_job(runs):
+    """Each group its own 2-rank job through the Lighthouse: the same figures as the one-job run."""
+    ranks, _, torchft = runs
+    worst = 0.0
+    for g in range(K):
+        world = [r for r in ranks if r["group"] == g]
+        ft = torchft[g]
+        assert [r["group"] for r in ft] == [g] * S and [r["dp_world_size"] for r in ft] == [S] * S
+        for w_rank, f_rank in zip(world, ft):
+            assert len(f_rank["logs"]) == STEPS
+            for w, f in zip(w_rank["logs"], f_rank["logs"]):
+                assert (w["step"], w["alpha"], w.get("peers"), w["cross_group_bytes"]) == (
+                    f["step"], f["alpha"], f.get("peers"), f["cross_group_bytes"]), (g, w, f)
+                for key in ("loss", "distill_loss"):
+                    assert (key in w) == (key in f), (g, key)
+                    if key in w:
+                        worst = max(worst, abs(w[key] - f[key]))
+                        assert abs(w[key] - f[key]) <= 1e-6, (g, w["step"], key, w[key], f[key])
+        assert world[0]["checksum"] == pytest.approx(ft[0]["checksum"], abs=1e-6)
+        assert ft[0]["logs"][-1]["peers"] == K - 1 and ft[0]["logs"][-1]["distill_loss"] > 0
+    print(f"\nown loop, torchft (2 jobs x {S} ranks) vs one job: max |loss or distill_loss difference| {worst:.1e}")
 
 
 def _group_figures(records: list[dict]) -> list[tuple]:
