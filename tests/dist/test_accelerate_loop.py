@@ -41,7 +41,7 @@ COMMON = ["--steps", str(STEPS), "--burn_in", str(BURN_IN), "--interval", "2", "
 WORKER = str(WORKERS / "accelerate_loop_run.py")
 
 
-def run(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run(argv: list[str], timeout: float = 480) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout,
                           check=False)
 
@@ -74,7 +74,7 @@ def runs(tmp_path_factory):
     return codistill, {g: json.loads((tmp / f"plain{g}" / "rank0.json").read_text()) for g in range(K)}, torchft
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_own_accelerate_loop_codistills_inside_groups(runs):
     ranks, plain, _ = runs
     assert [r["dp_world_size"] for r in ranks] == [S] * (K * S)
@@ -101,7 +101,7 @@ def test_own_accelerate_loop_codistills_inside_groups(runs):
     assert plain[0]["checksum"] != plain[1]["checksum"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_own_loop_over_torchft_equals_one_job(runs):
     """Each group its own 2-rank job through the Lighthouse: the same figures as the one-job run."""
     ranks, _, torchft = runs
