@@ -92,8 +92,9 @@ def build_transport(cd: CodistillConfig, topology: Topology, contract: Callable[
     else:
         from codistill_ds.exchange.transport.ft import TorchFTTransport
 
-        member = lighthouse_member(cd, topology, contract, every_rank=cd.route == "rails")
-        transport = TorchFTTransport(topology, member, cd.route, to_owners=to_owners)
+        member = lighthouse_member(cd, topology, contract)
+        rails = ft_rails(cd, topology, member) if cd.route == "rails" else None
+        transport = TorchFTTransport(topology, member, cd.route, to_owners=to_owners, rails=rails)
     if topology.tp > 1:  # each TP rank sends a distinct 1/T of the rows: the T = 1 bytes
         from codistill_ds.exchange.transport.tp_rows import TensorParallelRows
 
@@ -101,29 +102,24 @@ def build_transport(cd: CodistillConfig, topology: Topology, contract: Callable[
     return transport
 
 
-def lighthouse_member(cd: CodistillConfig, topology: Topology, contract: Callable[[], dict] | None,
-                      every_rank: bool):
-    """`transport: torchft`: the leader's Lighthouse membership (route leaders: None on the
-    other ranks), or with `every_rank` (route rails, weight exchange) one per rank on its rail,
-    all under the job identity its leader draws (a collective over my group). `contract()` is
-    evaluated only where a member is made."""
-    from codistill_ds.distributed import comm
-    from codistill_ds.exchange.transport.lighthouse import (
-        LighthouseMember,
-        new_job_identity,
-    )
-
-    job = None
-    if every_rank:
-        leader = topology.dims.leader_of(topology.group_id)
-        job = comm.broadcast_object(new_job_identity() if topology.is_leader else None, src=leader,
-                                    group=topology.exchange_group)
-    elif not topology.is_leader:
+def lighthouse_member(cd: CodistillConfig, topology: Topology, contract: Callable[[], dict] | None):
+    """`transport: torchft`: my group's Lighthouse membership, on its leader (None on the other
+    ranks); `contract()` is evaluated there only."""
+    if not topology.is_leader:
         return None
+    from codistill_ds.exchange.transport.lighthouse import LighthouseMember
+
     if contract is None:
         raise ValueError("transport torchft needs the exchange contract of this group")
-    return LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s,
-                            rail=topology.position if every_rank else 0, job=job)
+    return LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s)
+
+
+def ft_rails(cd: CodistillConfig, topology: Topology, member):
+    """`transport: torchft`, route rails or weight exchange: rank r's process group over rail r
+    of the groups in its leader's view of each round (`transport/rails.py`)."""
+    from codistill_ds.exchange.transport.rails import FTRails
+
+    return FTRails(topology, member, lighthouse_url(cd), cd.exchange_timeout_s)
 
 
 def build_engine(cd: CodistillConfig, topology: Topology, transport: Transport,

@@ -8,11 +8,12 @@ predictions on its own training batch, so no shared exchange batch is needed and
 teachers may be thousands of steps stale. The costs are memory (one sharded copy per peer)
 and one teacher forward per peer per step; `codistill-ds plan --mode weights` reports both.
 
-With `transport: torchft` every rank is its own Lighthouse member on its rail
-(`lighthouse.LighthouseMember`, rail = my position): rank r's shard crosses only rank r's link,
-as over the world's rail groups, and a round swaps shards with the peers present. The ranks of
-my group then keep the peers all of them received (`ft.agree`), because a teacher is loaded
-shard by shard and its forward is a collective over my group. A peer that missed a round keeps
+With `transport: torchft` the shards travel over the rails between group jobs
+(`transport/rails.py`: my leader's Lighthouse view of the round, then rank r's own process group
+over rail r of the groups in it): rank r's shard crosses only rank r's link, as over the world's
+rail groups, and a round swaps shards with the peers present. The ranks of my group then keep
+the peers all of them received (`rails.agree`), because a teacher is loaded shard by shard and
+its forward is a collective over my group. A peer that missed a round keeps
 its last weights as a stale teacher (`codistill.stale_teachers: keep`, the papers' setting:
 teachers thousands of steps old still help) or is left out until it is back (`drop`); a peer
 never received is never a teacher.
@@ -51,15 +52,15 @@ class WeightExchange:
     Args:
         topology, backend: my group's process groups and sharded replica.
         interval, settings: steps between swaps; the loss settings of the targets.
-        member: `transport: torchft`: this rank's Lighthouse membership on its rail (None: the
-            world's rail group, every peer in every round).
+        rails: `transport: torchft`: my rank's side of the rails between group jobs
+            (`rails.FTRails`; None: the world's rail group, every peer in every round).
         stale: "keep" | "drop": what a peer missing from the latest round is (`stale_teachers`).
     """
 
     def __init__(self, topology: Topology, backend, interval: int, settings: ExchangeSettings,
-                 member=None, stale: str = "keep") -> None:
+                 rails=None, stale: str = "keep") -> None:
         self.t, self.backend, self.interval, self.settings = topology, backend, interval, settings
-        self.member, self.stale = member, stale
+        self.rails, self.stale = rails, stale
         self.all_peers = [g for g in range(topology.groups) if g != topology.group_id]
         self.teachers = {g: backend.make_teacher() for g in self.all_peers}
         self.loaded: set[int] = set()
@@ -82,16 +83,14 @@ class WeightExchange:
         mine = self.backend.shards()
         self.last_sent_digest = digest(mine)
         flat = flatten(mine)
-        if self.member is None:
+        if self.rails is None:
             out = comm.all_gather(flat, group=self.t.rail)
             self.bytes_sent += flat.numel() * flat.element_size() * (self.t.groups - 1)
             got = {g: out[g] for g in self.all_peers}
         else:
-            from codistill_ds.exchange.transport.ft import agree
-
-            received = self.member.round(e, flat)
-            self.bytes_sent += flat.numel() * flat.element_size() * len(received)
-            got = {p.group: p.payload for p in agree(received, self.t)}
+            received, sent = self.rails.all_gather(e, flat)
+            self.bytes_sent += sent
+            got = {p.group: p.payload for p in received}
         sizes = [s.numel() for s in mine]
         for g, buf in got.items():
             self.teachers[g].load_shards(list(buf.split(sizes)))
@@ -100,16 +99,12 @@ class WeightExchange:
         return time.perf_counter() - start
 
     def join(self, groups: int, wait_s: float) -> int:
-        """`transport: torchft`: the start-up rendezvous on my rail (`ft.join_rails`)."""
-        if self.member is None:
-            return self.t.groups
-        from codistill_ds.exchange.transport.ft import join_rails
-
-        return join_rails(self.member, self.t, groups, wait_s)
+        """`transport: torchft`: the start-up rendezvous (`rails.FTRails.join`)."""
+        return self.t.groups if self.rails is None else self.rails.join(groups, wait_s)
 
     def close(self) -> None:
-        if self.member is not None:
-            self.member.close()
+        if self.rails is not None:
+            self.rails.close()
 
     def refresh(self, step: int) -> float | None:
         """Swap weights at exchange steps; milliseconds taken, or None between exchanges."""

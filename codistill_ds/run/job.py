@@ -154,9 +154,9 @@ def build_job(cfg: Config, hooks: Sequence[LoopHooks] = ()) -> Job:
     elif cd.enabled and cd.mode == "weights" and setup.separate_group_jobs(cd):
         from codistill_ds.exchange.weights import WeightExchange
 
-        member = setup.lighthouse_member(cd, topology, contract, every_rank=True)
+        rails = setup.ft_rails(cd, topology, setup.lighthouse_member(cd, topology, contract))
         teachers = transport = WeightExchange(topology, backend, cd.interval, ExchangeSettings.from_config(cd, cfg.seed),
-                                              member, cd.stale_teachers)
+                                              rails, cd.stale_teachers)
     loop = CodistillLoop(cfg, topology, backend, corpus, writer, rankinfo.device(), transport if teachers is None else None,
                          hooks, teachers)
     return Job(cfg, topology, backend, loop, n_params, transport)

@@ -1,9 +1,10 @@
 """Every exchange mode over `transport: torchft`, the parts that need no launch.
 
-- The Lighthouse rounds themselves, with a real in-process Lighthouse and six members (3 groups
-  x 2 rails) on threads: each rail meets only its own rail, an all-gather round returns the
-  peers' payloads in group order, and an all-to-all round (`exchange_batch: train`) delivers
-  the part a sender made for group h to h alone; a duplicate job on one rail is refused.
+- The Lighthouse rounds themselves, with a real in-process Lighthouse, one member per group and
+  a process group per (group, rail) on threads: each rail meets only its own rail over the
+  groups of the leader's view, an all-gather returns the peers' payloads in group order, and an
+  all-to-all (`exchange_batch: train`) delivers the part a sender made for group h to h alone;
+  a second job claiming a group id is refused.
 - The engine under `exchange_batch: train` with a peer out of lockstep: its predictions cover my
   own batch of its exchange, which the engine rebuilds (`batch_for(-1, e)`), while the peers
   in lockstep predict on the batch I train on now (inputs None).
@@ -51,59 +52,63 @@ def lighthouse_url():
     server.shutdown()
 
 
-def members(url: str, cd: CodistillConfig):
-    from codistill_ds.exchange.transport.lighthouse import (
-        LighthouseMember,
-        new_job_identity,
-    )
-
-    jobs = {g: new_job_identity() for g in range(K)}
-    return {(g, r): LighthouseMember(url, g, contract(cd), 20.0, rail=r, job=jobs[g])
-            for g in range(K) for r in range(RAILS)}
-
-
 def on_threads(fn, items):
     with ThreadPoolExecutor(len(items)) as pool:
         return dict(zip(items, pool.map(fn, items)))
 
 
-def test_rounds_pair_rank_r_with_rank_r_and_parts_reach_their_owner_only(lighthouse_url):
-    cd = CodistillConfig(groups=K, transport="torchft", route="rails", exchange_batch="train")
-    ms = members(lighthouse_url, cd)
-    try:
-        present = on_threads(lambda key: ms[key].join(K, 30), list(ms))
-        assert set(present.values()) == {K}
+def test_rails_meet_rank_r_of_the_view_and_parts_reach_their_owner_only(lighthouse_url):
+    """One Lighthouse member per group (its leader) asks for the view of a round; each rail runs
+    its own collective over the groups of that view (`rails.FTRails` broadcasts it inside the
+    group; here the threads share it). The part (g, rail r) makes for h is [h, g, r, 7]."""
+    from codistill_ds.exchange.transport.lighthouse import LighthouseMember
+    from codistill_ds.exchange.transport.quorum_pg import (
+        QuorumGroup,
+        allgather,
+        alltoall,
+    )
 
-        # all-to-all: the part (g, r) makes for h is [h, g, r]; (h, r) must get exactly that from g.
+    cd = CodistillConfig(groups=K, transport="torchft", route="rails", exchange_batch="train")
+    ms = {g: LighthouseMember(lighthouse_url, g, contract(cd), 20.0) for g in range(K)}
+    pgs = {(g, r): QuorumGroup(20.0, f"rail{r}") for g in range(K) for r in range(RAILS)}
+    try:
+        assert set(on_threads(lambda g: ms[g].join(K, 30), list(ms)).values()) == {K}
+        views = on_threads(lambda g: ms[g].view(0), list(ms))
+        assert len({(v.quorum_id, v.replica_ids, v.groups) for v in views.values()}) == 1
+        assert sorted(views[0].groups) == list(range(K))
+
         parts = {key: {h: torch.tensor([h, key[0], key[1], 7], dtype=torch.uint8) for h in range(K) if h != key[0]}
-                 for key in ms}
-        got = on_threads(lambda key: ms[key].round_to_owners(0, parts[key]), list(ms))
+                 for key in pgs}
+        got = on_threads(lambda key: pgs[key].run(views[key[0]], key[0], alltoall(parts[key])), list(pgs))
         for (g, r), peers in got.items():
             assert [p.group for p in peers] == [h for h in range(K) if h != g]
             for p in peers:
                 assert p.exchange == 0 and p.payload.tolist() == [g, p.group, r, 7], ((g, r), p)
 
-        # all-gather: each peer's whole payload, from my rail only, in group order.
-        got = on_threads(lambda key: ms[key].round(1, torch.tensor([key[0], key[1]], dtype=torch.uint8)), list(ms))
+        got = on_threads(lambda key: pgs[key].run(views[key[0]], key[0], allgather(
+            torch.tensor([key[0], key[1]], dtype=torch.uint8))), list(pgs))
         for (g, r), peers in got.items():
+            assert [(p.group, p.payload.tolist()) for p in peers] == [(h, [h, r]) for h in range(K) if h != g]
+
+        # The leaders route: the member's own round, whole payloads in group order.
+        got = on_threads(lambda g: ms[g].round(1, torch.tensor([g, 9], dtype=torch.uint8)), list(ms))
+        for g, peers in got.items():
             assert [(p.group, p.exchange, p.payload.tolist()) for p in peers] == [
-                (h, 1, [h, r]) for h in range(K) if h != g]
+                (h, 1, [h, 9]) for h in range(K) if h != g]
     finally:
+        for pg in pgs.values():
+            pg.close()
         for m in ms.values():
             m.close()
 
 
-def test_a_second_job_claiming_a_group_on_a_rail_is_refused(lighthouse_url):
-    from codistill_ds.exchange.transport.lighthouse import (
-        LighthouseMember,
-        new_job_identity,
-    )
+def test_a_second_job_claiming_a_group_is_refused(lighthouse_url):
+    from codistill_ds.exchange.transport.lighthouse import LighthouseMember
 
     cd = CodistillConfig(groups=2, transport="torchft", route="rails")
-    old, young = new_job_identity(), new_job_identity()
-    ms = {"g0": LighthouseMember(lighthouse_url, 0, contract(cd), 20.0, rail=1, job=old),
-          "g1": LighthouseMember(lighthouse_url, 1, contract(cd), 20.0, rail=1, job=new_job_identity()),
-          "dup": LighthouseMember(lighthouse_url, 0, contract(cd), 20.0, rail=1, job=(young[0], old[1] + 1))}
+    ms = {"g0": LighthouseMember(lighthouse_url, 0, contract(cd), 20.0),
+          "g1": LighthouseMember(lighthouse_url, 1, contract(cd), 20.0)}
+    ms["dup"] = LighthouseMember(lighthouse_url, 0, contract(cd), 20.0)  # younger
 
     def join(name):
         try:

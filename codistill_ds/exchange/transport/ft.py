@@ -18,15 +18,13 @@ Per round, on every rank of my group (docs/design.md "Exchange"), route `leaders
     compatible peers -> broadcast who answered -> scatter rank r its rows of every peer
 
 Payloads travel as one whole-batch `pack`ed buffer per group, so groups with different rank
-counts meet on the same bytes. Route `rails`: every rank is its own Lighthouse member on its
-rail and swaps its own slice with rank r of the peers present, no gather and no scatter, so
-the cross-group bytes leave from every rank's (every node's) link as in `transport: world`;
-since each rail forms its own view of who answered, the ranks of a group then keep only the
-peers all of them received, on the same exchange (`_agree`: one small all-reduce), so every
-rank distills on the same peers. `exchange_batch: train` (`to_owners`): my predictions cover
-each peer's own training batch, and the part for group h goes to h alone, as an all-to-all with
-split sizes (`LighthouseMember.round_to_owners`): the bytes counted are what I sent to the
-groups present, (present peers) x (their part), never a broadcast. Who sent what, and on which exchange batch, travels in the
+counts meet on the same bytes. Route `rails`: the leader's member only asks for the round's
+view; every rank swaps its own slice with rank r of the peers in it, no gather and no scatter,
+so the cross-group bytes leave from every rank's (every node's) link as in `transport: world`
+(`rails.FTRails`). `exchange_batch: train` (`to_owners`): my predictions cover each peer's own
+training batch, and the part for group h goes to h alone, as an all-to-all with split sizes
+(`quorum_pg.alltoall`): the bytes counted are what I sent to the groups present, (present
+peers) x (their part), never a broadcast. Who sent what, and on which exchange batch, travels in the
 quorum's member data, not in the payload: the byte count is the predictions only, exactly as
 in `transport: world`. The member data also carries the *exchange contract* (vocabulary,
 corpus, shared-stream seed, batch shape, top-k, wire dtype, payload kind, temperature): a
@@ -46,7 +44,8 @@ from codistill_ds.distributed import comm
 from codistill_ds.distributed.topology import Topology
 from codistill_ds.exchange.transport.base import ExchangeResult
 from codistill_ds.exchange.transport.contract import IncompatibleGroup
-from codistill_ds.exchange.transport.lighthouse import LighthouseMember, PeerPayload
+from codistill_ds.exchange.transport.lighthouse import LighthouseMember
+from codistill_ds.exchange.transport.rails import FTRails
 from codistill_ds.exchange.wire import CompressedLogits, pack
 
 
@@ -57,27 +56,24 @@ class TorchFTTransport:
 
     Args:
         topology: my job's process groups (the exchange's own copy of my group is used).
-        member: my Lighthouse membership: the leader's on route leaders (None elsewhere), every
-            rank's own on route rails.
+        member: my group's Lighthouse membership (on the leader; None elsewhere).
         route: "leaders" | "rails".
+        rails: route rails: my rank's side of the rails (`rails.FTRails`, holding the member).
         to_owners: `exchange_batch: train`: `local` holds my predictions on each peer's batch,
             one chunk per peer in group order, and each chunk goes to that peer alone.
     """
 
     def __init__(self, topology: Topology, member: LighthouseMember | None, route: str = "leaders",
-                 to_owners: bool = False) -> None:
-        if route not in ("leaders", "rails"):
-            raise ValueError(f"codistill.route must be 'leaders' or 'rails', got {route!r}")
-        self.t, self.member, self.route, self.to_owners = topology, member, route, to_owners
+                 to_owners: bool = False, rails: FTRails | None = None) -> None:
+        if route not in ("leaders", "rails") or (route == "rails") != (rails is not None):
+            raise ValueError(f"route {route!r} with{'' if rails else 'out'} rails")
+        self.t, self.member, self.route, self.to_owners, self.rails = topology, member, route, to_owners, rails
         self.bytes_sent = 0
         self._worker: ThreadPoolExecutor | None = None
         self._leader = topology.dims.leader_of(topology.group_id)
 
     def join(self, groups: int, wait_s: float) -> int:
-        """Start-up rendezvous of a fresh start (every rank calls it; the leader waits, or on
-        route rails every rank, and a group counts once all its rails see it)."""
-        if self.route == "rails":
-            return join_rails(self.member, self.t, groups, wait_s)
+        """Start-up rendezvous of a fresh start (every rank calls it; the leader waits)."""
         present = self.member.join(groups, wait_s) if self.member is not None else 0
         return comm.broadcast_object(present, src=self._leader, group=self.t.exchange_group)
 
@@ -93,7 +89,9 @@ class TorchFTTransport:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-        if self.member is not None:
+        if self.rails is not None:
+            self.rails.close()
+        elif self.member is not None:
             self.member.close()
 
     def _swap(self, local: CompressedLogits, e: int) -> ExchangeResult:
@@ -119,14 +117,11 @@ class TorchFTTransport:
         fmt = local.wire_format()
         if self.to_owners:
             chunks = self._chunks(local)
-            parts = {h: pack(c) for h, c in chunks.items()}
-            got = self.member.round_to_owners(e, parts)
-            sent, rows = sum(parts[p.group].numel() for p in got), next(iter(chunks.values())).num_tokens()
+            got, sent = self.rails.all_to_all(e, {h: pack(c) for h, c in chunks.items()})
+            rows = next(iter(chunks.values())).num_tokens()
         else:
-            payload = pack(local)
-            got = self.member.round(e, payload)
-            sent, rows = payload.numel() * len(got), local.num_tokens()
-        got = agree(got, self.t)
+            got, sent = self.rails.all_gather(e, pack(local))
+            rows = local.num_tokens()
         return ([fmt.unpack(p.payload, rows) for p in got], [p.group for p in got],
                 [p.exchange for p in got], sent)
 
@@ -197,29 +192,6 @@ class TorchFTTransport:
         peers = [fmt.unpack(mine[i * size:(i + 1) * size], local.num_tokens()) for i in range(n)]
         return ExchangeResult(peers, [g for g, _ in header["peers"]], time.perf_counter() - start,
                               [e2 for _, e2 in header["peers"]], sent)
-
-
-def agree(got: list[PeerPayload], t: Topology) -> list[PeerPayload]:
-    """The peers that every rank of my group received in this round, on the same exchange: each
-    rail forms its own view of who answered (a peer can die between two rails' collectives), and
-    the ranks of a group must distill on the same peers (ZeRO-3's teacher forward is even a
-    collective over the group). One all-reduce (max) of [e+2 per peer group, -(e+2) per peer
-    group] over the exchange's own copy of my group: a peer is kept where max == min."""
-    k = t.groups
-    v = torch.zeros(2 * k, dtype=torch.float64)
-    for p in got:
-        v[p.group], v[k + p.group] = p.exchange + 2, -(p.exchange + 2)
-    if t.group_size > 1:
-        comm.all_reduce(v, op=comm.ReduceOp.MAX, group=t.exchange_group)
-    return [p for p in got if v[p.group] > 0 and v[p.group] == -v[k + p.group]]
-
-
-def join_rails(member: LighthouseMember, t: Topology, groups: int, wait_s: float) -> int:
-    """Every rank waits on its own rail; a group is present once every rail of mine sees it."""
-    present = torch.tensor([float(member.join(groups, wait_s))], dtype=torch.float64)
-    if t.group_size > 1:
-        comm.all_reduce(present, op=comm.ReduceOp.MIN, group=t.exchange_group)
-    return int(present.item())
 
 
 def _join_slices(slices: list[torch.Tensor], rows: int, like: CompressedLogits) -> CompressedLogits:

@@ -1,14 +1,13 @@
-"""One membership of the torchft Lighthouse: heartbeats, quorums, one collective per round.
+"""One group's membership of the torchft Lighthouse: heartbeats, quorums, one collective per round.
 
-On route `leaders` the group's leader holds the group's only `LighthouseMember`; on route
-`rails` (and for weight exchange) every rank r holds one for its rail, so that rank r of every
-group meets rank r of the others and the cross-group bytes leave from every rank's own link
-(docs/design.md, "Transports"). Each exchange round asks the Lighthouse for a quorum of the
-members alive now, keeps the ones on my rail, configures torchft's reconfigurable gloo process
-group over them (only when membership changed) and runs one collective: an all-gather of equal
-payloads, or an all-to-all whose part for group h is what h alone needs (`exchange_batch:
-train`). The member data carries the exchange contract (`contract.py`), who sent what and on
-which exchange batch, so the payload is the predictions (or weights) only.
+The group's leader holds a `LighthouseMember`; each exchange round asks the Lighthouse for a
+quorum of the groups alive now (`view`), configures torchft's reconfigurable gloo process group
+over them (only when membership changed, `quorum_pg.QuorumGroup`) and runs one collective: an
+all-gather of whole-batch payloads (`round`), or an all-to-all whose part for group h is what h
+alone trains on (`round_to_owners`, `exchange_batch: train`). On route `rails` the leader only
+asks; its ranks run the collective on their rails over the view it broadcasts (`rails.py`). The
+member data carries the exchange contract (`contract.py`), who sent what and on which exchange
+batch, so the payload is the predictions (or weights) only.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -31,6 +29,14 @@ from codistill_ds.exchange.transport.contract import (
     IncompatibleGroup,
     contract_mismatch,
     reference_contract,
+)
+from codistill_ds.exchange.transport.quorum_pg import (
+    Collective,
+    PeerPayload,
+    QuorumGroup,
+    RoundView,
+    allgather,
+    alltoall,
 )
 
 log = logging.getLogger(__name__)
@@ -72,37 +78,19 @@ def _interface_of(addr: str) -> str | None:
     return None
 
 
-def new_job_identity() -> tuple[str, float]:
-    """(nonce, start time) of a job: made once on its leader and shared with its other ranks."""
-    return uuid.uuid4().hex, time.time()
-
-
-@dataclass
-class PeerPayload:
-    """One peer group's whole-batch predictions from a round."""
-
-    group: int
-    exchange: int
-    payload: torch.Tensor
-
-
 class LighthouseMember:
     """A group leader's membership: heartbeats, one quorum per round, the reconfigurable gloo
     process group over the compatible members, and the all-gather of their payloads."""
 
     def __init__(self, lighthouse: str, group_id: int, contract: dict, timeout_s: float,
-                 connect_timeout_s: float = 10.0, rail: int = 0, job: tuple[str, float] | None = None) -> None:
-        """`rail`: the position this member speaks for (0 on route `leaders`). `job`: (nonce,
-        start time) of this job, shared by all its members (`new_job_identity`), so the members
-        of one job count as one job when two claim a group id."""
+                 connect_timeout_s: float = 10.0) -> None:
         from torchft._torchft import LighthouseClient
-        from torchft.process_group import ProcessGroupGloo
 
-        self.url, self.group_id, self.contract, self.rail = lighthouse, group_id, contract, rail
-        self.nonce, self.started = job or new_job_identity()
-        self.replica_id = f"group_{group_id}_{self.nonce[:12]}" + (f"_r{rail}" if rail else "")
-        """Unique per job and rail, so two jobs claiming one group id are both visible in a quorum
-        (the Lighthouse keys members by replica id) and the younger is refused deterministically."""
+        self.url, self.group_id, self.contract = lighthouse, group_id, contract
+        self.nonce, self.started = uuid.uuid4().hex, time.time()
+        self.replica_id = f"group_{group_id}_{self.nonce[:12]}"
+        """Unique per job, so two jobs claiming one group id are both visible in a quorum (the
+        Lighthouse keys members by replica id) and the younger is refused deterministically."""
         self.timeout = datetime.timedelta(seconds=timeout_s)
         host, iface = _route_to(lighthouse)
         if iface is not None:
@@ -117,11 +105,10 @@ class LighthouseMember:
         self.store = torch.distributed.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                                                 timeout=self.timeout)
         self.store_address = f"{host}:{self.store.port}"
-        self.pg = ProcessGroupGloo(timeout=self.timeout)
+        self.pg = QuorumGroup(timeout_s, "leaders")
         self.generation = 0
         """Raised after a failed round; the next round's members take the highest generation
         they see and reconfigure, so a broken process group is never reused."""
-        self._pg_key: tuple | None = None
         self._last_beat = time.monotonic()
         """When a heartbeat last reached the Lighthouse: while it cannot be reached, rounds are
         skipped at once instead of each waiting out a quorum timeout (training goes on alone)."""
@@ -148,11 +135,11 @@ class LighthouseMember:
 
     def close(self) -> None:
         self._stop.set()
-        self.pg.abort(errored=False)
+        self.pg.close()
 
     def _quorum(self, e: int, joining: bool):
         data = {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
-                "started": self.started, "gen": self.generation, "joining": joining, "rail": self.rail}
+                "started": self.started, "gen": self.generation, "joining": joining}
         return self.client.quorum(replica_id=self.replica_id, timeout=self.timeout, address="",
                                   store_address=self.store_address, step=max(e, 0), world_size=1,
                                   shrink_only=False, data=data)
@@ -162,9 +149,8 @@ class LighthouseMember:
         holding the contract most members share (a newcomer never displaces the running groups),
         then one job per group id, the oldest (a second job claiming a running group's id is
         refused). Raises `IncompatibleGroup` when the refusal is mine; everyone else computes the
-        same list from the same member data and leaves the refused job out. Only members on my
-        rail: the others run their own collective over theirs."""
-        parts = [p for p in quorum.participants if int(p.data.get("rail", 0)) == self.rail]
+        same list from the same member data and leaves the refused job out."""
+        parts = list(quorum.participants)
         reference = reference_contract([dict(p.data) for p in parts])
         why = contract_mismatch(self.contract, reference)
         if why is not None:
@@ -200,82 +186,54 @@ class LighthouseMember:
             time.sleep(0.05)
 
     def round(self, e: int, payload: torch.Tensor) -> list[PeerPayload]:
-        """One exchange round: my payload to the compatible groups present on my rail, theirs
-        back (an all-gather: every payload the same size). A failed round (a peer died or stopped
-        mid-way) returns [] and is not retried."""
-        def allgather(members: list[Any], me: int) -> list[torch.Tensor]:
-            from torch._C._distributed_c10d import AllgatherOptions
-
-            out = [torch.empty_like(payload) for _ in members]
-            self.pg.allgather([out], [payload], AllgatherOptions()).wait()
-            return out
-
-        return self._round(e, allgather)
+        """One exchange round: my whole-batch payload to the compatible groups present, theirs
+        back. A failed round (a peer died or stopped mid-way) returns [] and is not retried."""
+        return self._round(e, allgather(payload))
 
     def round_to_owners(self, e: int, parts: dict[int, torch.Tensor]) -> list[PeerPayload]:
-        """One round where my part for group h goes to h alone (an all-to-all with split sizes:
-        nothing is sent to a group that does not need it); each peer's part for me comes back.
-        Every part has the same size, and every group of the quorum has one: the contract of
-        `exchange_batch: train` holds the group count and shape (`contract.py`)."""
-        def alltoall(members: list[Any], me: int) -> list[torch.Tensor]:
-            from torch._C._distributed_c10d import AllToAllOptions
+        """One round where my part for group h goes to h alone (`quorum_pg.alltoall`)."""
+        return self._round(e, alltoall(parts))
 
-            size = next(iter(parts.values())).numel()
-            sends = [parts[int(m.data["group"])] if i != me else parts[next(iter(parts))][:0]
-                     for i, m in enumerate(members)]
-            splits = [t.numel() for t in sends]
-            out = torch.empty(size * (len(members) - 1), dtype=torch.uint8)
-            self.pg.alltoall_base(out, torch.cat(sends), [0 if i == me else size for i in range(len(members))],
-                                  splits, AllToAllOptions()).wait()
-            chunks = iter(out.split(size))
-            return [out[:0] if i == me else next(chunks) for i in range(len(members))]
+    def _round(self, e: int, collective: Collective) -> list[PeerPayload]:
+        view = self.view(e)
+        if view is None:
+            return []
+        try:
+            return self.pg.run(view, self.group_id, collective)
+        except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
+            self.failed(e, view, err)
+            return []
 
-        return self._round(e, alltoall)
-
-    def _round(self, e: int, collective) -> list[PeerPayload]:
+    def view(self, e: int) -> RoundView | None:
+        """Who takes part in exchange round e: the quorum's compatible groups that are not still
+        joining, or None (no quorum in time, the Lighthouse unreachable, or nobody else here).
+        Raises `IncompatibleGroup` when this job is refused."""
         if not self.reachable():
             self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
                        "peers until it answers again (warned once)")
-            return []
+            return None
         try:
             quorum = self._quorum(e, joining=False)
         except Exception as err:  # noqa: BLE001 -- Lighthouse unreachable or no quorum in time
             self._warn(f"quorum{type(err).__name__}", f"no quorum for exchange {e} ({type(err).__name__}: "
                        f"{str(err).splitlines()[0][:120] if str(err) else ''}); training on without peers "
                        "(warned once)")
-            return []
+            return None
         members = [m for m in self._members(quorum) if not m.data.get("joining")]
         if len(members) < 2 or not any(m.replica_id == self.replica_id for m in members):
-            return []
-        ids = [m.replica_id for m in members]
+            return None
         self.generation = max(self.generation, *(int(m.data.get("gen", 0)) for m in members))
-        me = ids.index(self.replica_id)
-        try:
-            self._configure(members, quorum.quorum_id)
-            out = collective(members, me)
-        except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
-            self.generation += 1
-            self._pg_key = None
-            self.pg.abort()
-            self._warn(f"round{e}", f"exchange {e} with groups {[m.data['group'] for m in members]} "
-                       f"failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); training on")
-            return []
-        got = [PeerPayload(int(m.data["group"]), int(m.data["exchange"]), out[i])
-               for i, m in enumerate(members) if i != me]
-        return sorted(got, key=lambda p: p.group)  # group order, as `transport: world` delivers
+        return RoundView(int(quorum.quorum_id), self.generation, tuple(m.replica_id for m in members),
+                         tuple(int(m.data["group"]) for m in members), tuple(int(m.data["exchange"]) for m in members),
+                         members[0].store_address)
 
-    def _configure(self, members: list[Any], quorum_id: int) -> None:
-        """A new gloo process group only when the quorum (the Lighthouse bumps its id whenever
-        membership changes), our member list or the generation changed; the store prefix names
-        all three, so a reconfiguration never reads a previous one's rendezvous keys."""
-        ids = tuple(m.replica_id for m in members)
-        key = (quorum_id, ids, self.generation)
-        if key == self._pg_key:
-            return
-        prefix = f"codistill/q{quorum_id}/g{self.generation}/{'.'.join(ids)}"
-        self.pg.configure(f"{members[0].store_address}/{prefix}", self.replica_id,
-                          ids.index(self.replica_id), len(ids))
-        self._pg_key = key
+    def failed(self, e: int, view: RoundView, err: Exception | str) -> None:
+        """A round's collective failed (here, or on one of my group's rails): the next round's
+        members take the highest generation they see and reconfigure, so a broken process group
+        is never reused."""
+        self.generation += 1
+        text = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}" if isinstance(err, Exception) else err
+        self._warn(f"round{e}", f"exchange {e} with groups {list(view.groups)} failed ({text}); training on")
 
     def _warn(self, key: str, text: str) -> None:
         if key in self._warned:
