@@ -175,6 +175,10 @@ class CodistillConfig:
     """transport torchft: a job waits up to this long at start for all `groups` groups, so that
     its first exchange has every peer (a group restarted while the others run finds them at their
     next round); after it, the job starts with whoever is present."""
+    stale_teachers: str = "keep"
+    """mode weights, transport torchft: a peer missing from the latest weight round "keep"s its
+    last weights as a stale teacher (the papers distill from teachers thousands of steps old) |
+    "drop": it is left out until it is back. A peer never received is never a teacher."""
     exchange_timeout_s: float = 30.0
     """transport torchft: the longest one round may block on a peer that stopped answering (the
     gloo timeout of the cross-group process group, and the longest wait for a quorum). The round is

@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
     "codistill.transport": ("world", "torchft"),
     "codistill.targets": ("topk", "samples"),
+    "codistill.stale_teachers": ("keep", "drop"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "backend.name": ("deepspeed", "fsdp"),
     "backend.precision": ("auto", "fp32", "bf16"),
@@ -107,13 +108,9 @@ def check_group_job(cfg: Config) -> None:
     _require(bool(cd.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")), "codistill.lighthouse",
              "transport 'torchft' needs the Lighthouse URL (http://host:port, from `codistill-ds "
              "lighthouse`) in codistill.lighthouse or TORCHFT_LIGHTHOUSE")
-    for name, value, want, why in (
-            ("codistill.mode", cd.mode, "logits", "weight exchange needs rails between jobs"),
-            ("codistill.exchange_batch", cd.exchange_batch, "shared", ("a group cannot know the batches "
-                                                                       "of peers that run at their own pace")),
-            ("codistill.route", cd.route, "leaders", "each group's leader takes part in the quorum")):
-        _require(value == want, name, f"transport 'torchft' supports {name.split('.')[1]} {want!r} "
-                 f"only ({why}), got {value!r}")
+    # Every mode runs over torchft (exchange_batch train, route rails, mode weights): what they
+    # need the groups to share (group shape, training stream, model) is in the exchange contract,
+    # checked against the running groups when a job joins (transport/contract.py).
     _require(cd.exchange_timeout_s < cfg.backend.peer_timeout_s, "codistill.exchange_timeout_s",
              f"{cd.exchange_timeout_s}s must be below backend.peer_timeout_s "
              f"({cfg.backend.peer_timeout_s}s), or the watchdog stops the group while a round waits")

@@ -129,7 +129,8 @@ class ExchangeEngine:
         group: my group's process group (the peer checks and agreement run over it).
         group_id: my codistillation group.
         batch_for: `batch_for(step, e)` gives my slice of exchange batch e (step is -1 when a
-            peer's batch is rebuilt).
+            peer's batch is rebuilt; with `on_own_batch` that is my own training batch of
+            exchange e, which a peer out of lockstep predicted on).
         on_own_batch: `exchange_batch: train`: I predict on my peers' training batches and
             receive their predictions on mine (the transport routes each to its owner), so
             targets cover my own first micro-batch and the student reuses its CE logits;
@@ -254,7 +255,9 @@ class ExchangeEngine:
             else:
                 batch = with_positions(self.batch_for(-1, e), e, self.s.seed, self.s.token_fraction)
             chosen = [(p, g) for p, g, pe in peers if pe == e]
-            inputs = None if self.on_own_batch else batch.inputs
+            # My own first micro-batch when the peers predicted on it this step; a peer out of
+            # lockstep predicted on my batch of its exchange, rebuilt here (`batch_for(-1, e)`).
+            inputs = None if self.on_own_batch and e == pending.exchange else batch.inputs
             out.append(TargetBatch(e, inputs, [p for p, _ in chosen], [g for _, g in chosen], batch.mask,
                                    batch.positions))
         return out

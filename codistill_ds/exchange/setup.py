@@ -83,31 +83,48 @@ def group_seed(seed: int, cd: CodistillConfig, group_id: int) -> int:
 
 def build_transport(cd: CodistillConfig, topology: Topology, contract: Callable[[], dict] | None = None) -> Transport:
     """`world`: the routes over this job's process groups (`exchange_batch: train` sends each
-    prediction to its owner). `torchft`: the leader joins the Lighthouse with this group's
-    exchange contract (`contract()`, only evaluated on the leader); every rank gets the
-    transport (non-leaders gather and scatter through it)."""
+    prediction to its owner). `torchft`: this group's Lighthouse membership with its exchange
+    contract (`lighthouse_member`); every rank gets the transport (on route leaders the
+    non-leaders gather and scatter through it)."""
+    to_owners = cd.exchange_batch == "train"
     if not separate_group_jobs(cd):
         from codistill_ds.exchange.transport.world import LogitExchange
 
-        transport = LogitExchange(topology, cd.route, to_owners=cd.exchange_batch == "train",
-                                  reports=cd.peer_guard_ratio > 0)
+        transport = LogitExchange(topology, cd.route, to_owners=to_owners, reports=cd.peer_guard_ratio > 0)
     else:
         from codistill_ds.exchange.transport.ft import TorchFTTransport
-        from codistill_ds.exchange.transport.lighthouse import LighthouseMember
-        from codistill_ds.exchange.transport.trust import load_secret
 
-        member = None
-        if topology.is_leader:
-            if contract is None:
-                raise ValueError("transport torchft needs the exchange contract of this group")
-            member = LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s,
-                                      key=load_secret(cd))
-        transport = TorchFTTransport(topology, member)
+        member = lighthouse_member(cd, topology, contract)
+        rails = ft_rails(cd, topology, member) if cd.route == "rails" else None
+        transport = TorchFTTransport(topology, member, cd.route, to_owners=to_owners, rails=rails)
     if topology.tp > 1:  # each TP rank sends a distinct 1/T of the rows: the T = 1 bytes
         from codistill_ds.exchange.transport.tp_rows import TensorParallelRows
 
         transport = TensorParallelRows(transport, topology.exchange_tp_group, topology.tp_rank, topology.tp)
     return transport
+
+
+def lighthouse_member(cd: CodistillConfig, topology: Topology, contract: Callable[[], dict] | None):
+    """`transport: torchft`: my group's Lighthouse membership, on its leader (None on the other
+    ranks); `contract()` is evaluated there only."""
+    if not topology.is_leader:
+        return None
+    from codistill_ds.exchange.transport.lighthouse import LighthouseMember
+    from codistill_ds.exchange.transport.trust import load_secret
+
+    if contract is None:
+        raise ValueError("transport torchft needs the exchange contract of this group")
+    return LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s, key=load_secret(cd))
+
+
+def ft_rails(cd: CodistillConfig, topology: Topology, member):
+    """`transport: torchft`, route rails or weight exchange: rank r's process group over rail r
+    of the groups in its leader's view of each round (`transport/rails.py`); every rank signs
+    and checks its rail's frames with the shared secret (`trust.py`)."""
+    from codistill_ds.exchange.transport.rails import FTRails
+    from codistill_ds.exchange.transport.trust import load_secret
+
+    return FTRails(topology, member, lighthouse_url(cd), cd.exchange_timeout_s, key=load_secret(cd))
 
 
 def build_engine(cd: CodistillConfig, topology: Topology, transport: Transport,

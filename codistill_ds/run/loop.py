@@ -125,7 +125,8 @@ class CodistillLoop:
         if teachers is None and self.codistill and cd.mode == "weights":
             from codistill_ds.exchange.weights import WeightExchange
 
-            teachers = WeightExchange(t, backend, cd.interval, ExchangeSettings.from_config(cd, cfg.seed))
+            teachers = WeightExchange(t, backend, cd.interval, ExchangeSettings.from_config(cd, cfg.seed),
+                                      stale=cd.stale_teachers)
         self.teachers = teachers
         self.rail_streams = [
             TrainStream(corpus, cfg.seed, g, t.groups, t.data_rank, t.data_size, d.micro_batch_size,
@@ -216,10 +217,14 @@ class CodistillLoop:
         "train": my peers' current first micro-batches for my data rank, in group order (not
         mine: nobody needs my predictions on my own batch). Training streams are pure functions
         of (group, step), so each group derives its peers' batches locally and still only logits
-        cross groups; each prediction goes only to the group that trains on it."""
+        cross groups; each prediction goes only to the group that trains on it. Step -1 (the
+        engine rebuilds what a peer out of lockstep predicted on, at its exchange e): my own first
+        micro-batch of exchange step e x interval, the batch that peer derived for me."""
         if self.cfg.codistill.exchange_batch == "shared":
             ex = self.exchange_stream
             return ExchangeBatch(ex.batch_slice(e), rows=range(ex.rank * ex.slice, (ex.rank + 1) * ex.slice))
+        if step < 0:
+            return ExchangeBatch(self.train_stream.micro_batch(e * self.cfg.codistill.interval, 0))
         return ExchangeBatch(torch.cat([s.micro_batch(step, 0) for g, s in enumerate(self.rail_streams)
                                         if g != self.t.group_id]))
 
@@ -301,6 +306,8 @@ class CodistillLoop:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if hasattr(self.teachers, "close"):  # a torchft membership of weight exchange
+            self.teachers.close()
 
     def _log(self, record: dict) -> None:
         """Group means of loss/distill_loss, then one line from the leader."""

@@ -1,12 +1,17 @@
-"""One group's membership of the torchft Lighthouse: heartbeats, quorums, one all-gather per round.
+"""One group's membership of the torchft Lighthouse: heartbeats, quorums, one collective per round.
 
 The group's leader holds a `LighthouseMember`; each exchange round asks the Lighthouse for a
-quorum of the groups alive now, configures torchft's reconfigurable gloo process group over
-them (only when membership changed) and all-gathers the whole-batch payloads. The member data
-carries the exchange contract (`contract.py`), who sent what and on which exchange batch, the
-payload's byte count and the loss the group reports of itself, so the payload is the
-predictions only. With a shared secret the member data and each payload frame carry HMAC tags
-(`trust.py`); members that do not verify are left out before the process group is configured.
+quorum of the groups alive now (`view`), configures torchft's reconfigurable gloo process group
+over them (only when membership changed, `quorum_pg.QuorumGroup`) and runs one collective: an
+all-gather of whole-batch payloads (`round`), or an all-to-all whose part for group h is what h
+alone trains on (`round_to_owners`, `exchange_batch: train`). On route `rails` the leader only
+asks; its ranks run the collective on their rails over the view it broadcasts (`rails.py`). The
+member data carries the exchange contract (`contract.py`) and who takes part; each frame of the
+collective carries its exchange index, byte count and the loss the group reports of itself
+(`frames.py`), so the payload is the predictions (or weights) only. With a shared secret the
+member data and every frame of every collective (all-gather, all-to-all, each rail) carry HMAC
+tags (`trust.py`); members that do not verify are left out before any process group is
+configured.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -30,6 +34,14 @@ from codistill_ds.exchange.transport.contract import (
     IncompatibleGroup,
     contract_mismatch,
     reference_contract,
+)
+from codistill_ds.exchange.transport.quorum_pg import (
+    AllGather,
+    AllToAll,
+    Collective,
+    PeerPayload,
+    QuorumGroup,
+    RoundView,
 )
 
 log = logging.getLogger(__name__)
@@ -71,32 +83,17 @@ def _interface_of(addr: str) -> str | None:
     return None
 
 
-@dataclass
-class PeerPayload:
-    """One peer group's whole-batch predictions from a round (None, with the reason in `problem`,
-    when its frame did not verify or had the wrong length: skipped, never unpacked)."""
-
-    group: int
-    exchange: int
-    payload: torch.Tensor | None
-    report: dict | None = None
-    problem: str | None = None
-
-
 class LighthouseMember:
     """A group leader's membership: heartbeats, one quorum per round, the reconfigurable gloo
-    process group over the compatible members, and the all-gather of their payloads."""
+    process group over the compatible members, and the route `leaders` collective on it."""
 
     def __init__(self, lighthouse: str, group_id: int, contract: dict, timeout_s: float,
                  connect_timeout_s: float = 10.0, key: bytes | None = None) -> None:
         from torchft._torchft import LighthouseClient
-        from torchft.process_group import ProcessGroupGloo
 
         self.url, self.group_id, self.contract = lighthouse, group_id, contract
         self.key = key
         """The shared secret (trust.py), or None: no authentication."""
-        self.frame_bytes = 0
-        """Bytes of my frame in the latest round (payload, padding, tag): what each peer got."""
         self.nonce, self.started = uuid.uuid4().hex, time.time()
         self.replica_id = f"group_{group_id}_{self.nonce[:12]}"
         """Unique per job, so two jobs claiming one group id are both visible in a quorum (the
@@ -115,11 +112,10 @@ class LighthouseMember:
         self.store = torch.distributed.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                                                 timeout=self.timeout)
         self.store_address = f"{host}:{self.store.port}"
-        self.pg = ProcessGroupGloo(timeout=self.timeout)
+        self.pg = QuorumGroup(timeout_s, "leaders", key)
         self.generation = 0
         """Raised after a failed round; the next round's members take the highest generation
         they see and reconfigure, so a broken process group is never reused."""
-        self._pg_key: tuple | None = None
         self._last_beat = time.monotonic()
         """When a heartbeat last reached the Lighthouse: while it cannot be reached, rounds are
         skipped at once instead of each waiting out a quorum timeout (training goes on alone)."""
@@ -146,12 +142,11 @@ class LighthouseMember:
 
     def close(self) -> None:
         self._stop.set()
-        self.pg.abort(errored=False)
+        self.pg.close()
 
-    def _quorum(self, e: int, joining: bool, nbytes: int = 0, report: dict | None = None):
+    def _quorum(self, e: int, joining: bool):
         fields = {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
-                  "started": self.started, "gen": self.generation, "joining": joining, "nbytes": int(nbytes),
-                  "report": report, "replica": self.replica_id}
+                  "started": self.started, "gen": self.generation, "joining": joining, "replica": self.replica_id}
         return self.client.quorum(replica_id=self.replica_id, timeout=self.timeout, address="",
                                   store_address=self.store_address, step=max(e, 0), world_size=1,
                                   shrink_only=False, data=trust.seal(fields, self.key))
@@ -211,68 +206,55 @@ class LighthouseMember:
             time.sleep(0.05)
 
     def round(self, e: int, payload: torch.Tensor, report: dict | None = None) -> list[PeerPayload]:
-        """One exchange round: my whole-batch payload to the compatible groups present, theirs
-        back, each checked (`trust.open_frame`: tag, byte length) before anyone unpacks it. A
+        """One exchange round: my whole-batch payload (and `report`, what my group says of
+        itself) to the compatible groups present, theirs back, each frame checked (tag, byte
+        length) before anyone unpacks it: a refused one comes back with its `problem` set. A
         failed round (a peer died or stopped mid-way) returns [] and is not retried."""
-        self.frame_bytes = 0
+        return self._round(e, AllGather(payload), report)
+
+    def round_to_owners(self, e: int, parts: dict[int, torch.Tensor], report: dict | None = None) -> list[PeerPayload]:
+        """One round where my part for group h goes to h alone (`quorum_pg.AllToAll`)."""
+        return self._round(e, AllToAll(parts), report)
+
+    def _round(self, e: int, collective: Collective, report: dict | None) -> list[PeerPayload]:
+        view = self.view(e)
+        if view is None:
+            return []
+        try:
+            return self.pg.run(view, self.group_id, collective, e, report)
+        except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
+            self.failed(e, view, err)
+            return []
+
+    def view(self, e: int) -> RoundView | None:
+        """Who takes part in exchange round e: the quorum's compatible groups that are not still
+        joining, or None (no quorum in time, the Lighthouse unreachable, or nobody else here).
+        Raises `IncompatibleGroup` when this job is refused."""
         if not self.reachable():
             self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
                        "peers until it answers again (warned once)")
-            return []
+            return None
         try:
-            quorum = self._quorum(e, joining=False, nbytes=payload.numel(), report=report)
+            quorum = self._quorum(e, joining=False)
         except Exception as err:  # noqa: BLE001 -- Lighthouse unreachable or no quorum in time
             self._warn(f"quorum{type(err).__name__}", f"no quorum for exchange {e} ({type(err).__name__}: "
                        f"{str(err).splitlines()[0][:120] if str(err) else ''}); training on without peers "
                        "(warned once)")
-            return []
+            return None
         members = [m for m in self._members(quorum) if not m.data.get("joining")]
         if len(members) < 2 or not any(m.replica_id == self.replica_id for m in members):
-            return []
-        ids = [m.replica_id for m in members]
+            return None
         self.generation = max(self.generation, *(int(m.data.get("gen", 0)) for m in members))
-        expected, declared = payload.numel(), [int(m.data.get("nbytes", 0)) for m in members]
-        size = trust.frame_size(declared)
-        round_id = f"{quorum.quorum_id}/{self.generation}/{','.join(ids)}"
-        tag = None if self.key is None else trust.frame_tag(self.key, round_id, self.replica_id, e, expected,
-                                                            payload[:size])
-        mine = trust.frame(payload, size, tag)
-        try:
-            self._configure(members, quorum.quorum_id)
-            out = [torch.empty_like(mine) for _ in members]
-            from torch._C._distributed_c10d import AllgatherOptions
+        return RoundView(int(quorum.quorum_id), self.generation, tuple(m.replica_id for m in members),
+                         tuple(int(m.data["group"]) for m in members), members[0].store_address)
 
-            self.pg.allgather([out], [mine], AllgatherOptions()).wait()
-        except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
-            self.generation += 1
-            self._pg_key = None
-            self.pg.abort()
-            self._warn(f"round{e}", f"exchange {e} with groups {[m.data['group'] for m in members]} "
-                       f"failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); training on")
-            return []
-        me, got = ids.index(self.replica_id), []
-        self.frame_bytes = mine.numel()
-        for i, m in enumerate(members):
-            if i != me:
-                body, problem = trust.open_frame(out[i], size, declared[i], expected, self.key, round_id,
-                                                 m.replica_id, int(m.data["exchange"]))
-                report = m.data.get("report")
-                got.append(PeerPayload(int(m.data["group"]), int(m.data["exchange"]), body,
-                                       report if isinstance(report, dict) else None, problem))
-        return got
-
-    def _configure(self, members: list[trust.Member], quorum_id: int) -> None:
-        """A new gloo process group only when the quorum (the Lighthouse bumps its id whenever
-        membership changes), our member list or the generation changed; the store prefix names
-        all three, so a reconfiguration never reads a previous one's rendezvous keys."""
-        ids = tuple(m.replica_id for m in members)
-        key = (quorum_id, ids, self.generation)
-        if key == self._pg_key:
-            return
-        prefix = f"codistill/q{quorum_id}/g{self.generation}/{'.'.join(ids)}"
-        self.pg.configure(f"{members[0].store_address}/{prefix}", self.replica_id,
-                          ids.index(self.replica_id), len(ids))
-        self._pg_key = key
+    def failed(self, e: int, view: RoundView, err: Exception | str) -> None:
+        """A round's collective failed (here, or on one of my group's rails): the next round's
+        members take the highest generation they see and reconfigure, so a broken process group
+        is never reused."""
+        self.generation += 1
+        text = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}" if isinstance(err, Exception) else err
+        self._warn(f"round{e}", f"exchange {e} with groups {list(view.groups)} failed ({text}); training on")
 
     def _warn(self, key: str, text: str) -> None:
         if key in self._warned:
