@@ -27,10 +27,12 @@ CONTRACT_FIELDS = {
     "kind": "codistill.loss",
     "temperature": "codistill.temperature",
     "token_fraction": "codistill.token_fraction",
+    "max_groups": "codistill.max_groups",
 }
 """What every group of a quorum must share, and the config field that sets each: predictions
 are only comparable on the same tokens (corpus, seed, batch shape), the same vocabulary, and
-the same wire format."""
+the same wire format; and the same group slots (`codistill.max_groups`: the data is split into
+that many shards, and group ids stay below it)."""
 
 
 def check_reachable(url: str, timeout_s: float) -> None:
@@ -68,7 +70,8 @@ def exchange_contract(cd: CodistillConfig, *, vocab_size: int, corpus_digest: st
     return {"vocab_size": int(vocab_size), "corpus": corpus_digest, "seed": int(seed),
             "exchange_batch_size": int(exchange_batch_size), "seq_len": int(seq_len),
             "topk": int(cd.topk), "dtype": cd.dtype, "index_dtype": choose_index_dtype(cd.index_dtype, vocab_size),
-            "kind": kind, "temperature": float(cd.temperature), "token_fraction": float(cd.token_fraction)}
+            "kind": kind, "temperature": float(cd.temperature), "token_fraction": float(cd.token_fraction),
+            "max_groups": cd.group_slots}
 
 
 def reference_contract(members: list[dict]) -> dict:

@@ -1,10 +1,18 @@
 """One group's membership of the torchft Lighthouse: heartbeats, quorums, one all-gather per round.
 
-The group's leader holds a `LighthouseMember`; each exchange round asks the Lighthouse for a
-quorum of the groups alive now, configures torchft's reconfigurable gloo process group over
-them (only when membership changed) and all-gathers the whole-batch payloads. The member data
-carries the exchange contract (`contract.py`), who sent what and on which exchange batch, so
-the payload is the predictions only.
+The group's leader holds a `LighthouseMember`; each exchange round takes a quorum of the groups
+alive now (asked for one round ahead, on a background thread: `quorum.QuorumAhead`), configures
+torchft's reconfigurable gloo process group over them (only when membership changed) and
+all-gathers the whole-batch payloads. The member data carries the exchange contract
+(`contract.py`), the job's identity and the groups known to have retired; each payload carries
+its exchange index (`quorum.frame`), so the payload is the predictions only.
+
+A job that leaves for good says so (`close(retire=True)`): it takes part in the round it had
+already agreed to without predictions, then asks once more with a retire mark. The running
+groups leave it out of that round on, remember it in their member data (so a group that
+(re)starts later does not wait for it at its join), and do not block on the next quorum, which
+the Lighthouse holds until the retired job's heartbeat times out: rounds go without peers
+meanwhile.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from codistill_ds.exchange.transport.contract import (
     contract_mismatch,
     reference_contract,
 )
+from codistill_ds.exchange.transport.quorum import NO_PREDICTIONS, Plan, QuorumAhead, frame, unframe
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,8 @@ HEARTBEAT_S = 0.1
 group is dropped from quorums)."""
 UNREACHABLE_S = 1.5
 """No heartbeat has reached the Lighthouse for this long: the link is down, skip rounds."""
+FAREWELL_S = 5.0
+"""The longest a leaving job waits for its last two quorums (the round it agreed to, the mark)."""
 
 
 def _route_to(url: str) -> tuple[str, str | None]:
@@ -116,6 +127,18 @@ class LighthouseMember:
         self.last_heartbeat_error: Exception | None = None
         self.last_quorum_error: Exception | None = None
         """The latest failures of the background heartbeat and of the start-up join (for a report)."""
+        self.retired: dict[int, str] = {}
+        """Group id -> nonce of a job that announced it left for good (learned in quorums and
+        passed on in my member data), so that a join does not wait for that group."""
+        self.missing: set[int] = set()
+        """Groups the start-up join waited for in vain (neither present nor retired)."""
+        self._retiring = False
+        self._refused = False
+        self._block = True
+        """Whether a round waits for its quorum: not right after a job retired (the Lighthouse
+        holds that quorum until the retired job's heartbeat times out)."""
+        self._payload_size: int | None = None
+        self._ahead = QuorumAhead(self._ask, keep=(IncompatibleGroup,))
         self._stop = threading.Event()
         self._warned: set[str] = set()
         self._beat = threading.Thread(target=self._heartbeat, name="codistill-lighthouse-heartbeat",
@@ -134,16 +157,68 @@ class LighthouseMember:
         """A heartbeat got through within the last UNREACHABLE_S seconds."""
         return time.monotonic() - self._last_beat < UNREACHABLE_S
 
-    def close(self) -> None:
+    def close(self, retire: bool = True) -> None:
+        """Leave the Lighthouse; `retire`: say that this group leaves for good (a farewell of at
+        most two quorums, FAREWELL_S each), so the running groups neither exchange with it nor
+        wait for it at a later join. A refused job or an unreachable Lighthouse skips it."""
+        if retire and not self._refused and self.reachable():
+            try:
+                self._farewell()
+            except Exception as err:  # noqa: BLE001 -- leaving anyway: the others see a silent job
+                self._warn("farewell", f"could not announce the retirement ({type(err).__name__}: {err})")
         self._stop.set()
+        self._ahead.close()
         self.pg.abort(errored=False)
 
+    def _farewell(self) -> None:
+        plan = self._ahead.take(block=True, timeout=FAREWELL_S) if self._ahead.in_flight() else None
+        if plan is not None and plan.peers and self._payload_size is not None:
+            # The others count on me in this round's collective: take part, send nothing.
+            self._collective(plan, torch.zeros(self._payload_size, dtype=torch.uint8), NO_PREDICTIONS)
+        self._retiring = True
+        self.client.quorum(replica_id=self.replica_id, timeout=datetime.timedelta(seconds=FAREWELL_S), address="",
+                           store_address=self.store_address, step=0, world_size=1, shrink_only=False,
+                           data=self._data(-1, joining=False))
+
+    def _data(self, e: int, joining: bool) -> dict:
+        return {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
+                "started": self.started, "gen": self.generation, "joining": joining,
+                "retiring": self._retiring, "retired": {str(g): n for g, n in self.retired.items()}}
+
     def _quorum(self, e: int, joining: bool):
-        data = {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
-                "started": self.started, "gen": self.generation, "joining": joining}
         return self.client.quorum(replica_id=self.replica_id, timeout=self.timeout, address="",
                                   store_address=self.store_address, step=max(e, 0), world_size=1,
-                                  shrink_only=False, data=data)
+                                  shrink_only=False, data=self._data(e, joining))
+
+    def _ask(self) -> Plan:
+        """On the quorum thread: one request for the next round, and its answer read (the
+        contract, one job per group, the retire marks), all off the training thread."""
+        quorum = self._quorum(-1, joining=False)
+        try:
+            members = self._members(quorum)
+        except IncompatibleGroup:
+            self._refused = True
+            raise
+        self._learn_retired(members)
+        retiring = {int(m.data["group"]) for m in members if m.data.get("retiring")}
+        active = [m for m in members if not m.data.get("joining") and not m.data.get("retiring")]
+        ids = [m.replica_id for m in active]
+        me = ids.index(self.replica_id) if self.replica_id in ids else None
+        gen = max((int(m.data.get("gen", 0)) for m in active), default=0)
+        return Plan(int(quorum.quorum_id), active, me, gen, retiring)
+
+    def _learn_retired(self, members: list[Any]) -> None:
+        """Retire marks seen in a quorum or passed on by its members; a group present again (a
+        new job: another nonce) is no longer retired."""
+        for m in members:
+            for g, nonce in (m.data.get("retired") or {}).items():
+                self.retired.setdefault(int(g), nonce)
+            if m.data.get("retiring"):
+                self.retired[int(m.data["group"])] = m.data["nonce"]
+        for m in members:
+            g = int(m.data["group"])
+            if not m.data.get("retiring") and self.retired.get(g) not in (None, m.data["nonce"]):
+                del self.retired[g]
 
     def _members(self, quorum) -> list[Any]:
         """The quorum's participants this round may exchange with, in replica-id order: those
@@ -171,56 +246,94 @@ class LighthouseMember:
         return [p for p in compatible if oldest[int(p.data["group"])] is p]
 
     def join(self, groups: int, wait_s: float) -> int:
-        """Block until all `groups` groups are present (or `wait_s` passed); returns how many are."""
+        """Block until groups 0..groups-1 are present or known to have retired (or `wait_s`
+        passed); returns how many groups are present. Then asks for the first round's quorum."""
         deadline = time.monotonic() + wait_s
-        present = 0
+        present: set[int] = set()
         while True:
             try:
                 members = self._members(self._quorum(-1, joining=True))
-                present = len({m.data["group"] for m in members})
+                self._learn_retired(members)
+                present = {int(m.data["group"]) for m in members if not m.data.get("retiring")}
             except IncompatibleGroup:
+                self._refused = True
                 raise
             except Exception as err:  # noqa: BLE001 -- no quorum within the timeout: ask again until the deadline
                 self.last_quorum_error = err
-            if present >= groups or time.monotonic() >= deadline:
-                return present
+            self.missing = set(range(groups)) - present - set(self.retired)
+            if not self.missing or time.monotonic() >= deadline:
+                self._ahead.request()
+                return len(present)
             time.sleep(0.05)
+
+    def peers_ahead(self, block: bool) -> int | None:
+        """Peers of the next round if its quorum is there (waiting for it when `block`), None
+        when not known yet. After a retirement rounds do not wait: 0 when it is not there."""
+        if not self.reachable() and not self._ahead.in_flight():
+            return 0
+        self._ahead.request()
+        plan = self._ahead.peek(block and self._block)
+        if plan is None:
+            return None if self._block else 0
+        if plan.failed is not None:
+            return 0
+        return plan.peers
+
+    def skip_round(self) -> None:
+        """A round in which I have nothing to send because `peers_ahead` said 0: use up that
+        quorum (if it is there and still has no peer) and ask for the next one."""
+        plan = self._ahead.peek(block=False)
+        if plan is not None and (plan.peers == 0 or plan.failed is not None):
+            self._ahead.take(block=False)
+            self._block = not plan.retiring
+            self._ahead.request()
 
     def round(self, e: int, payload: torch.Tensor) -> list[PeerPayload]:
         """One exchange round: my whole-batch payload to the compatible groups present, theirs
         back. A failed round (a peer died or stopped mid-way) returns [] and is not retried."""
-        if not self.reachable():
+        if not self.reachable() and not self._ahead.in_flight():
             self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
                        "peers until it answers again (warned once)")
             return []
-        try:
-            quorum = self._quorum(e, joining=False)
-        except Exception as err:  # noqa: BLE001 -- Lighthouse unreachable or no quorum in time
-            self._warn(f"quorum{type(err).__name__}", f"no quorum for exchange {e} ({type(err).__name__}: "
-                       f"{str(err).splitlines()[0][:120] if str(err) else ''}); training on without peers "
-                       "(warned once)")
+        plan = self._ahead.take(block=self._block)
+        if plan is None:  # not there yet, and not waited for (a group just retired)
             return []
-        members = [m for m in self._members(quorum) if not m.data.get("joining")]
-        if len(members) < 2 or not any(m.replica_id == self.replica_id for m in members):
-            return []
-        ids = [m.replica_id for m in members]
-        self.generation = max(self.generation, *(int(m.data.get("gen", 0)) for m in members))
+        self._block = not plan.retiring
         try:
-            self._configure(members, quorum.quorum_id)
-            out = [torch.empty_like(payload) for _ in members]
-            from torch._C._distributed_c10d import AllgatherOptions
+            if plan.failed is not None:
+                err = plan.failed
+                self._warn(f"quorum{type(err).__name__}", f"no quorum for exchange {e} ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:120] if str(err) else ''}); training on without peers "
+                           "(warned once)")
+                return []
+            if not plan.peers:
+                return []
+            self._payload_size = payload.numel()
+            out = self._collective(plan, payload, e)
+        finally:
+            self._ahead.request()  # after the collective: the member data carries its outcome
+        return [PeerPayload(int(m.data["group"]), pe, body) for m, (pe, body) in zip(plan.members, out)
+                if m.replica_id != self.replica_id and pe != NO_PREDICTIONS]
 
-            self.pg.allgather([out], [payload], AllgatherOptions()).wait()
+    def _collective(self, plan: Plan, payload: torch.Tensor, e: int) -> list[tuple[int, torch.Tensor]]:
+        """The all-gather of framed payloads over the plan's members: (exchange, payload) per
+        member, [] when it failed (the generation rises, so every member reconfigures)."""
+        from torch._C._distributed_c10d import AllgatherOptions
+
+        self.generation = max(self.generation, plan.generation)
+        mine = frame(payload, e)
+        try:
+            self._configure(plan.members, plan.quorum_id)
+            out = [torch.empty_like(mine) for _ in plan.members]
+            self.pg.allgather([out], [mine], AllgatherOptions()).wait()
         except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
             self.generation += 1
             self._pg_key = None
             self.pg.abort()
-            self._warn(f"round{e}", f"exchange {e} with groups {[m.data['group'] for m in members]} "
+            self._warn(f"round{e}", f"exchange {e} with groups {[m.data['group'] for m in plan.members]} "
                        f"failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); training on")
             return []
-        me = ids.index(self.replica_id)
-        return [PeerPayload(int(m.data["group"]), int(m.data["exchange"]), out[i])
-                for i, m in enumerate(members) if i != me]
+        return [unframe(b) for b in out]
 
     def _configure(self, members: list[Any], quorum_id: int) -> None:
         """A new gloo process group only when the quorum (the Lighthouse bumps its id whenever
