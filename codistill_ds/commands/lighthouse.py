@@ -46,7 +46,9 @@ def start_lighthouse(port: int = 0, bind: str = "127.0.0.1", min_replicas: int =
                      join_timeout_ms: int = 5000, heartbeat_timeout_ms: int = 2000,
                      quorum_tick_ms: int = 50):
     """An in-process Lighthouse; returns (server, URL). The URL names the bound address (the
-    server itself reports the machine's hostname, which may not resolve for the groups)."""
+    server itself reports the machine's hostname, which may not resolve for the groups). Its
+    log is warnings only unless RUST_LOG says otherwise (see `run_lighthouse`)."""
+    os.environ.setdefault("RUST_LOG", "warn")  # read once, when torchft is first imported
     from torchft._torchft import LighthouseServer
 
     server = LighthouseServer(bind=f"{bind}:{port}", min_replicas=min_replicas, join_timeout_ms=join_timeout_ms,
@@ -60,7 +62,6 @@ def run_lighthouse(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM. The server's own log is warnings only unless RUST_LOG says
     otherwise: at info it writes three lines per group per exchange round (every request and
     every quorum with all member data), megabytes an hour, on the machine the groups share."""
-    os.environ.setdefault("RUST_LOG", "warn")  # read once, when torchft is first imported
     server, url = start_lighthouse(args.port, args.bind, args.min_replicas, args.join_timeout_ms,
                                    args.heartbeat_timeout_ms, args.quorum_tick_ms)
     print(f"codistill-ds lighthouse: listening on {url} (bind {args.bind}); groups use "
