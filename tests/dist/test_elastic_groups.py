@@ -8,7 +8,7 @@ One timeline of three one-rank jobs (FSDP2), paced by a file, driven from the me
      others leave it out at once and do not block on the quorum the Lighthouse holds for it
      (their steps stay far below its heartbeat timeout);
   4. group 0 is killed: group 2, alone, skips its teacher forward (`peers` 0 and
-     `exchange_compute_ms` 0);
+     `exchange_compute_ms` 0 from its second round alone on);
   5. group 0 restarts with --resume and expects groups 0..1: its join does not wait for the
      retired group 1 (the join time is measured against `join_timeout_s`);
   6. both remaining groups retire on request and exit 0.
@@ -169,7 +169,9 @@ def test_a_retired_group_is_left_out_and_not_waited_for(timeline):
 def test_alone_no_teacher_forward(timeline):
     alone = timeline["alone"]
     assert len(alone) >= 5
-    assert all((r["exchange_compute_ms"] or 0.0) == 0.0 for r in alone), [r["exchange_compute_ms"] for r in alone]
+    # The first round without peers is found out by running it (the dead group was still in its
+    # quorum); from then on the engine asks first and computes nothing.
+    assert all((r["exchange_compute_ms"] or 0.0) == 0.0 for r in alone[1:]), [r["exchange_compute_ms"] for r in alone]
 
 
 def test_restarted_group_does_not_wait_for_the_retired_one(timeline):

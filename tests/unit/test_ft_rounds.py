@@ -14,8 +14,13 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from codistill_ds.commands.lighthouse import start_lighthouse
+from codistill_ds.distributed.env import free_port
+from codistill_ds.exchange.batches import ExchangeBatch
+from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings
+from codistill_ds.exchange.transport.base import ExchangeResult
 from codistill_ds.exchange.transport.lighthouse import LighthouseMember
 from codistill_ds.exchange.transport.quorum import NO_PREDICTIONS, frame, unframe
 
@@ -171,3 +176,54 @@ def test_a_group_joins_a_running_pair_and_one_retires(lighthouse):
     assert run[3].m.retired == {1: b.nonce}
     for g in (0, 2, 3):
         run[g].leave()
+
+
+class AskedTransport:
+    """A transport that knows the next round's peer count (`peers_ahead`), like torchft's."""
+
+    def __init__(self, ahead: int | None) -> None:
+        self.ahead, self.rounds, self.asked = ahead, [], []
+        self.bytes_sent = 0
+
+    def peers_ahead(self, e: int, alone: bool) -> int | None:
+        self.asked.append((e, alone))
+        return self.ahead
+
+    def exchange(self, local, e: int) -> ExchangeResult:
+        self.rounds.append((e, local is None))
+        return ExchangeResult([], [], 0.0, [], 0)
+
+
+@pytest.fixture
+def one_rank_world():
+    """The engine's group collectives (agreement) over a world of one."""
+    mine = not dist.is_initialized()
+    if mine:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    if mine:
+        dist.destroy_process_group()
+
+
+def test_engine_skips_the_teacher_forward_when_no_peer_is_ahead(one_rank_world):
+    forwards = []
+
+    def predict(ids):
+        forwards.append(ids.shape)
+        return torch.randn(ids.shape[0] * (ids.shape[1] - 1), 16)
+
+    def batch_for(step, e):
+        return ExchangeBatch(torch.randint(0, 16, (2, 5)), rows=range(2))
+
+    for ahead, computed in ((0, False), (None, True), (1, True)):
+        t, forwards[:] = AskedTransport(ahead), []
+        eng = ExchangeEngine(transport=t, settings=ExchangeSettings(topk=4, dtype="fp32"), group=one_rank_world,
+                             group_id=0, batch_for=batch_for)
+        for step in range(3):
+            eng.step(step, predict)
+            assert (eng.stats.exchange_compute_ms > 0) == computed
+            if not computed:
+                assert eng.stats.peers == 0
+        assert bool(forwards) == computed and [e for e, _ in t.rounds] == [0, 1, 2]
+        assert all(skipped == (not computed) for _, skipped in t.rounds)  # the round runs, without a payload
+        assert t.asked[1:] == [(e, True) for e in (1, 2)]  # no peer in the last round: "alone"
