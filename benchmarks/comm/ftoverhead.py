@@ -254,8 +254,8 @@ def analyze_case(run: dict) -> dict:
 
 def ft_markdown(result: dict) -> list[str]:
     lines = ["", "### Step time of transport torchft against transport world (same config, arms alternated)", "",
-             "| case | K | S | interval | backend | world step ms | torchft step ms | torchft / world | "
-             "per block | goal <= 1.05 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             ("| case | K | S | interval | backend | world step ms | torchft step ms | torchft / world | "
+              "per block | goal <= 1.05 |"), "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x, f="{:.1f}": "-" if x is None else f.format(x)
     for c in result["cases"]:
         if "error" in c:

@@ -22,7 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from codistill_ds.distributed.launching import REPO, child_env, signal_tree, stop, torchrun_argv
+from codistill_ds.distributed.launching import (
+    REPO,
+    child_env,
+    signal_tree,
+    stop,
+    torchrun_argv,
+)
 from codistill_ds.run.metrics import read_records
 
 

@@ -36,7 +36,13 @@ from codistill_ds.exchange.transport.contract import (
     contract_mismatch,
     reference_contract,
 )
-from codistill_ds.exchange.transport.quorum import NO_PREDICTIONS, Plan, QuorumAhead, frame, unframe
+from codistill_ds.exchange.transport.quorum import (
+    NO_PREDICTIONS,
+    Plan,
+    QuorumAhead,
+    frame,
+    unframe,
+)
 
 log = logging.getLogger(__name__)
 
