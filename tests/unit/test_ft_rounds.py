@@ -82,6 +82,7 @@ def test_frame_round_trip():
 def test_rounds_use_a_quorum_asked_one_round_ahead(lighthouse):
     a, b = lighthouse(0), lighthouse(1)
     assert together(lambda: a.join(2, 30), lambda: b.join(2, 30)) == [2, 2]
+    keys = []
     for e in range(4):
         # Before the round (and before any prediction is computed) the next quorum is known.
         assert together(lambda: a.peers_ahead(block=True), lambda: b.peers_ahead(block=True)) == [1, 1]
@@ -91,12 +92,14 @@ def test_rounds_use_a_quorum_asked_one_round_ahead(lighthouse):
         assert torch.equal(got_a[0].payload, payload(1, e)) and torch.equal(got_b[0].payload, payload(0, e))
         # The next round's quorum was asked right after the collective, on the background thread.
         assert a._ahead.in_flight() and b._ahead.in_flight()
+        keys.append(a._pg_key)
+    assert keys[0] is not None and len(set(keys)) == 1  # membership unchanged: one configured process group
     time.sleep(0.5)
     assert a._ahead.peek(block=False) is not None  # formed while "training"
     t0 = time.perf_counter()
     together(lambda: a.round(9, payload(0, 9)), lambda: b.round(9, payload(1, 9)))
     assert time.perf_counter() - t0 < 5.0
-    assert a._pg_key is not None and a._pg_key == b._pg_key  # one process group, kept
+    assert a._pg_key == b._pg_key == keys[0]  # still the same process group
 
 
 def test_a_group_alone_knows_before_computing(lighthouse):
