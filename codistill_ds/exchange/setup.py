@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from codistill_ds.config import CodistillConfig
@@ -47,7 +48,7 @@ def parallel_dims(cd: CodistillConfig, world_size: int, rank: int, *, replicate:
     (`torchft`); `codistill.enabled: false` makes the whole world one group (the baseline)."""
     if separate_group_jobs(cd):
         return ParallelDims(world_size=world_size, groups=1, rank=rank, replicate=replicate, tp=tp,
-                            first_group=cd.group_id, total_groups=cd.groups)
+                            first_group=cd.group_id, total_groups=cd.group_slots)
     return ParallelDims(world_size=world_size, groups=cd.groups if cd.enabled else 1, rank=rank,
                         replicate=replicate, tp=tp)
 
@@ -124,7 +125,8 @@ def ft_rails(cd: CodistillConfig, topology: Topology, member):
     from codistill_ds.exchange.transport.rails import FTRails
     from codistill_ds.exchange.transport.trust import load_secret
 
-    return FTRails(topology, member, lighthouse_url(cd), cd.exchange_timeout_s, key=load_secret(cd))
+    return FTRails(topology, member, lighthouse_url(cd), cd.exchange_timeout_s, key=load_secret(cd),
+                   to_owners=cd.mode == "logits" and cd.exchange_batch == "train")
 
 
 def build_engine(cd: CodistillConfig, topology: Topology, transport: Transport,
@@ -140,8 +142,15 @@ def join_groups(transport: Transport, cd: CodistillConfig, topology: Topology) -
     a fresh or resumed experiment's first exchange has every peer, and a group restarted while
     the others run is present as soon as they reach their next round. One job holding every
     group has them all at once. Returns how many groups are present; every rank calls it."""
+    start = time.monotonic()
     present = transport.join(cd.groups, cd.join_timeout_s)
+    took = time.monotonic() - start
     if separate_group_jobs(cd) and topology.rank == 0:
-        note = "" if present >= cd.groups else f" after {cd.join_timeout_s:.0f}s; starting without the others"
-        log.info("group %d: %d of %d groups present%s", cd.group_id, present, cd.groups, note)
+        member = getattr(transport, "member", None)
+        retired = sorted(getattr(member, "retired", {}))
+        note = f" ({', '.join(f'group {g}' for g in retired)} retired: not waited for)" if retired else ""
+        if getattr(member, "missing", None):
+            note += f" after {cd.join_timeout_s:.0f}s; starting without the others"
+        log.info("group %d: %d of %d groups present%s (join took %.1fs)", cd.group_id, present, cd.groups, note,
+                 took)
     return present

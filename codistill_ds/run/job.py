@@ -9,6 +9,7 @@ the path the Trainer and the own-loop API take too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -184,11 +185,26 @@ class _JobHooks(LoopHooks):
         self.job, self.watchdog, self.saver = job, watchdog, saver
 
     def after_step(self, loop: CodistillLoop, steps_done: int, record: dict) -> None:
-        check_finite_loss(record["loss"], self.job.topology.group, steps_done)
+        t = self.job.topology
+        asked = t.is_leader and self.job.transport is not None and os.path.exists(retire_request(self.job.cfg))
+        retire = check_finite_loss(record["loss"], t.group, steps_done, asked)
         self.watchdog.completed(steps_done)
-        if self.saver.due(steps_done):
+        if self.saver.due(steps_done) or (retire and self.job.cfg.train.save_interval):
             with self.watchdog.slow(f"saving checkpoint step_{steps_done}"):
                 self.saver.save(steps_done)
+        if retire:
+            if t.is_leader:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(retire_request(self.job.cfg))  # honoured: a later resume trains on
+                log.info("group %d: retiring after step %d on request (%s); the other groups go on "
+                         "without it and do not wait for it", t.group_id, steps_done, retire_request(self.job.cfg))
+            loop.request_stop()
+
+
+def retire_request(cfg: Config) -> str:
+    """`codistill-ds retire RUN_DIR` writes this file; the group's leader looks for it after each
+    step, and the whole group stops after that step and leaves with a retire mark (torchft)."""
+    return os.path.join(cfg.run_dir, "RETIRE")
 
 
 def run(cfg: Config, hooks: Sequence[LoopHooks] = ()) -> dict:

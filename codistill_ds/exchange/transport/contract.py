@@ -36,11 +36,14 @@ CONTRACT_FIELDS = {
     "grad_accum": "train.grad_accum",
     "model": "model",
     "backend": "backend.name",
+    "max_groups": "codistill.max_groups",
 }
 """What every group of a quorum must share, and the config field that sets each: predictions
 are only comparable on the same tokens (corpus, seed, batch shape), the same vocabulary, and
-the same wire format. Modes that pair rank r with rank r, or derive a peer's batches, add the
-shape they rely on (`exchange_contract`); elsewhere those entries are None."""
+the same wire format; and the same group slots (`codistill.max_groups`: the data is split into
+that many shards, and group ids stay below it). Modes that pair rank r with rank r, or derive a
+peer's batches, add the shape they rely on (`exchange_contract`); elsewhere those entries are
+None."""
 
 
 def check_reachable(url: str, timeout_s: float) -> None:
@@ -95,10 +98,11 @@ def exchange_contract(cd: CodistillConfig, *, vocab_size: int, corpus_digest: st
             "topk": int(cd.topk), "dtype": cd.dtype, "index_dtype": choose_index_dtype(cd.index_dtype, vocab_size),
             "kind": kind, "temperature": float(cd.temperature), "token_fraction": float(cd.token_fraction),
             "mode": cd.mode, "route": cd.route, "exchange_batch": cd.exchange_batch if cd.mode == "logits" else None,
-            "group_size": int(group_size) if shaped else None, "groups": int(cd.groups) if train else None,
+            "group_size": int(group_size) if shaped else None, "groups": int(cd.group_slots) if train else None,
             "micro_batch_size": int(train_stream[0]) if train else None,
             "grad_accum": int(train_stream[1]) if train else None,
-            "model": model[0] if weights else None, "backend": model[1] if weights else None}
+            "model": model[0] if weights else None, "backend": model[1] if weights else None,
+            "max_groups": cd.group_slots}
 
 
 def reference_contract(members: list[dict]) -> dict:

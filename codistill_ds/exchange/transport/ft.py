@@ -29,7 +29,13 @@ on which exchange batch each peer predicted, and the loss it reports of itself (
 guard's input), in the header of its frame (`frames.py`), which with a shared secret is signed
 and checked on every route and rail (`trust.py`): a refused frame is counted by reason
 (`ExchangeResult.rejected`), never unpacked. The byte count is the predictions only, exactly as
-in `transport: world`. The member data also carries the *exchange contract* (vocabulary,
+in `transport: world`. Inside my group, on route leaders, who answered travels as one small
+float64 tensor (`_announce`), not a pickled object.
+
+The quorum is asked one round ahead (`quorum.QuorumAhead`), on every route and mode, so a
+round's critical path is its collective alone; and before the teacher forward the engine may
+ask `peers_ahead`: a round with no peer skips the forward (`exchange_compute_ms` 0, `peers` 0).
+The member data also carries the *exchange contract* (vocabulary,
 corpus, shared-stream seed, batch shape, top-k, wire dtype, payload kind, temperature): a
 group whose contract differs from the running groups' is refused with one line naming the
 field, and nobody else is disturbed; two jobs that claim the same group id are both visible
@@ -38,6 +44,7 @@ field, and nobody else is disturbed; two jobs that claim the same group id are b
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -48,6 +55,7 @@ from codistill_ds.distributed.topology import Topology
 from codistill_ds.exchange.transport.base import ExchangeResult
 from codistill_ds.exchange.transport.contract import IncompatibleGroup
 from codistill_ds.exchange.transport.lighthouse import LighthouseMember
+from codistill_ds.exchange.transport.rails import PROBLEMS as REJECTIONS
 from codistill_ds.exchange.transport.rails import FTRails
 from codistill_ds.exchange.wire import CompressedLogits, pack
 
@@ -73,6 +81,7 @@ class TorchFTTransport:
         self.t, self.member, self.route, self.to_owners, self.rails = topology, member, route, to_owners, rails
         self.bytes_sent = 0
         self._worker: ThreadPoolExecutor | None = None
+        self._last: Future | None = None
         self._leader = topology.dims.leader_of(topology.group_id)
 
     def join(self, groups: int, wait_s: float) -> int:
@@ -80,25 +89,59 @@ class TorchFTTransport:
         present = self.member.join(groups, wait_s) if self.member is not None else 0
         return comm.broadcast_object(present, src=self._leader, group=self.t.exchange_group)
 
-    def exchange(self, local: CompressedLogits, e: int, report: dict | None = None) -> ExchangeResult:
+    def exchange(self, local: CompressedLogits | None, e: int, report: dict | None = None) -> ExchangeResult:
+        """Blocking swap; `local` None: a round that `peers_ahead` found without peers."""
         return self._swap(local, e, report)
 
-    def start(self, local: CompressedLogits, e: int, report: dict | None = None) -> Future:
+    def start(self, local: CompressedLogits | None, e: int, report: dict | None = None) -> Future:
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codistill-ft-exchange")
-        return self._worker.submit(self._swap, local, e, report)
+        self._last = self._worker.submit(self._swap, local, e, report)
+        return self._last
 
-    def close(self) -> None:
+    def peers_ahead(self, e: int, alone: bool) -> int | None:
+        """How many peers the next round will have, when that is known before the teacher
+        forward and agreed on by every rank of my group; None: not known (compute as usual).
+
+        One rank per group: the leader looks at the quorum asked ahead (and waits for it when
+        the last round had no peer, or no round is in flight: it forms at once then). Several
+        ranks: only after a round without peers (`alone`, the same on every rank), because the
+        answer then costs one broadcast over my group; with peers present it is not asked."""
+        t = self.t
+        if t.group_size > 1 and not alone:
+            return None
+        n = -1
+        if self.member is not None:
+            busy = self._last is not None and not self._last.done()
+            if busy and alone:
+                self._last.exception()  # rounds without peers finish at once
+                busy = False
+            if not busy:
+                got = self.member.peers_ahead(block=alone or self._worker is None)
+                n = -1 if got is None else got
+        if t.group_size > 1:
+            flag = torch.tensor([n], dtype=torch.int64)
+            comm.broadcast(flag, src=self._leader, group=t.group)
+            n = int(flag.item())
+        return None if n < 0 else n
+
+    def close(self, retire: bool = True) -> None:
+        """Finish the rounds in flight and leave (`retire`: for good, with a farewell that
+        takes part in the round already agreed to, `LighthouseMember.close`)."""
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
         if self.rails is not None:
-            self.rails.close()
+            self.rails.close(retire=retire)
         elif self.member is not None:
-            self.member.close()
+            self.member.close(retire=retire)
 
-    def _swap(self, local: CompressedLogits, e: int, report: dict | None) -> ExchangeResult:
+    def _swap(self, local: CompressedLogits | None, e: int, report: dict | None) -> ExchangeResult:
         start = time.perf_counter()
+        if local is None:
+            if self.member is not None:
+                self.member.skip_round()
+            return ExchangeResult([], [], time.perf_counter() - start, [], 0)
         if self.route == "rails":
             got = self._rails(local, e, report)
         elif self.to_owners:
@@ -132,14 +175,14 @@ class TorchFTTransport:
 
     def _leader_round(self, call) -> tuple[list, dict]:
         """On the leader: run `call()` (a Lighthouse round); the header every rank of my group
-        gets: who answered intact (group, exchange, report), the frames refused by reason, or
-        this job's refusal."""
+        gets (`_announce`): who answered intact (group, exchange, report), the frames refused
+        by reason, or this job's refusal."""
         header: dict = {"peers": [], "error": None, "rejected": {}}
         got = []
         try:
             got = call()
         except IncompatibleGroup as err:
-            header["error"] = (err.field, err.reason)
+            header["error"] = err
         for p in got:  # refused by the frame check (tag, length): counted, never unpacked
             if p.problem is not None:
                 header["rejected"][p.problem] = header["rejected"].get(p.problem, 0) + 1
@@ -147,10 +190,36 @@ class TorchFTTransport:
         header["peers"] = [(p.group, p.exchange, p.report) for p in kept]
         return got, header
 
-    def _broadcast(self, header: dict) -> dict:
-        header = comm.broadcast_object(header, src=self._leader, group=self.t.exchange_group)
+    def _announce(self, header: dict) -> dict:
+        """The leader's header on every rank of my group: one float64 tensor [refused, n,
+        rejected by reason..., then per peer: group, exchange, reported loss (NaN: none), step]
+        over the exchange's copy of my group (a pickled object costs two broadcasts); the
+        refusal's text follows only when there is one. Raises the refusal on every rank."""
+        t = self.t
+        if t.group_size > 1:
+            slots = t.groups - 1  # peers have distinct group ids below codistill.max_groups (the contract)
+            r = len(REJECTIONS)
+            head = torch.full((2 + r + 4 * slots,), math.nan, dtype=torch.float64)
+            error, peers = header["error"], header["peers"]
+            head[0], head[1] = float(error is not None), len(peers)
+            head[2:2 + r] = torch.tensor([header["rejected"].get(why, 0) for why in REJECTIONS], dtype=torch.float64)
+            for i, (g, pe, rep) in enumerate(peers):
+                head[2 + r + 4 * i: 2 + r + 4 * i + 4] = torch.tensor(
+                    [g, pe, math.nan if rep is None else rep["loss"], -1 if rep is None else rep["step"]],
+                    dtype=torch.float64)
+            comm.broadcast(head, src=self._leader, group=t.exchange_group)
+            if int(head[0]):
+                why = comm.broadcast_object((error.field, error.reason) if error else None, src=self._leader,
+                                            group=t.exchange_group)
+                header["error"] = IncompatibleGroup(*why)
+            peers = []
+            for i in range(int(head[1])):
+                g, pe, loss, step = (float(x) for x in head[2 + r + 4 * i: 2 + r + 4 * i + 4])
+                peers.append((int(g), int(pe), None if math.isnan(loss) else {"loss": loss, "step": int(step)}))
+            header = {"error": header["error"], "peers": peers,
+                      "rejected": {why: int(head[2 + j]) for j, why in enumerate(REJECTIONS) if int(head[2 + j])}}
         if header["error"] is not None:
-            raise IncompatibleGroup(*header["error"])
+            raise header["error"]
         return header
 
     def _leaders_to_owners(self, local: CompressedLogits, e: int, report: dict | None):
@@ -169,7 +238,7 @@ class TorchFTTransport:
             got, header = self._leader_round(lambda: self.member.round_to_owners(e, parts, report))
             sent = sum(parts[p.group].numel() for p in got)
             kept = [p for p in got if p.problem is None]
-        header = self._broadcast(header)
+        header = self._announce(header)
         k = len(header["peers"])
         if k == 0:
             return [], [], sent, header["rejected"]
@@ -191,7 +260,7 @@ class TorchFTTransport:
             got, header = self._leader_round(lambda: self.member.round(e, payload, report))
             sent = payload.numel() * len(got)
             peers_whole = [fmt.unpack(p.payload, whole.num_tokens()) for p in got if p.problem is None]
-        header = self._broadcast(header)
+        header = self._announce(header)
         n = len(header["peers"])
         if n == 0:
             return [], [], sent, header["rejected"]

@@ -26,6 +26,7 @@ a failure mid-round can leave one rail without a peer another rail got, which `a
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ import torch
 from codistill_ds.distributed import comm
 from codistill_ds.distributed.topology import Topology
 from codistill_ds.exchange.transport.contract import IncompatibleGroup
+from codistill_ds.exchange.transport.frames import NO_PREDICTIONS
 from codistill_ds.exchange.transport.lighthouse import LighthouseMember, _route_to
 from codistill_ds.exchange.transport.quorum_pg import (
     AllGather,
@@ -42,6 +44,8 @@ from codistill_ds.exchange.transport.quorum_pg import (
     PeerPayload,
     QuorumGroup,
 )
+
+log = logging.getLogger(__name__)
 
 PROBLEMS = ("malformed", "auth")
 """Why the transport refuses a frame (`trust.open_frame`), in the order a code ranks them."""
@@ -63,10 +67,12 @@ class FTRails:
     membership (None on the other ranks); every rank calls every method, in the same order."""
 
     def __init__(self, topology: Topology, member: LighthouseMember | None, lighthouse: str, timeout_s: float,
-                 key: bytes | None = None) -> None:
+                 key: bytes | None = None, to_owners: bool = False) -> None:
+        """`to_owners`: my group's rounds are all-to-alls (`exchange_batch: train`), which a
+        farewell round must match; `key`: the shared secret, or None."""
         import os
 
-        self.t, self.member = topology, member
+        self.t, self.member, self.to_owners = topology, member, to_owners
         self._leader = topology.dims.leader_of(topology.group_id)
         _, iface = _route_to(lighthouse)  # my rail's gloo sockets on the interface that reaches the peers
         if iface is not None:
@@ -108,14 +114,33 @@ class FTRails:
                 failed = err
         sent = sent_by(got)  # what crossed from this rank, whether or not my group keeps it
         kept, any_failed, rejected = agree(got, self.t, failed is not None)
-        if any_failed and self.member is not None:
-            self.member.failed(e, view, failed or "a rail of this group failed")
+        if self.member is not None and view is not None:
+            if any_failed:
+                self.member.failed(e, view, failed or "a rail of this group failed")
+            self.member.done()  # every rail is over: ask for the next round's quorum
         return RailRound(kept, sent, rejected)
 
-    def close(self) -> None:
+    def close(self, retire: bool = True) -> None:
+        """Leave; `retire` (a job that ends, or `codistill-ds retire`): my leader takes the round
+        it had already agreed to (`LighthouseMember.farewell_view`), every rail takes part in it
+        without payload (its peers count on it), then the leader leaves a retire mark. Every rank
+        of my group calls it (the end of a run), so the view's broadcast cannot hang."""
+        view = None
+        if retire:
+            view = self.member.farewell_view() if self.member is not None else None
+            view = comm.broadcast_object(view, src=self._leader, group=self.t.exchange_group)
+        if view is not None:
+            nothing = AllToAll({}) if self.to_owners else AllGather(None)
+            try:
+                self.pg.run(view, self.t.group_id, nothing, NO_PREDICTIONS)
+            except Exception as err:  # noqa: BLE001 -- leaving anyway: the others drop that round
+                log.warning("group %d: the last round before leaving failed on rail %d (%s: %s)", self.t.group_id,
+                            self.t.position, type(err).__name__, err)
         self.pg.close()
         if self.member is not None:
-            self.member.close()
+            if retire:
+                self.member.retire_mark()
+            self.member.close(retire=False)
 
 
 def agree(got: list[PeerPayload], t: Topology, failed: bool = False) -> tuple[list[PeerPayload], bool, dict[str, int]]:
