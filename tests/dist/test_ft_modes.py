@@ -12,6 +12,10 @@ bit.
            memberships on the exchange thread; nothing is due at the first step), K = 2, FSDP2
   weights  mode weights over rail memberships, K = 2, ZeRO-3: every teacher holds its peer's
            shard of the last round
+The torchft jobs share a secret (CODISTILL_SECRET): every frame of every collective (the
+leaders' all-to-all, each rail's all-gather, the weight shards) is signed and checked, and the
+figures still equal the world job's (which has no frames at all).
+
 Plus `stale_teachers`: three one-rank jobs, group 2 leaves after 3 steps; group 0 (keep) goes
 on distilling from its last weights, group 1 (drop) from group 1's other peer only.
 """
@@ -35,6 +39,7 @@ MODES = {  # name: (K, steps, overrides)
     "weights": (2, 7, ["codistill.mode=weights", "codistill.interval=2", "train.eval_interval=0"]),
 }
 TOL = 1e-6
+SECRET = "ft-modes-test-secret-0123456789"
 
 
 def launch_mode(tmp: Path, mode: str) -> dict:
@@ -49,7 +54,7 @@ def launch_mode(tmp: Path, mode: str) -> dict:
         for g in range(k):
             ft = ["codistill.transport=torchft", f"codistill.group_id={g}", f"codistill.lighthouse={url}",
                   f"run_dir={tmp / f'g{g}' / 'run'}"]
-            jobs[f"g{g}"] = start_job(S, tmp / f"g{g}", [*common, *ft], tmp / f"g{g}.log")
+            jobs[f"g{g}"] = start_job(S, tmp / f"g{g}", [*common, *ft], tmp / f"g{g}.log", CODISTILL_SECRET=SECRET)
         for name, job in jobs.items():
             assert finish(job, 600) == 0, f"{mode} {name}:\n{log_tail(tmp / f'{name}.log')}"
     finally:
@@ -81,6 +86,7 @@ def test_every_mode_over_torchft_equals_world(mode_run):
                 worst[name] = max(worst[name], diff)
                 assert diff <= TOL, (key, name, w[name], f[name])
         assert w["cross_group_bytes"] == f["cross_group_bytes"], key
+        assert not f.get("skipped_peers"), (key, f.get("skipped_reasons"))  # every signed frame verified
         assert w["peers"] == f["peers"] == (None if key[1] == 1 and mode == "rails" else k - 1), key
     assert all(world[(g, s)]["distill_loss"] > 0 for g in range(k) for s in range(3, steps + 1))
     assert world[(0, steps)]["cross_group_bytes"] > 0
