@@ -17,7 +17,10 @@ leaders' all-to-all, each rail's all-gather, the weight shards) is signed and ch
 figures still equal the world job's (which has no frames at all).
 
 Plus `stale_teachers`: three one-rank jobs, group 2 leaves after 3 steps; group 0 (keep) goes
-on distilling from its last weights, group 1 (drop) from group 1's other peer only.
+on distilling from its last weights, group 1 (drop) from group 1's other peer only. A job that
+ends leaves with a retire mark, and the others then train without peers, without blocking,
+until the Lighthouse drops the retired member (its heartbeat timeout): groups 0 and 1 run long
+enough to meet again afterwards, and group 1 ends first, so its last round still has group 0.
 """
 
 from __future__ import annotations
@@ -119,8 +122,8 @@ def test_a_peer_that_left_is_kept_as_a_stale_teacher_or_dropped(tmp_path):
     common = ["codistill.groups=3", "codistill.mode=weights", "codistill.alpha=1", "backend.name=fsdp",
               "train.eval_interval=0", "codistill.exchange_timeout_s=5", "codistill.join_timeout_s=120",
               "codistill.transport=torchft", f"codistill.lighthouse={url}"]
-    plan = {0: ["codistill.stale_teachers=keep", "train.steps=14"],
-            1: ["codistill.stale_teachers=drop", "train.steps=14"],
+    plan = {0: ["codistill.stale_teachers=keep", "train.steps=70"],
+            1: ["codistill.stale_teachers=drop", "train.steps=60"],
             2: ["train.steps=3"]}
     try:
         jobs = {g: start_job(1, tmp_path / f"g{g}", [*common, *extra, f"codistill.group_id={g}",
@@ -136,6 +139,7 @@ def test_a_peer_that_left_is_kept_as_a_stale_teacher_or_dropped(tmp_path):
         assert peers[g][:3] == [2, 2, 2], peers  # all three while group 2 ran
     assert peers[0][-1] == 2 and facts[0]["teacher_groups"] == [1, 2], peers  # keep: 2 stays, stale
     assert peers[1][-1] == 1 and facts[1]["teacher_groups"] == [0], peers  # drop: 2 is left out
+    assert set(peers[1][3:]) <= {0, 1}, peers  # drop: never group 2 again (0: rounds alone after it retired)
     assert facts[0]["teachers"]["2"] == facts[2]["last_sent"]  # group 2's weights of its last round
     assert facts[0]["teachers"]["1"] == facts[1]["last_sent"]
     print(f"\nstale teachers: peers per step keep={peers[0]} drop={peers[1]}")
