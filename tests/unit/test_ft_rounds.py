@@ -120,6 +120,26 @@ def test_a_group_alone_knows_before_computing(lighthouse):
     assert a.round(0, payload(0, 0)) == []
 
 
+def test_an_unreachable_lighthouse_skips_rounds_at_once(lighthouse):
+    """No heartbeat gets through (a link down): a quorum asked ahead that is not there yet is
+    not waited for, neither before the teacher forward (`peers_ahead`) nor in the round, so the
+    group trains on alone instead of waiting out the quorum timeout every round."""
+    from codistill_ds.exchange.transport.quorum import Plan, QuorumAhead
+
+    a = lighthouse(0)
+    assert a.join(1, 10) == 1
+    a._stop.set()  # no more heartbeats
+    a._last_beat = time.monotonic() - 60
+    a._ahead.close()
+    a._ahead = QuorumAhead(lambda: time.sleep(5) or Plan(-1, [], None))  # a request that hangs
+    a._ahead.request()
+    t0 = time.perf_counter()
+    assert a.peers_ahead(block=True) == 0
+    assert a.round(0, payload(0, 0)) == [] and a.round(1, payload(0, 1)) == []
+    assert time.perf_counter() - t0 < 1.0
+    a._ahead.close()
+
+
 class Runner:
     """One group training in a thread: a round every 50 ms, recording (seconds the round took,
     peer groups); `leave` ends the loop and closes with a retire mark (a clean farewell)."""

@@ -267,16 +267,16 @@ class LighthouseMember:
 
     def peers_ahead(self, block: bool) -> int | None:
         """Peers of the next round if its quorum is there (waiting for it when `block`), None
-        when not known yet. After a retirement rounds do not wait: 0 when it is not there."""
-        if not self.reachable() and not self._ahead.in_flight():
-            return 0
+        when not known yet. After a retirement, or while the Lighthouse is unreachable, rounds
+        do not wait: 0 when it is not there."""
+        reachable = self.reachable()
         self._ahead.request()
         try:
-            plan = self._ahead.peek(block and self._block)
+            plan = self._ahead.peek(block and self._block and reachable)
         except IncompatibleGroup:
             return None  # the round itself raises it, on every rank of my group (`view`)
         if plan is None:
-            return None if self._block else 0
+            return None if self._block and reachable else 0
         if plan.failed is not None:
             return 0
         return plan.peers
@@ -322,13 +322,17 @@ class LighthouseMember:
         just retired): the compatible groups that are neither joining nor leaving, or None (no
         quorum in time, the Lighthouse unreachable, or nobody else here; the next quorum is then
         asked at once). Raises `IncompatibleGroup` when this job is refused. After a view, the
-        caller runs the round's collective(s), then `done`."""
-        if not self.reachable() and not self._ahead.in_flight():
-            self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
-                       "peers until it answers again (warned once)")
-            return None
-        plan = self._ahead.take(block=self._block)
-        if plan is None:  # not there yet, and not waited for (a group just retired)
+        caller runs the round's collective(s), then `done`.
+
+        While no heartbeat gets through, a quorum that is not there yet is not waited for (its
+        request fails on the quorum thread after the timeout): rounds are skipped at once and
+        training goes on alone, as before quorums were asked ahead."""
+        reachable = self.reachable()
+        plan = self._ahead.take(block=self._block and reachable)
+        if plan is None:  # not there yet, and not waited for (a group just retired, or no link)
+            if not reachable:
+                self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
+                           "peers until it answers again (warned once)")
             return None
         self._block = not plan.retiring
         if plan.failed is not None:
