@@ -16,7 +16,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 # another environment's interrupted build from stalling every DeepSpeed start-up here.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
-.PHONY: demo demo-ft test test-fast venv lint clean print-accelerator gpu-check
+.PHONY: demo demo-ft demo-ft-faults test test-fast venv lint clean print-accelerator gpu-check
 
 venv: $(STAMP)
 
@@ -33,6 +33,11 @@ demo: $(STAMP)
 
 demo-ft: $(STAMP)
 	launch/demo_ft.sh runs/demo-ft
+
+# The same two jobs; group 1 is SIGKILLed partway and restarted with --resume while group 0 trains
+# on: runs/demo-ft-faults/timeline.png draws both groups' steps against time, with peers and the marks.
+demo-ft-faults: $(STAMP)
+	$(PY) -m benchmarks.faults.demo --out runs/demo-ft-faults
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests

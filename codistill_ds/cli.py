@@ -8,6 +8,7 @@
     codistill-ds train --config ... --resume                                # newest checkpoint
     codistill-ds export runs/demo --group 0 out/model                       # HF save_pretrained
     codistill-ds lighthouse --port 29510                                    # groups as separate jobs
+    codistill-ds retire runs/group2                                         # such a group leaves for good
     codistill-ds tokenize corpus/*.txt --out data/shards                     # once, then train with
                                                         #   --set data.train_files=[data/shards]
 """
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     from codistill_ds.commands.lighthouse import add_lighthouse_arguments
     from codistill_ds.commands.plan import add_plan_arguments
     from codistill_ds.commands.plot import add_plot_parser
+    from codistill_ds.commands.retire import add_retire_arguments
     from codistill_ds.commands.tokenize import add_tokenize_parser
     from codistill_ds.commands.train import add_train_parser
 
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_lighthouse_arguments(sub.add_parser("lighthouse", help="meeting point of groups that run as "
                                             "separate jobs (codistill.transport=torchft)"))
+    add_retire_arguments(sub.add_parser("retire", help="a group running as its own job (transport torchft) "
+                                        "leaves for good: the others stop waiting for it"))
     add_tokenize_parser(sub)
     return parser
 
@@ -48,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         from codistill_ds.commands.train import cmd_train
 
         return cmd_train(args, argv)
-    from codistill_ds.commands import export, lighthouse, plan, plot, tokenize
+    from codistill_ds.commands import export, lighthouse, plan, plot, retire, tokenize
 
     commands = {"plan": plan.run_plan, "export": export.cmd_export, "tokenize": tokenize.cmd_tokenize,
-                "lighthouse": lighthouse.run_lighthouse, "plot": plot.cmd_plot}
+                "lighthouse": lighthouse.run_lighthouse, "plot": plot.cmd_plot, "retire": retire.run_retire}
     return commands[args.command](args)
 
 

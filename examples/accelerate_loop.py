@@ -13,6 +13,12 @@ codistillation lines are marked `# codistill`. `--plain` runs the same loop with
 g's exact reference while alpha = 0 (tests/dist/test_accelerate_loop.py checks it):
 
     python examples/accelerate_loop.py --plain --data_shard 1 --num_shards 2 --batch_size 4
+
+Each group its own job (`transport: torchft`: a group that fails costs the others only its
+predictions): start `codistill-ds lighthouse --port 29510`, then per group g
+
+    accelerate launch --config_file launch/accelerate/zero3.yaml --num_processes 2 examples/accelerate_loop.py \
+        --groups 2 --transport torchft --group_id g --lighthouse http://127.0.0.1:29510
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--activation_checkpointing", default="none", choices=("none", "full", "selective"),
                    help="recompute each transformer block's activations in backward (same losses, less memory)")
+    p.add_argument("--transport", default="world", help="world (one launch, K groups) | torchft (a job per group)")
+    p.add_argument("--group_id", type=int, help="--transport torchft: the group this job trains")
+    p.add_argument("--lighthouse", help="--transport torchft: http://host:port of `codistill-ds lighthouse`")
     p.add_argument("--plain", action="store_true", help="no codistillation: the reference run")
     p.add_argument("--data_shard", type=int, default=0, help="--plain: train on rows data_shard::num_shards")
     p.add_argument("--num_shards", type=int, default=1)
@@ -100,7 +109,8 @@ def main(argv: list[str] | None = None):
         set_seed(args.seed + (0 if args.same_init else args.data_shard))
     else:
         config = CodistillConfig(groups=args.groups, same_init=args.same_init, alpha=args.alpha,  # codistill
-                                 burn_in=args.burn_in, interval=args.interval, topk=args.topk)  # codistill
+                                 burn_in=args.burn_in, interval=args.interval, topk=args.topk,  # codistill
+                                 transport=args.transport, group_id=args.group_id, lighthouse=args.lighthouse)  # codistill
         codistill = Codistill.from_accelerator(accelerator, config, exchange_dataset=rows, seed=args.seed)  # codistill
         prepare, train_rows = codistill.prepare, codistill.shard(rows)  # codistill: group g trains on rows g::K
     model = tiny_llama(args.seq_len)

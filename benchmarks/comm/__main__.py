@@ -24,6 +24,7 @@ from .bytes import (
     weights_mode_status,
 )
 from .common import MODES, Mode, launch_local
+from .ftoverhead import ft_markdown, run_ft, select_cases
 from .netns import netns_available, remove_stale
 from .overhead import analyze_overhead, overhead_arms, overhead_markdown
 from .twonode import (
@@ -34,7 +35,9 @@ from .twonode import (
     twonode_markdown,
 )
 
-PARTS = ("bytes", "overhead", "twonode")
+PARTS = ("bytes", "overhead", "twonode", "ft")
+DEFAULT_PARTS = ("bytes", "overhead", "twonode")
+"""`ft` (transport torchft against world, ftoverhead.py) runs only when named: 24 launches."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     size.add_argument("--smoke", action="store_true", help="tiny setting of the end-to-end test")
     size.add_argument("--quick", action="store_true", help="fewer steps and repeats (~6 minutes)")
     p.add_argument("--parts", help=f"comma-separated subset of {','.join(PARTS)} "
-                                   "(default: all; --smoke: bytes)")
+                                   f"(default: {','.join(DEFAULT_PARTS)}; --smoke: bytes)")
+    p.add_argument("--ft-cases", help="part ft: comma-separated case names or patterns, e.g. "
+                                      "'K2S1I1ds,K.S2I10fsdp' (default: all 24)")
+    p.add_argument("--ft-blocks", type=int, default=6, help="part ft: alternated blocks per arm at interval 1")
     p.add_argument("--rates", help="comma-separated tbf rates for twonode, e.g. 100mbit,10mbit")
     p.add_argument("--repeats", type=int, help="overhead repeats (default: the mode's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -93,6 +99,13 @@ def run_twonode(mode: Mode, runs: Path, out: Path) -> dict:
     return result
 
 
+def run_ft_part(mode: Mode, runs: Path, out: Path, args: argparse.Namespace) -> dict:
+    load = os.getloadavg()
+    result = run_ft(select_cases(args.ft_cases), args.ft_blocks, runs, mode.extra_sets, mode.timeout_s)
+    result.update(load_before=load, load_after=os.getloadavg())
+    return result
+
+
 def write_markdown(results: dict) -> str:
     lines = [(f"Command: `{results['command']}` ({results['wall_s']:.0f} s, mode "
               f"{results['mode']['name']}, load average before {results['load_before'][0]:.1f}, "
@@ -106,6 +119,8 @@ def write_markdown(results: dict) -> str:
         lines += ["", f"### (c) Two nodes: skipped ({c['skipped']})"]
     elif c:
         lines += twonode_markdown(c)
+    if results.get("ft"):
+        lines += ft_markdown(results["ft"])
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +131,7 @@ def _select(args: argparse.Namespace) -> tuple[Mode, list[str]]:
     if args.repeats:
         mode = replace(mode, overhead_repeats=args.repeats)
     mode = replace(mode, extra_sets=tuple(args.set))
-    parts = [p.strip() for p in (args.parts or ("bytes" if args.smoke else ",".join(PARTS))).split(",")]
+    parts = [p.strip() for p in (args.parts or ("bytes" if args.smoke else ",".join(DEFAULT_PARTS))).split(",")]
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise SystemExit(f"comm: unknown parts {unknown}; valid: {', '.join(PARTS)}")
@@ -134,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results: dict = {"command": command_line("benchmarks.comm"), "mode": asdict(mode),
                      "parts": parts, "nproc_cpu": os.cpu_count(), "load_before": os.getloadavg()}
-    steps = {"bytes": run_bytes, "overhead": run_overhead, "twonode": run_twonode}
+    steps = {"bytes": run_bytes, "overhead": run_overhead, "twonode": run_twonode,
+             "ft": lambda m, r, o: run_ft_part(m, r, o, args)}
     try:
         for part in parts:
             results[part] = steps[part](mode, runs, out)

@@ -15,6 +15,11 @@ optimizer steps committed per minute (goodput) against the clean arm, steps lost
 the survivors' step rate while another group is down, the time from a restart to its first
 exchange (from process launch, and from its first training step), the last validation loss.
 Writes OUT/results.json after every arm, OUT/results.md and OUT/faults.png at the end.
+
+`--exchange-batch train` runs every arm with `codistill.exchange_batch=train` (each group
+predicts on its peers' training batches; synchronous, staleness 0, as that mode needs). Before
+anything starts, the torchft arms' config is validated: on a checkout where that mode is not
+available over torchft the benchmark stops with the library's one-line reason (exit 2).
 """
 
 from __future__ import annotations
@@ -45,6 +50,24 @@ BASE = ["codistill.groups=3", "codistill.alpha=1", "codistill.staleness=1", "cod
         "data.micro_batch_size=4", "data.seq_len=64", "model.max_seq_len=64", "optim.warmup_steps=10"]
 FT = ["codistill.transport=torchft", "codistill.exchange_timeout_s=5", "backend.peer_timeout_s=60",
       "codistill.join_timeout_s=60"]
+
+
+MODES = {"shared": [], "train": ["codistill.exchange_batch=train", "codistill.staleness=0"]}
+"""`--exchange-batch`: overrides added to every arm (after BASE)."""
+
+
+def check_mode(extra: list[str]) -> str | None:
+    """The library's refusal of the torchft arms' config, or None when it validates."""
+    from codistill_ds.config import ConfigError, load_config
+    from codistill_ds.config.validation import validate
+
+    cfg = load_config(str(REPO / "examples" / "tiny_cpu.yaml"),
+                      [*BASE, *FT, *extra, "codistill.group_id=0", "codistill.lighthouse=http://127.0.0.1:1"])
+    try:
+        validate(cfg, 1, 256)
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def records(run: Path) -> list[dict]:
@@ -89,7 +112,8 @@ class Watcher:
             time.sleep(0.25)
 
 
-def run_arm(name: str, out: Path, minutes: float, period: float, downtime: float, seed: int) -> dict:
+def run_arm(name: str, out: Path, minutes: float, period: float, downtime: float, seed: int,
+            extra: list[str] = ()) -> dict:
     arm_dir = out / name
     ft, faults = name.startswith("ft"), name.endswith("faults")
     runs = {g: arm_dir / (f"group{g}" if ft else "run") for g in range(GROUPS)}
@@ -97,12 +121,12 @@ def run_arm(name: str, out: Path, minutes: float, period: float, downtime: float
     jobs: dict[int, subprocess.Popen] = {}
 
     def start(g: int | None, resume: bool) -> None:
-        extra = ["train.resume=auto"] if resume else []
+        more = [*extra, *(["train.resume=auto"] if resume else [])]
         if ft:
             jobs[g] = launch(1, [*BASE, *FT, f"codistill.group_id={g}", f"codistill.lighthouse={url}",
-                                 f"run_dir={runs[g]}", *extra], arm_dir / f"group{g}.log")
+                                 f"run_dir={runs[g]}", *more], arm_dir / f"group{g}.log")
         else:
-            jobs[0] = launch(GROUPS, [*BASE, f"run_dir={runs[0]}", *extra], arm_dir / "job.log")
+            jobs[0] = launch(GROUPS, [*BASE, f"run_dir={runs[0]}", *more], arm_dir / "job.log")
 
     arm_dir.mkdir(parents=True, exist_ok=True)
     for g in (range(GROUPS) if ft else [None]):
@@ -256,13 +280,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--downtime", type=float, default=15.0, help="seconds a killed group stays down")
     p.add_argument("--arms", default="ft-clean,ft-faults,world-clean,world-faults")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exchange-batch", choices=sorted(MODES), default="shared",
+                   help="codistill.exchange_batch of every arm (train: staleness 0)")
     args = p.parse_args(argv)
+    why = check_mode(MODES[args.exchange_batch])
+    if why is not None:
+        print(f"faults: --exchange-batch {args.exchange_batch} is refused by this checkout: {why}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"command": "python -m benchmarks.faults " + " ".join(sys.argv[1:] if argv is None else argv),
                "settings": vars(args), "arms": {}}
     for name in args.arms.split(","):
-        results["arms"][name] = run_arm(name, out, args.minutes, args.period, args.downtime, args.seed)
+        results["arms"][name] = run_arm(name, out, args.minutes, args.period, args.downtime, args.seed,
+                                        MODES[args.exchange_batch])
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(f"[faults] {name} done", flush=True)
     report(results, out)

@@ -13,12 +13,18 @@ How its timeouts show up in training (torchft src/lighthouse.rs, `quorum_compute
   two groups the survivor waits that long (a quorum needs more than half of the groups still
   heartbeating: the split-brain rule), with three or more it waits at most `--join-timeout-ms`;
 - a live group that is late for a round (a slow step, a checkpoint save) is waited for up to
-  `--join-timeout-ms`, then the round goes on without it.
+  `--join-timeout-ms`, then the round goes on without it;
+- a group that retired (`codistill-ds retire`, or its job ended) is held in the next quorum
+  until its heartbeat times out; the others do not wait for it (they train on without peers
+  until that quorum forms).
+
+`RUST_LOG=info codistill-ds lighthouse ...` logs every quorum request and quorum (default: warn).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from urllib.parse import urlparse
@@ -40,7 +46,9 @@ def start_lighthouse(port: int = 0, bind: str = "127.0.0.1", min_replicas: int =
                      join_timeout_ms: int = 5000, heartbeat_timeout_ms: int = 2000,
                      quorum_tick_ms: int = 50):
     """An in-process Lighthouse; returns (server, URL). The URL names the bound address (the
-    server itself reports the machine's hostname, which may not resolve for the groups)."""
+    server itself reports the machine's hostname, which may not resolve for the groups). Its
+    log is warnings only unless RUST_LOG says otherwise (see `run_lighthouse`)."""
+    os.environ.setdefault("RUST_LOG", "warn")  # read once, when torchft is first imported
     from torchft._torchft import LighthouseServer
 
     server = LighthouseServer(bind=f"{bind}:{port}", min_replicas=min_replicas, join_timeout_ms=join_timeout_ms,
@@ -51,7 +59,9 @@ def start_lighthouse(port: int = 0, bind: str = "127.0.0.1", min_replicas: int =
 
 
 def run_lighthouse(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM."""
+    """Serve until SIGINT/SIGTERM. The server's own log is warnings only unless RUST_LOG says
+    otherwise: at info it writes three lines per group per exchange round (every request and
+    every quorum with all member data), megabytes an hour, on the machine the groups share."""
     server, url = start_lighthouse(args.port, args.bind, args.min_replicas, args.join_timeout_ms,
                                    args.heartbeat_timeout_ms, args.quorum_tick_ms)
     print(f"codistill-ds lighthouse: listening on {url} (bind {args.bind}); groups use "

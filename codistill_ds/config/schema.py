@@ -170,14 +170,23 @@ class CodistillConfig:
     own torchrun/deepspeed job; groups meet through a torchft Lighthouse, one quorum per exchange
     round, and a dead or stopped group only costs the others its predictions)."""
     group_id: int | None = None
-    """transport torchft: which of the `groups` groups this job trains (0 .. groups-1)."""
+    """transport torchft: which group this job trains (0 .. groups-1, or up to max_groups-1)."""
+    max_groups: int | None = None
+    """transport torchft: the most groups that may ever run at once; groups with ids from
+    `groups` up to max_groups-1 may join while the others run (every job of the run sets the same
+    value: it splits the training data into max_groups shards). None: `groups`, no growth."""
     lighthouse: str | None = None
     """transport torchft: the Lighthouse URL, http://host:port (`codistill-ds lighthouse`);
     None reads the TORCHFT_LIGHTHOUSE environment variable, as torchft does."""
     join_timeout_s: float = 120.0
-    """transport torchft: a job waits up to this long at start for all `groups` groups, so that
-    its first exchange has every peer (a group restarted while the others run finds them at their
-    next round); after it, the job starts with whoever is present."""
+    """transport torchft: a job waits up to this long at start for groups 0..groups-1 (not for a
+    group that announced it retired), so that its first exchange has every peer (a group
+    restarted while the others run finds them at their next round); after it, the job starts
+    with whoever is present."""
+    stale_teachers: str = "keep"
+    """mode weights, transport torchft: a peer missing from the latest weight round "keep"s its
+    last weights as a stale teacher (the papers distill from teachers thousands of steps old) |
+    "drop": it is left out until it is back. A peer never received is never a teacher."""
     exchange_timeout_s: float = 30.0
     """transport torchft: the longest one round may block on a peer that stopped answering (the
     gloo timeout of the cross-group process group, and the longest wait for a quorum). The round is
@@ -192,6 +201,12 @@ class CodistillConfig:
     every job signs its quorum data and payloads with it (HMAC-SHA256) and refuses members that
     cannot; None reads the CODISTILL_SECRET environment variable, else no authentication. The
     secret itself is never written to config.yaml, metrics or logs."""
+
+    @property
+    def group_slots(self) -> int:
+        """Group ids this run may use, and the shards its training data is split into:
+        max_groups (transport torchft: groups may join while the others run), else groups."""
+        return self.max_groups if self.max_groups is not None and self.transport == "torchft" else self.groups
 
 
 @dataclass

@@ -38,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "codistill.loss": ("kl", "reverse_kl", "jsd", "mse"),
     "codistill.transport": ("world", "torchft"),
     "codistill.targets": ("topk", "samples"),
+    "codistill.stale_teachers": ("keep", "drop"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "backend.name": ("deepspeed", "fsdp"),
     "backend.precision": ("auto", "fp32", "bf16"),
@@ -101,19 +102,17 @@ def check_group_job(cfg: Config) -> None:
     """`transport: torchft`: this job is group `group_id` of `groups`; the job's whole world
     shards that one replica, and the peers are reached through the Lighthouse."""
     cd = cfg.codistill
-    _require(cd.group_id is not None and 0 <= cd.group_id < cd.groups, "codistill.group_id",
-             f"transport 'torchft' needs this job's group id in 0..{cd.groups - 1} "
-             f"(codistill.groups={cd.groups}), got {cd.group_id}")
+    slots = cd.group_slots
+    _require(slots >= cd.groups, "codistill.max_groups", f"must be >= codistill.groups={cd.groups}, got {slots}")
+    _require(cd.group_id is not None and 0 <= cd.group_id < slots, "codistill.group_id",
+             f"transport 'torchft' needs this job's group id in 0..{slots - 1} "
+             f"(codistill.groups={cd.groups}, max_groups={cd.max_groups}), got {cd.group_id}")
     _require(bool(cd.lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")), "codistill.lighthouse",
              "transport 'torchft' needs the Lighthouse URL (http://host:port, from `codistill-ds "
              "lighthouse`) in codistill.lighthouse or TORCHFT_LIGHTHOUSE")
-    for name, value, want, why in (
-            ("codistill.mode", cd.mode, "logits", "weight exchange needs rails between jobs"),
-            ("codistill.exchange_batch", cd.exchange_batch, "shared", ("a group cannot know the batches "
-                                                                       "of peers that run at their own pace")),
-            ("codistill.route", cd.route, "leaders", "each group's leader takes part in the quorum")):
-        _require(value == want, name, f"transport 'torchft' supports {name.split('.')[1]} {want!r} "
-                 f"only ({why}), got {value!r}")
+    # Every mode runs over torchft (exchange_batch train, route rails, mode weights): what they
+    # need the groups to share (group shape, training stream, model) is in the exchange contract,
+    # checked against the running groups when a job joins (transport/contract.py).
     _require(cd.exchange_timeout_s < cfg.backend.peer_timeout_s, "codistill.exchange_timeout_s",
              f"{cd.exchange_timeout_s}s must be below backend.peer_timeout_s "
              f"({cfg.backend.peer_timeout_s}s), or the watchdog stops the group while a round waits")
@@ -168,8 +167,11 @@ def check_numbers(cfg: Config) -> None:
     _check_milestones("optim.dropout_milestones", opt.dropout_milestones, True)
     cd = cfg.codistill
     groups_named = [g for g, _ in cd.peer_weights]
-    _require(len(set(groups_named)) == len(groups_named) and all(0 <= g < cd.groups for g in groups_named),
-             "codistill.peer_weights", f"peer groups must be distinct ids in 0..{cd.groups - 1}, got {groups_named}")
+    slots = cd.group_slots
+    _require(len(set(groups_named)) == len(groups_named) and all(0 <= g < slots for g in groups_named),
+             "codistill.peer_weights", f"peer groups must be distinct ids in 0..{slots - 1}, got {groups_named}")
+    _require(cd.max_groups is None or cd.transport == "torchft", "codistill.max_groups",
+             "groups can join a running run only with transport 'torchft' (one job per group)")
     _require(all(w >= 0 for _, w in cd.peer_weights), "codistill.peer_weights",
              f"weights must be >= 0, got {[w for _, w in cd.peer_weights]}")
     _require(cd.peer_guard_ratio == 0 or cd.peer_guard_ratio > 1, "codistill.peer_guard_ratio",

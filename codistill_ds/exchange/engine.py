@@ -129,7 +129,8 @@ class ExchangeEngine:
         group: my group's process group (the peer checks and agreement run over it).
         group_id: my codistillation group.
         batch_for: `batch_for(step, e)` gives my slice of exchange batch e (step is -1 when a
-            peer's batch is rebuilt).
+            peer's batch is rebuilt; with `on_own_batch` that is my own training batch of
+            exchange e, which a peer out of lockstep predicted on).
         on_own_batch: `exchange_batch: train`: I predict on my peers' training batches and
             receive their predictions on mine (the transport routes each to its owner), so
             targets cover my own first micro-batch and the student reuses its CE logits;
@@ -185,6 +186,8 @@ class ExchangeEngine:
         """Predict on exchange batch e (the driver's `predict`: eval mode, no grad, [N, V]
         logits), compress, and swap with the peers; the targets are due at step + staleness."""
         s, e = self.s, step // self.s.interval
+        if self._nobody_ahead(step, e):
+            return
         batch = self.batch_for(step, e)
         start = time.perf_counter()
         with torch.no_grad():
@@ -211,6 +214,21 @@ class ExchangeEngine:
             peers = [p for p, pe in zip(result.peers, self._exchanges(result, e)) if pe == e]
             if peers and all(check_content(p, self._vocab(mine)) is None for p in peers):
                 stats.distill_eval = lg.peer_distill_loss(logits, peers, s.loss, s.temperature, batch.mask).item()
+
+    def _nobody_ahead(self, step: int, e: int) -> bool:
+        """Ask first, compute after: a transport that knows the next round has no peer (a
+        group alone, `transport: torchft`) says so before the teacher forward, which is then
+        skipped; the round still runs (without a payload), so the transport stays in step.
+        The step's record shows `peers` 0 and `exchange_compute_ms` 0."""
+        ahead = getattr(self.transport, "peers_ahead", None)
+        if ahead is None or ahead(e, alone=self.stats.peers == 0) != 0:
+            return False
+        if self.s.staleness > 0 and self.s.async_exchange:
+            self.transport.start(None, e)
+        else:
+            self.transport.exchange(None, e)
+        self.stats.peers = 0
+        return True
 
     def _payload(self, e: int, logits: lg.Rows, batch: ExchangeBatch) -> CompressedLogits:
         """Top-k (or full) compression, or k draws from the teacher seeded by (seed, exchange, my
@@ -254,7 +272,9 @@ class ExchangeEngine:
             else:
                 batch = with_positions(self.batch_for(-1, e), e, self.s.seed, self.s.token_fraction)
             chosen = [(p, g) for p, g, pe in peers if pe == e]
-            inputs = None if self.on_own_batch else batch.inputs
+            # My own first micro-batch when the peers predicted on it this step; a peer out of
+            # lockstep predicted on my batch of its exchange, rebuilt here (`batch_for(-1, e)`).
+            inputs = None if self.on_own_batch and e == pending.exchange else batch.inputs
             out.append(TargetBatch(e, inputs, [p for p, _ in chosen], [g for _, g in chosen], batch.mask,
                                    batch.positions))
         return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from codistill_ds.config import CodistillConfig
@@ -47,7 +48,7 @@ def parallel_dims(cd: CodistillConfig, world_size: int, rank: int, *, replicate:
     (`torchft`); `codistill.enabled: false` makes the whole world one group (the baseline)."""
     if separate_group_jobs(cd):
         return ParallelDims(world_size=world_size, groups=1, rank=rank, replicate=replicate, tp=tp,
-                            first_group=cd.group_id, total_groups=cd.groups)
+                            first_group=cd.group_id, total_groups=cd.group_slots)
     return ParallelDims(world_size=world_size, groups=cd.groups if cd.enabled else 1, rank=rank,
                         replicate=replicate, tp=tp)
 
@@ -83,31 +84,49 @@ def group_seed(seed: int, cd: CodistillConfig, group_id: int) -> int:
 
 def build_transport(cd: CodistillConfig, topology: Topology, contract: Callable[[], dict] | None = None) -> Transport:
     """`world`: the routes over this job's process groups (`exchange_batch: train` sends each
-    prediction to its owner). `torchft`: the leader joins the Lighthouse with this group's
-    exchange contract (`contract()`, only evaluated on the leader); every rank gets the
-    transport (non-leaders gather and scatter through it)."""
+    prediction to its owner). `torchft`: this group's Lighthouse membership with its exchange
+    contract (`lighthouse_member`); every rank gets the transport (on route leaders the
+    non-leaders gather and scatter through it)."""
+    to_owners = cd.exchange_batch == "train"
     if not separate_group_jobs(cd):
         from codistill_ds.exchange.transport.world import LogitExchange
 
-        transport = LogitExchange(topology, cd.route, to_owners=cd.exchange_batch == "train",
-                                  reports=cd.peer_guard_ratio > 0)
+        transport = LogitExchange(topology, cd.route, to_owners=to_owners, reports=cd.peer_guard_ratio > 0)
     else:
         from codistill_ds.exchange.transport.ft import TorchFTTransport
-        from codistill_ds.exchange.transport.lighthouse import LighthouseMember
-        from codistill_ds.exchange.transport.trust import load_secret
 
-        member = None
-        if topology.is_leader:
-            if contract is None:
-                raise ValueError("transport torchft needs the exchange contract of this group")
-            member = LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s,
-                                      key=load_secret(cd))
-        transport = TorchFTTransport(topology, member)
+        member = lighthouse_member(cd, topology, contract)
+        rails = ft_rails(cd, topology, member) if cd.route == "rails" else None
+        transport = TorchFTTransport(topology, member, cd.route, to_owners=to_owners, rails=rails)
     if topology.tp > 1:  # each TP rank sends a distinct 1/T of the rows: the T = 1 bytes
         from codistill_ds.exchange.transport.tp_rows import TensorParallelRows
 
         transport = TensorParallelRows(transport, topology.exchange_tp_group, topology.tp_rank, topology.tp)
     return transport
+
+
+def lighthouse_member(cd: CodistillConfig, topology: Topology, contract: Callable[[], dict] | None):
+    """`transport: torchft`: my group's Lighthouse membership, on its leader (None on the other
+    ranks); `contract()` is evaluated there only."""
+    if not topology.is_leader:
+        return None
+    from codistill_ds.exchange.transport.lighthouse import LighthouseMember
+    from codistill_ds.exchange.transport.trust import load_secret
+
+    if contract is None:
+        raise ValueError("transport torchft needs the exchange contract of this group")
+    return LighthouseMember(lighthouse_url(cd), cd.group_id, contract(), cd.exchange_timeout_s, key=load_secret(cd))
+
+
+def ft_rails(cd: CodistillConfig, topology: Topology, member):
+    """`transport: torchft`, route rails or weight exchange: rank r's process group over rail r
+    of the groups in its leader's view of each round (`transport/rails.py`); every rank signs
+    and checks its rail's frames with the shared secret (`trust.py`)."""
+    from codistill_ds.exchange.transport.rails import FTRails
+    from codistill_ds.exchange.transport.trust import load_secret
+
+    return FTRails(topology, member, lighthouse_url(cd), cd.exchange_timeout_s, key=load_secret(cd),
+                   to_owners=cd.mode == "logits" and cd.exchange_batch == "train")
 
 
 def build_engine(cd: CodistillConfig, topology: Topology, transport: Transport,
@@ -123,8 +142,15 @@ def join_groups(transport: Transport, cd: CodistillConfig, topology: Topology) -
     a fresh or resumed experiment's first exchange has every peer, and a group restarted while
     the others run is present as soon as they reach their next round. One job holding every
     group has them all at once. Returns how many groups are present; every rank calls it."""
+    start = time.monotonic()
     present = transport.join(cd.groups, cd.join_timeout_s)
+    took = time.monotonic() - start
     if separate_group_jobs(cd) and topology.rank == 0:
-        note = "" if present >= cd.groups else f" after {cd.join_timeout_s:.0f}s; starting without the others"
-        log.info("group %d: %d of %d groups present%s", cd.group_id, present, cd.groups, note)
+        member = getattr(transport, "member", None)
+        retired = sorted(getattr(member, "retired", {}))
+        note = f" ({', '.join(f'group {g}' for g in retired)} retired: not waited for)" if retired else ""
+        if getattr(member, "missing", None):
+            note += f" after {cd.join_timeout_s:.0f}s; starting without the others"
+        log.info("group %d: %d of %d groups present%s (join took %.1fs)", cd.group_id, present, cd.groups, note,
+                 took)
     return present

@@ -48,6 +48,9 @@ def validate_integration(cfg: CodistillConfig, world_size: int, who: str, plain_
     if cfg.exchange_batch != "shared":
         raise ConfigError("codistill.exchange_batch", f"{who} supports 'shared' only: a group cannot "
                           "know its peers' batches")
+    if cfg.mode != "logits":
+        raise ConfigError("codistill.mode", f"{who} exchanges predictions ('logits') only: its teachers "
+                          "would need the model built by the host framework; use the CLI for 'weights'")
 
 
 class ExchangeBatches:
@@ -156,16 +159,18 @@ def topology_for(cd: CodistillConfig, dims: ParallelDims) -> Topology:
     return setup.build_job_topology(cd, dims, torch.cuda.is_available())
 
 
-def dataset_contract(cd: CodistillConfig, dataset: Any, digest: str, seed: int, batch: int, vocab_size: int) -> dict:
+def dataset_contract(cd: CodistillConfig, dataset: Any, digest: str, seed: int, batch: int, vocab_size: int,
+                     group_size: int) -> dict:
     """The exchange contract of a group job whose exchange batches come from `dataset`: its
-    digest stands for the corpus, the model's vocabulary for the tokenizer."""
+    digest stands for the corpus, the model's vocabulary for the tokenizer (and the group size,
+    which route rails pairs rank by rank)."""
     from codistill_ds.exchange.engine import ExchangeSettings
     from codistill_ds.exchange.transport.contract import exchange_contract
 
     first = dataset[0] if len(dataset) else {}
     seq_len = len(first["input_ids"]) if isinstance(first, dict) and "input_ids" in first else -1
     return exchange_contract(cd, vocab_size=vocab_size, corpus_digest=digest, seed=seed, exchange_batch_size=batch,
-                             seq_len=seq_len, kind=ExchangeSettings.from_config(cd).kind)
+                             seq_len=seq_len, kind=ExchangeSettings.from_config(cd).kind, group_size=group_size)
 
 
 def engine_for_dataset(cd: CodistillConfig, topology: Topology, *, dataset: Any, digest: str, seed: int,
@@ -178,7 +183,7 @@ def engine_for_dataset(cd: CodistillConfig, topology: Topology, *, dataset: Any,
     batches = ExchangeBatches(dataset, seed, batch, topology, collate, device, cd.ignore_index)
     if transport is None:
         transport = setup.build_transport(
-            cd, topology, lambda: dataset_contract(cd, dataset, digest, seed, batch, vocab_size()))
+            cd, topology, lambda: dataset_contract(cd, dataset, digest, seed, batch, vocab_size(), topology.group_size))
     return setup.build_engine(cd, topology, transport, batches, seed)
 
 

@@ -134,7 +134,7 @@ def _explicit(path: str, existing: list[tuple[int, str]]) -> str:
 
 def check_compatible(meta: dict, cfg: Config, world_size: int, path: str) -> None:
     """Shards are per rank and per architecture: the resuming job must match the saving one."""
-    groups = cfg.codistill.groups if cfg.codistill.enabled else 1
+    groups = cfg.codistill.group_slots if cfg.codistill.enabled else 1
     checks = [("backend.name", meta["backend"], cfg.backend.name),
               ("codistill.groups", meta["groups"], groups),
               ("world_size", meta["world_size"], world_size),

@@ -21,15 +21,18 @@ class NonFiniteLoss(RuntimeError):
     """My group's training loss is NaN/Inf: stop before sending predictions to the peers."""
 
 
-def check_finite_loss(loss: float, group: dist.ProcessGroup, step: int) -> None:
+def check_finite_loss(loss: float, group: dist.ProcessGroup, step: int, flag: bool = False) -> bool:
     """Raise `NonFiniteLoss` on every rank of my group when any of them saw a NaN/Inf loss.
 
     Runs after the optimizer step and before the next exchange: the diverged weights never
-    produce predictions for the peers. Agreed over the group so all of its ranks stop together."""
-    flags = torch.tensor([0.0 if math.isfinite(loss) else 1.0], dtype=torch.float64)
+    produce predictions for the peers. Agreed over the group so all of its ranks stop together.
+    `flag` rides on the same all-reduce (no extra collective): returns whether any rank of my
+    group raised it (the CLI job's retire request, seen by the leader only)."""
+    flags = torch.tensor([0.0 if math.isfinite(loss) else 1.0, float(flag)], dtype=torch.float64)
     comm.all_reduce(flags, op=comm.ReduceOp.MAX, group=group)
-    if flags.item() > 0:
+    if flags[0].item() > 0:
         raise NonFiniteLoss(
             f"training loss is not finite at step {step} (this rank's loss: {loss}); stopped "
             "before sending predictions to the peer groups. Lower optim.lr, raise "
             "optim.warmup_steps or check the data, then resume from the last checkpoint")
+    return bool(flags[1].item() > 0)

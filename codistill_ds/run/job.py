@@ -9,6 +9,7 @@ the path the Trainer and the own-loop API take too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -109,14 +110,21 @@ def use_bf16(cfg: Config) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def exchange_contract(cfg: Config, topology: Topology, corpus: Corpus) -> dict:
-    """What the running groups must share with this one (`transport: torchft`)."""
+def exchange_contract(cfg: Config, topology: Topology, corpus: Corpus, n_params: int = 0) -> dict:
+    """What the running groups must share with this one (`transport: torchft`): the tokens and
+    wire format, plus the group shape, training stream and model where a mode relies on them."""
+    import hashlib
+
+    from codistill_ds.config import config_to_dict
     from codistill_ds.exchange.transport.contract import exchange_contract as contract
 
     d, cd = cfg.data, cfg.codistill
+    model = hashlib.sha1(repr((sorted(config_to_dict(cfg.model).items()), n_params)).encode()).hexdigest()[:16]
     return contract(cd, vocab_size=corpus.vocab_size, corpus_digest=corpus_digest(corpus.train), seed=cfg.seed,
                     exchange_batch_size=d.exchange_batch_size or d.micro_batch_size * topology.data_size,
-                    seq_len=d.seq_len, kind=ExchangeSettings.from_config(cd).kind)
+                    seq_len=d.seq_len, kind=ExchangeSettings.from_config(cd).kind, group_size=topology.group_size,
+                    train_stream=(d.micro_batch_size, cfg.train.grad_accum),
+                    model=(model, f"{cfg.backend.name} {'bf16' if use_bf16(cfg) else 'fp32'}"))
 
 
 @dataclass
@@ -154,10 +162,19 @@ def build_job(cfg: Config, hooks: Sequence[LoopHooks] = ()) -> Job:
     comm.barrier()
     writer = MetricsWriter(cfg.run_dir, enabled=topology.is_leader, report_to=cfg.train.report_to,
                            group=topology.group_id)
-    transport = None
-    if cfg.codistill.enabled and cfg.codistill.mode == "logits" and topology.groups > 1:
-        transport = setup.build_transport(cfg.codistill, topology, lambda: exchange_contract(cfg, topology, corpus))
-    loop = CodistillLoop(cfg, topology, backend, corpus, writer, rankinfo.device(), transport, hooks)
+    transport, teachers = None, None
+    contract = lambda: exchange_contract(cfg, topology, corpus, n_params)  # evaluated only where a member is made
+    cd = cfg.codistill
+    if cd.enabled and cd.mode == "logits" and topology.groups > 1:
+        transport = setup.build_transport(cd, topology, contract)
+    elif cd.enabled and cd.mode == "weights" and setup.separate_group_jobs(cd):
+        from codistill_ds.exchange.weights import WeightExchange
+
+        rails = setup.ft_rails(cd, topology, setup.lighthouse_member(cd, topology, contract))
+        teachers = transport = WeightExchange(topology, backend, cd.interval, ExchangeSettings.from_config(cd, cfg.seed),
+                                              rails, cd.stale_teachers)
+    loop = CodistillLoop(cfg, topology, backend, corpus, writer, rankinfo.device(), transport if teachers is None else None,
+                         hooks, teachers)
     return Job(cfg, topology, backend, loop, n_params, transport)
 
 
@@ -168,11 +185,26 @@ class _JobHooks(LoopHooks):
         self.job, self.watchdog, self.saver = job, watchdog, saver
 
     def after_step(self, loop: CodistillLoop, steps_done: int, record: dict) -> None:
-        check_finite_loss(record["loss"], self.job.topology.group, steps_done)
+        t = self.job.topology
+        asked = t.is_leader and self.job.transport is not None and os.path.exists(retire_request(self.job.cfg))
+        retire = check_finite_loss(record["loss"], t.group, steps_done, asked)
         self.watchdog.completed(steps_done)
-        if self.saver.due(steps_done):
+        if self.saver.due(steps_done) or (retire and self.job.cfg.train.save_interval):
             with self.watchdog.slow(f"saving checkpoint step_{steps_done}"):
                 self.saver.save(steps_done)
+        if retire:
+            if t.is_leader:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(retire_request(self.job.cfg))  # honoured: a later resume trains on
+                log.info("group %d: retiring after step %d on request (%s); the other groups go on "
+                         "without it and do not wait for it", t.group_id, steps_done, retire_request(self.job.cfg))
+            loop.request_stop()
+
+
+def retire_request(cfg: Config) -> str:
+    """`codistill-ds retire RUN_DIR` writes this file; the group's leader looks for it after each
+    step, and the whole group stops after that step and leaves with a retire mark (torchft)."""
+    return os.path.join(cfg.run_dir, "RETIRE")
 
 
 def run(cfg: Config, hooks: Sequence[LoopHooks] = ()) -> dict:

@@ -126,7 +126,8 @@ class CodistillLoop:
         if teachers is None and self.codistill and cd.mode == "weights":
             from codistill_ds.exchange.weights import WeightExchange
 
-            teachers = WeightExchange(t, backend, cd.interval, ExchangeSettings.from_config(cd, cfg.seed))
+            teachers = WeightExchange(t, backend, cd.interval, ExchangeSettings.from_config(cd, cfg.seed),
+                                      stale=cd.stale_teachers)
         self.teachers = teachers
         self.rail_streams = [
             TrainStream(corpus, cfg.seed, g, t.groups, t.data_rank, t.data_size, d.micro_batch_size,
@@ -217,13 +218,18 @@ class CodistillLoop:
 
         "train": my peers' current first micro-batches for my data rank, in group order (not
         mine: nobody needs my predictions on my own batch); under `token_fraction` f < 1 only
-        their first ceil(f x b) sequences (`own_rows`), so the teacher forward shrinks by f. Training streams are pure functions
-        of (group, step), so each group derives its peers' batches locally and still only logits
-        cross groups; each prediction goes only to the group that trains on it."""
+        their first ceil(f x b) sequences (`own_rows`), so the teacher forward shrinks by f.
+        Training streams are pure functions of (group, step), so each group derives its peers'
+        batches locally and still only logits cross groups; each prediction goes only to the group
+        that trains on it. Step -1 (the engine rebuilds what a peer out of lockstep predicted on,
+        at its exchange e): my own first micro-batch of exchange step e x interval (its first
+        rows), the batch that peer derived for me."""
         if self.cfg.codistill.exchange_batch == "shared":
             ex = self.exchange_stream
             return ExchangeBatch(ex.batch_slice(e), rows=range(ex.rank * ex.slice, (ex.rank + 1) * ex.slice))
         rows = own_rows(self.cfg.data.micro_batch_size, self.cfg.codistill.token_fraction)
+        if step < 0:
+            return ExchangeBatch(self.train_stream.micro_batch(e * self.cfg.codistill.interval, 0)[:rows])
         return ExchangeBatch(torch.cat([s.micro_batch(step, 0)[:rows] for g, s in enumerate(self.rail_streams)
                                         if g != self.t.group_id]))
 
@@ -305,6 +311,8 @@ class CodistillLoop:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if hasattr(self.teachers, "close"):  # a torchft membership of weight exchange
+            self.teachers.close()
 
     def _log(self, record: dict) -> None:
         """Group means of loss/distill_loss, the group's CPU time of the step (the sum over its

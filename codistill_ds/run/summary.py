@@ -61,10 +61,10 @@ def format_table(summary: dict) -> str:
     """The end-of-run table: one row per group."""
     head = f"{'group':>5} {'train loss':>10} {'val loss':>9} {'best val':>9} {'agree':>6} {'x-group bytes':>14}"
     rows = [head, "-" * len(head)]
+    num = lambda x, spec: "-" if x is None else format(x, spec)
     for g in summary["per_group"]:
-        agree = "-" if g["agreement"] is None else f"{g['agreement']:.3f}"
-        rows.append(f"{g['group']:>5} {g['final_loss']:>10.4f} {g['final_val_loss']:>9.4f} "
-                    f"{g['best_val_loss']:>9.4f} {agree:>6} {g['cross_group_bytes']:>14,}")
+        rows.append(f"{g['group']:>5} {num(g['final_loss'], '.4f'):>10} {num(g['final_val_loss'], '.4f'):>9} "
+                    f"{num(g['best_val_loss'], '.4f'):>9} {num(g['agreement'], '.3f'):>6} {g['cross_group_bytes']:>14,}")
     rows.append(f"{summary['groups']} groups x {summary['ranks_per_group']} ranks, "
                 f"{summary['params']:,} params, {summary['steps']} steps, {summary['wall_s']:.1f}s")
     return "\n".join(rows)

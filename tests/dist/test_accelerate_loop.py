@@ -12,6 +12,10 @@ the group's seed, its data shard and order, and the in-group sharding at once. T
 run checkpoints activations (`Codistill.checkpoint_activations`, "full": every block) and the
 plain one does not, so the same comparison shows that checkpointing leaves the losses unchanged.
 
+Beside it, in the same launch, the example as one job per group (`--transport torchft`, a real
+Lighthouse, 2 ranks per job under `accelerate launch --num_processes 2`): every group's logged
+loss, distillation loss, alpha, peers and bytes equal the one-job run's to 1e-6.
+
 ZeRO-3 only, to keep to one launch: ZeRO-2 through the same hook (`engines_in_group`) runs in
 tests/dist/test_hf_stock_script.py (the Trainer). FSDP2 through Accelerate cannot run on CPU:
 Accelerate 1.15 enables FSDP for accelerator process types only (under
@@ -39,7 +43,7 @@ COMMON = ["--steps", str(STEPS), "--burn_in", str(BURN_IN), "--interval", "2", "
 WORKER = str(WORKERS / "accelerate_loop_run.py")
 
 
-def run(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run(argv: list[str], timeout: float = 480) -> subprocess.CompletedProcess:
     return subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout,
                           check=False)
 
@@ -52,18 +56,29 @@ def runs(tmp_path_factory):
               *COMMON, "--groups", str(K), "--batch_size", str(BATCH), "--activation_checkpointing", "full"]
     plain = {g: [sys.executable, WORKER, str(tmp / f"plain{g}"), *COMMON, "--plain", "--data_shard", str(g),
                  "--num_shards", str(K), "--batch_size", str(BATCH * S)] for g in range(K)}
-    with ThreadPoolExecutor(1 + K) as pool:
-        jobs = {"codistill": pool.submit(run, launch), **{g: pool.submit(run, argv) for g, argv in plain.items()}}
-        procs = {name: job.result() for name, job in jobs.items()}
+    from codistill_ds.commands.lighthouse import start_lighthouse
+
+    server, url = start_lighthouse(port=0, bind="127.0.0.1", join_timeout_ms=60000)
+    ft = {f"ft{g}": [accelerate, "launch", "--config_file", "launch/accelerate/zero3.yaml", "--num_processes", str(S),
+                     WORKER, str(tmp / f"ft{g}"), *COMMON, "--groups", str(K), "--batch_size", str(BATCH),
+                     "--transport", "torchft", "--group_id", str(g), "--lighthouse", url] for g in range(K)}
+    try:
+        with ThreadPoolExecutor(1 + 2 * K) as pool:
+            jobs = {"codistill": pool.submit(run, launch), **{g: pool.submit(run, argv) for g, argv in plain.items()},
+                    **{name: pool.submit(run, argv) for name, argv in ft.items()}}
+            procs = {name: job.result() for name, job in jobs.items()}
+    finally:
+        server.shutdown()
     for name, proc in procs.items():
         assert proc.returncode == 0, f"{name}: rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     codistill = [json.loads((tmp / "codistill" / f"rank{r}.json").read_text()) for r in range(K * S)]
-    return codistill, {g: json.loads((tmp / f"plain{g}" / "rank0.json").read_text()) for g in range(K)}
+    torchft = {g: [json.loads((tmp / f"ft{g}" / f"rank{r}.json").read_text()) for r in range(S)] for g in range(K)}
+    return codistill, {g: json.loads((tmp / f"plain{g}" / "rank0.json").read_text()) for g in range(K)}, torchft
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_own_accelerate_loop_codistills_inside_groups(runs):
-    ranks, plain = runs
+    ranks, plain, _ = runs
     assert [r["dp_world_size"] for r in ranks] == [S] * (K * S)
     assert all(r["checkpointed"] == [0, 1] for r in ranks)  # both blocks recompute (the tiny Llama has 2)
     assert all(p["checkpointed"] == [] for p in plain.values())
@@ -88,6 +103,30 @@ def test_own_accelerate_loop_codistills_inside_groups(runs):
         # Afterwards the distillation term moves the weights: the comparison above is not vacuous.
         assert max(abs(a - b) for a, b in zip(mine[BURN_IN + 1:], reference[BURN_IN + 1:])) > 1e-4, (mine, reference)
     assert plain[0]["checksum"] != plain[1]["checksum"]
+
+
+@pytest.mark.timeout(900)
+def test_own_loop_over_torchft_equals_one_job(runs):
+    """Each group its own 2-rank job through the Lighthouse: the same figures as the one-job run."""
+    ranks, _, torchft = runs
+    worst = 0.0
+    for g in range(K):
+        world = [r for r in ranks if r["group"] == g]
+        ft = torchft[g]
+        assert [r["group"] for r in ft] == [g] * S and [r["dp_world_size"] for r in ft] == [S] * S
+        for w_rank, f_rank in zip(world, ft):
+            assert len(f_rank["logs"]) == STEPS
+            for w, f in zip(w_rank["logs"], f_rank["logs"]):
+                assert (w["step"], w["alpha"], w.get("peers"), w["cross_group_bytes"]) == (
+                    f["step"], f["alpha"], f.get("peers"), f["cross_group_bytes"]), (g, w, f)
+                for key in ("loss", "distill_loss"):
+                    assert (key in w) == (key in f), (g, key)
+                    if key in w:
+                        worst = max(worst, abs(w[key] - f[key]))
+                        assert abs(w[key] - f[key]) <= 1e-6, (g, w["step"], key, w[key], f[key])
+        assert world[0]["checksum"] == pytest.approx(ft[0]["checksum"], abs=1e-6)
+        assert ft[0]["logs"][-1]["peers"] == K - 1 and ft[0]["logs"][-1]["distill_loss"] > 0
+    print(f"\nown loop, torchft (2 jobs x {S} ranks) vs one job: max |loss or distill_loss difference| {worst:.1e}")
 
 
 def _group_figures(records: list[dict]) -> list[tuple]:

@@ -1,6 +1,7 @@
 """Rank program: `codistill_ds.run.job.run` with recorders and injected faults. Args: OUT CONFIG
 [overrides...]. Writes OUT/rank{r}.json: the step it started from, digests of the predictions
-it sent and received per step, a digest of its group's full weights at the end, and (leaders)
+it sent and received per step, a digest of its group's full weights at the end (weight exchange:
+of each teacher's shards and of the shard it sent last), and (leaders)
 OUT/logits_group{g}.pt: eval-mode logits of the trained replica on a fixed batch.
 
 FAULT (env, comma-separated, first attempt only, i.e. TORCHELASTIC_RESTART_COUNT == 0):
@@ -153,6 +154,13 @@ def main() -> None:
               "sent": RECORD["sent"], "recv": RECORD["recv"], "weights": weights_digest(job),
               "restored_weights": RECORD.get("restored_weights"),
               "restarts": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))}
+    teachers = job.loop.teachers
+    if teachers is not None:  # weight exchange: what each teacher holds, what I sent last
+        from codistill_ds.exchange.weights import digest as shard_digest
+
+        result.update(teachers={str(g): shard_digest(w.shards()) for g, w in teachers.teachers.items()},
+                      last_sent=teachers.last_sent_digest, teacher_groups=teachers.peer_groups,
+                      weight_bytes=teachers.bytes_sent)
     (out / f"rank{t.rank}.json").write_text(json.dumps(result))
     shutdown()  # the same end as `codistill-ds train`
     exit_process(0)

@@ -30,10 +30,10 @@ def main() -> None:
     sent: dict = {}
     exchange = w.exchange
 
-    def exchange_and_record() -> float:
+    def exchange_and_record(e: int = 0) -> float:
         with evaluating(job.backend):
             sent["logits"] = job.backend.forward(batch[:, :-1]).float().clone()
-        return exchange()
+        return exchange(e)
 
     w.exchange = exchange_and_record
     job.loop.run()

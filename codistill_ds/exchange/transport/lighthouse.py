@@ -1,12 +1,25 @@
-"""One group's membership of the torchft Lighthouse: heartbeats, quorums, one all-gather per round.
+"""One group's membership of the torchft Lighthouse: heartbeats, quorums, one collective per round.
 
-The group's leader holds a `LighthouseMember`; each exchange round asks the Lighthouse for a
-quorum of the groups alive now, configures torchft's reconfigurable gloo process group over
-them (only when membership changed) and all-gathers the whole-batch payloads. The member data
-carries the exchange contract (`contract.py`), who sent what and on which exchange batch, the
-payload's byte count and the loss the group reports of itself, so the payload is the
-predictions only. With a shared secret the member data and each payload frame carry HMAC tags
-(`trust.py`); members that do not verify are left out before the process group is configured.
+The group's leader holds a `LighthouseMember`; each exchange round takes a quorum of the groups
+alive now (asked for one round ahead, on a background thread: `quorum.QuorumAhead`), turns it
+into the round's `view`, configures torchft's reconfigurable gloo process group over it (only
+when membership changed, `quorum_pg.QuorumGroup`) and runs one collective: an all-gather of
+whole-batch payloads (`round`), or an all-to-all whose part for group h is what h alone trains
+on (`round_to_owners`, `exchange_batch: train`). On route `rails` the leader only asks; its
+ranks run the collective on their rails over the view it broadcasts (`rails.py`), and the next
+quorum is asked once every rail is done (`done`). The member data carries the exchange contract
+(`contract.py`), who takes part and the groups known to have retired; each frame of the
+collective carries its exchange index, byte count and the loss the group reports of itself
+(`frames.py`), so the payload is the predictions (or weights) only. With a shared secret the
+member data and every frame of every collective carry HMAC tags (`trust.py`); members that do
+not verify are left out before any process group is configured.
+
+A job that leaves for good says so (`close(retire=True)`): it takes part in the round it had
+already agreed to without predictions, then asks once more with a retire mark. The running
+groups leave it out of that round on, remember it in their member data (so a group that
+(re)starts later does not wait for it at its join), and do not block on the next quorum, which
+the Lighthouse holds until the retired job's heartbeat times out: rounds go without peers
+meanwhile.
 """
 
 from __future__ import annotations
@@ -18,18 +31,23 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlparse
 
 import torch
 
 from codistill_ds.config import ConfigError
 from codistill_ds.exchange.transport import trust
-from codistill_ds.exchange.transport.contract import (
-    IncompatibleGroup,
-    contract_mismatch,
-    reference_contract,
+from codistill_ds.exchange.transport.contract import IncompatibleGroup
+from codistill_ds.exchange.transport.frames import NO_PREDICTIONS
+from codistill_ds.exchange.transport.membership import compatible, learn_retired
+from codistill_ds.exchange.transport.quorum import Plan, QuorumAhead
+from codistill_ds.exchange.transport.quorum_pg import (
+    AllGather,
+    AllToAll,
+    Collective,
+    PeerPayload,
+    QuorumGroup,
+    RoundView,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +57,8 @@ HEARTBEAT_S = 0.1
 group is dropped from quorums)."""
 UNREACHABLE_S = 1.5
 """No heartbeat has reached the Lighthouse for this long: the link is down, skip rounds."""
+FAREWELL_S = 5.0
+"""The longest a leaving job waits for its last two quorums (the round it agreed to, the mark)."""
 
 
 def _route_to(url: str) -> tuple[str, str | None]:
@@ -71,32 +91,18 @@ def _interface_of(addr: str) -> str | None:
     return None
 
 
-@dataclass
-class PeerPayload:
-    """One peer group's whole-batch predictions from a round (None, with the reason in `problem`,
-    when its frame did not verify or had the wrong length: skipped, never unpacked)."""
-
-    group: int
-    exchange: int
-    payload: torch.Tensor | None
-    report: dict | None = None
-    problem: str | None = None
-
-
 class LighthouseMember:
-    """A group leader's membership: heartbeats, one quorum per round, the reconfigurable gloo
-    process group over the compatible members, and the all-gather of their payloads."""
+    """A group leader's membership: heartbeats, one quorum per round (asked one round ahead),
+    the reconfigurable gloo process group over the compatible members, and the route `leaders`
+    collective on it."""
 
     def __init__(self, lighthouse: str, group_id: int, contract: dict, timeout_s: float,
                  connect_timeout_s: float = 10.0, key: bytes | None = None) -> None:
         from torchft._torchft import LighthouseClient
-        from torchft.process_group import ProcessGroupGloo
 
         self.url, self.group_id, self.contract = lighthouse, group_id, contract
         self.key = key
         """The shared secret (trust.py), or None: no authentication."""
-        self.frame_bytes = 0
-        """Bytes of my frame in the latest round (payload, padding, tag): what each peer got."""
         self.nonce, self.started = uuid.uuid4().hex, time.time()
         self.replica_id = f"group_{group_id}_{self.nonce[:12]}"
         """Unique per job, so two jobs claiming one group id are both visible in a quorum (the
@@ -115,17 +121,27 @@ class LighthouseMember:
         self.store = torch.distributed.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                                                 timeout=self.timeout)
         self.store_address = f"{host}:{self.store.port}"
-        self.pg = ProcessGroupGloo(timeout=self.timeout)
+        self.pg = QuorumGroup(timeout_s, "leaders", key)
         self.generation = 0
         """Raised after a failed round; the next round's members take the highest generation
         they see and reconfigure, so a broken process group is never reused."""
-        self._pg_key: tuple | None = None
         self._last_beat = time.monotonic()
         """When a heartbeat last reached the Lighthouse: while it cannot be reached, rounds are
         skipped at once instead of each waiting out a quorum timeout (training goes on alone)."""
         self.last_heartbeat_error: Exception | None = None
         self.last_quorum_error: Exception | None = None
         """The latest failures of the background heartbeat and of the start-up join (for a report)."""
+        self.retired: dict[int, str] = {}
+        """Group id -> nonce of a job that announced it left for good (learned in quorums and
+        passed on in my member data), so that a join does not wait for that group."""
+        self.missing: set[int] = set()
+        """Groups the start-up join waited for in vain (neither present nor retired)."""
+        self._retiring = False
+        self._refused = False
+        self._block = True
+        """Whether a round waits for its quorum: not right after a job retired (the Lighthouse
+        holds that quorum until the retired job's heartbeat times out)."""
+        self._ahead = QuorumAhead(self._ask, keep=(IncompatibleGroup,))
         self._stop = threading.Event()
         self._warned: set[str] = set()
         self._beat = threading.Thread(target=self._heartbeat, name="codistill-lighthouse-heartbeat",
@@ -144,140 +160,213 @@ class LighthouseMember:
         """A heartbeat got through within the last UNREACHABLE_S seconds."""
         return time.monotonic() - self._last_beat < UNREACHABLE_S
 
-    def close(self) -> None:
+    # ---- leaving ------------------------------------------------------------------------------
+    def close(self, retire: bool = True) -> None:
+        """Leave the Lighthouse; `retire`: say that this group leaves for good (a farewell of at
+        most two quorums, FAREWELL_S each), so the running groups neither exchange with it nor
+        wait for it at a later join. A refused job or an unreachable Lighthouse skips it. On
+        route `rails` the rails take part in the agreed round (`rails.FTRails.close`) and call
+        this with retire=False after `retire_mark`."""
+        if retire:
+            view = self.farewell_view()
+            if view is not None:
+                try:  # the others count on me in this round's collective: take part, send nothing
+                    self.pg.run(view, self.group_id, self._nothing(), NO_PREDICTIONS)
+                except Exception as err:  # noqa: BLE001 -- leaving anyway
+                    self._warn("farewell", f"the last round failed ({type(err).__name__}: {err})")
+            self.retire_mark()
         self._stop.set()
-        self.pg.abort(errored=False)
+        self._ahead.close()
+        self.pg.close()
 
-    def _quorum(self, e: int, joining: bool, nbytes: int = 0, report: dict | None = None):
-        fields = {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
-                  "started": self.started, "gen": self.generation, "joining": joining, "nbytes": int(nbytes),
-                  "report": report, "replica": self.replica_id}
+    def _nothing(self) -> Collective:
+        """The collective of my mode with nothing from me (the contract says which)."""
+        return AllToAll({}) if self.contract.get("exchange_batch") == "train" else AllGather(None)
+
+    def can_retire(self) -> bool:
+        return not self._refused and not self._retiring and self.reachable()
+
+    def farewell_view(self) -> RoundView | None:
+        """The view of the round I had already agreed to (its quorum asked ahead), if peers
+        count on me in it; None otherwise (or when I may not retire)."""
+        if not self.can_retire() or not self._ahead.in_flight():
+            return None
+        try:
+            plan = self._ahead.take(block=True, timeout=FAREWELL_S)
+        except IncompatibleGroup:
+            return None
+        return self._view_of(plan) if plan is not None and plan.failed is None and plan.peers else None
+
+    def retire_mark(self) -> None:
+        """Ask once more, with a retire mark in my member data."""
+        if not self.can_retire():
+            return
+        self._retiring = True
+        try:
+            self.client.quorum(replica_id=self.replica_id, timeout=datetime.timedelta(seconds=FAREWELL_S),
+                               address="", store_address=self.store_address, step=0, world_size=1,
+                               shrink_only=False, data=trust.seal(self._data(-1, joining=False), self.key))
+        except Exception as err:  # noqa: BLE001 -- leaving anyway: the others see a silent job
+            self._warn("farewell", f"could not announce the retirement ({type(err).__name__}: {err})")
+
+    # ---- quorums ------------------------------------------------------------------------------
+    def _data(self, e: int, joining: bool) -> dict:
+        return {"group": self.group_id, "exchange": e, "contract": self.contract, "nonce": self.nonce,
+                "started": self.started, "gen": self.generation, "joining": joining, "replica": self.replica_id,
+                "retiring": self._retiring, "retired": {str(g): n for g, n in self.retired.items()}}
+
+    def _quorum(self, e: int, joining: bool):
         return self.client.quorum(replica_id=self.replica_id, timeout=self.timeout, address="",
                                   store_address=self.store_address, step=max(e, 0), world_size=1,
-                                  shrink_only=False, data=trust.seal(fields, self.key))
+                                  shrink_only=False, data=trust.seal(self._data(e, joining), self.key))
 
     def _members(self, quorum, seen: dict[str, trust.Member] | None = None) -> list[trust.Member]:
-        """The quorum's participants this round may exchange with, in replica-id order: those
-        whose member data verifies under my secret (trust.py), then those holding the contract
-        most of them share (a newcomer never displaces the running groups), then one job per
-        group id, the oldest (a second job claiming a running group's id is refused). Raises
-        `IncompatibleGroup` when the refusal is mine; everyone else computes the same list from
-        the same member data and leaves the refused job out. `seen` (while joining) collects the
-        members of every quorum so far: the Lighthouse may answer a newcomer with quorums that
-        hold only some of the running groups, so the refusal counts all of them."""
-        everyone = [trust.open_member(p, self.key) for p in quorum.participants]
-        if seen is not None:
-            seen.update((m.replica_id, m) for m in everyone)
-        why = trust.refusal(list(seen.values()) if seen is not None else everyone, self.key)
-        if why is not None:
-            raise IncompatibleGroup("codistill.secret_file", why)
-        for m in everyone:
-            if not m.verified:
-                self._warn(f"auth{m.replica_id}", f"left quorum member {m.replica_id} out of every round: its "
-                           "member data does not verify under this job's shared secret (or lack of one)")
-        parts = [m for m in everyone if m.verified]
-        reference = reference_contract([m.data for m in parts])
-        why = contract_mismatch(self.contract, reference)
-        if why is not None:
-            field, detail = why.split(": ", 1)
-            raise IncompatibleGroup(field, f"refused by the running codistillation groups: {detail}")
-        compatible = [p for p in parts if p.data["contract"] == reference]
-        oldest: dict[int, Any] = {}
-        for p in compatible:
-            g, key = int(p.data["group"]), (p.data["started"], p.data["nonce"])
-            if g not in oldest or key < (oldest[g].data["started"], oldest[g].data["nonce"]):
-                oldest[g] = p
-        if self.group_id in oldest and oldest[self.group_id].data["nonce"] != self.nonce:
-            other = oldest[self.group_id].data
-            raise IncompatibleGroup("codistill.group_id", f"group {self.group_id} is already trained by "
-                                    f"another job (running since {time.ctime(other['started'])}); give "
-                                    "each job its own group id")
-        return [p for p in compatible if oldest[int(p.data["group"])] is p]
+        """The quorum's participants this round may exchange with (`membership.compatible`)."""
+        return compatible(quorum, key=self.key, contract=self.contract, group_id=self.group_id, nonce=self.nonce,
+                          warn=self._warn, seen=seen)
+
+    def _ask(self) -> Plan:
+        """On the quorum thread: one request for the next round, and its answer read (member
+        data verified, the contract, one job per group, the retire marks), all off the training
+        thread."""
+        quorum = self._quorum(-1, joining=False)
+        try:
+            members = self._members(quorum)
+        except IncompatibleGroup:
+            self._refused = True
+            raise
+        learn_retired(self.retired, members)
+        retiring = {int(m.data["group"]) for m in members if m.data.get("retiring")}
+        active = [m for m in members if not m.data.get("joining") and not m.data.get("retiring")]
+        ids = [m.replica_id for m in active]
+        me = ids.index(self.replica_id) if self.replica_id in ids else None
+        gen = max((int(m.data.get("gen", 0)) for m in active), default=0)
+        return Plan(int(quorum.quorum_id), active, me, gen, retiring)
 
     def join(self, groups: int, wait_s: float) -> int:
-        """Block until all `groups` groups are present (or `wait_s` passed); returns how many are."""
+        """Block until groups 0..groups-1 are present or known to have retired (or `wait_s`
+        passed); returns how many groups are present. Then asks for the first round's quorum."""
         deadline = time.monotonic() + wait_s
-        present, seen = 0, {}
+        present: set[int] = set()
+        seen: dict[str, trust.Member] = {}
         while True:
             try:
                 members = self._members(self._quorum(-1, joining=True), seen)
-                present = len({m.data["group"] for m in members})
+                learn_retired(self.retired, members)
+                present = {int(m.data["group"]) for m in members if not m.data.get("retiring")}
             except IncompatibleGroup:
+                self._refused = True
                 raise
             except Exception as err:  # noqa: BLE001 -- no quorum within the timeout: ask again until the deadline
                 self.last_quorum_error = err
-            if present >= groups or time.monotonic() >= deadline:
-                return present
+            self.missing = set(range(groups)) - present - set(self.retired)
+            if not self.missing or time.monotonic() >= deadline:
+                self._ahead.request()
+                return len(present)
             time.sleep(0.05)
 
+    def peers_ahead(self, block: bool) -> int | None:
+        """Peers of the next round if its quorum is there (waiting for it when `block`), None
+        when not known yet. After a retirement, or while the Lighthouse is unreachable, rounds
+        do not wait: 0 when it is not there."""
+        reachable = self.reachable()
+        self._ahead.request()
+        try:
+            plan = self._ahead.peek(block and self._block and reachable)
+        except IncompatibleGroup:
+            return None  # the round itself raises it, on every rank of my group (`view`)
+        if plan is None:
+            return None if self._block and reachable else 0
+        if plan.failed is not None:
+            return 0
+        return plan.peers
+
+    def skip_round(self) -> None:
+        """A round in which I have nothing to send because `peers_ahead` said 0: use up that
+        quorum (if it is there and still has no peer) and ask for the next one."""
+        try:
+            plan = self._ahead.peek(block=False)
+        except IncompatibleGroup:
+            return  # kept for the next round, which raises it on every rank of my group
+        if plan is not None and (plan.peers == 0 or plan.failed is not None):
+            self._ahead.take(block=False)
+            self._block = not plan.retiring
+            self._ahead.request()
+
+    # ---- rounds -------------------------------------------------------------------------------
     def round(self, e: int, payload: torch.Tensor, report: dict | None = None) -> list[PeerPayload]:
-        """One exchange round: my whole-batch payload to the compatible groups present, theirs
-        back, each checked (`trust.open_frame`: tag, byte length) before anyone unpacks it. A
+        """One exchange round: my whole-batch payload (and `report`, what my group says of
+        itself) to the compatible groups present, theirs back, each frame checked (tag, byte
+        length) before anyone unpacks it: a refused one comes back with its `problem` set. A
         failed round (a peer died or stopped mid-way) returns [] and is not retried."""
-        self.frame_bytes = 0
-        if not self.reachable():
-            self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
-                       "peers until it answers again (warned once)")
+        return self._round(e, AllGather(payload), report)
+
+    def round_to_owners(self, e: int, parts: dict[int, torch.Tensor], report: dict | None = None) -> list[PeerPayload]:
+        """One round where my part for group h goes to h alone (`quorum_pg.AllToAll`)."""
+        return self._round(e, AllToAll(parts), report)
+
+    def _round(self, e: int, collective: Collective, report: dict | None) -> list[PeerPayload]:
+        view = self.view(e)
+        if view is None:
             return []
         try:
-            quorum = self._quorum(e, joining=False, nbytes=payload.numel(), report=report)
-        except Exception as err:  # noqa: BLE001 -- Lighthouse unreachable or no quorum in time
+            return self.pg.run(view, self.group_id, collective, e, report)
+        except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
+            self.failed(e, view, err)
+            return []
+        finally:
+            self.done()
+
+    def view(self, e: int) -> RoundView | None:
+        """Who takes part in exchange round e (the quorum asked ahead, waited for unless a group
+        just retired): the compatible groups that are neither joining nor leaving, or None (no
+        quorum in time, the Lighthouse unreachable, or nobody else here; the next quorum is then
+        asked at once). Raises `IncompatibleGroup` when this job is refused. After a view, the
+        caller runs the round's collective(s), then `done`.
+
+        While no heartbeat gets through, a quorum that is not there yet is not waited for (its
+        request fails on the quorum thread after the timeout): rounds are skipped at once and
+        training goes on alone, as before quorums were asked ahead."""
+        reachable = self.reachable()
+        plan = self._ahead.take(block=self._block and reachable)
+        if plan is None:  # not there yet, and not waited for (a group just retired, or no link)
+            if not reachable:
+                self._warn("unreachable", f"the Lighthouse at {self.url} is unreachable; training on without "
+                           "peers until it answers again (warned once)")
+            return None
+        self._block = not plan.retiring
+        if plan.failed is not None:
+            err = plan.failed
             self._warn(f"quorum{type(err).__name__}", f"no quorum for exchange {e} ({type(err).__name__}: "
                        f"{str(err).splitlines()[0][:120] if str(err) else ''}); training on without peers "
                        "(warned once)")
-            return []
-        members = [m for m in self._members(quorum) if not m.data.get("joining")]
-        if len(members) < 2 or not any(m.replica_id == self.replica_id for m in members):
-            return []
-        ids = [m.replica_id for m in members]
-        self.generation = max(self.generation, *(int(m.data.get("gen", 0)) for m in members))
-        expected, declared = payload.numel(), [int(m.data.get("nbytes", 0)) for m in members]
-        size = trust.frame_size(declared)
-        round_id = f"{quorum.quorum_id}/{self.generation}/{','.join(ids)}"
-        tag = None if self.key is None else trust.frame_tag(self.key, round_id, self.replica_id, e, expected,
-                                                            payload[:size])
-        mine = trust.frame(payload, size, tag)
-        try:
-            self._configure(members, quorum.quorum_id)
-            out = [torch.empty_like(mine) for _ in members]
-            from torch._C._distributed_c10d import AllgatherOptions
+        view = self._view_of(plan) if plan.failed is None and plan.peers else None
+        if view is None:
+            self.done()
+        return view
 
-            self.pg.allgather([out], [mine], AllgatherOptions()).wait()
-        except Exception as err:  # noqa: BLE001 -- gloo reports a lost peer as RuntimeError
-            self.generation += 1
-            self._pg_key = None
-            self.pg.abort()
-            self._warn(f"round{e}", f"exchange {e} with groups {[m.data['group'] for m in members]} "
-                       f"failed ({type(err).__name__}: {str(err).splitlines()[0][:120]}); training on")
-            return []
-        me, got = ids.index(self.replica_id), []
-        self.frame_bytes = mine.numel()
-        for i, m in enumerate(members):
-            if i != me:
-                body, problem = trust.open_frame(out[i], size, declared[i], expected, self.key, round_id,
-                                                 m.replica_id, int(m.data["exchange"]))
-                report = m.data.get("report")
-                got.append(PeerPayload(int(m.data["group"]), int(m.data["exchange"]), body,
-                                       report if isinstance(report, dict) else None, problem))
-        return got
+    def _view_of(self, plan: Plan) -> RoundView:
+        self.generation = max(self.generation, plan.generation)
+        return RoundView(plan.quorum_id, self.generation, tuple(m.replica_id for m in plan.members),
+                         tuple(int(m.data["group"]) for m in plan.members), plan.members[0].store_address)
 
-    def _configure(self, members: list[trust.Member], quorum_id: int) -> None:
-        """A new gloo process group only when the quorum (the Lighthouse bumps its id whenever
-        membership changes), our member list or the generation changed; the store prefix names
-        all three, so a reconfiguration never reads a previous one's rendezvous keys."""
-        ids = tuple(m.replica_id for m in members)
-        key = (quorum_id, ids, self.generation)
-        if key == self._pg_key:
-            return
-        prefix = f"codistill/q{quorum_id}/g{self.generation}/{'.'.join(ids)}"
-        self.pg.configure(f"{members[0].store_address}/{prefix}", self.replica_id,
-                          ids.index(self.replica_id), len(ids))
-        self._pg_key = key
+    def done(self) -> None:
+        """The round's collective is over (here, or on every rail of my group): ask for the next
+        round's quorum now, so that it forms while we train; its member data carries the
+        outcome (a failure's raised generation)."""
+        if not self._stop.is_set():
+            self._ahead.request()
+
+    def failed(self, e: int, view: RoundView, err: Exception | str) -> None:
+        """A round's collective failed (here, or on one of my group's rails): the next round's
+        members take the highest generation they see and reconfigure, so a broken process group
+        is never reused."""
+        self.generation += 1
+        text = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}" if isinstance(err, Exception) else err
+        self._warn(f"round{e}", f"exchange {e} with groups {list(view.groups)} failed ({text}); training on")
 
     def _warn(self, key: str, text: str) -> None:
         if key in self._warned:
             return
         self._warned.add(key)
         log.warning("group %d: %s", self.group_id, text)
-
-

@@ -6,15 +6,16 @@ CODISTILL_SECRET environment variable; never written to config.yaml, metrics or 
 that into membership, with two HMAC-SHA256 tags (docs/design.md, "Trusting peers"):
 
 - **member data**: each job's quorum data travels as one canonical JSON string (`signed`: group,
-  exchange index, the exchange contract, nonce, start time, generation, payload byte count,
-  the loss it reports, its replica id) and `auth` = HMAC(secret, "member|" + signed). The string
+  exchange index, the exchange contract, nonce, start time, generation, its replica id) and `auth` = HMAC(secret, "member|" + signed). The string
   is signed as sent, so no JSON re-encoding by the Lighthouse can change what is verified. Every
   member verifies every other member before the gloo group is configured: a member that does
   not verify is left out of the round by everyone, and a job whose secret is missing or
   different from the members that outnumber it refuses itself with one line (exit 2).
 - **payload frame**: after the quorum, each member appends HMAC(secret, "frame|" + quorum id,
   generation, member list, sender, its exchange index, its byte count, the payload) to its
-  payload. The quorum id and exchange index make the tag fresh for this round: member data
+  payload, in every collective of every mode (`frames.py`: the payload there begins with a
+  header holding the exchange index, byte count and the loss the group reports, so all of them
+  are signed). The quorum id and exchange index make the tag fresh for this round: member data
   replayed from an earlier round, or bytes injected into the gloo group, do not verify and are
   skipped (reason "auth"), never distilled on.
 
@@ -51,7 +52,7 @@ is otherwise only a number an attacker chooses)."""
 
 
 _FIELDS = {"group": int, "exchange": int, "contract": dict, "nonce": str, "started": (int, float),
-           "gen": int, "nbytes": int}
+           "gen": int}
 """Member data fields every participant must carry, with their types: anything else is left out
 of the round (with or without a secret), never read."""
 
