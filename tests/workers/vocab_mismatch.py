@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import sys
 
+from codistill_ds.commands.train import main_guarded
 from codistill_ds.config import load_config
 from codistill_ds.data.tokenizers import ByteTokenizer
-from codistill_ds.commands.train import main_guarded
 from codistill_ds.run import job
 
 
