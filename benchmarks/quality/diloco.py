@@ -13,8 +13,10 @@ Records (metrics.jsonl, one writer per worker, as the CLI's groups): the worker'
 `step_ms` and `cpu_ms` of the update (the outer step included, inside the optimizer's step),
 `val_loss` of the weights the worker holds (between outer steps they are local; right after
 one, the shared model), `global_val_loss` of the last shared model where the two differ, and
-`cross_group_bytes`: what a ring all-reduce of the fp32 pseudo-gradient puts on each worker's
-link per outer step, 2 (W - 1) / W x 4 x P bytes with W = 2 (docs/design.md "Counting bytes").
+`cross_group_bytes`: measured, what a ring all-reduce of the tensors DiLoCo hands to the
+manager's all-reduce puts on each worker's link (`count_allreduce`), which for fp32
+pseudo-gradients is 2 (W - 1) / W x 4 x P bytes per outer step with W = 2 (docs/design.md
+"Counting bytes"; tests/dist/test_quality_bench.py checks the two agree).
 
     python -m benchmarks.quality.diloco --run-dir D --replica 0 --lighthouse URL --sync-every H \\
         --set KEY=VALUE ...        # one worker; benchmarks/quality runs both through `starter`
@@ -100,7 +102,8 @@ def train(args: argparse.Namespace) -> None:
     manager, _store = make_manager(args.replica, args.lighthouse, args.timeout_s)
     outer = torch.optim.SGD(trainer.model.parameters(), lr=OUTER_LR, momentum=OUTER_MOMENTUM, nesterov=True)
     shared = GlobalModel(trainer.model)
-    per_sync, H, tc = ring_bytes(trainer.params), args.sync_every, cfg.train
+    H, tc = args.sync_every, cfg.train
+    sent = count_allreduce(manager)
     started = time.perf_counter()
     with DiLoCo(manager, [trainer.model], trainer.optimizer, outer, sync_every=H, pin_memory=False):
         for step in range(tc.steps):
@@ -111,7 +114,7 @@ def train(args: argparse.Namespace) -> None:
                 shared.snapshot()
             record = {"step": done, "group": args.replica, "loss": loss, "outer_steps": manager.current_step(),
                       "step_ms": trainer.last["step_ms"], "cpu_ms": trainer.last["cpu_ms"],
-                      "cross_group_bytes": (done // H) * per_sync, "wall_s": time.perf_counter() - started,
+                      "cross_group_bytes": sent["ring_bytes"], "wall_s": time.perf_counter() - started,
                       "tokens": done * trainer.stream.sequences_per_step() * cfg.data.seq_len}
             if done % tc.eval_interval == 0 or done == tc.steps:
                 record["val_loss"] = trainer.evaluate()
@@ -119,6 +122,26 @@ def train(args: argparse.Namespace) -> None:
             if done % tc.log_interval == 0 or "val_loss" in record:
                 writer.write(record)
     manager.shutdown(wait=False)
+
+
+def count_allreduce(manager) -> dict[str, int]:
+    """Measure what DiLoCo puts on the wire: every tensor torchft's `DiLoCo` hands to
+    `manager.allreduce` (its bytes as passed, dtype and all), converted to the bytes one worker
+    sends in a ring all-reduce of them (`ring_bytes`' model, the comm benchmark's). The report's
+    boundary bytes are these, not a formula of the parameter count: an outer step that sent
+    bf16, skipped a fragment or ran twice would show."""
+    counts = {"calls": 0, "tensor_bytes": 0, "ring_bytes": 0}
+    allreduce = manager.allreduce
+
+    def counted(tensor, *args, **kwargs):
+        nbytes = tensor.numel() * tensor.element_size()
+        counts["calls"] += 1
+        counts["tensor_bytes"] += nbytes
+        counts["ring_bytes"] += 2 * (WORKERS - 1) * nbytes // WORKERS
+        return allreduce(tensor, *args, **kwargs)
+
+    manager.allreduce = counted
+    return counts
 
 
 def starter(sets: list[str], sync_every: int, timeout_s: float):

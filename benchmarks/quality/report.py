@@ -7,9 +7,11 @@ Gaps are relative, in percent of the reference arm: (arm - ref) / ref * 100, neg
 Bytes across the boundary between the two halves of a run (each rank or worker on its own
 node), per run (both sides together):
 - codistill arms: measured, the library's `cross_group_bytes` counter (predictions sent);
-- DiLoCo: per outer step, a ring all-reduce of the fp32 pseudo-gradient, 2 (W-1)/W x 4 x P per
-  worker (diloco.py; formula);
-- sync: per update, the same ring all-reduce of the fp32 gradients over its 2 ranks (formula).
+- DiLoCo: measured at the all-reduce DiLoCo calls (diloco.count_allreduce: the tensors it hands
+  to the manager, as a ring all-reduce sends them), 2 (W-1)/W x 4 x P per worker and outer step;
+- sync: per update, the same ring all-reduce of the fp32 gradients over its 2 ranks (formula;
+  the comm benchmark measures it at the torch.distributed boundary for the same ZeRO-1 setting,
+  within 0.1% per step, tests/dist/test_comm_bench.py).
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def summarize_arm(runs: list[Run], kind: str, note: str = "", counted: dict | No
         "stopped": any(run.stopped_at for run in runs),
         "agreement": _mean([m["agreement"] for m in models]),
         "cross_group_bytes": _mean([m["cross_group_bytes"] for m in models]),
-        "bytes_counted": {"sync": "formula", "diloco": "formula"}.get(kind, "measured"),
+        "bytes_counted": "formula" if kind == "sync" else "measured",
         "process_s": _mean([run.process_s for run in runs]),
         "params": models[0]["params"], "seeds": len(runs),
         "per_group": models, "val_curve": curve, "bytes_curve": _mean_curve(models, "bytes_history"),

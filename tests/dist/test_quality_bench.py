@@ -90,12 +90,18 @@ def test_every_arm_learns(smoke: Path) -> None:
 
 
 def test_boundary_bytes(smoke: Path) -> None:
-    """Sync and DiLoCo by the ring all-reduce formula (30 updates, 3 outer steps), codistill
-    measured: top-1 fp8 costs what its wire format says relative to top-32 bf16."""
+    """DiLoCo measured at the all-reduce it calls equals the ring formula for its fp32
+    pseudo-gradients (3 outer steps in 30 updates, both workers), sync by that formula (measured
+    at the collective boundary in test_comm_bench), codistill measured: top-1 fp8 costs what its
+    wire format says relative to top-32 bf16."""
     arms = arms_of(smoke)
     params = arms["sync"]["params"]
     assert arms["sync"]["cross_group_bytes"] == 2 * 30 * ring_bytes(params)
+    assert arms["diloco-h10"]["bytes_counted"] == "measured"
     assert arms["diloco-h10"]["cross_group_bytes"] == 2 * 3 * ring_bytes(params)
+    for model in arms["diloco-h10"]["per_group"]:  # the count grows by one outer step's bytes at 10, 20, 30
+        assert [b for _, b in model["bytes_history"]] == [2 * ring_bytes(params) * (s // 10)
+                                                          for s, _ in model["bytes_history"]]
     assert arms["sync"]["agreement"] is None and arms["diloco-h10"]["agreement"] is None
     for name in ("codistill", "independent", "codistill-top1-fp8"):
         assert arms[name]["cross_group_bytes"] > 0 and 0 <= arms[name]["agreement"] <= 1, name
