@@ -1,8 +1,8 @@
 """Rank program: the CLI job with `model.activation_checkpointing` none / full / selective under
 DeepSpeed ZeRO-3 and FSDP2, the same seed and data: per-step losses, and peak resident memory.
 
-4 ranks, K = 2 groups of S = 2, codistilling (alpha 1, an exchange every step), dropout 0.1. The model (8
-layers, hidden 256, vocabulary 256, 8.0M parameters) sees 4 x 128 tokens per rank and step, so
+4 ranks, K = 2 groups of S = 2, codistilling (alpha 1, an exchange every step), dropout 0.1. The model (4
+layers, hidden 256, vocabulary 256, 4.1M parameters) sees 4 x 128 tokens per rank and step, so
 activations dominate a step. Each run is `run.job.build_job` + `loop.run`, the CLI's own path;
 a hook records every step's loss and distillation loss (group means) and, from the start of
 step 1 (step 0 allocates the optimizer states) to the end, the rise of VmHWM over VmRSS (reset
@@ -25,7 +25,7 @@ from codistill_ds.run.job import build_job
 from codistill_ds.run.loop import LoopHooks
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = ["model.hidden_size=256", "model.num_layers=8", "model.num_heads=8", "model.num_kv_heads=4",
+MODEL = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8", "model.num_kv_heads=4",
          "model.intermediate_size=1024", "model.max_seq_len=128"]
 RUN = ["data.seq_len=128", "data.micro_batch_size=4", "data.exchange_batch_size=4", "train.steps=3",
        "train.eval_interval=0", "codistill.alpha=1.0", "codistill.interval=1", "codistill.dtype=fp32",
