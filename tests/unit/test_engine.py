@@ -24,7 +24,6 @@ import torch.distributed as dist
 
 from codistill_ds.config import CodistillConfig
 from codistill_ds.distributed.axes import ParallelDims
-from codistill_ds.distributed.env import free_port
 from codistill_ds.exchange.batches import ExchangeBatch, TargetBatch, students_of
 from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings
 from codistill_ds.exchange.losses import distill_loss, peer_distill_loss
@@ -39,15 +38,7 @@ from codistill_ds.exchange.wire import CompressedLogits, compress, pack, wire_dt
 V, B, L = 40, 3, 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank_world():
-    """The engine's group collectives (NaN agreement, agreement) over a world of one."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_world")  # tests/unit/conftest.py
 
 
 def tokens(e: int, rows: range) -> torch.Tensor:

@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 from codistill_ds.config import CodistillConfig, Config, ConfigError
 from codistill_ds.config.validation import check_choices, check_topology
-from codistill_ds.distributed.env import free_port
 from codistill_ds.exchange.batches import ExchangeBatch
 from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings
 from codistill_ds.exchange.transport.base import ExchangeResult
@@ -226,14 +225,6 @@ def test_every_mode_is_accepted_with_torchft(overrides):
 V, B, L, INTERVAL = 20, 2, 5, 2
 
 
-@pytest.fixture(scope="module")
-def one_rank_world():
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def my_batch(step: int) -> torch.Tensor:

@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from codistill_ds.config import CodistillConfig, ConfigError
-from codistill_ds.distributed.env import free_port
 from codistill_ds.exchange.batches import ExchangeBatch
 from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings
 from codistill_ds.exchange.guard import check_content, judge, label_nll, next_tokens
@@ -40,15 +39,7 @@ V, N = 40, 12
 KEY = b"k" * 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank_world():
-    """The guard's all-reduce over a group of one."""
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_world")  # tests/unit/conftest.py
 
 
 def payload(seed: int = 0, topk: int = 8, dtype: str = "bf16", kind: str = "logprobs", n: int = N) -> CompressedLogits:
