@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from codistill_ds.distributed.axes import ParallelDims
 from codistill_ds.plan.bytes import Plan
 from codistill_ds.plan.memory import (
     AC_MODES,
@@ -94,8 +95,7 @@ def group_plan(plan: Plan, micro_batch: int, hidden: int, layers: int, *, tp: in
     if reduce_dtype not in REDUCE_BYTES:
         raise ValueError(f"reduce_dtype {reduce_dtype!r} is not one of {', '.join(REDUCE_BYTES)}")
     check_tp_shape(tp, plan.vocab, heads, kv_heads, intermediate)
-    s = plan.ranks_per_group
-    gpus = s if gpus_per_node is None else gpus_per_node
+    gpus = plan.ranks_per_group if gpus_per_node is None else gpus_per_node
     c = checkpointed_layers(activation_checkpointing, layers) if layers > 0 else 0
     # the layout first (a ValueError naming the degrees), then the memory that divides by them
     traffic = group_traffic(plan.world, plan.groups, tp, replicate, gpus, zero_stage,
@@ -104,11 +104,12 @@ def group_plan(plan: Plan, micro_batch: int, hidden: int, layers: int, *, tp: in
     memory = memory_plan(plan.params, plan.world, plan.groups, micro_batch, plan.seq_len, hidden, layers,
                          plan.vocab, grad_accum, tp, replicate, zero_stage, activation_checkpointing)
     notes = []
+    dims = ParallelDims(world_size=plan.world, groups=plan.groups, rank=0, replicate=replicate, tp=tp)
     if zero_stage != 3 and tp > 1:
         notes.append("AutoTP gathers the logits whole (10 b L V bytes, not / T) and its lm_head adds an "
                      "all-gather of them: not in these figures")
     return GroupPlan(
-        tp=tp, replicate=replicate, dp_shard=s // (replicate * tp), data_size=s // tp, ranks_per_group=s,
+        tp=tp, replicate=replicate, dp_shard=dims.dp_shard, data_size=dims.data_size, ranks_per_group=dims.group_size,
         gpus_per_node=gpus, zero_stage=zero_stage, activation_checkpointing=activation_checkpointing,
         checkpointed_layers=c, sharding=_sharding(tp, replicate, zero_stage), memory=memory, traffic=traffic,
         micro_batch=micro_batch, seq_len=plan.seq_len, grad_accum=grad_accum,
