@@ -1,10 +1,11 @@
 """Rank program: test_tensor_parallel.py's four rank programs in one 4-rank launch.
 
-Each rank start costs ~10 s of CPU (torch, transformers, DeepSpeed imports) against well under a
-second for any of these checks, so they share one process per rank, one after the other:
+Every launch pays its rank starts again (interpreter, torch, transformers and DeepSpeed imports,
+process groups, warm-up), so these checks share one process per rank, one after the other:
   build  tp_memory_check.checks: peak resident memory of building the 88M Llama, TP and FSDP2
          through `build_parallel_replica` vs whole, first, while the process is fresh; here 2
-         groups of S = 2 ranks (the launcher sets MALLOC_MMAP_THRESHOLD_=65536 for it)
+         groups of S = 2 ranks, all four measuring (ZeRO-3's construction does not complete
+         with group 1 idle: tried, it hangs) (the launcher sets MALLOC_MMAP_THRESHOLD_=65536)
   tp     tp_check.checks: TP + FSDP2/HSDP against the unsharded references, DCP, export, AC
   autotp autotp_check.checks: DeepSpeed AutoTP + ZeRO-1 with the groups' own process groups,
          and DeepSpeed's default grouping refused (last of the distributed checks: it leaves
