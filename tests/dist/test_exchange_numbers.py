@@ -1,13 +1,15 @@
 """Real runs whose exchange numbers are rebuilt another way (issue 24).
 
-One module-scoped set of launches of the CLI's training (`run`), two at a time:
+One module-scoped set of three launches of the CLI's training (`run`), two at a time:
   T    3 groups x 1 rank, FSDP2, `exchange_batch: train`, alpha 1, reverse KL, peer weights
        {1: 3, 2: 0} (the same list in every group: group 0 ignores peer 2, group 1 ignores
        peer 2, group 2 weighs peer 1 three times peer 0), under tests/workers/probe_run.py,
        which rebuilds each step's distillation term, agreement and teacher inputs by hand
-  A1, A2, A4   `codistill-ds train`, 2 groups x 1 rank, ZeRO-3, alpha 1 from step 0: one
-       micro-batch of 4 sequences, 2 of 2 (train.grad_accum 2), 4 of 1 (grad_accum 4)
-  F1, F4       the same on FSDP2 (its accumulation is the backend's own) with JSD: 1 x 4, 4 x 1
+  ACCUM  one 2-rank launch of tests/workers/train_runs.py: the CLI's training five times, one
+       run after the other (a rank start costs more CPU than these runs):
+       A1, A2, A4   2 groups x 1 rank, ZeRO-3, alpha 1 from step 0: one micro-batch of 4
+                    sequences, 2 of 2 (train.grad_accum 2), 4 of 1 (grad_accum 4)
+       F1, F4       the same on FSDP2 (its accumulation is the backend's own) with JSD: 1 x 4, 4 x 1
   TF   2 groups x 1 rank, DeepSpeed ZeRO-1, `exchange_batch: train` with token_fraction 0.5:
        the peers predict on the first half of my micro-batch of 4, whole sequences
 """
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import REPO, WORKERS, cli, read_jsonl, torchrun
+from launch import REPO, WORKERS, read_jsonl, torchrun
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -48,17 +50,25 @@ ACCUM = {"A1": ("deepspeed", 4, 1, "kl"), "A2": ("deepspeed", 2, 2, "kl"), "A4":
 the FSDP2 pair distills with JSD, so that loss's gradient runs end to end against a reference."""
 
 
-def accum_run(out: Path, backend: str, micro: int, accum: int, loss: str) -> dict:
-    """The CLI with the distillation term on from step 0 (a fixed exchange batch of 4 and the
-    same 4 validation windows, so only the split of the training batch differs between runs)."""
-    sets = [f"backend.name={backend}", f"data.micro_batch_size={micro}", f"train.grad_accum={accum}",
+def accum_sets(run_dir: Path, backend: str, micro: int, accum: int, loss: str) -> list[str]:
+    """The CLI's overrides with the distillation term on from step 0 (a fixed exchange batch of 4
+    and the same 4 validation windows, so only the split of the training batch differs between runs)."""
+    return [f"run_dir={run_dir}", f"backend.name={backend}", f"data.micro_batch_size={micro}",
+            f"train.grad_accum={accum}",
             f"data.val_batches={4 // micro}",  # validation reads val_batches x micro windows: the same 4
             "data.exchange_batch_size=4", "codistill.alpha=1", f"codistill.loss={loss}", f"train.steps={ACCUM_STEPS}",
             f"train.eval_interval={ACCUM_STEPS}"]
-    proc = cli(2, "train", "--config", CONFIG, "--run-dir", str(out), *[a for s in sets for a in ("--set", s)],
-               timeout=420)
-    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stderr[-6000:]}"
-    return {(r["group"], r["step"]): r for r in read_jsonl(out / "metrics.jsonl")}
+
+
+def accum_runs(tmp: Path) -> dict[str, dict]:
+    """Every ACCUM run in one 2-rank launch (tests/workers/train_runs.py: the CLI's training, run
+    after run, each with its own run dir, groups and replica); metrics records by (group, step)."""
+    argv = [str(WORKERS / "train_runs.py"), CONFIG]
+    for name, spec in ACCUM.items():
+        argv += ["--", *accum_sets(tmp / name, *spec)]
+    proc = torchrun(2, argv, timeout=560)
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return {name: {(r["group"], r["step"]): r for r in read_jsonl(tmp / name / "metrics.jsonl")} for name in ACCUM}
 
 
 @pytest.fixture(scope="module")
@@ -69,11 +79,12 @@ def runs(tmp_path_factory):
                                  "codistill.exchange_batch=train", "codistill.alpha=1", "codistill.loss=reverse_kl",
                                  "codistill.peer_weights=[[1, 3.0], [2, 0.0]]", f"train.steps={TRAIN_STEPS}",
                                  PROBE_FORWARD="1"),
-                **{name: pool.submit(accum_run, tmp / name, *spec) for name, spec in ACCUM.items()},
+                "ACCUM": pool.submit(accum_runs, tmp),
                 "TF": pool.submit(probe_run, tmp / "TF", 2, "backend.ds_config=ds_configs/zero1.json",
                                  "codistill.exchange_batch=train", "codistill.alpha=1", "codistill.token_fraction=0.5",
                                  "data.micro_batch_size=4", f"train.steps={TRAIN_STEPS}", PROBE_FORWARD="1")}
-        return {name: job.result() for name, job in jobs.items()}
+        out = {name: job.result() for name, job in jobs.items()}
+    return {**out.pop("ACCUM"), **out}
 
 
 def test_train_batches_and_peer_weights_against_a_hand_run_reference(runs):

@@ -9,7 +9,8 @@ carry weights of its own; the weighting itself (two peers, unequal weights, a 0)
 against a hand-computed mean in test_exchange_numbers.py and tests/unit/test_engine.py.
 Phase 1 trains 20 steps (checkpoints at 10 and 20); phase 2 resumes both to 30 steps while a
 third job, with another vocabulary (a BPE tokenizer built here), asks to join as group 1 and is
-refused naming `data.tokenizer`. Then both groups are exported and loaded with `from_pretrained`.
+refused naming `data.tokenizer`. Then both groups are exported (`codistill-ds export` twice, in one
+process) and loaded with `from_pretrained`.
 """
 
 from __future__ import annotations
@@ -112,12 +113,15 @@ def test_different_models_exchange_save_and_resume(hetero):
 def test_each_group_exports_its_own_architecture(hetero, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    outs = {g: tmp_path / f"export{g}" for g in hetero["runs"]}
+    argvs = [["export", str(run), "--group", str(g), str(outs[g])] for g, run in hetero["runs"].items()]
+    # `codistill-ds export` once per group, in one process (one interpreter start, not one per group)
+    code = "import json, sys\nfrom codistill_ds.cli import main\nsys.exit(max(main(a) for a in json.loads(sys.argv[1])))"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], check=False, cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     kinds = {}
-    for g, run in hetero["runs"].items():
-        out = tmp_path / f"export{g}"
-        proc = subprocess.run([sys.executable, "-m", "codistill_ds.cli", "export", str(run), "--group", str(g), str(out)], check=False,
-                              cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    for g, out in outs.items():
         model = AutoModelForCausalLM.from_pretrained(out)
         kinds[g] = (type(model).__name__, model.config.num_hidden_layers if g == 0 else model.config.n_layer)
         assert json.loads((out / "config.json").read_text())["vocab_size"] == 256

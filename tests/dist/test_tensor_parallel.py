@@ -1,29 +1,28 @@
 """Model parallelism inside a group: TP + FSDP2/HSDP, DeepSpeed AutoTP, activation checkpointing.
 
-Launches (real ranks, gloo, CPU), one after the other (2 shared cores):
-  TP   tests/workers/tp_check.py on 4 ranks: meshes (K,R,D,T) = (2,1,1,2), (1,1,2,2), (1,2,1,2),
-       (2,2,1,1) against the unsharded same-seed model on the group's whole batch; DCP round
-       trip, exact resume, export; activation checkpointing "full"/"selective" on two meshes
-  ATP  tests/workers/autotp_check.py on 4 ranks: AutoTP + ZeRO-1 with per-group groups, and
-       DeepSpeed's default grouping, which must be refused
-  MEM  tests/workers/ac_memory.py, one process per mode: peak resident memory of a step
-  BLD  tests/workers/tp_memory_check.py on 2 ranks: peak resident memory of building an 88M
-       Llama with TP (1,1,1,2) and FSDP2 (1,1,2,1) through build_parallel_replica vs whole
+One launch (real ranks, gloo, CPU): tests/workers/tp_suite.py on 4 ranks runs, one after the
+other in each rank's process (a rank start costs more CPU than all of these checks):
+  BLD  peak resident memory of building an 88M Llama with TP (K,1,1,2) and FSDP2 (K,1,2,1)
+       through build_parallel_replica vs whole, K = 2 groups of S = 2 ranks, first (fresh process)
+  TP   meshes (K,R,D,T) = (2,1,1,2), (1,1,2,2), (1,2,1,2), (2,2,1,1) against the unsharded
+       same-seed model on the group's whole batch; DCP round trip, exact resume, export;
+       activation checkpointing "full"/"selective" on two meshes
+  ATP  AutoTP + ZeRO-1 with per-group groups, and DeepSpeed's default grouping, which must be
+       refused
+  MEM  peak resident memory of a step, one activation-checkpointing mode per process (ranks 0-2)
 The unit tests at the end need no process group.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from launch import REPO, WORKERS, child_env, run_worker
+from launch import WORKERS, torchrun
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1200)
 
 TOL = 1e-6
 MAX_NORM = 0.5  # tp_check.py / autotp_check.py
@@ -34,38 +33,33 @@ def _runs(results: list[dict], ac: str | None = None) -> list[tuple[int, dict]]:
 
 
 @pytest.fixture(scope="module")
-def tp(tmp_path_factory):
-    return run_worker("tp_check", 4, tmp_path_factory.mktemp("tp"), timeout=600)
-
-
-@pytest.fixture(scope="module")
-def autotp(tmp_path_factory):
-    return run_worker("autotp_check", 4, tmp_path_factory.mktemp("autotp"), timeout=600)
-
-
-@pytest.fixture(scope="module")
-def ac_memory(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("acmem")
-    out = {}
-    for mode in ("none", "full", "selective"):
-        path = tmp / f"{mode}.json"
-        proc = subprocess.run([sys.executable, str(WORKERS / "ac_memory.py"), mode, str(path)], check=False, cwd=REPO,
-                              env=child_env(MALLOC_MMAP_THRESHOLD_="65536"), capture_output=True, text=True,
-                              timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        out[mode] = json.loads(path.read_text())
-    return out
-
-
-@pytest.fixture(scope="module")
-def build_memory(tmp_path_factory):
-    from launch import torchrun
-
-    out = tmp_path_factory.mktemp("tpmem")
-    proc = torchrun(2, [str(WORKERS / "tp_memory_check.py"), str(out)], timeout=540,
+def suite(tmp_path_factory) -> list[dict]:
+    """The module's one launch (tests/workers/tp_suite.py); each fixture below is its part."""
+    out = tmp_path_factory.mktemp("tp_suite")
+    proc = torchrun(4, [str(WORKERS / "tp_suite.py"), str(out)], timeout=1100,
                     MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the system
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert proc.returncode == 0, f"tp_suite failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+
+
+@pytest.fixture(scope="module")
+def tp(suite):
+    return [r["tp"] for r in suite]
+
+
+@pytest.fixture(scope="module")
+def autotp(suite):
+    return [r["autotp"] for r in suite]
+
+
+@pytest.fixture(scope="module")
+def ac_memory(suite):
+    return {r["ac"]["mode"]: r["ac"] for r in suite if r["ac"] is not None}
+
+
+@pytest.fixture(scope="module")
+def build_memory(suite):
+    return [r["build"] for r in suite]
 
 
 # ---- TP + FSDP2 / HSDP -----------------------------------------------------------------------------

@@ -1,15 +1,16 @@
 """Tensor parallelism inside a group, end to end through the real CLI (docs/design.md, "Axes").
 
-Three launches share the checks:
+Three runs in two launches share the checks:
   A  K=2 groups x T=1 (2 ranks, FSDP2), route rails, fp32 wire, staleness 0, alpha 1: the reference;
   B  K=2 groups x T=2 (4 ranks, FSDP2 + DTensor TP, vocabulary-sliced exchange), the same config,
      checkpoints at steps 4 and 8;
-  C  B again under `torchrun --max-restarts 1`, rank 2 SIGKILLed at step index 6: the restart
-     resumes from step_4 by itself.
+  C  B again, rank 2 SIGKILLed at step index 6: the restart resumes from step_4 by itself.
+B and C are one launch under `torchrun --max-restarts 1` (tests/workers/ckpt_run_then_killed.py):
+the first attempt runs B to its end, then C until the kill; the restarted ranks run C alone.
 Checked: B's per-step losses and distillation losses equal A's to 1e-5 and each group's
 cross-group bytes are A's exactly (each TP rank sends a distinct half of the rows); C ends where B
-ends (the same losses, the same full weights); exporting B's groups gives `from_pretrained`
-folders with the trained logits.
+ends (the same losses, the same full weights); exporting B's groups (`codistill-ds export`, both
+groups in one process) gives `from_pretrained` folders with the trained logits.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_runs import CONFIG, WORKER, by_group_step, results
+from ckpt_runs import CONFIG, by_group_step, results
 
-from launch import REPO, child_env, cli, torchrun
+from launch import REPO, WORKERS, child_env, cli, torchrun
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(1500)
 STEPS = 8
 SETS = ["backend.name=fsdp", "codistill.route=rails", "codistill.dtype=fp32", "codistill.alpha=1", "codistill.staleness=0",
         f"train.steps={STEPS}", "train.eval_interval=4", "train.save_interval=4"]
@@ -40,19 +41,15 @@ def reference(tmp: Path) -> Path:
     return run
 
 
-def tp_run(out: Path, *launcher: str, **env: str) -> list[dict]:
-    proc = torchrun(4, [*launcher, WORKER, str(out), CONFIG, f"run_dir={out / 'run'}", *SETS, "parallel.tp=2"],
-                    timeout=700, **env)
-    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return results(out)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
+    """B and C in one launch (tests/workers/ckpt_run_then_killed.py: B, then C in the same
+    processes until C's fault; the restart runs C alone), then A."""
     tmp = tmp_path_factory.mktemp("tp_cli")
     b, c = tmp / "b", tmp / "c"
-    tp_run(b)
-    tp_run(c, "--max-restarts", "1", FAULT="kill:2:6")
+    proc = torchrun(4, ["--max-restarts", "1", str(WORKERS / "ckpt_run_then_killed.py"), str(b), str(c), CONFIG,
+                        *SETS, "parallel.tp=2"], timeout=1000, FAULT="kill:2:6")
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {"a": reference(tmp), "b": b, "c": c}
 
 
@@ -88,16 +85,28 @@ def test_killed_tp_run_resumes_where_the_uninterrupted_run_ends(runs):
     assert [r["weights"] for r in restarted] == [r["weights"] for r in results(runs["b"])]
 
 
+EXPORT_BOTH = ("import json, sys\nfrom codistill_ds.cli import main\n"
+               "sys.exit(max(main(argv) for argv in json.loads(sys.argv[1])))")
+"""`codistill-ds export` for each argv in turn, in one process (`python -m codistill_ds.cli` runs
+this `main`): one interpreter start (torch, transformers) instead of one per group."""
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory) -> dict[int, Path]:
+    tmp = tmp_path_factory.mktemp("tp_cli_export")
+    outs = {g: tmp / f"hf{g}" for g in (0, 1)}
+    argvs = [["export", str(runs["b"] / "run"), "--group", str(g), str(out)] for g, out in outs.items()]
+    proc = subprocess.run([sys.executable, "-c", EXPORT_BOTH, json.dumps(argvs)], cwd=REPO, env=child_env(),
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return outs
+
+
 @pytest.mark.parametrize("group", [0, 1])
-def test_export_of_a_tp_group_loads_with_from_pretrained(runs, tmp_path, group):
+def test_export_of_a_tp_group_loads_with_from_pretrained(runs, exported, group):
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "hf"
-    proc = subprocess.run([sys.executable, "-m", "codistill_ds.cli", "export", str(runs["b"] / "run"),
-                           "--group", str(group), str(out)], cwd=REPO, env=child_env(), check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    model = AutoModelForCausalLM.from_pretrained(exported[group]).eval()
     trained = torch.load(runs["b"] / f"logits_group{group}.pt")
     with torch.no_grad():
         logits = model(input_ids=trained["tokens"][:, :-1]).logits

@@ -53,8 +53,8 @@ def step(model, tokens) -> torch.Tensor:
     return loss.detach()
 
 
-def main() -> None:
-    mode, out = sys.argv[1], sys.argv[2]
+def measure(mode: str) -> dict:
+    """The step's peak under MODE in this process (also run by tp_suite.py: one mode per rank)."""
     torch.set_num_threads(1)
     model = build_model(CFG, VOCAB, 0.0, 3)
     apply_activation_checkpointing(model, mode)
@@ -71,10 +71,16 @@ def main() -> None:
     sampler.join()
     checksum = sum(float(p.grad.double().abs().sum()) for p in model.parameters())
     params = sum(p.numel() for p in model.parameters())
+    return {"mode": mode, "wrapped": checkpointed_layers(model), "baseline": base,
+            "peak_above_baseline": max(sampler.peak, rss()) - base, "loss": float(loss),
+            "grad_checksum": checksum, "params": params, "step_s": seconds}
+
+
+def main() -> None:
+    mode, out = sys.argv[1], sys.argv[2]
+    facts = measure(mode)
     with open(out, "w") as f:
-        json.dump({"mode": mode, "wrapped": checkpointed_layers(model), "baseline": base,
-                   "peak_above_baseline": max(sampler.peak, rss()) - base, "loss": float(loss),
-                   "grad_checksum": checksum, "params": params, "step_s": seconds}, f)
+        json.dump(facts, f)
 
 
 if __name__ == "__main__":

@@ -125,15 +125,19 @@ def run_default_grouping(shape: tuple) -> dict:
     return {"shape": list(shape), "refused": False, "message": ""}
 
 
+def checks() -> dict:
+    """Both meshes, then the default grouping (also run by tp_suite.py, after tp_check's checks)."""
+    return {"rank": dist.get_rank(), "runs": [run((2, 1, 1, 2)), run((1, 1, 2, 2))],
+            "default": run_default_grouping((2, 1, 1, 2))}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rankinfo.init_distributed()
     rankinfo.prepare_accelerator_env()
     rankinfo.skip_deepspeed_shm_op()
-    rank = dist.get_rank()
-    results = {"rank": rank, "runs": [run((2, 1, 1, 2)), run((1, 1, 2, 2))],
-               "default": run_default_grouping((2, 1, 1, 2))}
-    (out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+    facts = checks()
+    (out / f"rank{facts['rank']}.json").write_text(json.dumps(facts, indent=1))
     shutdown()
     exit_process(0)
 

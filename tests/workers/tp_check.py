@@ -258,11 +258,8 @@ def options_check(shape: tuple) -> dict:
     return out
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    rankinfo.init_distributed()
-    rank = dist.get_rank()
-    only = [tuple(int(x) for x in a.split("x")) for a in sys.argv[2:]]  # a subset, for debugging
+def checks(out: Path, only: list[tuple] | None = None) -> dict:
+    """Every check above on the 4-rank world already started (also run by tp_suite.py)."""
     results = []
     for shape in only or SHAPES:
         results.append(run_shape(shape, "none", out, full=True))
@@ -270,7 +267,15 @@ def main() -> None:
         for ac in ("full", "selective"):
             results.append(run_shape(shape, ac, out, full=False))
     options = {} if only else options_check((2, 1, 1, 2))
-    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "runs": results, "options": options}, indent=1))
+    return {"rank": dist.get_rank(), "runs": results, "options": options}
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    rankinfo.init_distributed()
+    only = [tuple(int(x) for x in a.split("x")) for a in sys.argv[2:]]  # a subset, for debugging
+    facts = checks(out, only)
+    (out / f"rank{facts['rank']}.json").write_text(json.dumps(facts, indent=1))
     shutdown()
     exit_process(0)
 

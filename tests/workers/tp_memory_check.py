@@ -1,9 +1,9 @@
 """Rank program: peak resident memory of `build_parallel_replica` (TP / FSDP2) vs a whole build.
 
-2 ranks, one group, the ~88M-parameter fp32 Llama of memory_check.py (~350 MB). Measured the
+2 ranks, one group (or W ranks, W/2 groups of 2), the ~88M-parameter fp32 Llama of memory_check.py (~350 MB). Measured the
 same way (VmHWM reset through /proc/self/clear_refs; the launcher sets MALLOC_MMAP_THRESHOLD_):
-  tp     mesh (1, 1, 1, 2): TP over both ranks (the ZeRO-3 partitions are 1/2, the TP shards 1/2)
-  fsdp   mesh (1, 1, 2, 1): FSDP2 over both ranks through the same route
+  tp     mesh (K, 1, 1, 2): TP over the group's 2 ranks (the ZeRO-3 partitions are 1/2, the TP shards 1/2)
+  fsdp   mesh (K, 1, 2, 1): FSDP2 over the group's 2 ranks through the same route
   whole  `model.build_model` unsharded
 Args: OUT. Writes OUT/rank{r}.json (bytes)."""
 
@@ -52,12 +52,12 @@ def measure(build) -> dict:
     return {"peak": peak, "kept": kept, "residue": status("VmRSS") - before}
 
 
-def main() -> None:
-    out = Path(sys.argv[1])
-    rankinfo.prepare_accelerator_env()
-    rankinfo.init_distributed()
+def checks() -> dict:
+    """The three measurements on the world already started (an even number W of ranks: W/2
+    groups of S = 2; also run by tp_suite.py, first, in a fresh process)."""
+    K = dist.get_world_size() // 2
     meshes = {name: torch.distributed.device_mesh.init_device_mesh("cpu", shape, mesh_dim_names=NAMES)
-              for name, shape in (("tp", (1, 1, 1, 2)), ("fsdp", (1, 1, 2, 1)))}
+              for name, shape in (("tp", (K, 1, 1, 2)), ("fsdp", (K, 1, 2, 1)))}
 
     def parallel(cfg, name):
         mesh = meshes[name]
@@ -70,8 +70,16 @@ def main() -> None:
         params = count_parameters(build_model(BIG, VOCAB, 0.0, 5))
     facts = {"rank": dist.get_rank(), "params": params, "tp": measure(parallel(BIG, "tp")),
              "fsdp": measure(parallel(BIG, "fsdp")), "whole": measure(lambda: build_model(BIG, VOCAB, 0.0, 5))}
-    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(facts))
     dist.barrier()
+    return facts
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    rankinfo.prepare_accelerator_env()
+    rankinfo.init_distributed()
+    facts = checks()
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(facts))
     shutdown()
     exit_process(0)
 
