@@ -1,8 +1,8 @@
 """A user's own Accelerate loop codistills (`integrations/accelerate_loop.py`): the example
 script, examples/accelerate_loop.py, under `accelerate launch` with launch/accelerate/zero3.yaml
-at 2 groups x 2 ranks (4 processes, CPU, gloo), side by side with its `--plain` mode in one
-process per group (no launcher, no DeepSpeed, no codistillation: the same loop, group g's rows,
-S x the batch).
+at 2 groups x 2 ranks (4 processes, CPU, gloo), side by side with its `--plain` mode (no
+launcher, no DeepSpeed, no codistillation: the same loop, group g's rows, S x the batch), both
+groups' plain references one after the other in one process.
 
 One launch checks: every parameter is partitioned 1/2, over the group (the global-mpu trap would
 give 1/4 or one shared model); the groups, started from the same weights (`--same_init`), end
@@ -21,6 +21,10 @@ tests/dist/test_hf_stock_script.py (the Trainer). FSDP2 through Accelerate canno
 Accelerate 1.15 enables FSDP for accelerator process types only (under
 launch/accelerate/fsdp2.yaml on CPU it reports distributed type NO); `check_fsdp_in_group` is
 tested directly in tests/workers/group_sharding_check.py.
+
+Accumulation and resume (tests/workers/accelerate_accum.py, 2 groups x 1 rank): one launch
+trains L1, L2 and L4 one after the other, each from scratch; a second launch resumes LR from
+L1's checkpoint in fresh processes. Launches: 4 + 1 + 2 x 2 ranks side by side, then 2, then 2.
 """
 
 from __future__ import annotations
@@ -54,8 +58,10 @@ def runs(tmp_path_factory):
     accelerate = str(Path(sys.executable).parent / "accelerate")
     launch = [accelerate, "launch", "--config_file", "launch/accelerate/zero3.yaml", WORKER, str(tmp / "codistill"),
               *COMMON, "--groups", str(K), "--batch_size", str(BATCH), "--activation_checkpointing", "full"]
-    plain = {g: [sys.executable, WORKER, str(tmp / f"plain{g}"), *COMMON, "--plain", "--data_shard", str(g),
-                 "--num_shards", str(K), "--batch_size", str(BATCH * S)] for g in range(K)}
+    plain = [sys.executable, WORKER]  # both groups' references, one after the other in one process
+    for g in range(K):
+        plain += [*(["::"] if g else []), str(tmp / f"plain{g}"), *COMMON, "--plain", "--data_shard", str(g),
+                  "--num_shards", str(K), "--batch_size", str(BATCH * S)]
     from codistill_ds.commands.lighthouse import start_lighthouse
 
     server, url = start_lighthouse(port=0, bind="127.0.0.1", join_timeout_ms=60000)
@@ -63,8 +69,8 @@ def runs(tmp_path_factory):
                      WORKER, str(tmp / f"ft{g}"), *COMMON, "--groups", str(K), "--batch_size", str(BATCH),
                      "--transport", "torchft", "--group_id", str(g), "--lighthouse", url] for g in range(K)}
     try:
-        with ThreadPoolExecutor(1 + 2 * K) as pool:
-            jobs = {"codistill": pool.submit(run, launch), **{g: pool.submit(run, argv) for g, argv in plain.items()},
+        with ThreadPoolExecutor(2 + K) as pool:
+            jobs = {"codistill": pool.submit(run, launch), "plain": pool.submit(run, plain),
                     **{name: pool.submit(run, argv) for name, argv in ft.items()}}
             procs = {name: job.result() for name, job in jobs.items()}
     finally:
@@ -142,28 +148,37 @@ ACCUM = {"L1": (4, 1), "L2": (2, 2), "L4": (1, 4)}
 SAVE_AT, ACCUM_STEPS = 3, 6
 
 
-def accum_launch(out: Path, *args: str) -> list[dict]:
+def accum_launch(out: Path, *args: str) -> Path:
     accelerate = str(Path(sys.executable).parent / "accelerate")
     proc = run([accelerate, "launch", "--config_file", "launch/accelerate/zero3.yaml", "--num_processes", "2",
-                ACCUM_WORKER, str(out), "--steps", str(ACCUM_STEPS), "--staleness", "1", *args], timeout=420)
+                ACCUM_WORKER, str(out), "--steps", str(ACCUM_STEPS), "--staleness", "1", *args], timeout=600)
     assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return out
 
 
 @pytest.fixture(scope="module")
 def own_loop(tmp_path_factory):
-    """2 groups x 1 rank, ZeRO-3, alpha 1 from step 0, exchanges consumed one step late. L1 saves
-    after SAVE_AT steps and trains on; LR resumes from that checkpoint."""
+    """2 groups x 1 rank, ZeRO-3, alpha 1 from step 0, exchanges consumed one step late. One
+    launch trains L1, L2 and L4 one after the other (each run from scratch: a new Accelerator,
+    engine and `Codistill`); L1 saves after SAVE_AT steps and trains on. A second launch, fresh
+    processes, resumes LR from L1's checkpoint."""
     tmp = tmp_path_factory.mktemp("own_loop")
-    with ThreadPoolExecutor(2) as pool:
-        jobs = {name: pool.submit(accum_launch, tmp / name, "--batch_size", str(b), "--accum", str(a),
-                                  *(["--save_at", str(SAVE_AT)] if name == "L1" else []))
-                for name, (b, a) in ACCUM.items()}
-        out = {"L1": jobs["L1"].result()}
-        resumed = pool.submit(accum_launch, tmp / "LR", "--batch_size", "4", "--accum", "1", "--save_at",
-                              str(SAVE_AT), "--resume", str(tmp / "L1" / "ckpt"))
-        out.update({name: job.result() for name, job in jobs.items()}, LR=resumed.result())
-    return out
+    runs = ",".join(f"{name}={b}x{a}" for name, (b, a) in ACCUM.items())
+    accum_launch(tmp / "accum", "--runs", runs, "--save_at", str(SAVE_AT), "--save_run", "L1")
+    accum_launch(tmp / "resume", "--runs", "LR=4x1", "--save_at", str(SAVE_AT), "--resume",
+                 str(tmp / "accum" / "L1" / "ckpt"))
+    out = {name: tmp / "accum" / name for name in ACCUM} | {"LR": tmp / "resume" / "LR"}
+    return {name: [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+            for name, folder in out.items()}
+
+
+@pytest.mark.timeout(900)
+def test_own_loop_runs_use_their_accumulation(own_loop):
+    """Each run of the shared launch trained with its own micro-batch and accumulation count, in
+    Accelerate and in the DeepSpeed engine (not the first run's, left in Accelerate's state)."""
+    for name, (batch, accum) in {**ACCUM, "LR": (4, 1)}.items():
+        for rank in own_loop[name]:
+            assert rank["accum"] == [accum, accum] and rank["micro_batch"] == batch, (name, rank["accum"])
 
 
 @pytest.mark.timeout(900)

@@ -10,7 +10,7 @@ One module-scoped set of launches, run side by side to keep the suite short:
   F0, F1 the same script as one 2-rank job per group (transport torchft, a real Lighthouse): the
          reference is C, every logged figure equal
   H      tests/workers/group_sharding_check.py: the hooks themselves (FSDP2 mesh injection, the
-         DeepSpeed mpu, the global-mpu trap) on 4 ranks
+         DeepSpeed mpu, the global-mpu trap) and the exchange-data check on 4 ranks
 """
 
 from __future__ import annotations
@@ -166,6 +166,17 @@ def test_engine_hooks_shard_inside_the_group(runs):
         assert r["gathered"] == [2.0 * r["group"], 2.0 * r["group"] + 1]
         assert r["shard_rows"] == r["list_rows"] == list(range(r["group"], 10, 2))
         assert r["loader"] == [[4 * i + 2 * r["group_rank"], 4 * i + 2 * r["group_rank"] + 1] for i in range(3)]
+
+
+@pytest.mark.timeout(900)
+def test_ranks_with_different_exchange_data_all_refuse(runs):
+    """H, 2 groups x 2 ranks: rank 3 builds a different row 5; every rank raises the same error,
+    which names the ranks on each side."""
+    messages = {r["exchange_data_raised"] for r in runs["H"]}
+    assert len(messages) == 1 and None not in messages, messages
+    (message,) = messages
+    assert "config field 'train_dataset'" in message, message
+    assert "on ranks [0, 1, 2]" in message and "on ranks [3]" in message, message
 
 
 @pytest.mark.timeout(900)

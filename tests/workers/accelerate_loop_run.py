@@ -2,7 +2,9 @@
 process), plus a record of what it trained. Args: OUT ARGS... (the example's arguments). Writes
 OUT/rank{r}.json: the example's log records and, after training, each parameter's partition
 (ZeRO-3) or flat optimizer partition (ZeRO-1/2) and a checksum of the full weights gathered
-inside the group; a plain run records its logs and checksum only."""
+inside the group; a plain run records its logs and checksum only. Plain runs may be chained in
+one process, `OUT1 ARGS1... :: OUT2 ARGS2...` (the references of both groups, one interpreter
+start): each builds its own Accelerator, seed, model and loader, as a fresh process would."""
 
 from __future__ import annotations
 
@@ -25,8 +27,21 @@ def load_example():
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
-    accelerator, model, logs, codistill = load_example().main(sys.argv[2:])
+    argv, runs = sys.argv[1:], [[]]
+    for arg in argv:
+        runs.append([]) if arg == "::" else runs[-1].append(arg)
+    assert len(runs) == 1 or all("--plain" in r for r in runs), "only plain runs chain in one process"
+    for out, *args in runs:
+        if len(runs) > 1:
+            from accelerate.state import AcceleratorState, GradientState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+        record(Path(out), args)
+
+
+def record(out: Path, argv: list[str]) -> None:
+    accelerator, model, logs, codistill = load_example().main(argv)
     from codistill_ds.backends.activation_checkpointing import checkpointed_layers
 
     result = {"rank": accelerator.process_index, "logs": logs,

@@ -3,7 +3,8 @@
 Calls `fully_shard(module, mesh=None)` and `deepspeed.initialize(...)` without an mpu, exactly
 as Accelerate 1.15 does, inside `engines_in_group`; then falls into the global-`groups.mpu` trap
 on purpose and records whether `check_engine_in_group` catches it. Also exercises the loader,
-dataset and gather helpers the Trainer mixin uses. Args: OUT. Writes OUT/rank{r}.json."""
+dataset and gather helpers the Trainer mixin uses, and `check_same_exchange_data` on equal, then
+different exchange rows (rank 3's middle row differs). Args: OUT. Writes OUT/rank{r}.json."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import torch
 import torch.distributed as dist
 
 from codistill_ds.backends.model import build_model
-from codistill_ds.config import ModelConfig
+from codistill_ds.config import ConfigError, ModelConfig
 from codistill_ds.distributed import env as rankinfo
 from codistill_ds.distributed.env import exit_process, shutdown
 from codistill_ds.distributed.topology import GroupMPU, world_topology
+from codistill_ds.integrations.exchange_data import check_same_exchange_data
 from codistill_ds.integrations.group_sharding import (
     GroupShardingError,
     check_engine_in_group,
@@ -145,6 +147,20 @@ def helper_facts(t) -> dict:
             "gathered": gathered.tolist()}
 
 
+def exchange_data_facts(t) -> dict:
+    """The Trainer's exchange-data check over the 2 x 2 layout: equal rows pass; with the middle
+    row different on the last rank, every rank raises (the message, or None if it passed)."""
+    rows = [{"input_ids": [i, i + 1]} for i in range(10)]
+    check_same_exchange_data(rows, t.dims)  # equal everywhere: passes
+    if t.rank == dist.get_world_size() - 1:
+        rows[5] = {"input_ids": [0, 0]}
+    try:
+        check_same_exchange_data(rows, t.dims)
+    except ConfigError as err:
+        return {"exchange_data_raised": str(err)}
+    return {"exchange_data_raised": None}
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     rankinfo.prepare_accelerator_env()
@@ -155,6 +171,7 @@ def main() -> None:
     result.update(deepspeed_facts(t))
     result.update(zero_init_facts(t))
     result.update(helper_facts(t))
+    result.update(exchange_data_facts(t))
     (out / f"rank{t.rank}.json").write_text(json.dumps(result))
     dist.barrier()
     shutdown()  # the same end as `codistill-ds train`
