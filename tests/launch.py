@@ -20,7 +20,7 @@ from codistill_ds.distributed.launching import (
 )
 from codistill_ds.run.metrics import read_records
 
-__all__ = ["REPO", "WORKERS", "child_env", "cli", "free_port", "read_jsonl", "run_worker", "torchrun"]
+__all__ = ["REPO", "WORKERS", "child_env", "cli", "free_port", "read_jsonl", "run_captured", "run_worker", "torchrun"]
 
 WORKERS = Path(__file__).resolve().parent / "workers"
 

@@ -24,7 +24,7 @@ from partitions import assert_sharded_within_groups
 
 from codistill_ds.config import Config, ConfigError
 from codistill_ds.config.accelerate_env import apply_launch_env
-from launch import REPO, WORKERS, child_env, read_jsonl
+from launch import REPO, WORKERS, child_env, read_jsonl, run_captured
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 STEPS, RANKS = 3, 4
@@ -39,7 +39,7 @@ def accelerate_train(name: str, out: Path) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
            f"launch/accelerate/{name}.yaml", str(WORKERS / "accelerate_cli.py"), str(out), "--config", CONFIG,
            "--run-dir", str(out / "run"), *[a for s in sets for a in ("--set", s)]]
-    return subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=800, check=False)
+    return run_captured(cmd, 800, cwd=REPO, env=child_env())  # a timeout stops every rank
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 from partitions import assert_sharded_within_groups
 
-from launch import REPO, WORKERS, child_env
+from launch import REPO, WORKERS, child_env, run_captured
 
 STEPS, BURN_IN, BATCH, S, K = 8, 4, 2, 2, 2
 COMMON = ["--steps", str(STEPS), "--burn_in", str(BURN_IN), "--interval", "2", "--same_init",
@@ -48,8 +48,8 @@ WORKER = str(WORKERS / "accelerate_loop_run.py")
 
 
 def run(argv: list[str], timeout: float = 480) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    """Past `timeout` every rank is stopped, not only the launcher (no orphan left behind)."""
+    return run_captured(argv, timeout, cwd=REPO, env=child_env())
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from hf_stock import (
 )
 
 from codistill_ds.run.watchdog import EXIT_NONFINITE, EXIT_PEER_LOST
-from launch import REPO, WORKERS, child_env, free_port, read_jsonl
+from launch import REPO, WORKERS, child_env, free_port, read_jsonl, run_captured
 
 STEPS, SAVE_STEPS, BURN_IN, SEED, S = 8, 4, 2, 11, 2
 NAN_LOGITS_STEP, NAN_LOSS_STEP = 3, 2
@@ -99,8 +99,7 @@ def deepspeed_launch(files: dict, run: Run, ds_config: str, *extra: str, fault: 
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(run.nproc), "--master_port",
            str(port), PROBE, str(files["script"]), *stock_args(files, run, ds_config), *extra]
-    proc = subprocess.run(cmd, cwd=run.root, env=child_env(**probe_env(run, fault)), capture_output=True,
-                          text=True, timeout=600, check=False)
+    proc = run_captured(cmd, 600, cwd=run.root, env=child_env(**probe_env(run, fault)))  # a timeout stops every rank
     (run.root / "launcher.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     run.shm_left = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*")

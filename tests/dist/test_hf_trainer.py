@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from launch import REPO, child_env, free_port, run_worker
+from launch import REPO, child_env, free_port, run_captured, run_worker
 
 STEPS, BURN_IN, INTERVAL, S = 6, 3, 2, 2
 FIRST_DISTILL = 5
@@ -40,7 +39,7 @@ def example(nproc: int, out: Path, *args: str) -> list[dict]:
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
            str(free_port()), "examples/hf_trainer_clm.py", *COMMON, "--output_dir", str(out / "out"),
            "--results_json", str(out / "res"), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600, check=False)
+    proc = run_captured(cmd, 600, cwd=REPO, env=child_env())  # a timeout stops every rank, not only the launcher
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return [json.loads((out / "res" / f"rank{r}.json").read_text()) for r in range(nproc)]
 
@@ -219,7 +218,7 @@ def accum_example(out: Path, batch: int, accum: int) -> list[dict]:
            "examples/hf_trainer_clm.py", *ACCUM_ARGS, "--per_device_train_batch_size", str(batch),
            "--gradient_accumulation_steps", str(accum), "--output_dir", str(out / "out"),
            "--results_json", str(out / "res")]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=420, check=False)
+    proc = run_captured(cmd, 420, cwd=REPO, env=child_env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return [json.loads((out / "res" / f"rank{r}.json").read_text()) for r in range(2)]
 
