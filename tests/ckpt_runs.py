@@ -3,7 +3,9 @@
 `straight(backend)`: 4 ranks (2 groups x 2) train 8 steps without interruption, saving at
 steps 4 and 8, with asynchronous exchanges 2 steps stale so that checkpoints hold in-flight
 peer targets; FSDP2 runs send half of the positions (token_fraction 0.5), ZeRO-3 runs sampled
-targets. Every interrupted run is compared against it.
+targets. Every interrupted run is compared against it. Both backends' straight runs come from
+one launch (ZeRO-3 then FSDP2 on the same ranks, tests/workers/runs.py), the first time either
+is asked for.
 `launch_ranks`: start the ranks as separate processes WITHOUT a launcher, so that when one dies
 nothing kills the others: they must notice and exit by themselves."""
 
@@ -16,6 +18,8 @@ import tempfile
 import time
 from functools import cache
 from pathlib import Path
+
+from multirun import run_args
 
 from launch import REPO, WORKERS, child_env, free_port, read_jsonl, torchrun
 
@@ -48,12 +52,19 @@ def run_torchrun(out: Path, sets: list[str], *launcher: str, timeout: float = 40
     return results(out)
 
 
-@cache
 def straight(backend: str) -> Path:
     """Out dir of the uninterrupted run; its run dir is OUT/run."""
-    out = Path(tempfile.mkdtemp(prefix=f"straight_{backend}_"))
-    run_torchrun(out, overrides(out / "run", backend))
-    return out
+    return straight_runs()[backend]
+
+
+@cache
+def straight_runs() -> dict[str, Path]:
+    """Each backend's uninterrupted run, one after the other in one launch of 4 ranks."""
+    out = Path(tempfile.mkdtemp(prefix="straight_"))
+    runs = {b: [f"run_dir={out / b / 'run'}", f"backend.name={b}", *BY_BACKEND[b]] for b in ("deepspeed", "fsdp")}
+    proc = torchrun(4, [WORKER, str(out), CONFIG, *COMMON, *run_args(runs)], timeout=600)
+    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}"
+    return {b: out / b for b in runs}
 
 
 def by_group_step(run_dir: Path) -> dict[tuple[int, int], dict]:

@@ -6,7 +6,10 @@ distillation losses and bytes must be identical, and every swap of the asynchron
 the exchange's thread (every one of the synchronous run on the main thread).
 
 The runs are the CLI's `run` under tests/workers/probe_run.py, which records which thread ran
-each swap, the positions each due batch covers, and rebuilds each distillation term by hand."""
+each swap, the positions each due batch covers, and rebuilds each distillation term by hand.
+One launch of 4 ranks (2 groups x 2) does the three runs one after another (asynchronous,
+synchronous, a quarter of the positions): each run builds its own process groups, replica and
+exchange from the config's seed, so it trains exactly as it would alone."""
 
 from __future__ import annotations
 
@@ -16,31 +19,33 @@ import pytest
 
 from codistill_ds.exchange.sampling import select_positions
 from launch import REPO, WORKERS, read_jsonl, torchrun
+from multirun import run_args
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 STEPS, STALENESS, SEED, SEQ = 16, 3, 7, 32
 
 
-def run(tmp_path, name: str, *overrides: str) -> dict:
-    out = tmp_path / name
-    sets = ["codistill.alpha=1", f"codistill.staleness={STALENESS}", "codistill.route=rails", "backend.name=fsdp",
-            f"train.steps={STEPS}", f"run_dir={out / 'run'}", *overrides]
-    proc = torchrun(4, [str(WORKERS / "probe_run.py"), str(out), CONFIG, *sets], timeout=280, PROBE_DIR=str(out))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    records = {(r["group"], r["step"]): r for r in read_jsonl(out / "run" / "metrics.jsonl")}
-    records["probes"] = [json.loads((out / f"probe_rank{r}.json").read_text()) for r in range(4)]
-    return records
+RUNS = {"async": ["codistill.async_exchange=true"],
+        "sync": ["codistill.async_exchange=false"],
+        "quarter": ["codistill.async_exchange=false", "codistill.token_fraction=0.25", "codistill.loss=mse"]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("async")
-    return {"async": run(tmp, "async", "codistill.async_exchange=true"),
-            "sync": run(tmp, "sync", "codistill.async_exchange=false"),
-            "quarter": run(tmp, "quarter", "codistill.async_exchange=false", "codistill.token_fraction=0.25",
-                           "codistill.loss=mse")}
+    out = tmp_path_factory.mktemp("async")
+    sets = ["codistill.alpha=1", f"codistill.staleness={STALENESS}", "codistill.route=rails", "backend.name=fsdp",
+            f"train.steps={STEPS}"]
+    runs = {name: [f"run_dir={out / name / 'run'}", *extra] for name, extra in RUNS.items()}
+    proc = torchrun(4, [str(WORKERS / "probe_run.py"), str(out), CONFIG, *sets, *run_args(runs)], timeout=540)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = {}
+    for name in RUNS:
+        records = {(r["group"], r["step"]): r for r in read_jsonl(out / name / "run" / "metrics.jsonl")}
+        records["probes"] = [json.loads((out / name / f"probe_rank{r}.json").read_text()) for r in range(4)]
+        result[name] = records
+    return result
 
 
 def test_async_equals_synchronous_stale_reference(runs):

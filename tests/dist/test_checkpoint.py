@@ -1,11 +1,12 @@
 """Checkpoints, resume and export.
 
-Multi-rank (4 CPU ranks = 2 groups x 2, see ckpt_runs.py; the uninterrupted runs are shared
-with test_failures.py):
+Multi-rank (4 CPU ranks = 2 groups x 2, see ckpt_runs.py; the uninterrupted runs, both
+backends from one launch, are shared with test_failures.py):
   - FSDP2 under `torchrun --max-restarts 1`, rank 2 SIGKILLed inside the save of step_8: the
     restart finds step_4 intact next to the half-written .tmp_step_8, resumes from it by itself
     and ends with the same losses, exchanged predictions and weights as the uninterrupted run.
-  - export of each backend's final checkpoint: logits equal the training replica's.
+  - export of each backend's final checkpoint (both through `codistill_ds.cli.main` in one
+    process): logits equal the training replica's.
 Single-process checks of the checkpoint files: unit/test_checkpoint_files.py.
 (The ZeRO-3 kill-and-resume run is in test_failures.py.)
 """
@@ -46,18 +47,36 @@ def test_crash_during_save_keeps_previous_checkpoint_and_restart_resumes(tmp_pat
     assert not [n for n in os.listdir(tmp_path / "run" / "checkpoints") if n.startswith(".")]
 
 
+EXPORTS = [("deepspeed", 1), ("fsdp", 0)]
+EXPORT_BOTH = """
+import json, sys
+from codistill_ds import cli
+codes = [cli.main(json.loads(argv)) for argv in sys.argv[1:]]
+sys.exit(f"exit codes {codes}" if any(codes) else 0)
+"""
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Each backend's export, both from one process (`codistill-ds export` is `cli.main`, which
+    returns the command's exit code): {backend: the exported folder}."""
+    tmp = tmp_path_factory.mktemp("export")
+    argvs = [["export", str(straight(b) / "run"), "--group", str(g), str(tmp / b / "hf")] for b, g in EXPORTS]
+    proc = subprocess.run([sys.executable, "-c", EXPORT_BOTH, *map(json.dumps, argvs)], cwd=REPO, env=child_env(),
+                          check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {b: tmp / b / "hf" for b, _ in EXPORTS}
+
+
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("backend,group", [("deepspeed", 1), ("fsdp", 0)])
-def test_export_round_trip(tmp_path, backend, group):
+@pytest.mark.parametrize("backend,group", EXPORTS)
+def test_export_round_trip(exports, backend, group):
     from transformers import AutoModelForCausalLM
 
     out = straight(backend)
     meta = checkpoint.read_meta(checkpoint.latest_checkpoint(str(out / "run")))
     assert meta["step"] == STEPS and meta["backend"] == backend and meta["groups"] == 2
-    proc = subprocess.run([sys.executable, "-m", "codistill_ds.cli", "export", str(out / "run"),
-                           "--group", str(group), str(tmp_path / "hf")], cwd=REPO, env=child_env(), check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    tmp_path = exports[backend].parent
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     trained = torch.load(out / f"logits_group{group}.pt")
     with torch.no_grad():
@@ -72,6 +91,7 @@ def test_export_round_trip(tmp_path, backend, group):
     assert not torch.allclose(other["logits"], trained["logits"], atol=1e-3)
 
 
+@pytest.mark.timeout(900)
 def test_straight_run_checkpoint_contents():
     out = straight("deepspeed")
     run = out / "run"

@@ -2,11 +2,13 @@
 
 One module-scoped set of launches feeds most assertions:
   A: `codistill-ds train` under torchrun, ZeRO-3, alpha = 0 (exchange runs, weighs nothing)
-  R: a plain 2-rank DeepSpeed run per group written without codistill_ds's loop (the reference)
-  F, RF: the same two with FSDP2
+  F: the same with FSDP2
+  R: one 2-rank launch of plain runs written without codistill_ds's loop (the references):
+     per group, a DeepSpeed run (R/deepspeed) then an FSDP2 run (R/fsdp)
   C: as A with alpha = 1 over the rails route, on ZeRO-2 (the one launch of that stage)
   D: as A under the `deepspeed` launcher
-and a partition check per backend inspects the sharded replica from inside.
+and one 4-rank partition-check launch inspects the sharded replica from inside, ZeRO-3 then
+FSDP2 (each run builds its own process groups and replica, as it would alone).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from pathlib import Path
 import pytest
 from partitions import assert_sharded_within_groups
 
-from launch import REPO, child_env, cli, free_port, read_jsonl, run_worker
+from launch import REPO, child_env, cli, free_port, read_jsonl
+from multirun import run_worker_runs
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1800)  # the module fixture: 4 launches, 2 at a time, on a shared machine
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 STEPS = 40
@@ -32,7 +35,7 @@ FIELDS = {"step", "group", "loss", "distill_loss", "alpha", "agreement", "cross_
 
 def train(run_dir: Path, *overrides: str) -> list[dict]:
     sets = [a for o in overrides for a in ("--set", o)]
-    proc = cli(4, "train", "--config", CONFIG, "--run-dir", str(run_dir), *COMMON, *sets)
+    proc = cli(4, "train", "--config", CONFIG, "--run-dir", str(run_dir), *COMMON, *sets, timeout=540)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return read_jsonl(run_dir / "metrics.jsonl")
 
@@ -47,15 +50,16 @@ def runs(tmp_path_factory):
     and rendezvous, and the results do not depend on timing."""
     tmp = tmp_path_factory.mktemp("e2e")
     with ThreadPoolExecutor(2) as pool:
+        refs = {"deepspeed": ["backend.name=deepspeed"], "fsdp": ["backend.name=fsdp"]}
         jobs = {"A": pool.submit(train, tmp / "A", "codistill.alpha=0"),
-                "R": pool.submit(lambda: run_worker("plain_reference", 2, tmp / "R", CONFIG, "2",
-                                                    f"train.steps={STEPS}")[0]),
+                "R": pool.submit(run_worker_runs, "plain_reference", 2, tmp / "R",
+                                 [CONFIG, "2", f"train.steps={STEPS}"], refs, timeout=540),
                 "F": pool.submit(train, tmp / "F", "codistill.alpha=0", "backend.name=fsdp"),
-                "RF": pool.submit(lambda: run_worker("plain_reference", 2, tmp / "RF", CONFIG, "2",
-                                                     f"train.steps={STEPS}", "backend.name=fsdp")[0]),
                 "C": pool.submit(train, tmp / "C", "codistill.alpha=1", "codistill.route=rails",
                                  "backend.ds_config=ds_configs/zero2.json")}
         out = {name: job.result() for name, job in jobs.items()}
+    # rank 0's losses (every rank records the same all-reduced means)
+    out["R"], out["RF"] = out["R"]["deepspeed"][0], out["R"]["fsdp"][0]
     out["summary_A"] = json.loads((tmp / "A" / "summary.json").read_text())
     out["dir"] = tmp
     return out
@@ -134,17 +138,24 @@ def test_deepspeed_launcher_gives_same_metrics(runs):
             assert d[key].get(field) == pytest.approx(rec.get(field), abs=1e-6), (key, field)
 
 
+@pytest.fixture(scope="module")
+def partitions(tmp_path_factory):
+    """One 4-rank launch: a partition check of each backend, one after the other."""
+    out = tmp_path_factory.mktemp("partitions")
+    runs = {b: [f"backend.name={b}", f"run_dir={out / b / 'run'}"] for b in ("deepspeed", "fsdp")}
+    common = [CONFIG, "codistill.alpha=1", "codistill.same_init=true", "train.steps=3"]
+    return out, run_worker_runs("partition_check", 4, out, common, runs, timeout=540)
+
+
 @pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
-def test_partitions_stay_within_group(tmp_path, backend):
+def test_partitions_stay_within_group(partitions, backend):
     """Each rank holds 1/S of every parameter (not 1/world), and groups keep separate models
     even from identical initial weights: the global-mpu trap would fail both.
 
     From identical weights the first step's loss is the initial model's on each group's first
     batch: the two differ only if the groups read different data (issue 24: different seeds
     alone made the old end-of-run loss inequality true)."""
-    res = run_worker("partition_check", 4, tmp_path, CONFIG, f"run_dir={tmp_path / 'run'}",
-                     f"backend.name={backend}", "codistill.alpha=1", "codistill.same_init=true",
-                     "train.steps=3")
+    tmp_path, res = partitions[0] / backend, partitions[1][backend]
     first = {r["group"]: r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] == 1}
     assert sorted(first) == [0, 1] and abs(first[0] - first[1]) > 1e-3, first
     assert_sharded_within_groups(res, S=2)

@@ -1,4 +1,8 @@
-"""`backend.precision: bf16` end to end on CPU, through the real CLI on 4 ranks (2 groups x 2).
+"""`backend.precision: bf16` end to end on CPU, through the CLI's `run` on 4 ranks (2 groups x 2).
+
+One launch (tests/workers/ckpt_run.py, which calls `codistill_ds.run.job.run` as `codistill-ds
+train` does) trains ZeRO-3 then FSDP2 on the same ranks; each run builds its own process groups
+and replica from the config's seed and writes its own summary.json and metrics.jsonl.
 
 DeepSpeed ZeRO-3 runs bf16 parameters with fp32 master weights (the `bf16` section); FSDP2 keeps
 fp32 sharded parameters and computes in bf16 (MixedPrecisionPolicy). Both build the replica from
@@ -9,32 +13,26 @@ from __future__ import annotations
 
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from launch import REPO, cli, read_jsonl
+from launch import REPO, read_jsonl
+from multirun import run_worker_runs
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = 8
 
 
-def run(run_dir, backend: str) -> dict:
-    proc = cli(4, "train", "--config", str(REPO / "tests" / "tiny_test.yaml"), "--run-dir", str(run_dir),
-               "--set", "backend.precision=bf16", "--set", f"backend.name={backend}",
-               "--set", f"train.steps={STEPS}", "--set", f"train.eval_interval={STEPS}",
-               "--set", "codistill.alpha=1", "--set", "codistill.dtype=fp16", timeout=540)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return {"summary": json.loads((run_dir / "summary.json").read_text()),
-            "metrics": read_jsonl(run_dir / "metrics.jsonl")}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bf16")
-    with ThreadPoolExecutor(2) as pool:
-        jobs = {b: pool.submit(run, tmp / b, b) for b in ("deepspeed", "fsdp")}
-        return {b: job.result() for b, job in jobs.items()}
+    out = tmp_path_factory.mktemp("bf16")
+    backends = ("deepspeed", "fsdp")
+    sets = [str(REPO / "tests" / "tiny_test.yaml"), "backend.precision=bf16", f"train.steps={STEPS}",
+            f"train.eval_interval={STEPS}", "codistill.alpha=1", "codistill.dtype=fp16"]
+    run_worker_runs("ckpt_run", 4, out, sets, {b: [f"backend.name={b}", f"run_dir={out / b / 'run'}"] for b in backends},
+                    timeout=540)
+    return {b: {"summary": json.loads((out / b / "run" / "summary.json").read_text()),
+                "metrics": read_jsonl(out / b / "run" / "metrics.jsonl")} for b in backends}
 
 
 def test_bf16_runs_end_to_end_on_cpu(runs):

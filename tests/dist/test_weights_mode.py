@@ -1,6 +1,9 @@
 """Weight-exchange codistillation: each teacher is bit-for-bit the peer's shard at the last
 exchange, computes what the peer computed with those weights, and the groups distill toward
-their teachers; only parameter shards of that size crossed groups."""
+their teachers; only parameter shards of that size crossed groups.
+
+One launch of 4 ranks (2 groups x 2) runs FSDP2 then ZeRO-3 (tests/workers/weights_check.py
+with two runs, tests/workers/runs.py): each run builds its own process groups and replica, as it would alone."""
 
 from __future__ import annotations
 
@@ -9,9 +12,10 @@ import json
 import pytest
 import torch
 
-from launch import REPO, read_jsonl, run_worker
+from launch import REPO, read_jsonl
+from multirun import run_worker_runs
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 STEPS, INTERVAL = 7, 3  # exchanges before steps 0, 3, 6; step 6 still updates afterwards
@@ -27,12 +31,21 @@ def plain_zero3(tmp_path) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("weights")
+    runs = {"fsdp": ["backend.name=fsdp"],
+            "deepspeed": ["backend.name=deepspeed", f"backend.ds_config={plain_zero3(out)}"]}
+    for name, sets in runs.items():
+        sets.append(f"run_dir={out / name / 'run'}")
+    common = [CONFIG, "codistill.mode=weights", "codistill.alpha=1", f"codistill.interval={INTERVAL}",
+              f"train.steps={STEPS}"]
+    return out, run_worker_runs("weights_check", 4, out, common, runs, timeout=540)
+
+
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
-def test_teacher_equals_peer_weights_from_last_exchange(tmp_path, backend):
-    ds = [f"backend.ds_config={plain_zero3(tmp_path)}"] if backend == "deepspeed" else []
-    res = run_worker("weights_check", 4, tmp_path, CONFIG, f"run_dir={tmp_path / 'run'}",
-                     "codistill.mode=weights", "codistill.alpha=1", f"codistill.interval={INTERVAL}",
-                     f"train.steps={STEPS}", f"backend.name={backend}", *ds)
+def test_teacher_equals_peer_weights_from_last_exchange(runs, backend):
+    tmp_path, res = runs[0] / backend, runs[1][backend]
     at = {(r["group"], r["group_rank"]): r for r in res}
     for (g, lr), r in at.items():
         for peer, teacher_digest in r["teachers"].items():

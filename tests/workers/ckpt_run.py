@@ -1,5 +1,6 @@
 """Rank program: `codistill_ds.run.job.run` with recorders and injected faults. Args: OUT CONFIG
-[overrides...]. Writes OUT/rank{r}.json: the step it started from, digests of the predictions
+[overrides...], or several runs one after another on the same ranks (tests/workers/runs.py:
+`@NAME [overrides...]`..., each writing under OUT/NAME). Writes OUT/rank{r}.json: the step it started from, digests of the predictions
 it sent and received per step, a digest of its group's full weights at the end (weight exchange:
 of each teacher's shards and of the shard it sent last), and (leaders)
 OUT/logits_group{g}.pt: eval-mode logits of the trained replica on a fixed batch.
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from runs import split_runs
 
 from codistill_ds.config import load_config
 from codistill_ds.distributed.env import exit_process, shutdown
@@ -35,6 +37,8 @@ from codistill_ds.run.loop import CodistillLoop
 STEP = [0]
 RECORD: dict = {"sent": {}, "recv": {}, "start_step": None}
 JOBS: list = []
+RESETS: list = []
+"""Called with the run's out dir before each run: a recorder's state starts empty (probe_run)."""
 
 
 def faults() -> list[tuple[str, int, int]]:
@@ -132,12 +136,16 @@ def weights_digest(job) -> str:
         return hashlib.sha1(b"".join(digest(p.data).encode() for p in params)).hexdigest()[:16]
 
 
-def main() -> None:
-    out, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
-    out.mkdir(parents=True, exist_ok=True)
-    install(int(os.environ.get("RANK", "0")))
+def run_one(out: Path, cfg) -> None:
+    """One training run in this process, its records starting empty, its results under OUT."""
+    STEP[0] = 0
+    RECORD.clear()
+    RECORD.update(sent={}, recv={}, start_step=None)
+    for reset in RESETS:
+        reset(out)
     train.run(cfg)
     job = JOBS[-1]
+    del JOBS[:-1]  # the previous runs' replicas
     from codistill_ds.backends.base import evaluating
 
     batch = job.loop.val_batches[0]
@@ -162,6 +170,14 @@ def main() -> None:
                       last_sent=teachers.last_sent_digest, teacher_groups=teachers.peer_groups,
                       weight_bytes=teachers.bytes_sent)
     (out / f"rank{t.rank}.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    out, config = Path(sys.argv[1]), sys.argv[2]
+    out.mkdir(parents=True, exist_ok=True)
+    install(int(os.environ.get("RANK", "0")))
+    for run_out, sets in split_runs(out, sys.argv[3:]):
+        run_one(run_out, load_config(config, sets))
     shutdown()  # the same end as `codistill-ds train`
     exit_process(0)
 

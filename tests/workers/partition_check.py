@@ -1,6 +1,9 @@
 """Rank program: the library's ZeRO (through mpu) or FSDP2 (through the shard mesh) shards
-each parameter (ZeRO-1/2: the optimizer state) over my group only. Args: OUT CONFIG [overrides...]. Records partition sizes,
-trains the configured steps, then records per-group weight checksums gathered inside the group."""
+each parameter (ZeRO-1/2: the optimizer state) over my group only. Args: OUT CONFIG [overrides...],
+or several runs one after another on the same ranks (`@NAME [overrides...]`...,
+tests/workers/runs.py: e.g. one per backend), each writing under OUT/NAME. Records partition
+sizes, trains the configured steps, then records per-group weight checksums gathered inside the
+group."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+
+from runs import split_runs
 
 from codistill_ds.config import load_config
 from codistill_ds.distributed.env import exit_process, shutdown
@@ -44,8 +49,7 @@ def view(job, backend: str):
     return fsdp_view(job.backend.module) if backend == "fsdp" else deepspeed_view(job.backend.engine)
 
 
-def main() -> None:
-    out, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
+def run_one(out: Path, cfg) -> None:
     job = build_job(cfg)
     parts, gathered, full = view(job, cfg.backend.name)
     job.loop.run()
@@ -56,6 +60,12 @@ def main() -> None:
               "group_rank": job.topology.position, "S": job.topology.group_size,
               "parts": parts, "checksum": checksum}
     (out / f"rank{job.topology.rank}.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    out, config = Path(sys.argv[1]), sys.argv[2]
+    for run_out, sets in split_runs(out, sys.argv[3:]):
+        run_one(run_out, load_config(config, sets))
     shutdown()  # the same end as `codistill-ds train`
     exit_process(0)
 

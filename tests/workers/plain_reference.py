@@ -1,7 +1,9 @@
 """Rank program: a plain single-group run (no mpu, no mesh slicing, no codistillation code) that
 trains what group g of a codistillation job trains: same seed, same data shard, same schedules.
 DeepSpeed or FSDP2 over the whole (2-rank) world, as the config's backend.name says.
-Args: OUT CONFIG GROUPS [overrides...]. Writes per-step losses for each group g in turn."""
+Args: OUT CONFIG GROUPS [overrides...], or several runs one after another on the same ranks
+(`@NAME [overrides...]`..., tests/workers/runs.py: e.g. one per backend), each writing
+under OUT/NAME. Writes per-step losses for each group g in turn."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore")
 
 import deepspeed
+from runs import split_runs
 
 from codistill_ds.backends.base import decay_param_groups
 from codistill_ds.backends.deepspeed import build_ds_config
@@ -24,7 +27,7 @@ from codistill_ds.backends.model import build_model
 from codistill_ds.config import load_config
 from codistill_ds.data.corpus import build_corpus
 from codistill_ds.data.streams import TrainStream
-from codistill_ds.distributed.env import exit_process, shutdown
+from codistill_ds.distributed.env import exit_process, shutdown, skip_deepspeed_shm_op
 from codistill_ds.schedules import lr_at
 
 
@@ -89,11 +92,13 @@ def train_group(cfg, corpus, g: int, groups: int) -> list[float]:
 
 def main() -> None:
     out, config, groups = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-    cfg = load_config(config, sys.argv[4:])
+    skip_deepspeed_shm_op()  # as the library does: no JIT build of an op training never uses
     deepspeed.init_distributed(dist_backend="gloo")
-    corpus = build_corpus(cfg.data)
-    result = {str(g): train_group(cfg, corpus, g, groups) for g in range(groups)}
-    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    for run_out, sets in split_runs(out, sys.argv[4:]):
+        cfg = load_config(config, sets)
+        corpus = build_corpus(cfg.data)
+        result = {str(g): train_group(cfg, corpus, g, groups) for g in range(groups)}
+        (run_out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
     shutdown()  # the same end as `codistill-ds train`: no gloo abort at interpreter exit
     exit_process(0)
 

@@ -18,6 +18,9 @@ probes inside the exchange, each recomputing what the run did another way. Args:
          peers' first micro-batches of the step, in group order, rebuilt from a corpus and
          streams built here
 
+Several runs in one launch (`@NAME ...`, tests/workers/runs.py): each run's probes start
+empty and go to OUT/NAME/probe_rank{r}.json.
+
 PROBE_FAULT (env) nanrank:R:S: rank R alone (not its whole group, unlike ckpt_run's nanlogits)
 sends NaN predictions at step index S, so the rest of its group sends finite ones.
 """
@@ -27,10 +30,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import threading
 
 import ckpt_run
 import torch
+from runs import is_multi
 
 from codistill_ds.exchange.losses import distill_loss
 
@@ -90,7 +95,15 @@ def forward_gap(step: int, students: list[torch.Tensor], due: list) -> float:
     return worst
 
 
+def reset(out) -> None:
+    for entries in PROBE.values():
+        entries.clear()
+    if is_multi(sys.argv):
+        os.environ["PROBE_DIR"] = str(out)
+
+
 def install() -> None:
+    ckpt_run.RESETS.append(reset)
     from codistill_ds.exchange.distiller import Distiller
     from codistill_ds.exchange.transport.ft import TorchFTTransport
     from codistill_ds.exchange.transport.world import LogitExchange
@@ -212,8 +225,6 @@ def hand_agreement(students: list[torch.Tensor], due: list) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    import sys
-
     os.environ.setdefault("PROBE_DIR", sys.argv[1])
     install()
     ckpt_run.main()

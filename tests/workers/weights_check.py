@@ -1,5 +1,7 @@
 """Rank program: weight-exchange teachers hold exactly what the peer sent at the last exchange,
-and compute what the peer computed with it. Args: OUT CONFIG [overrides...].
+and compute what the peer computed with it. Args: OUT CONFIG [overrides...], or several runs
+one after another on the same ranks (`@NAME [overrides...]`..., tests/workers/runs.py),
+each writing under OUT/NAME.
 
 Writes OUT/rank{r}.json (digests of the shards sent at the last exchange, of the current
 shards and of each teacher's shards; bytes) and OUT/logits_rank{r}.pt: `sent`, my eval-mode
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch
+from runs import split_runs
 
 from codistill_ds.backends.base import evaluating
 from codistill_ds.config import load_config
@@ -22,8 +25,7 @@ from codistill_ds.exchange.weights import digest
 from codistill_ds.run.job import build_job
 
 
-def main() -> None:
-    out, cfg = Path(sys.argv[1]), load_config(sys.argv[2], sys.argv[3:])
+def run_one(out: Path, cfg) -> None:
     job = build_job(cfg)
     w = job.loop.teachers
     batch = job.loop.val_batches[0]  # rank p of every group holds the same one
@@ -48,6 +50,12 @@ def main() -> None:
         "bytes": w.bytes_sent, "shard_numel": sum(s.numel() for s in job.backend.shards()),
     }
     (out / f"rank{t.rank}.json").write_text(json.dumps(result))
+
+
+def main() -> None:
+    out, config = Path(sys.argv[1]), sys.argv[2]
+    for run_out, sets in split_runs(out, sys.argv[3:]):
+        run_one(run_out, load_config(config, sets))
     shutdown()  # the same end as `codistill-ds train`
     exit_process(0)
 
