@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from runs import split_runs
 
 from codistill_ds.config import load_config
 from codistill_ds.distributed.env import exit_process, shutdown
 from codistill_ds.exchange.wire import pack
 from codistill_ds.run import job as train
 from codistill_ds.run.loop import CodistillLoop
+from runs import split_runs
 
 STEP = [0]
 RECORD: dict = {"sent": {}, "recv": {}, "start_step": None}

@@ -12,11 +12,10 @@ import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-from runs import split_runs
-
 from codistill_ds.config import load_config
 from codistill_ds.distributed.env import exit_process, shutdown
 from codistill_ds.run.job import build_job
+from runs import split_runs
 
 
 def deepspeed_view(engine):

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 warnings.filterwarnings("ignore")
 
 import deepspeed
-from runs import split_runs
 
 from codistill_ds.backends.base import decay_param_groups
 from codistill_ds.backends.deepspeed import build_ds_config
@@ -29,6 +28,7 @@ from codistill_ds.data.corpus import build_corpus
 from codistill_ds.data.streams import TrainStream
 from codistill_ds.distributed.env import exit_process, shutdown, skip_deepspeed_shm_op
 from codistill_ds.schedules import lr_at
+from runs import split_runs
 
 
 class PlainFSDP:

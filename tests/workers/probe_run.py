@@ -35,9 +35,9 @@ import threading
 
 import ckpt_run
 import torch
-from runs import is_multi
 
 from codistill_ds.exchange.losses import distill_loss
+from runs import is_multi
 
 PROBE: dict = {"swaps": [], "due": [], "terms": [], "sent": [], "agreement": []}
 FORWARD = os.environ.get("PROBE_FORWARD") == "1"

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
-from runs import split_runs
 
 from codistill_ds.backends.base import evaluating
 from codistill_ds.config import load_config
 from codistill_ds.distributed.env import exit_process, shutdown
 from codistill_ds.exchange.weights import digest
 from codistill_ds.run.job import build_job
+from runs import split_runs
 
 
 def run_one(out: Path, cfg) -> None:
