@@ -56,6 +56,13 @@ def on_threads(fn, items):
         return dict(zip(items, pool.map(fn, items)))
 
 
+def close_together(members: dict) -> None:
+    """Every member leaves at once, as jobs that stop together do: a member's farewell round
+    counts on the others' taking part, so leaving one after another would make each wait out
+    the round's timeout for peers still training."""
+    on_threads(lambda name: members[name].close(), list(members))
+
+
 def test_rails_meet_rank_r_of_the_view_and_parts_reach_their_owner_only(lighthouse_url):
     """One Lighthouse member per group (its leader) asks for the view of a round; each rail runs
     its own collective over the groups of that view (`rails.FTRails` broadcasts it inside the
@@ -97,8 +104,7 @@ def test_rails_meet_rank_r_of_the_view_and_parts_reach_their_owner_only(lighthou
     finally:
         for pg in pgs.values():
             pg.close()
-        for m in ms.values():
-            m.close()
+        close_together(ms)
 
 
 def test_every_collective_signs_its_frames_and_the_rails_agree_on_what_was_refused(lighthouse_url, monkeypatch):
@@ -170,8 +176,7 @@ def test_every_collective_signs_its_frames_and_the_rails_agree_on_what_was_refus
     finally:
         for pg in pgs.values():
             pg.close()
-        for m in ms.values():
-            m.close()
+        close_together(ms)
 
 
 def test_a_second_job_claiming_a_group_is_refused(lighthouse_url):
@@ -192,8 +197,8 @@ def test_a_second_job_claiming_a_group_is_refused(lighthouse_url):
         out = on_threads(join, list(ms))
         assert out == {"g0": 2, "g1": 2, "dup": "codistill.group_id"}, out
     finally:
-        for m in ms.values():
-            m.close()
+        for m in ms.values():  # nothing to say farewell to: no round was run
+            m.close(retire=False)
 
 
 def test_contract_holds_the_shape_only_where_a_mode_relies_on_it():
