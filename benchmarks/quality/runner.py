@@ -34,6 +34,9 @@ TAIL_CHARS = 4000
 """How much of a failed run's logs is printed."""
 POLL_S = 5.0
 """How often a running launch's metrics are read for the stop rule."""
+EXIT_POLL_S = 0.1
+"""How often the launch's processes are checked for having exited: a run's end is seen at
+once, not up to POLL_S later (the smoke's arms last seconds each)."""
 
 
 class RunFailed(RuntimeError):
@@ -112,7 +115,7 @@ def watch(procs: Sequence[subprocess.Popen], run_dir: Path, timeout_s: float,
             if rule is not None and len(hist) == models and rule.passed(hist):
                 stop(procs)
                 return min(h[-1][0] for h in hist)
-            time.sleep(POLL_S)
+            wait_for_an_exit(procs, POLL_S)
     except BaseException:
         stop(procs)
         raise
@@ -120,6 +123,13 @@ def watch(procs: Sequence[subprocess.Popen], run_dir: Path, timeout_s: float,
     if failed:
         raise RunFailed(f"run {run_dir} failed (exit code {failed[0].returncode}):\n{_logs(run_dir)}")
     return None
+
+
+def wait_for_an_exit(procs: Sequence[subprocess.Popen], seconds: float) -> None:
+    """Sleep up to `seconds`, returning as soon as any of the processes has exited."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(EXIT_POLL_S)
 
 
 Starter = Callable[[Path], tuple[list[subprocess.Popen], Callable[[], None]]]

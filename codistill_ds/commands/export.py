@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from codistill_ds.config import Config, load_config
-from codistill_ds.run.checkpoint import ENGINE_TAG, complete_checkpoints, read_meta
+
+if TYPE_CHECKING:  # torch and the checkpoint module are imported where used: the CLI registers
+    import torch  # this command on every start, and `--help` or `--nproc` need neither
 
 
 class ExportError(ValueError):
@@ -30,6 +31,8 @@ class ExportError(ValueError):
 
 
 def find_checkpoint(run_dir: str, step: int | None) -> str:
+    from codistill_ds.run.checkpoint import complete_checkpoints
+
     found = complete_checkpoints(run_dir)
     if not found:
         raise ExportError(f"no complete checkpoint under {os.path.join(run_dir, 'checkpoints')}; "
@@ -44,6 +47,8 @@ def find_checkpoint(run_dir: str, step: int | None) -> str:
 
 def consolidated_state_dict(group_dir: str, backend: str, template: dict[str, torch.Tensor]) -> dict:
     """Full fp32 tensors of one group's replica from its sharded engine checkpoint."""
+    from codistill_ds.run.checkpoint import ENGINE_TAG
+
     if backend == "deepspeed":
         from codistill_ds.distributed import env as rankinfo
 
@@ -53,6 +58,7 @@ def consolidated_state_dict(group_dir: str, backend: str, template: dict[str, to
         )
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(group_dir, tag=ENGINE_TAG))
+    import torch
     import torch.distributed.checkpoint as dcp
 
     state = {"model": {k: torch.empty_like(v) for k, v in template.items()}}
@@ -75,6 +81,7 @@ def _load_strict(model: torch.nn.Module, state: dict) -> None:
 def export(run_dir: str, group: int, out: str, step: int | None = None) -> str:
     """Write group `group`'s replica to `out`; returns the checkpoint it came from."""
     from codistill_ds.backends.model import build_model
+    from codistill_ds.run.checkpoint import read_meta
     from codistill_ds.schedules import piecewise_constant
 
     path = find_checkpoint(run_dir, step)

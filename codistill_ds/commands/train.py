@@ -36,7 +36,7 @@ def add_train_parser(sub) -> None:
 
 def spawn_local(nproc: int, argv: list[str]) -> int:
     """`--nproc N`: re-run this command under torchrun with N local ranks."""
-    from codistill_ds.distributed.env import free_port
+    from codistill_ds.distributed.launching import free_port
 
     rest, skip = [], False
     for a in argv:
@@ -97,10 +97,10 @@ def main_guarded(cfg) -> int:
 
 
 def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.nproc:  # before the config (and torch) is imported: this process only starts torchrun
+        return spawn_local(args.nproc, argv)
     from codistill_ds.config import ConfigError, load_config
 
-    if args.nproc:
-        return spawn_local(args.nproc, argv)
     overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"train.resume={args.resume}"] if args.resume else []
     try:

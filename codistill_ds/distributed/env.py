@@ -133,6 +133,8 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     if dist.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ:
+        from codistill_ds.distributed.launching import free_port
+
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
     backend = DEFAULT_BACKEND_GPU if use_cuda() else "gloo"
@@ -258,9 +260,3 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

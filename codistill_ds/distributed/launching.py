@@ -17,8 +17,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from codistill_ds.distributed.env import free_port
-
 REPO = Path(__file__).resolve().parents[2]
 """The checkout root: children get it on PYTHONPATH and run from it."""
 
@@ -154,3 +152,12 @@ def run_captured(cmd: Sequence[str], timeout_s: float, cwd: Path | None = None,
 def command_line(module: str) -> str:
     """How a `python -m module ...` benchmark was started, for its results file."""
     return " ".join([Path(sys.executable).name, "-m", module, *sys.argv[1:]])
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (torch-free: launchers call it before any rank starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -37,8 +37,10 @@ decimal (1 KB = 1,000 bytes).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from codistill_ds.exchange.wire import WireFormat
+if TYPE_CHECKING:  # the wire module needs torch: `codistill-ds --help` and `plan` start without it
+    from codistill_ds.exchange.wire import WireFormat
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 """Bytes per gradient, parameter or pseudo-gradient element."""
@@ -150,6 +152,8 @@ def _check(params: int, seq_len: int, batch: int, interval: int, groups: int, wo
 
 
 def _wire(topk: int, vocab: int, dtype: str, index_dtype: str) -> WireFormat:
+    from codistill_ds.exchange.wire import WireFormat
+
     if topk > vocab:
         raise ValueError(f"topk {topk} exceeds the vocabulary size {vocab}")
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from codistill_ds.distributed.env import free_port
+from codistill_ds.distributed.launching import free_port
 
 
 @pytest.fixture(scope="module")

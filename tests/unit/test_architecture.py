@@ -134,5 +134,5 @@ def test_setup_pieces_are_written_once():
     assert _where(r"\.join\(cd\.groups|transport\.join\(") == ["exchange/setup.py"]
     assert _where(r"alpha_at\(") == ["exchange/distiller.py", "schedules.py"]
     assert _where(r"engine\.step\(\w") == ["exchange/distiller.py"]  # DeepSpeed's engine.step() is not it
-    assert _where(r"^def free_port\b") == ["distributed/env.py"]
-    assert _where(r"\.bind\(\(\"127\.0\.0\.1\", 0\)\)") == ["distributed/env.py"]
+    assert _where(r"^def free_port\b") == ["distributed/launching.py"]
+    assert _where(r"\.bind\(\(\"127\.0\.0\.1\", 0\)\)") == ["distributed/launching.py"]

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from codistill_ds.commands.lighthouse import start_lighthouse
-from codistill_ds.distributed.env import free_port
+from codistill_ds.distributed.launching import free_port
 from codistill_ds.exchange.batches import ExchangeBatch
 from codistill_ds.exchange.engine import ExchangeEngine, ExchangeSettings
 from codistill_ds.exchange.transport.base import ExchangeResult
