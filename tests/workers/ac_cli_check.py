@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
+from resident import reset_peak, status
 
 from codistill_ds.backends.activation_checkpointing import checkpointed_layers
 from codistill_ds.config import load_config
@@ -35,12 +36,6 @@ BACKENDS = {"zero3": ["backend.name=deepspeed", "backend.ds_config=ds_configs/ze
 MODES = ("none", "full", "selective")
 
 
-def status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
 class Recorder(LoopHooks):
@@ -49,9 +44,7 @@ class Recorder(LoopHooks):
 
     def on_step_start(self, loop, step: int) -> None:
         if step == 1:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.base = status("VmRSS")
+            self.base = reset_peak()
 
     def on_record(self, loop, record: dict) -> None:
         self.loss.append(record["loss"])

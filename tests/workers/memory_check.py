@@ -9,13 +9,13 @@ FSDP2, then the whole model. Args: OUT. Writes OUT/rank{r}.json (bytes)."""
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from resident import measure
 
 from codistill_ds.backends.fsdp import build_sharded
 from codistill_ds.backends.materialize import build_zero3
@@ -30,28 +30,8 @@ WARM = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=
 VOCAB = 8192
 
 
-def status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
-def measure(build) -> dict:
-    """Peak rise of resident memory while `build()` runs, what stays while its result lives,
-    and what is left once it is dropped."""
-    gc.collect()
-    dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    before = status("VmRSS")
-    model = build()
-    peak, kept = status("VmHWM") - before, status("VmRSS") - before
-    del model
-    gc.collect()
-    dist.barrier()
-    return {"peak": peak, "kept": kept, "residue": status("VmRSS") - before}
 
 
 def main() -> None:

@@ -12,13 +12,13 @@ Args: OUT FOLDER. Writes OUT/rank{r}.json (bytes)."""
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from resident import measure
 
 from codistill_ds.backends.model import build_model, count_parameters
 from codistill_ds.backends.pretrained import Pretrained, load_whole, load_zero3
@@ -31,26 +31,8 @@ from codistill_ds.distributed.env import exit_process, shutdown
 NAMES = ("codistill", "replicate", "dp_shard", "tp")
 
 
-def status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
-def measure(load) -> dict:
-    gc.collect()
-    dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    before = status("VmRSS")
-    model = load()
-    peak, kept = status("VmHWM") - before, status("VmRSS") - before
-    del model
-    gc.collect()
-    dist.barrier()
-    return {"peak": peak, "kept": kept, "residue": status("VmRSS") - before}
 
 
 def main() -> None:

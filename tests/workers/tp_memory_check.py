@@ -9,13 +9,13 @@ Args: OUT. Writes OUT/rank{r}.json (bytes)."""
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from resident import measure
 
 from codistill_ds.backends.model import build_model, count_parameters
 from codistill_ds.backends.replica import build_parallel_replica, group_process_group
@@ -30,26 +30,8 @@ VOCAB = 8192
 NAMES = ("codistill", "replicate", "dp_shard", "tp")
 
 
-def status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
 
 
-def measure(build) -> dict:
-    gc.collect()
-    dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS")
-    model = build()
-    peak, kept = status("VmHWM") - before, status("VmRSS") - before
-    del model
-    gc.collect()
-    dist.barrier()
-    return {"peak": peak, "kept": kept, "residue": status("VmRSS") - before}
 
 
 def checks() -> dict:
