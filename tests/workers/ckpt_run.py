@@ -37,6 +37,9 @@ from runs import split_runs
 STEP = [0]
 RECORD: dict = {"sent": {}, "recv": {}, "start_step": None}
 JOBS: list = []
+PLAN: list[tuple[str, int, int]] = []
+"""The faults of the run in progress: FAULT is read as each run starts (`run_one`), so one
+process can run a clean run and then a faulty one (ckpt_run_then_killed.py)."""
 RESETS: list = []
 """Called with the run's out dir before each run: a recorder's state starts empty (probe_run)."""
 
@@ -56,7 +59,7 @@ def digest(t: torch.Tensor) -> str:
 
 
 def install(rank: int) -> None:
-    plan = faults()
+    plan = PLAN
     orig_step = CodistillLoop.train_step
 
     def train_step(self, step):
@@ -139,6 +142,7 @@ def weights_digest(job) -> str:
 def run_one(out: Path, cfg) -> None:
     """One training run in this process, its records starting empty, its results under OUT."""
     STEP[0] = 0
+    PLAN[:] = faults()
     RECORD.clear()
     RECORD.update(sent={}, recv={}, start_step=None)
     for reset in RESETS:

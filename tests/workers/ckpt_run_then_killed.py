@@ -12,34 +12,29 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import ckpt_run
 
-from codistill_ds.distributed import comm
+from codistill_ds.config import load_config
+from codistill_ds.distributed.env import exit_process, shutdown
 
 
-def run(out: str, config: str, overrides: list[str], last: bool) -> None:
-    sys.argv = [sys.argv[0], out, config, f"run_dir={out}/run", *overrides]
-    if last:
-        ckpt_run.main()  # ends the process like `codistill-ds train`
-        return
-    # Not the last run: the process goes on, so ckpt_run's teardown becomes a barrier.
-    shutdown, exit_process = ckpt_run.shutdown, ckpt_run.exit_process
-    ckpt_run.shutdown, ckpt_run.exit_process = comm.barrier, lambda code: None
-    try:
-        ckpt_run.main()
-    finally:
-        ckpt_run.shutdown, ckpt_run.exit_process = shutdown, exit_process
+def run(out: str, config: str, overrides: list[str]) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    ckpt_run.run_one(Path(out), load_config(config, [f"run_dir={out}/run", *overrides]))
 
 
 def main() -> None:
     out_b, out_c, config, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+    ckpt_run.install(int(os.environ.get("RANK", "0")))
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         fault = os.environ.pop("FAULT", "")
-        run(out_b, config, overrides, last=False)  # ckpt_run reads FAULT when a run starts
-        ckpt_run.RECORD.update(sent={}, recv={}, start_step=None)
+        run(out_b, config, overrides)  # ckpt_run reads FAULT as a run starts
         os.environ["FAULT"] = fault
-    run(out_c, config, overrides, last=True)
+    run(out_c, config, overrides)
+    shutdown()  # the same end as `codistill-ds train`
+    exit_process(0)
 
 
 if __name__ == "__main__":
