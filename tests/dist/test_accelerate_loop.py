@@ -58,10 +58,10 @@ def runs(tmp_path_factory):
     accelerate = str(Path(sys.executable).parent / "accelerate")
     launch = [accelerate, "launch", "--config_file", "launch/accelerate/zero3.yaml", WORKER, str(tmp / "codistill"),
               *COMMON, "--groups", str(K), "--batch_size", str(BATCH), "--activation_checkpointing", "full"]
-    plain = [sys.executable, WORKER]  # both groups' references, one after the other in one process
+    # Both groups' references, one after the other in one process (runs TMP/plain{g}).
+    plain = [sys.executable, WORKER, str(tmp), *COMMON, "--plain", "--num_shards", str(K), "--batch_size", str(BATCH * S)]
     for g in range(K):
-        plain += [*(["::"] if g else []), str(tmp / f"plain{g}"), *COMMON, "--plain", "--data_shard", str(g),
-                  "--num_shards", str(K), "--batch_size", str(BATCH * S)]
+        plain += [f"@plain{g}", "--data_shard", str(g)]
     from codistill_ds.commands.lighthouse import start_lighthouse
 
     server, url = start_lighthouse(port=0, bind="127.0.0.1", join_timeout_ms=60000)

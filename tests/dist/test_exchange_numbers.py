@@ -50,10 +50,10 @@ ACCUM = {"A1": ("deepspeed", 4, 1, "kl"), "A2": ("deepspeed", 2, 2, "kl"), "A4":
 the FSDP2 pair distills with JSD, so that loss's gradient runs end to end against a reference."""
 
 
-def accum_sets(run_dir: Path, backend: str, micro: int, accum: int, loss: str) -> list[str]:
+def accum_sets(backend: str, micro: int, accum: int, loss: str) -> list[str]:
     """The CLI's overrides with the distillation term on from step 0 (a fixed exchange batch of 4
     and the same 4 validation windows, so only the split of the training batch differs between runs)."""
-    return [f"run_dir={run_dir}", f"backend.name={backend}", f"data.micro_batch_size={micro}",
+    return [f"backend.name={backend}", f"data.micro_batch_size={micro}",
             f"train.grad_accum={accum}",
             f"data.val_batches={4 // micro}",  # validation reads val_batches x micro windows: the same 4
             "data.exchange_batch_size=4", "codistill.alpha=1", f"codistill.loss={loss}", f"train.steps={ACCUM_STEPS}",
@@ -62,10 +62,10 @@ def accum_sets(run_dir: Path, backend: str, micro: int, accum: int, loss: str) -
 
 def accum_runs(tmp: Path) -> dict[str, dict]:
     """Every ACCUM run in one 2-rank launch (tests/workers/train_runs.py: the CLI's training, run
-    after run, each with its own run dir, groups and replica); metrics records by (group, step)."""
-    argv = [str(WORKERS / "train_runs.py"), CONFIG]
+    after run, each with its own run dir TMP/NAME, groups and replica); metrics records by (group, step)."""
+    argv = [str(WORKERS / "train_runs.py"), str(tmp), CONFIG]
     for name, spec in ACCUM.items():
-        argv += ["--", *accum_sets(tmp / name, *spec)]
+        argv += [f"@{name}", *accum_sets(*spec)]
     proc = torchrun(2, argv, timeout=560)
     assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {name: {(r["group"], r["step"]): r for r in read_jsonl(tmp / name / "metrics.jsonl")} for name in ACCUM}

@@ -3,8 +3,9 @@ process), plus a record of what it trained. Args: OUT ARGS... (the example's arg
 OUT/rank{r}.json: the example's log records and, after training, each parameter's partition
 (ZeRO-3) or flat optimizer partition (ZeRO-1/2) and a checksum of the full weights gathered
 inside the group; a plain run records its logs and checksum only. Plain runs may be chained in
-one process, `OUT1 ARGS1... :: OUT2 ARGS2...` (the references of both groups, one interpreter
-start): each builds its own Accelerator, seed, model and loader, as a fresh process would."""
+one process, `OUT ARGS... @NAME ARGS... @NAME ARGS...` (tests/workers/runs.py; the references of
+both groups, one interpreter start): each builds its own Accelerator, seed, model and loader,
+as a fresh process would, and writes under OUT/NAME."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from partition_check import deepspeed_view
+
+from runs import split_runs
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_loop.py"
 
@@ -27,17 +30,15 @@ def load_example():
 
 
 def main() -> None:
-    argv, runs = sys.argv[1:], [[]]
-    for arg in argv:
-        runs.append([]) if arg == "::" else runs[-1].append(arg)
-    assert len(runs) == 1 or all("--plain" in r for r in runs), "only plain runs chain in one process"
-    for out, *args in runs:
+    runs = split_runs(Path(sys.argv[1]), sys.argv[2:])
+    assert len(runs) == 1 or all("--plain" in r for _, r in runs), "only plain runs chain in one process"
+    for out, args in runs:
         if len(runs) > 1:
             from accelerate.state import AcceleratorState, GradientState
 
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
-        record(Path(out), args)
+        record(out, args)
 
 
 def record(out: Path, argv: list[str]) -> None:
