@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from multirun import run_args
 
 from codistill_ds.exchange.sampling import select_positions
 from launch import REPO, WORKERS, read_jsonl, torchrun
-from multirun import run_args
 
 pytestmark = pytest.mark.timeout(600)
 

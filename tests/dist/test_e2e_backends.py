@@ -19,10 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from multirun import run_worker_runs
 from partitions import assert_sharded_within_groups
 
 from launch import REPO, child_env, cli, free_port, read_jsonl
-from multirun import run_worker_runs
 
 pytestmark = pytest.mark.timeout(1800)  # the module fixture: 4 launches, 2 at a time, on a shared machine
 

@@ -97,7 +97,7 @@ def timeline(tmp_path_factory):
 
     def retire(g: int) -> None:
         out = subprocess.run([sys.executable, "-m", "codistill_ds.cli", "retire", str(tmp / f"g{g}")], cwd=REPO,
-                             env=child_env(), capture_output=True, text=True, timeout=60)
+                             env=child_env(), capture_output=True, text=True, timeout=60, check=False)
         assert out.returncode == 0, out.stderr
 
     try:
@@ -158,7 +158,7 @@ def test_a_group_joins_the_running_ones_and_exchanges(timeline):
 def test_a_retired_group_is_left_out_and_not_waited_for(timeline):
     assert timeline["g1_rc"] == 0
     assert "retiring after step" in timeline["g1_log"]
-    for g, rs in timeline["after_retire"].items():
+    for rs in timeline["after_retire"].values():
         assert all(r["peers"] <= 1 for r in rs), [(r["step"], r["peers"]) for r in rs]
         assert sum(r["peers"] == 1 for r in rs) >= 5
         # The Lighthouse holds the quorum after a retirement until the retired job's heartbeat

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from codistill_ds.config import load_config
 from codistill_ds.backends.model import ModelRecipe
+from codistill_ds.config import load_config
 from codistill_ds.config.validation import ranks_per_group, validate
 from launch import REPO
 

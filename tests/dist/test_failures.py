@@ -145,8 +145,8 @@ def test_comm_errors_are_recognised():
 
 
 def test_heartbeat_records_are_json(tmp_path):
-    from codistill_ds.run.watchdog import Watchdog
     from codistill_ds.distributed.axes import ParallelDims
+    from codistill_ds.run.watchdog import Watchdog
 
     w = Watchdog(str(tmp_path), ParallelDims(world_size=4, groups=2, rank=3), 5, 5).start()
     time.sleep(0.3)  # beats from completed steps are rate-limited

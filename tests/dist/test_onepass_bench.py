@@ -14,11 +14,11 @@ computed another way, and its smoke ladder end to end (real training, tiny model
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import itertools
 import json
 import math
-import contextlib
-import io
 from pathlib import Path
 
 import numpy as np

@@ -1,7 +1,7 @@
 """The one-pass comparison regime of the quality benchmark (issue 23), tiny, end to end.
 
-`python -m benchmarks.quality --smoke --regimes onepass-b4` launches the regime's two goal arms
-for real (sync at 2B: 1 group x 2 ranks; codistill K=2: 2 groups x 1 rank, `exchange_batch:
+`python -m benchmarks.quality --smoke` (the session's run, tests/quality_smoke.py, which
+test_quality_bench.py reads too) launches this regime's two goal arms for real (sync at 2B: 1 group x 2 ranks; codistill K=2: 2 groups x 1 rank, `exchange_batch:
 train`) for one pass over 12 KB of standard-library source: the updates are what one pass
 holds, each arm gets the learning rate of its own batch and the regime's common recipe, every
 update records its CPU time, and the report puts both on the update, FLOPs and CPU axes.
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,6 @@ import yaml
 from benchmarks.quality import corpora, onepass
 from benchmarks.quality.bill import counted, overrides
 from benchmarks.quality.settings import ARMS, MODES, arm_overrides, one_pass_steps
-from codistill_ds.distributed.launching import REPO
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -31,13 +28,9 @@ REGIME = "onepass-b4"
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("quality-onepass")
-    cmd = [sys.executable, "-m", "benchmarks.quality", "--data", str(REPO / "README.md"), "--out", str(out),
-           "--smoke", "--regimes", REGIME]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False, timeout=840)
-    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return out
+def out(quality_smoke: Path) -> Path:
+    """The session's `--smoke` run (tests/quality_smoke.py): it trains this regime too."""
+    return quality_smoke
 
 
 def test_one_pass_each_arm_at_its_own_learning_rate(out: Path) -> None:

@@ -15,9 +15,9 @@ import json
 import math
 
 import pytest
+from multirun import run_worker_runs
 
 from launch import REPO, read_jsonl
-from multirun import run_worker_runs
 
 pytestmark = pytest.mark.timeout(600)
 STEPS = 8

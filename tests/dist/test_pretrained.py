@@ -45,8 +45,8 @@ def saved_llama(path: Path, *, tied: bool, dtype: torch.dtype = torch.float32, s
     """A small Llama with random weights, written by `save_pretrained` (safetensors)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64)
+    kw = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
     kw.update(sizes)
     cfg = LlamaConfig(**kw, tie_word_embeddings=tied)
     torch.manual_seed(seed)

@@ -9,51 +9,29 @@ reuses finished runs; a failing run stops the benchmark loudly.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from quality_smoke import bench
 
 from benchmarks.quality.diloco import ring_bytes
 from benchmarks.quality.report import add_gaps, paired_ref
 from benchmarks.quality.settings import SMOKE, StopRule
 from codistill_ds.exchange.wire import WireFormat
-from codistill_ds.distributed.launching import REPO
 
 pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A few tens of KB of real text present on every machine: the stdlib's argparse source."""
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(Path(argparse.__file__).read_text(encoding="utf-8")[:40_000], encoding="utf-8")
-    return path
-
-
-def bench(corpus: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    """Run the smoke setting; on timeout SIGTERM it, so it takes its running launch down too."""
-    cmd = [sys.executable, "-m", "benchmarks.quality", "--data", str(corpus), "--out", str(out), "--smoke", *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=840)
-    except subprocess.TimeoutExpired:
-        proc.terminate()
-        stdout, stderr = proc.communicate(timeout=60)
-        pytest.fail(f"benchmark timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+def corpus(quality_corpus: Path) -> Path:
+    return quality_corpus
 
 
 @pytest.fixture(scope="module")
-def smoke(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("quality")
-    proc = bench(corpus, out)
-    assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return out
+def smoke(quality_smoke: Path) -> Path:
+    return quality_smoke
 
 
 def arms_of(out: Path) -> dict:

@@ -23,10 +23,8 @@ import torch
 
 from benchmarks.data.corpus import make_corpus
 from codistill_ds.config import ConfigError, DataConfig, load_config
+from codistill_ds.config.validation import validate
 from codistill_ds.data.corpus import build_corpus, corpus_digest
-from codistill_ds.data.sources import DataError
-from codistill_ds.data.streams import ExchangeStream, TrainStream, val_micro_batches
-from codistill_ds.data.tokenizers import ByteTokenizer
 from codistill_ds.data.shards import (
     ShardIndex,
     TokenShards,
@@ -34,8 +32,10 @@ from codistill_ds.data.shards import (
     stream_digest,
     token_dtype,
 )
+from codistill_ds.data.sources import DataError
+from codistill_ds.data.streams import ExchangeStream, TrainStream, val_micro_batches
 from codistill_ds.data.tokenize import ShardWriter, tokenize_files
-from codistill_ds.config.validation import validate
+from codistill_ds.data.tokenizers import ByteTokenizer
 from launch import REPO, child_env
 
 SIZES = {"2mb": 2_000_000, "20mb": 20_000_000}

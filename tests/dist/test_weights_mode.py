@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
+from multirun import run_worker_runs
 
 from launch import REPO, read_jsonl
-from multirun import run_worker_runs
 
 pytestmark = pytest.mark.timeout(600)
 
