@@ -1,7 +1,8 @@
 """`model.activation_checkpointing` in the CLI job, DeepSpeed ZeRO-3 and FSDP2: the same losses
 with and without, and the peak resident memory of a step with each mode.
 
-One launch: tests/workers/ac_cli_check.py on 4 ranks (K = 2 groups of 2, codistilling with
+One launch, started niced with the session (tests/background.py; its tests run last):
+tests/workers/ac_cli_check.py on 4 ranks (K = 2 groups of 2, codistilling with
 alpha 1 and an exchange every step, attention dropout 0.1 so the recomputed forward must draw
 the masks of the first), six runs (2 backends x none/full/selective) of 3 steps each,
 built and run through `run.job.build_job` and the loop, as `codistill-ds train` runs them.
@@ -10,23 +11,31 @@ Figures: benchmarks/RESULTS_ac.md.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from launch import WORKERS, torchrun
+from codistill_ds.distributed.launching import torchrun_argv
+from launch import WORKERS
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.background]
 
 TOL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    import json
+def background_launch(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    out = tmp / "ac_cli"
+    out.mkdir(parents=True)
+    return (torchrun_argv(4, [str(WORKERS / "ac_cli_check.py"), str(out)]),
+            {"MALLOC_MMAP_THRESHOLD_": "65536"})  # freed tensors go back to the system
 
-    out = tmp_path_factory.mktemp("ac_cli")
-    proc = torchrun(4, [str(WORKERS / "ac_cli_check.py"), str(out)], timeout=1100,
-                    MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the system
+
+@pytest.fixture(scope="module")
+def runs(background_run):
+    proc = background_run.result(1100)
     assert proc.returncode == 0, proc.stderr[-6000:]
+    out = background_run.tmp / "ac_cli"
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
     return {(r["rank"], run["backend"], run["ac"]): run for r in results for run in r["runs"]}
 

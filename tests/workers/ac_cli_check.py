@@ -30,12 +30,13 @@ MODEL = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8", "mo
          "model.intermediate_size=1024", "model.max_seq_len=128"]
 RUN = ["data.seq_len=128", "data.micro_batch_size=4", "data.exchange_batch_size=4", "train.steps=3",
        "train.eval_interval=0", "codistill.alpha=1.0", "codistill.interval=1", "codistill.dtype=fp32",
-       "optim.grad_clip=0.5", "optim.dropout=0.1"]
+       "optim.grad_clip=0.5", "optim.dropout=0.1",
+       # Patience for a starved peer: the test runs this launch niced (tests/background.py), and a
+       # dropped round would change the losses; no timeout changes a number otherwise.
+       "codistill.exchange_timeout_s=1800", "backend.peer_timeout_s=3600", "backend.timeout_s=3600"]
 BACKENDS = {"zero3": ["backend.name=deepspeed", "backend.ds_config=ds_configs/zero3.json"],
             "fsdp": ["backend.name=fsdp"]}
 MODES = ("none", "full", "selective")
-
-
 
 
 class Recorder(LoopHooks):
