@@ -1,4 +1,5 @@
-"""Hugging Face Trainer integration, end to end under the real `deepspeed` launcher (CPU, gloo).
+"""Hugging Face Trainer integration, end to end: C under the real `deepspeed` launcher, the
+references and the other runs under torchrun (CPU, gloo).
 
 One module-scoped set of launches, run side by side to keep the suite short:
   C      examples/hf_trainer_clm.py on 4 ranks = 2 groups x 2, ZeRO-3, alpha = 1 after a 3-step
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from codistill_ds.distributed.launching import torchrun_argv
 from launch import REPO, child_env, free_port, run_captured, run_worker
 
 STEPS, BURN_IN, INTERVAL, S = 6, 3, 2, 2
@@ -34,10 +36,18 @@ COMMON = ["--deepspeed", "ds_configs/zero3.json", "--max_steps", str(STEPS), "--
           "--eval_steps", str(BURN_IN), "--max_bytes", "100000", "--codistill_interval", str(INTERVAL), "--codistill_topk", "8"]
 
 
-def example(nproc: int, out: Path, *args: str) -> list[dict]:
-    """`deepspeed --num_gpus nproc examples/hf_trainer_clm.py ...`; returns each rank's facts."""
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-           str(free_port()), "examples/hf_trainer_clm.py", *COMMON, "--output_dir", str(out / "out"),
+def launcher(nproc: int, deepspeed: bool) -> list[str]:
+    """The `deepspeed` launcher, or torchrun (the Trainer starts DeepSpeed either way; torchrun
+    starts in half the CPU time, which the suite's references and accumulation runs take)."""
+    if deepspeed:
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+                str(free_port())]
+    return torchrun_argv(nproc, [])
+
+
+def example(nproc: int, out: Path, *args: str, deepspeed: bool = False) -> list[dict]:
+    """examples/hf_trainer_clm.py on nproc ranks; returns each rank's facts."""
+    cmd = [*launcher(nproc, deepspeed), "examples/hf_trainer_clm.py", *COMMON, "--output_dir", str(out / "out"),
            "--results_json", str(out / "res"), *args]
     proc = run_captured(cmd, 600, cwd=REPO, env=child_env())  # a timeout stops every rank, not only the launcher
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -55,7 +65,7 @@ def runs(tmp_path_factory):
         jobs = {
             # One 2-rank Trainer job per group (transport torchft), C's settings otherwise.
             **{f"F{g}": pool.submit(example, S, tmp / f"F{g}", *ft, "--codistill_group_id", str(g)) for g in (0, 1)},
-            "C": pool.submit(example, 4, tmp / "C", "--codistill_groups", "2"),
+            "C": pool.submit(example, 4, tmp / "C", "--codistill_groups", "2", deepspeed=True),
             "P0": pool.submit(example, 2, tmp / "P0", "--codistill_enabled", "false", "--data_shard", "0",
                               "--num_shards", "2"),
             "P1": pool.submit(example, 2, tmp / "P1", "--codistill_enabled", "false", "--data_shard", "1",
@@ -214,8 +224,7 @@ ACCUM_ARGS = ["--deepspeed", "ds_configs/zero3.json", "--max_steps", "6", "--cod
 
 
 def accum_example(out: Path, batch: int, accum: int) -> list[dict]:
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "examples/hf_trainer_clm.py", *ACCUM_ARGS, "--per_device_train_batch_size", str(batch),
+    cmd = [*launcher(2, deepspeed=False), "examples/hf_trainer_clm.py", *ACCUM_ARGS, "--per_device_train_batch_size", str(batch),
            "--gradient_accumulation_steps", str(accum), "--output_dir", str(out / "out"),
            "--results_json", str(out / "res")]
     proc = run_captured(cmd, 420, cwd=REPO, env=child_env())
