@@ -1,7 +1,8 @@
 """Every exchange mode over `transport: torchft` equals `transport: world` (issue 22, item 2).
 
-One launch per mode: the world job (K groups x S ranks in one torchrun) and K torchft jobs of S
-ranks each, all started at once against a real Lighthouse, on the same config. Per (group,
+One launch per mode: the world job (K groups x S ranks in one torchrun; rails and weights, both
+K x S = 4, share one world launch) and K torchft jobs of S ranks each, started at once against a
+real Lighthouse, on the same config. Per (group,
 step): the loss, the distillation loss and agreement to 1e-6, the cross-group bytes and the
 peer count equal; the predictions (or weight shards) each rank sent and received equal bit for
 bit.
@@ -43,17 +44,34 @@ MODES = {  # name: (K, steps, overrides)
 }
 TOL = 1e-6
 SECRET = "ft-modes-test-secret-0123456789"
+SHARED_WORLD = ("rails", "weights")
+"""Modes of one world size (K x S = 4 ranks): the first one's world launch runs both, one after
+the other (tests/workers/runs.py), so the second starts only its torchft jobs."""
+WORLD: dict[str, Path] = {}
+"""mode: its world run's out dir (rank{r}.json; run/ holds the metrics)."""
+
+
+def common_of(mode: str) -> list[str]:
+    k, steps, extra = MODES[mode]
+    return [f"codistill.groups={k}", "codistill.alpha=1", f"train.steps={steps}", *extra]
 
 
 def launch_mode(tmp: Path, mode: str) -> dict:
-    """The world job and the K torchft jobs side by side; returns the seconds they took."""
-    k, steps, extra = MODES[mode]
-    common = [f"codistill.groups={k}", "codistill.alpha=1", f"train.steps={steps}", *extra]
+    """The world job (unless an earlier launch ran this mode's world) and the K torchft jobs
+    side by side; returns the seconds they took."""
+    k = MODES[mode][0]
+    common = common_of(mode)
     server, url = lighthouse(join_timeout_ms=60000)
     start = time.monotonic()
+    jobs = {}
     try:
-        jobs = {"world": start_job(k * S, tmp / "world", [*common, f"run_dir={tmp / 'world' / 'run'}"],
-                                   tmp / "world.log")}
+        if mode not in WORLD:
+            together = [m for m in SHARED_WORLD if m not in WORLD] if mode == SHARED_WORLD[0] else [mode]
+            runs = []
+            for m in together:
+                WORLD[m] = tmp / "world" / m
+                runs += [f"@{m}", *common_of(m), f"run_dir={WORLD[m] / 'run'}"]
+            jobs["world"] = start_job(k * S, tmp / "world", runs, tmp / "world.log")
         for g in range(k):
             ft = ["codistill.transport=torchft", f"codistill.group_id={g}", f"codistill.lighthouse={url}",
                   f"run_dir={tmp / f'g{g}' / 'run'}"]
@@ -62,7 +80,7 @@ def launch_mode(tmp: Path, mode: str) -> dict:
             assert finish(job, 600) == 0, f"{mode} {name}:\n{log_tail(tmp / f'{name}.log')}"
     finally:
         server.shutdown()
-    return {"mode": mode, "k": k, "seconds": time.monotonic() - start}
+    return {"mode": mode, "k": k, "seconds": time.monotonic() - start, "world": str(WORLD[mode])}
 
 
 @pytest.fixture(scope="module", params=list(MODES))
@@ -75,7 +93,8 @@ def mode_run(request, tmp_path_factory):
 def test_every_mode_over_torchft_equals_world(mode_run):
     tmp, facts = mode_run
     mode, k = facts["mode"], facts["k"]
-    world = {(r["group"], r["step"]): r for r in records(tmp / "world" / "run")}
+    world_dir = Path(facts["world"])
+    world = {(r["group"], r["step"]): r for r in records(world_dir / "run")}
     ft = {(r["group"], r["step"]): r for g in range(k) for r in records(tmp / f"g{g}" / "run")}
     steps = MODES[mode][1]
     assert world.keys() == ft.keys() and len(world) == k * steps
@@ -95,7 +114,7 @@ def test_every_mode_over_torchft_equals_world(mode_run):
     assert world[(0, steps)]["cross_group_bytes"] > 0
     for g in range(k):
         for r in range(S):
-            w = json.loads((tmp / "world" / f"rank{g * S + r}.json").read_text())
+            w = json.loads((world_dir / f"rank{g * S + r}.json").read_text())
             f = json.loads((tmp / f"g{g}" / f"rank{r}.json").read_text())
             assert w["weights"] == f["weights"], (g, r)
             if mode == "weights":

@@ -39,6 +39,14 @@ def main() -> None:
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()
         record(out, args)
+    # Ends as `codistill-ds train` does (env.exit_process: no interpreter finalization). Seen
+    # once under load: a torchft job of this worker trained every step, wrote its results, then
+    # aborted at finalization ("terminate called without an active exception"); the numbers
+    # this worker reports were complete. The library's part of that: LighthouseMember.close
+    # now joins its heartbeat thread.
+    from codistill_ds.distributed.env import exit_process
+
+    exit_process(0)
 
 
 def record(out: Path, argv: list[str]) -> None:

@@ -176,6 +176,10 @@ class LighthouseMember:
                     self._warn("farewell", f"the last round failed ({type(err).__name__}: {err})")
             self.retire_mark()
         self._stop.set()
+        # No heartbeat call may still be inside the Lighthouse client when the process ends: a
+        # library thread alive at interpreter finalization can abort a run that succeeded (the
+        # CLI skips finalization, env.exit_process; a user's own loop does not).
+        self._beat.join(timeout=HEARTBEAT_S + 2.0)
         self._ahead.close()
         self.pg.close()
 
