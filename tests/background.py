@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 from codistill_ds.distributed.launching import REPO, child_env, process_tree, stop
@@ -31,10 +33,27 @@ class BackgroundLaunch:
         with open(tmp / "stdout.log", "w") as out, open(tmp / "stderr.log", "w") as err:
             self.proc = subprocess.Popen(["nice", "-n", "19", *cmd], cwd=REPO, env=child_env(**(env or {})), stdout=out,
                                          stderr=err, start_new_session=True)  # nice execs: same pid
+        self._waiting = threading.Event()
+        threading.Thread(target=self._demote, name="background-demote", daemon=True).start()
+
+    def _demote(self) -> None:
+        """Keep every session of the launch at autogroup nice 19. With autogroups (Linux's
+        default) the scheduler first shares the CPU equally between sessions, whatever the
+        processes' own niceness, and the launch's ranks each start a session of their own
+        (torchrun), so each session's group is niced as it appears."""
+        done: set[str] = set()
+        own = _autogroup("self")
+        while self.proc.poll() is None and not self._waiting.is_set():
+            for pid in process_tree(self.proc.pid):
+                group = _autogroup(str(pid))
+                if group and group != own and group not in done and _set_autogroup(pid, 19):
+                    done.add(group)
+            time.sleep(0.2)
 
     def result(self, timeout_s: float) -> subprocess.CompletedProcess:
         """Wait for it (at full priority from now: the test that needs it is running); past
         timeout_s stop the whole group and raise subprocess.TimeoutExpired."""
+        self._waiting.set()
         renice(self.proc.pid, 0)
         try:
             self.proc.wait(timeout=timeout_s)
@@ -49,11 +68,30 @@ class BackgroundLaunch:
             stop([self.proc])
 
 
+def _autogroup(pid: str) -> str | None:
+    """The autogroup's name (/autogroup-N), None where the kernel has none."""
+    try:
+        return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _set_autogroup(pid: int, niceness: int) -> bool:
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(str(niceness))
+        return True
+    except OSError:
+        return False
+
+
 def renice(pid: int, niceness: int) -> None:
     """Every thread of every process of the launch back to `niceness` (a thread's niceness is
     its own on Linux; raising priority needs root, which the test machines have: elsewhere the
     launch just finishes niced)."""
+    own = _autogroup("self")
     for proc in process_tree(pid):
+        if _autogroup(str(proc)) not in (None, own):
+            _set_autogroup(proc, niceness)
         try:
             tids = [int(t.name) for t in Path(f"/proc/{proc}/task").iterdir()]
         except OSError:
