@@ -31,6 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "(tests/background.py); its tests run last")
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: only selected modules start a launch
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     late = [item for item in items if item.get_closest_marker("background")]
     items[:] = [item for item in items if not item.get_closest_marker("background")] + late
