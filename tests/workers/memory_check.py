@@ -30,10 +30,6 @@ WARM = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=
 VOCAB = 8192
 
 
-
-
-
-
 def main() -> None:
     out = Path(sys.argv[1])
     rankinfo.prepare_accelerator_env()

@@ -31,10 +31,6 @@ from codistill_ds.distributed.env import exit_process, shutdown
 NAMES = ("codistill", "replicate", "dp_shard", "tp")
 
 
-
-
-
-
 def main() -> None:
     out, folder = Path(sys.argv[1]), sys.argv[2]
     rankinfo.prepare_accelerator_env()

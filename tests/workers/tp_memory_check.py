@@ -30,10 +30,6 @@ VOCAB = 8192
 NAMES = ("codistill", "replicate", "dp_shard", "tp")
 
 
-
-
-
-
 def checks() -> dict:
     """The three measurements on the world already started (an even number W of ranks: W/2
     groups of S = 2; also run by tp_suite.py, first, in a fresh process)."""
