@@ -21,7 +21,17 @@ import threading
 import time
 from pathlib import Path
 
-from codistill_ds.distributed.launching import REPO, child_env, process_tree, stop
+from codistill_ds.distributed.launching import (
+    REPO,
+    child_env,
+    child_processes,
+    process_tree,
+    stop,
+)
+
+POLL_S = 0.25
+"""How often the running launches are searched for new sessions to nice: a rank runs at full
+priority until then, and a walk of /proc costs milliseconds of the pytest process."""
 
 
 class BackgroundLaunch:
@@ -33,27 +43,13 @@ class BackgroundLaunch:
         with open(tmp / "stdout.log", "w") as out, open(tmp / "stderr.log", "w") as err:
             self.proc = subprocess.Popen(["nice", "-n", "19", *cmd], cwd=REPO, env=child_env(**(env or {})), stdout=out,
                                          stderr=err, start_new_session=True)  # nice execs: same pid
-        self._waiting = threading.Event()
-        threading.Thread(target=self._demote, name="background-demote", daemon=True).start()
-
-    def _demote(self) -> None:
-        """Keep every session of the launch at autogroup nice 19. With autogroups (Linux's
-        default) the scheduler first shares the CPU equally between sessions, whatever the
-        processes' own niceness, and the launch's ranks each start a session of their own
-        (torchrun), so each session's group is niced as it appears."""
-        done: set[str] = set()
-        own = _autogroup("self")
-        while self.proc.poll() is None and not self._waiting.is_set():
-            for pid in process_tree(self.proc.pid):
-                group = _autogroup(str(pid))
-                if group and group != own and group not in done and _set_autogroup(pid, 19):
-                    done.add(group)
-            time.sleep(0.2)
+        self.waiting = threading.Event()
+        DEMOTER.add(self)
 
     def result(self, timeout_s: float) -> subprocess.CompletedProcess:
         """Wait for it (at full priority from now: the test that needs it is running); past
         timeout_s stop the whole group and raise subprocess.TimeoutExpired."""
-        self._waiting.set()
+        self.waiting.set()
         renice(self.proc.pid, 0)
         try:
             self.proc.wait(timeout=timeout_s)
@@ -66,6 +62,45 @@ class BackgroundLaunch:
     def stop(self) -> None:
         if self.proc.poll() is None:
             stop([self.proc])
+
+
+class _Demoter:
+    """Keeps every session of every running launch at autogroup nice 19, from one thread (one
+    walk of /proc per poll, whatever the number of launches). With autogroups (Linux's default)
+    the scheduler first shares the CPU equally between sessions, whatever the processes' own
+    niceness, and a launch's ranks each start a session of their own (torchrun), so each
+    session's group is niced as it appears."""
+
+    def __init__(self) -> None:
+        self.launches: list[BackgroundLaunch] = []
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def add(self, launch: BackgroundLaunch) -> None:
+        with self.lock:
+            self.launches.append(launch)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="background-demote", daemon=True)
+                self.thread.start()
+
+    def _run(self) -> None:
+        own, done = _autogroup("self"), set()
+        while True:
+            with self.lock:
+                self.launches = [x for x in self.launches if x.proc.poll() is None and not x.waiting.is_set()]
+                if not self.launches:
+                    self.thread = None
+                    return
+                roots = [x.proc.pid for x in self.launches]
+            children = child_processes()
+            for pid in (p for root in roots for p in process_tree(root, children)):
+                group = _autogroup(str(pid))
+                if group and group != own and group not in done and _set_autogroup(pid, 19):
+                    done.add(group)
+            time.sleep(POLL_S)
+
+
+DEMOTER = _Demoter()
 
 
 def _autogroup(pid: str) -> str | None:

@@ -6,7 +6,8 @@ inputs with `pytest --hypothesis-profile=explore` (random seeds, more examples);
 finds with `@example`, as tests/unit/test_compression.py does.
 
 Background launches: a module marked `background` has its launch started niced as soon as the
-session has collected it, and its tests moved to the end, where they wait for it.
+session has collected it, and its tests moved to the end, where they wait for it. Modules that
+read one launch name it alike (`pytest.mark.background("quality_smoke")`): it starts once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from background import BackgroundLaunch
 from hypothesis import settings
 
 LAUNCHES = pytest.StashKey[dict]()
+LAUNCH_ROOT = pytest.StashKey[Path]()
 
 settings.register_profile("repeatable", derandomize=True)
 settings.register_profile("explore", derandomize=False, max_examples=1000)
@@ -38,24 +40,30 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     launches: dict = {}
     if late and not config.option.collectonly:
         root = Path(tempfile.mkdtemp(prefix="codistill-background-"))
-        for module in dict.fromkeys(item.module for item in late):
-            tmp = root / module.__name__
-            cmd, env = module.background_launch(tmp)
-            launches[module.__name__] = BackgroundLaunch(cmd, tmp, env)
-        launches["_root"] = root
+        for item in late:
+            key = launch_key(item.get_closest_marker("background"), item.module)
+            if key not in launches:
+                cmd, env = item.module.background_launch(root / key)
+                launches[key] = BackgroundLaunch(cmd, root / key, env)
+        config.stash[LAUNCH_ROOT] = root
     config.stash[LAUNCHES] = launches
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     launches = session.config.stash.get(LAUNCHES, {})
-    root = launches.pop("_root", None)
+    root = session.config.stash.get(LAUNCH_ROOT, None)
     for launch in launches.values():
         launch.stop()
     if root is not None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def launch_key(marker: pytest.Mark, module) -> str:
+    return marker.args[0] if marker.args else module.__name__
+
+
 @pytest.fixture(scope="module")
 def background_run(request: pytest.FixtureRequest) -> BackgroundLaunch:
     """This module's background launch (started when the session collected it)."""
-    return request.config.stash[LAUNCHES][request.module.__name__]
+    key = launch_key(request.node.get_closest_marker("background"), request.module)
+    return request.config.stash[LAUNCHES][key]

@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra override for every arm (experiments; recorded in results.json)")
     p.add_argument("--rerun", action="store_true", help="train finished runs again")
+    p.add_argument("--run-timeout-s", type=float,
+                   help="each run's time limit, and the DiLoCo workers' collective timeout (default: the "
+                        "regime's or mode's); not part of a run's identity")
     return p.parse_args(argv)
 
 
@@ -97,7 +100,7 @@ def starter_of(arm: Arm, mode: Mode, regime: Regime, seed: int, files: list[str]
 
     sets = sets_of(arm)
     if arm.diloco:
-        return sets, diloco.starter(sets, arm.diloco, 600.0), 2
+        return sets, diloco.starter(sets, arm.diloco, args.run_timeout_s or 600.0), 2
     if arm.special == "pair":
         # The faster (small) group waits for the slower at every round: lockstep exchange.
         by_group = [sets_of(replace(arm, small=small)) + ["codistill.join_timeout_s=600"]
@@ -116,7 +119,7 @@ def run_one(arm: Arm, seed: int, mode: Mode, regime: Regime, files: list[str], a
     """One seed of one arm, as a resumable run."""
     sets, start, models = starter_of(arm, mode, regime, seed, files, args)
     run = run_once(out / "runs" / f"{arm.name}-s{seed}", arm_settings(arm, sets), start,
-                   regime.timeout_s or mode.run_timeout_s, regime.stop, models, args.rerun,
+                   args.run_timeout_s or regime.timeout_s or mode.run_timeout_s, regime.stop, models, args.rerun,
                    reuse_root=out.parent)
     print(f"  {regime.name}/{arm.name} seed {seed}: {run.brief()}", flush=True)
     return run

@@ -55,9 +55,21 @@ def tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else ""
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (from /proc). torchrun starts each rank in a session of its
-    own, so a process-group signal to the launcher misses the ranks; walking the tree does not."""
+def process_tree(pid: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """`pid` and all its descendants (from /proc, or from a `child_processes()` map already
+    read). torchrun starts each rank in a session of its own, so a process-group signal to the
+    launcher misses the ranks; walking the tree does not."""
+    children = child_processes() if children is None else children
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def child_processes() -> dict[int, list[int]]:
+    """{parent pid: its children's pids} of every process on the host, read from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -66,12 +78,7 @@ def process_tree(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
+    return children
 
 
 def signal_tree(proc: subprocess.Popen, sig: int) -> None:

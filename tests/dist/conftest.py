@@ -5,18 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from quality_smoke import bench, write_corpus
+from background import BackgroundLaunch
 
 
-@pytest.fixture(scope="session")
-def quality_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+@pytest.fixture(scope="module")
+def quality_corpus(background_run: BackgroundLaunch) -> Path:
+    """The corpus the session's `--smoke` run read (a rerun into its folder must read it too)."""
+    return background_run.tmp / "corpus.txt"
 
 
-@pytest.fixture(scope="session")
-def quality_smoke(quality_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The out dir of one full `--smoke` run: every regime, every arm."""
-    out = tmp_path_factory.mktemp("quality")
-    proc = bench(quality_corpus, out)
+@pytest.fixture(scope="module")
+def quality_smoke(background_run: BackgroundLaunch) -> Path:
+    """The out dir of the session's full `--smoke` run: every regime, every arm."""
+    proc = background_run.result(1700)
     assert proc.returncode == 0, f"benchmark failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return out
+    return background_run.tmp / "quality"

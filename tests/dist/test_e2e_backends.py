@@ -1,43 +1,32 @@
 """End-to-end codistillation on DeepSpeed ZeRO-3 and FSDP2, 4 CPU ranks (2 groups x 2).
 
-One module-scoped set of launches feeds most assertions:
-  A: `codistill-ds train` under torchrun, ZeRO-3, alpha = 0 (exchange runs, weighs nothing)
-  F: the same with FSDP2
-  R: one 2-rank launch of plain runs written without codistill_ds's loop (the references):
-     per group, a DeepSpeed run (R/deepspeed) then an FSDP2 run (R/fsdp)
-  C: as A with alpha = 1 over the rails route, on ZeRO-2 (the one launch of that stage)
-  D: as A under the `deepspeed` launcher
-and one 4-rank partition-check launch inspects the sharded replica from inside, ZeRO-3 then
-FSDP2 (each run builds its own process groups and replica, as it would alone).
+The launches (tests/e2e_launches.py: A, F on ZeRO-3 and FSDP2 at alpha 0, their plain
+references R, C at alpha 1 over the rails on ZeRO-2, D under the `deepspeed` launcher, and P, a
+partition check of each backend from inside) run as one background job started niced with the
+session (tests/background.py); these tests run last and read its results. Each check is against
+numbers, none against time.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
 from pathlib import Path
 
 import pytest
-from multirun import run_worker_runs
+from e2e_launches import BACKENDS, STEPS
 from partitions import assert_sharded_within_groups
 
-from launch import REPO, child_env, cli, free_port, read_jsonl
+from launch import REPO, read_jsonl
 
-pytestmark = pytest.mark.timeout(1800)  # the module fixture: 4 launches, 2 at a time, on a shared machine
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.background]
 
-CONFIG = str(REPO / "tests" / "tiny_test.yaml")
-STEPS = 40
-COMMON = ["--set", f"train.steps={STEPS}", "--set", f"train.eval_interval={STEPS // 2}"]
 FIELDS = {"step", "group", "loss", "distill_loss", "alpha", "agreement", "cross_group_bytes",
           "exchange_ms", "step_ms", "tokens"}
 
 
-def train(run_dir: Path, *overrides: str) -> list[dict]:
-    sets = [a for o in overrides for a in ("--set", o)]
-    proc = cli(4, "train", "--config", CONFIG, "--run-dir", str(run_dir), *COMMON, *sets, timeout=540)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return read_jsonl(run_dir / "metrics.jsonl")
+def background_launch(tmp: Path) -> tuple[list[str], dict[str, str]]:
+    return [sys.executable, str(REPO / "tests" / "e2e_launches.py"), str(tmp)], {}
 
 
 def by_group_step(records: list[dict]) -> dict[tuple[int, int], dict]:
@@ -45,23 +34,26 @@ def by_group_step(records: list[dict]) -> dict[tuple[int, int], dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two launches at a time: on 2 cores one launch leaves a core idle through its start-up
-    and rendezvous, and the results do not depend on timing."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    with ThreadPoolExecutor(2) as pool:
-        refs = {"deepspeed": ["backend.name=deepspeed"], "fsdp": ["backend.name=fsdp"]}
-        jobs = {"A": pool.submit(train, tmp / "A", "codistill.alpha=0"),
-                "R": pool.submit(run_worker_runs, "plain_reference", 2, tmp / "R",
-                                 [CONFIG, "2", f"train.steps={STEPS}"], refs, timeout=540),
-                "F": pool.submit(train, tmp / "F", "codistill.alpha=0", "backend.name=fsdp"),
-                "C": pool.submit(train, tmp / "C", "codistill.alpha=1", "codistill.route=rails",
-                                 "backend.ds_config=ds_configs/zero2.json")}
-        out = {name: job.result() for name, job in jobs.items()}
+def launched(background_run) -> Path:
+    """The launches' folder once all have ended (each test checks its own launches' status)."""
+    background_run.result(1700)
+    return background_run.tmp
+
+
+def succeeded(out: Path, *names: str) -> None:
+    for name in names:
+        status = json.loads((out / f"{name}.json").read_text())
+        assert status["rc"] == 0, f"launch {name} failed (rc {status['rc']}):\n{status['stdout']}\n{status['stderr']}"
+
+
+@pytest.fixture(scope="module")
+def runs(launched: Path) -> dict:
+    succeeded(launched, "A", "R", "F", "C")
+    out = {name: read_jsonl(launched / name / "metrics.jsonl") for name in ("A", "F", "C")}
     # rank 0's losses (every rank records the same all-reduced means)
-    out["R"], out["RF"] = out["R"]["deepspeed"][0], out["R"]["fsdp"][0]
-    out["summary_A"] = json.loads((tmp / "A" / "summary.json").read_text())
-    out["dir"] = tmp
+    out["R"], out["RF"] = (json.loads((launched / "R" / b / "rank0.json").read_text()) for b in BACKENDS)
+    out["summary_A"] = json.loads((launched / "A" / "summary.json").read_text())
+    out["dir"] = launched
     return out
 
 
@@ -123,39 +115,25 @@ def test_distillation_raises_agreement(runs):
 
 
 def test_deepspeed_launcher_gives_same_metrics(runs):
-    run_dir = runs["dir"] / "D"
-    cmd = [str(Path(os.sys.executable).parent / "deepspeed"), "--num_gpus", "4",
-           "--master_port", str(free_port()), "--module", "codistill_ds.cli", "train",
-           "--config", CONFIG, "--run-dir", str(run_dir), *COMMON, "--set", "codistill.alpha=0"]
-    import subprocess
-
-    proc = subprocess.run(cmd, check=False, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    d, a = by_group_step(read_jsonl(run_dir / "metrics.jsonl")), by_group_step(runs["A"])
+    succeeded(runs["dir"], "D")
+    d, a = by_group_step(read_jsonl(runs["dir"] / "D" / "metrics.jsonl")), by_group_step(runs["A"])
     assert d.keys() == a.keys()
     for key, rec in a.items():
         for field in ("loss", "val_loss", "agreement", "distill_loss", "cross_group_bytes"):
             assert d[key].get(field) == pytest.approx(rec.get(field), abs=1e-6), (key, field)
 
 
-@pytest.fixture(scope="module")
-def partitions(tmp_path_factory):
-    """One 4-rank launch: a partition check of each backend, one after the other."""
-    out = tmp_path_factory.mktemp("partitions")
-    runs = {b: [f"backend.name={b}", f"run_dir={out / b / 'run'}"] for b in ("deepspeed", "fsdp")}
-    common = [CONFIG, "codistill.alpha=1", "codistill.same_init=true", "train.steps=3"]
-    return out, run_worker_runs("partition_check", 4, out, common, runs, timeout=540)
-
-
 @pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
-def test_partitions_stay_within_group(partitions, backend):
+def test_partitions_stay_within_group(launched, backend):
     """Each rank holds 1/S of every parameter (not 1/world), and groups keep separate models
     even from identical initial weights: the global-mpu trap would fail both.
 
     From identical weights the first step's loss is the initial model's on each group's first
     batch: the two differ only if the groups read different data (issue 24: different seeds
     alone made the old end-of-run loss inequality true)."""
-    tmp_path, res = partitions[0] / backend, partitions[1][backend]
+    succeeded(launched, "P")
+    tmp_path = launched / "P" / backend
+    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     first = {r["group"]: r["loss"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if r["step"] == 1}
     assert sorted(first) == [0, 1] and abs(first[0] - first[1]) > 1e-3, first
     assert_sharded_within_groups(res, S=2)

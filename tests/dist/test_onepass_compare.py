@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from quality_smoke import KEY, background_launch  # noqa: F401 (the session launch)
 
 from benchmarks.quality import corpora, onepass
 from benchmarks.quality.bill import counted, overrides
 from benchmarks.quality.settings import ARMS, MODES, arm_overrides, one_pass_steps
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.background(KEY)]
 
 REGIME = "onepass-b4"
 

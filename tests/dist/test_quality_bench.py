@@ -14,14 +14,14 @@ import math
 from pathlib import Path
 
 import pytest
-from quality_smoke import bench
+from quality_smoke import KEY, background_launch, bench  # noqa: F401 (the session launch)
 
 from benchmarks.quality.diloco import ring_bytes
 from benchmarks.quality.report import add_gaps, paired_ref
 from benchmarks.quality.settings import SMOKE, StopRule
 from codistill_ds.exchange.wire import WireFormat
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(1800), pytest.mark.background(KEY)]
 
 
 @pytest.fixture(scope="module")
