@@ -16,52 +16,53 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from dataclasses import dataclass
 
-COMMANDS = ("train", "plan", "plot", "export", "lighthouse", "retire", "tokenize")
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand of `codistill_ds.commands.NAME`: its module is imported only when the command
+    is the one that runs (some import torch, and `train --nproc N`, a parent that only starts
+    torchrun, or `lighthouse` need not pay for it)."""
+
+    help: str
+    add_arguments: str
+    """The module's function that fills the subcommand's parser."""
+    run: str
+    """The module's function that runs it: args -> exit code."""
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("train K codistilling replicas (one process per rank)", "add_train_arguments", "cmd_train"),
+    "plan": Command("topology and per-step cross-group bytes", "add_plan_arguments", "run_plan"),
+    "plot": Command("PNG curves (loss, val loss, agreement) from a run dir", "add_plot_arguments", "cmd_plot"),
+    "export": Command("one group's model as a Hugging Face save_pretrained folder", "add_export_arguments",
+                      "cmd_export"),
+    "lighthouse": Command("meeting point of groups that run as separate jobs (codistill.transport=torchft)",
+                          "add_lighthouse_arguments", "run_lighthouse"),
+    "retire": Command("a group running as its own job (transport torchft) leaves for good: the others stop "
+                      "waiting for it", "add_retire_arguments", "run_retire"),
+    "tokenize": Command("text/JSONL files into memory-mapped token shards, once", "add_tokenize_arguments",
+                        "cmd_tokenize"),
+}
+
+
+def _function(name: str, attribute: str):
+    return getattr(importlib.import_module(f"codistill_ds.commands.{name}"), attribute)
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """Every subcommand, or `only` that one: some register from modules that import torch, and
-    `train --nproc N` (a parent that only starts torchrun) or `lighthouse` need not pay for it."""
-    def wanted(name: str) -> bool:
-        return only is None or only == name
-
+    """Every subcommand (for --help), or `only` that one."""
     parser = argparse.ArgumentParser(prog="codistill-ds", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK is used instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    if wanted("train"):
-        from codistill_ds.commands.train import add_train_parser
-
-        add_train_parser(sub)
-    if wanted("plan"):
-        from codistill_ds.commands.plan import add_plan_arguments
-
-        add_plan_arguments(sub.add_parser("plan", help="topology and per-step cross-group bytes"))
-    if wanted("plot"):
-        from codistill_ds.commands.plot import add_plot_parser
-
-        add_plot_parser(sub)
-    if wanted("export"):
-        from codistill_ds.commands.export import add_export_parser
-
-        add_export_parser(sub)
-    if wanted("lighthouse"):
-        from codistill_ds.commands.lighthouse import add_lighthouse_arguments
-
-        add_lighthouse_arguments(sub.add_parser("lighthouse", help="meeting point of groups that run as "
-                                                "separate jobs (codistill.transport=torchft)"))
-    if wanted("retire"):
-        from codistill_ds.commands.retire import add_retire_arguments
-
-        add_retire_arguments(sub.add_parser("retire", help="a group running as its own job (transport "
-                                            "torchft) leaves for good: the others stop waiting for it"))
-    if wanted("tokenize"):
-        from codistill_ds.commands.tokenize import add_tokenize_parser
-
-        add_tokenize_parser(sub)
+    for name, command in COMMANDS.items():
+        if only in (None, name):
+            _function(name, command.add_arguments)(sub.add_parser(name, help=command.help))
     return parser
 
 
@@ -78,16 +79,8 @@ def command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(command_of(argv)).parse_args(argv)
-    if args.command == "train":
-        from codistill_ds.commands.train import cmd_train
-
-        return cmd_train(args, argv)
-    import importlib
-
-    handlers = {"plan": "run_plan", "export": "cmd_export", "tokenize": "cmd_tokenize",
-                "lighthouse": "run_lighthouse", "plot": "cmd_plot", "retire": "run_retire"}
-    module = importlib.import_module(f"codistill_ds.commands.{args.command}")
-    return getattr(module, handlers[args.command])(args)
+    args.argv = argv  # the command line as given: `train --nproc N` starts itself again under torchrun
+    return _function(args.command, COMMANDS[args.command].run)(args)
 
 
 if __name__ == "__main__":

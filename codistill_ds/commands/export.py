@@ -16,6 +16,7 @@ vocabulary size, loaded strictly, and written with `save_pretrained`, so
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import TYPE_CHECKING
@@ -109,15 +110,14 @@ def export(run_dir: str, group: int, out: str, step: int | None = None) -> str:
     return path
 
 
-def add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="one group's model as a Hugging Face save_pretrained folder")
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("out", help="output folder for AutoModelForCausalLM.from_pretrained")
     p.add_argument("--group", type=int, required=True, help="which codistillation group's replica")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     import sys
 
     from codistill_ds.config import ConfigError

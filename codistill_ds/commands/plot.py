@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections import defaultdict
 
@@ -39,12 +40,11 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     return out
 
 
-def add_plot_parser(sub) -> None:
-    p = sub.add_parser("plot", help="PNG curves (loss, val loss, agreement) from a run dir")
+def add_plot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
 
 
-def cmd_plot(args) -> int:
+def cmd_plot(args: argparse.Namespace) -> int:
     print(plot_run(args.run_dir, args.out))
     return 0

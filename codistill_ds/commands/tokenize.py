@@ -10,10 +10,9 @@ import argparse
 import sys
 
 
-def add_tokenize_parser(sub) -> None:
+def add_tokenize_arguments(p: argparse.ArgumentParser) -> None:
     from codistill_ds.data.tokenize import SHARD_TOKENS
 
-    p = sub.add_parser("tokenize", help="text/JSONL files into memory-mapped token shards, once")
     p.add_argument("files", nargs="+", help="UTF-8 text or JSONL files, read in this order")
     p.add_argument("--out", required=True, help="new directory for the shards and index.json")
     p.add_argument("--tokenizer", default="byte", help="'byte' or a local Hugging Face tokenizer directory")

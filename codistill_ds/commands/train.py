@@ -19,8 +19,7 @@ INPUT_ERROR_WAIT_S = 30.0
 """Longest wait for the other ranks to report: a rank that validated fine is not coming."""
 
 
-def add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train K codistilling replicas (one process per rank)")
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config file (defaults apply when omitted)")
     p.add_argument("--run-dir", help="overrides run_dir")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -96,9 +95,9 @@ def main_guarded(cfg) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc:  # before the config (and torch) is imported: this process only starts torchrun
-        return spawn_local(args.nproc, argv)
+        return spawn_local(args.nproc, args.argv)
     from codistill_ds.config import ConfigError, load_config
 
     overrides = list(args.set) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
