@@ -163,6 +163,8 @@ def check_numbers(cfg: Config) -> None:
     for i, beta in enumerate(opt.betas):
         _check_fraction("optim.betas", beta, f"beta{i + 1} ")
     _require(opt.min_lr <= opt.lr, "optim.min_lr", f"min_lr {opt.min_lr} exceeds lr {opt.lr}")
+    _require(opt.schedule == "constant" or opt.warmup_steps <= cfg.train.steps, "optim.warmup_steps",
+             f"{opt.warmup_steps} exceeds train.steps {cfg.train.steps}: the {opt.schedule} decay would end first")
     _check_milestones("optim.weight_decay_milestones", opt.weight_decay_milestones, False)
     _check_milestones("optim.dropout_milestones", opt.dropout_milestones, True)
     cd = cfg.codistill

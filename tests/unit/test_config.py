@@ -294,6 +294,7 @@ RULES = [
     (["optim.dropout=1.0"], 4, None, "optim.dropout", ["[0, 1)", "1.0"]),
     (["optim.betas=[1.0, 0.9]"], 4, None, "optim.betas", ["1.0"]),
     (["optim.lr=1e-4", "optim.min_lr=1e-3"], 4, None, "optim.min_lr", ["0.001", "0.0001"]),
+    (["train.steps=2", "optim.warmup_steps=3"], 4, None, "optim.warmup_steps", ["3", "train.steps 2", "cosine"]),
     (["optim.dropout_milestones=[[0, 0.1], [50, 1.5]]"], 4, None, "optim.dropout_milestones",
      ["50", "1.5"]),
     (["optim.weight_decay_milestones=[[100, 0.1], [50, 0.0]]"], 4, None,
