@@ -6,7 +6,9 @@ inputs with `pytest --hypothesis-profile=explore` (random seeds, more examples);
 finds with `@example`, as tests/unit/test_compression.py does.
 
 Background launches: a module marked `background` has its launch started niced as soon as the
-session has collected it, and its tests moved to the end, where they wait for it. Modules that
+session has collected it, and its tests moved to the end, where they wait for it. Modules marked
+`quiet` (whose runs race heartbeats and quorum timeouts of a second) come after those, on a
+machine the background launches have left. Modules that
 read one launch name it alike (`pytest.mark.background("quality_smoke")`): it starts once.
 """
 
@@ -31,12 +33,16 @@ settings.load_profile("repeatable")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "background: the module's launch runs niced from the session's start "
                                        "(tests/background.py); its tests run last")
+    config.addinivalue_line("markers", "quiet: timing-sensitive (torchft heartbeats and quorums of 1 s): runs "
+                                       "after the background launches' tests, when none of them is still running")
 
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: only selected modules start a launch
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
     late = [item for item in items if item.get_closest_marker("background")]
-    items[:] = [item for item in items if not item.get_closest_marker("background")] + late
+    quiet = [item for item in items if item.get_closest_marker("quiet")]
+    items[:] = [item for item in items if not (item.get_closest_marker("background") or item.get_closest_marker("quiet"))]
+    items += late + quiet
     launches: dict = {}
     if late and not config.option.collectonly:
         root = Path(tempfile.mkdtemp(prefix="codistill-background-"))

@@ -35,7 +35,10 @@ import pytest
 
 from launch import REPO, WORKERS, child_env, free_port, read_jsonl
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.quiet]
+"""quiet: three runs of three groups with 1 s Lighthouse heartbeats and joins; with the background
+launches also on the 2 cores, two healthy groups once left the join a round apart in one run and
+not in the reference (tests/conftest.py)."""
 
 CONFIG = str(REPO / "tests" / "tiny_test.yaml")
 STEPS = int(os.environ.get("PEER_TRUST_STEPS", "240"))
