@@ -6,10 +6,10 @@ inputs with `pytest --hypothesis-profile=explore` (random seeds, more examples);
 finds with `@example`, as tests/unit/test_compression.py does.
 
 Background launches: a module marked `background` has its launch started niced as soon as the
-session has collected it, and its tests moved to the end, where they wait for it. Modules marked
-`quiet` (whose runs race heartbeats and quorum timeouts of a second) come after those, on a
-machine the background launches have left. Modules that
-read one launch name it alike (`pytest.mark.background("quality_smoke")`): it starts once.
+session has collected it, and its tests moved to the end, where they wait for it; modules that
+read one launch name it alike (`pytest.mark.background("quality_smoke")`): it starts once. Tests
+marked `quiet` (runs that race Lighthouse heartbeats and joins of a second) come after those,
+when no background launch is left running.
 """
 
 from __future__ import annotations
