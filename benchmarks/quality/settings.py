@@ -191,6 +191,7 @@ ARMS: dict[str, Arm] = _arms(
         note="shared stream, a quarter of the positions travel"),
     # Token-limited attempts (Anil et al.; Sodhani et al.).
     Arm("codistill-alpha0.5", sets=(("codistill.alpha", 0.5),), note="alpha 0.5"),
+    Arm("codistill-alpha0.25", sets=(("codistill.alpha", 0.25),), note="alpha 0.25"),
     Arm("codistill-alpha2", sets=(("codistill.alpha", 2.0),), note="alpha 2"),
     Arm("codistill-burnin", sets=(("codistill.burn_in", 100),), note="alpha 0 for 100 updates"),
     Arm("codistill-t2", sets=(("codistill.temperature", 2.0),), note="temperature 2"),
@@ -238,6 +239,10 @@ ONEPASS_SETS: tuple[tuple[str, object], ...] = (
     ("optim.schedule", "constant"), ("optim.betas", [0.9, 0.95]), ("optim.weight_decay", 0.1),
     ("optim.dropout", 0.0))
 """The ladder's recipe for every arm (AdamW betas, weight decay and schedule)."""
+ONEPASS_LR_TUNED: tuple[tuple[int, float], ...] = ((64, 2e-3), (128, 2.828e-3), (256, 4e-3))
+"""The ladder's best learning rate on its factor-2 grid (the first guess, half and twice it) at
+64, 128 and 256 sequences: half the first guess at each (steps to val 1.6: 323 / 333 at 64,
+238 / 266 at 128, 196 / 318 at 256; twice it was slower at every batch)."""
 
 
 def onepass(batch: int, eval_interval: int, arms: tuple[str, ...] = ONEPASS, seeds: int = 2,
@@ -279,6 +284,10 @@ MODES: dict[str, Mode] = {
                       "onepass-b64": onepass(64, 25),
                       "onepass-b128": onepass(128, 25),
                       "onepass-b32": onepass(32, 50),
+                      # onepass-b128 at the tuned learning rates, with the attempts at closing the gap.
+                      "onepass-b128-tuned": replace(
+                          onepass(128, 25, ONEPASS + ("codistill-alpha0.5", "codistill-alpha0.25", "codistill-burnin")),
+                          name="onepass-b128-tuned", lr=ONEPASS_LR_TUNED),
                   }),
     "full": Mode("full", BENCH, ModelSize(128, 2, 256), seq_len=128, micro_batch=16,
                  eval_interval=25, stale_interval=50, regimes={
