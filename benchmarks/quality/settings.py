@@ -192,6 +192,7 @@ ARMS: dict[str, Arm] = _arms(
     # Token-limited attempts (Anil et al.; Sodhani et al.).
     Arm("codistill-alpha0.5", sets=(("codistill.alpha", 0.5),), note="alpha 0.5"),
     Arm("codistill-alpha0.25", sets=(("codistill.alpha", 0.25),), note="alpha 0.25"),
+    Arm("codistill-alpha0.1", sets=(("codistill.alpha", 0.1),), note="alpha 0.1"),
     Arm("codistill-alpha2", sets=(("codistill.alpha", 2.0),), note="alpha 2"),
     Arm("codistill-burnin", sets=(("codistill.burn_in", 100),), note="alpha 0 for 100 updates"),
     Arm("codistill-t2", sets=(("codistill.temperature", 2.0),), note="temperature 2"),
@@ -286,7 +287,8 @@ MODES: dict[str, Mode] = {
                       "onepass-b32": onepass(32, 50),
                       # onepass-b128 at the tuned learning rates, with the attempts at closing the gap.
                       "onepass-b128-tuned": replace(
-                          onepass(128, 25, ONEPASS + ("codistill-alpha0.5", "codistill-alpha0.25", "codistill-burnin")),
+                          onepass(128, 25, ONEPASS + ("codistill-alpha0.5", "codistill-alpha0.25", "codistill-alpha0.1",
+                                        "codistill-burnin")),
                           name="onepass-b128-tuned", lr=ONEPASS_LR_TUNED),
                   }),
     "full": Mode("full", BENCH, ModelSize(128, 2, 256), seq_len=128, micro_batch=16,
