@@ -242,7 +242,7 @@ ONEPASS_SETS: tuple[tuple[str, object], ...] = (
 """The ladder's recipe for every arm (AdamW betas, weight decay and schedule)."""
 ONEPASS_LR_TUNED: tuple[tuple[int, float], ...] = ((64, 2.828e-3), (128, 2.828e-3), (256, 4e-3))
 """The ladder's best learning rate at 64, 128 and 256 sequences, searched on a sqrt(2) grid from
-half to twice the first guess (steps to val 1.6: 314 against the first guess's 333 at 64, 238
+a quarter to twice the first guess (steps to val 1.6: 314 against the first guess's 333 at 64, 238
 against 266 at 128, 196 against 318 at 256). onepass-b128-tuned uses the 128 and 256 rates."""
 
 

@@ -87,7 +87,7 @@ def update_flops(shape: DecoderShape, method: str, groups: int, batch: int, inte
 RULE = ("Measured rule (benchmarks/RESULTS.md, 'Critical batch and the one-pass regime'; a 295k-parameter "
         "byte-level Llama, one pass over 12M tokens, per-group batch 128 = 1x-6x its critical batch, learning "
         "rates tuned per batch): codistill K=2 ended 8.4% above sync at 2B at equal updates, and above two "
-        "models trained with no exchange (alpha 0.25-0.5: level with them); it pays only where the comm line "
+        "models trained with no exchange (alpha 0.1-0.5: level with them); it pays only where the comm line "
         "dominates sync's step.")
 """The benchmark's rule, quoted under every step-time table (kept in step with RESULTS.md)."""
 

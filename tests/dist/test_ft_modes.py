@@ -159,8 +159,8 @@ def test_a_peer_that_left_is_kept_as_a_stale_teacher_or_dropped(tmp_path):
         assert peers[g][:3] == [2, 2, 2], peers  # all three while group 2 ran
     assert peers[0][-1] == 2 and facts[0]["teacher_groups"] == [1, 2], peers  # keep: 2 stays, stale
     assert facts[1]["teacher_groups"] == [0], facts[1]  # drop: 2 is left out
-    # group 0 still met group 1 after 2 retired (how many of the last rounds it made under 1 s
-    # heartbeats is timing: 2 of 5 full runs saw group 1 end with no live peer)
+    # group 1 still met a peer after 2 retired (group 0, the only one left; how many of the last
+    # rounds it made under 1 s heartbeats is timing: 2 of 5 full runs saw it end with no live peer)
     assert 1 in peers[1][3:], peers
     assert set(peers[1][3:]) <= {0, 1}, peers  # drop: never group 2 again (0: rounds alone after it retired)
     assert facts[0]["teachers"]["2"] == facts[2]["last_sent"]  # group 2's weights of its last round
